@@ -1,0 +1,1 @@
+"""Streamlit dashboards over run directories (reads through `diagnose`)."""

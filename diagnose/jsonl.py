@@ -1,0 +1,100 @@
+"""Tolerant JSONL reading: every bad line becomes a `LineError` naming file and line; the
+good lines are kept. One reader for conversations, task files, metrics and adapters.
+
+Why bytes, line by line: user files can hold binary garbage, invalid UTF-8, or a multi-GB
+line from a runaway generation; none of that may cost us the rest of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Lines longer than this are reported, not parsed (a runaway generation, or not JSONL at all).
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A line that could not be used. ``line`` is 1-based; 0 means the whole file."""
+
+    path: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.message}"
+
+
+def _reject_constant(name: str) -> float:
+    # json accepts NaN/Infinity by default; keep them as floats (they are data, e.g. a NaN loss)
+    return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
+
+
+def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
+    """Yield ``(line_no, object)`` for each JSON-object line and ``(line_no, LineError)`` for each
+    bad one. Blank lines are skipped. A missing or unreadable file yields one LineError (line 0).
+    """
+    p = Path(path)
+    name = str(p)
+    try:
+        fh = p.open("rb")
+    except OSError as exc:
+        yield 0, LineError(name, 0, f"cannot open: {exc.strerror or exc}")
+        return
+    with fh:
+        line_no = 0
+        while True:
+            line_no += 1
+            try:
+                raw = fh.readline(max_line_bytes + 1)
+            except OSError as exc:
+                yield line_no, LineError(name, line_no, f"read failed: {exc}")
+                return
+            if not raw:
+                return
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                # skip the rest of the oversized line
+                while raw and not raw.endswith(b"\n"):
+                    raw = fh.readline(max_line_bytes)
+                yield line_no, LineError(name, line_no, f"line longer than {max_line_bytes} bytes, skipped")
+                continue
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield line_no, LineError(name, line_no, f"not valid UTF-8 (byte {exc.start}): binary or corrupt data")
+                continue
+            try:
+                obj = json.loads(text, parse_constant=_reject_constant)
+            except json.JSONDecodeError as exc:
+                msg = f"invalid JSON: {exc.msg} at column {exc.colno}"
+                if not raw.endswith(b"\n"):  # a bad last line without newline: cut mid-write
+                    msg = f"truncated JSON at end of file ({exc.msg})"
+                yield line_no, LineError(name, line_no, msg)
+                continue
+            except RecursionError:
+                yield line_no, LineError(name, line_no, "JSON nested too deeply")
+                continue
+            if not isinstance(obj, dict):
+                yield line_no, LineError(name, line_no, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield line_no, obj
+
+
+def read_jsonl(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], list[LineError]]:
+    """All good ``(line_no, object)`` pairs and all errors of a JSONL file."""
+    good: list[tuple[int, dict[str, Any]]] = []
+    errors: list[LineError] = []
+    for line_no, item in iter_jsonl(path):
+        if isinstance(item, LineError):
+            errors.append(item)
+        else:
+            good.append((line_no, item))
+    return good, errors

@@ -1,0 +1,473 @@
+"""RunReader: tolerant, lazy reader of a run directory (format v1, see docs/run-format.md).
+
+Corrupt inputs never raise: a bad ``metrics.jsonl`` line, a truncated parquet file, an
+incomplete checkpoint are recorded in :attr:`RunReader.issues` (path, line, message)
+and skipped.  :class:`RunFormatError` is raised only when nothing at all is readable
+(or the run was written by a newer, incompatible format version).
+
+Step tables are returned as ``polars.LazyFrame`` built with ``pl.scan_parquet`` over
+the valid step files, so filters and column selections are pushed down::
+
+    r = RunReader("runs/exp1")
+    r.tokens(steps=range(0, 100, 10)).filter(pl.col("is_generated")) \\
+        .group_by("step").agg(pl.col("entropy").mean()).collect()
+
+The directory is re-listed on every call, so a reader on a live run sees new steps;
+per-file validation is cached by (mtime, size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from diagnose.atomic import is_temp_name
+from diagnose.rundir.schema import (
+    CHECKPOINTS_DIR,
+    KINDS,
+    METRICS_JSONL,
+    RUN_FORMAT,
+    RUN_FORMAT_VERSION,
+    RUN_JSON,
+    TRAINER_STATE_JSON,
+    RunFormatError,
+    columns_for,
+    ctrl_names_from_columns,
+    parse_step_dirname,
+    parse_step_filename,
+    validate_schema,
+)
+
+__all__ = ["ReadIssue", "RunReader", "RunFormatError"]
+
+
+@dataclass(frozen=True)
+class ReadIssue:
+    """One problem found while reading: ``path`` (file), ``line`` (1-based, or None), ``message``."""
+
+    path: Path
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        loc = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
+        return f"{loc}: {self.message}"
+
+
+@dataclass(frozen=True)
+class _StepFile:
+    step: int
+    path: Path
+    schema: pl.Schema
+    num_rows: int
+
+
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
+              "infinity": math.inf, "-infinity": -math.inf}
+
+
+def _normalize_steps(steps: int | Iterable[int] | None) -> set[int] | None:
+    if steps is None:
+        return None
+    if isinstance(steps, int):
+        return {int(steps)}
+    return {int(s) for s in steps}
+
+
+class RunReader:
+    """Read a run directory written by :class:`diagnose.rundir.RunWriter`."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self._issues: list[ReadIssue] = []
+        self._issue_keys: set[tuple[str, int | None, str]] = set()
+        self._file_cache: dict[Path, tuple[tuple[int, int], _StepFile | None]] = {}
+        if not self.run_dir.exists():
+            raise RunFormatError(f"{self.run_dir}: no such run directory")
+        if not self.run_dir.is_dir():
+            raise RunFormatError(f"{self.run_dir}: not a directory")
+        self._info, self._info_error = self._load_info()
+        if self._info is None and not self._anything_readable():
+            details = "; ".join(str(i) for i in self._issues) or "no files"
+            raise RunFormatError(
+                f"{self.run_dir}: not a readable run ({self._info_error}; no metrics lines and no "
+                f"readable step files). Issues: {details}"
+            )
+
+    # ---- issues ----------------------------------------------------------------------
+
+    def _issue(self, path: Path, line: int | None, message: str) -> None:
+        key = (str(path), line, message)
+        if key not in self._issue_keys:
+            self._issue_keys.add(key)
+            self._issues.append(ReadIssue(Path(path), line, message))
+
+    @property
+    def issues(self) -> list[ReadIssue]:
+        """Problems found so far (grows as more of the run is read; no duplicates)."""
+        return list(self._issues)
+
+    # ---- run.json --------------------------------------------------------------------
+
+    def _load_info(self) -> tuple[dict | None, str | None]:
+        path = self.run_dir / RUN_JSON
+        if not path.exists():
+            msg = f"{path}: missing ({RUN_JSON} is written when the run starts)"
+            self._issue(path, None, f"missing ({RUN_JSON} is written when the run starts)")
+            return None, msg
+        try:
+            info = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            self._issue(path, None, f"unreadable or not valid JSON: {e}")
+            return None, f"{path}: unreadable or not valid JSON ({e})"
+        if not isinstance(info, dict):
+            self._issue(path, None, f"expected a JSON object, got {type(info).__name__}")
+            return None, f"{path}: expected a JSON object, got {type(info).__name__}"
+        if info.get("format") != RUN_FORMAT:
+            self._issue(path, None, f"'format' is {info.get('format')!r}, expected {RUN_FORMAT!r}; reading anyway")
+        version = info.get("format_version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > RUN_FORMAT_VERSION:
+            raise RunFormatError(
+                f"{path}: format_version {version} is newer than this reader supports "
+                f"({RUN_FORMAT_VERSION}); upgrade collapse-diagnostics"
+            )
+        if version != RUN_FORMAT_VERSION:
+            self._issue(path, None, f"'format_version' is {version!r}, expected {RUN_FORMAT_VERSION}; reading as v1")
+        ctrl = info.get("control_tokens", [])
+        if not isinstance(ctrl, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("name") for t in ctrl):
+            self._issue(path, None, "'control_tokens' is not a list of {name, text, token_id, role} objects; ignored")
+            info["control_tokens"] = []
+        return info, None
+
+    def _anything_readable(self) -> bool:
+        metrics = self.run_dir / METRICS_JSONL
+        if metrics.exists() and metrics.stat().st_size > 0 and self.metrics().height > 0:
+            return True
+        return any(self._valid_files(kind) for kind in KINDS)
+
+    @property
+    def info(self) -> dict:
+        """Parsed ``run.json``.  Raises :class:`RunFormatError` naming the file if it is missing/corrupt."""
+        if self._info is None:
+            raise RunFormatError(self._info_error or f"{self.run_dir / RUN_JSON}: unreadable")
+        return self._info
+
+    @property
+    def control_tokens(self) -> list[dict]:
+        """``[{"name", "text", "token_id", "role"}, ...]`` from run.json; if run.json is unreadable,
+        inferred from the ``lp_ctrl_<name>`` columns of the step files (text/token_id/role None)."""
+        if self._info is not None:
+            return [dict(t) for t in self._info.get("control_tokens", [])]
+        names: list[str] = []
+        for kind in ("tokens", "probe"):
+            for f in self._valid_files(kind):
+                for n in ctrl_names_from_columns(f.schema.names()):
+                    if n not in names:
+                        names.append(n)
+        return [{"name": n, "text": None, "token_id": None, "role": None} for n in names]
+
+    @property
+    def ctrl_names(self) -> list[str]:
+        return [t["name"] for t in self.control_tokens]
+
+    # ---- metrics ---------------------------------------------------------------------
+
+    def metrics(self) -> pl.DataFrame:
+        """``metrics.jsonl`` as a DataFrame: one row per step (sorted), ``step`` (Int64) first.
+
+        Bad lines (truncated, not JSON, not an object, no integer ``step``) are reported in
+        :attr:`issues` with their line number and skipped.  Values listed in ``nonfinite``
+        are restored to NaN / ±inf.  Several lines for the same step (e.g. train and eval
+        metrics, or steps re-logged after a resume) are merged; later values win.
+        """
+        path = self.run_dir / METRICS_JSONL
+        empty = pl.DataFrame(schema={"step": pl.Int64})
+        if not path.exists():
+            self._issue(path, None, "missing")
+            return empty
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            self._issue(path, None, f"unreadable: {e}")
+            return empty
+        lines = data.split(b"\n")
+        last_unterminated = lines[-1] != b""
+        if not last_unterminated:
+            lines = lines[:-1]
+        merged: dict[int, dict[str, Any]] = {}
+        keys: dict[str, None] = {"step": None}
+        n_lines = len(lines)
+        for i, raw in enumerate(lines, start=1):
+            rec = self._parse_metrics_line(path, i, raw, unterminated=last_unterminated and i == n_lines)
+            if rec is None:
+                continue
+            step = rec.pop("step")
+            for k in rec:
+                keys.setdefault(k, None)
+            merged.setdefault(step, {}).update(rec)
+        if not merged:
+            return empty
+        steps = sorted(merged)
+        columns = [pl.Series("step", steps, dtype=pl.Int64)]
+        for key in list(keys)[1:]:
+            columns.append(self._metric_series(path, key, [merged[s].get(key) for s in steps]))
+        return pl.DataFrame(columns)
+
+    def _parse_metrics_line(self, path: Path, lineno: int, raw: bytes, *, unterminated: bool) -> dict | None:
+        text_bytes = raw.strip()
+        if not text_bytes:
+            return None
+        try:
+            text = text_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self._issue(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start}); line skipped")
+            return None
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            if unterminated:
+                self._issue(path, lineno, f"incomplete last line (truncated write?): {e}; line skipped")
+            else:
+                self._issue(path, lineno, f"invalid JSON ({e}); line skipped")
+            return None
+        if not isinstance(obj, dict):
+            self._issue(path, lineno, f"expected a JSON object, got {type(obj).__name__}; line skipped")
+            return None
+        step = obj.get("step")
+        if isinstance(step, float) and step.is_integer():
+            step = int(step)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            self._issue(path, lineno, f"missing or invalid 'step' ({step!r}); line skipped")
+            return None
+        nonfinite = obj.pop("nonfinite", None)
+        rec: dict[str, Any] = {}
+        self._flatten("", obj, rec)
+        rec["step"] = step
+        if nonfinite is not None:
+            if isinstance(nonfinite, list):
+                nonfinite = {k: "nan" for k in nonfinite if isinstance(k, str)}
+            if not isinstance(nonfinite, dict):
+                self._issue(path, lineno, f"'nonfinite' must be an object or list, got {type(nonfinite).__name__}; ignored")
+            else:
+                for k, kind in nonfinite.items():
+                    value = _NONFINITE.get(str(kind).lower(), math.nan)
+                    if rec.get(k) is None and k != "step":
+                        rec[k] = value
+        return rec
+
+    @staticmethod
+    def _flatten(prefix: str, d: dict, out: dict[str, Any]) -> None:
+        for k, v in d.items():
+            key = f"{prefix}/{k}" if prefix else str(k)
+            if isinstance(v, dict):
+                RunReader._flatten(key, v, out)
+            else:
+                out[key] = v
+
+    def _metric_series(self, path: Path, key: str, values: list[Any]) -> pl.Series:
+        kinds = {type(v) for v in values if v is not None}
+        if not kinds or kinds <= {float, int, bool}:
+            if kinds <= {bool} and kinds:
+                return pl.Series(key, values, dtype=pl.Boolean)
+            if kinds <= {int}:
+                try:
+                    return pl.Series(key, values, dtype=pl.Int64)
+                except (OverflowError, pl.exceptions.PolarsError):
+                    pass
+            return pl.Series(key, [None if v is None else float(v) for v in values], dtype=pl.Float64)
+        if kinds <= {str}:
+            return pl.Series(key, values, dtype=pl.String)
+        names = sorted(t.__name__ for t in kinds)
+        self._issue(path, None, f"metric {key!r} has mixed/non-scalar value types {names}; stored as JSON strings")
+        return pl.Series(
+            key,
+            [None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in values],
+            dtype=pl.String,
+        )
+
+    # ---- step tables -----------------------------------------------------------------
+
+    def _valid_files(self, kind: str) -> list[_StepFile]:
+        if kind not in KINDS:
+            raise ValueError(f"unknown table kind {kind!r}; expected one of {KINDS}")
+        directory = self.run_dir / kind
+        if not directory.is_dir():
+            return []
+        out: list[_StepFile] = []
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as e:
+            self._issue(directory, None, f"cannot list directory: {e}")
+            return []
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or is_temp_name(name):
+                continue  # temp files of in-flight / interrupted writes
+            step = parse_step_filename(name)
+            if step is None:
+                continue
+            try:
+                if not entry.is_file():
+                    continue
+                st = entry.stat()
+            except OSError:
+                continue
+            path = Path(entry.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            cached = self._file_cache.get(path)
+            if cached is not None and cached[0] == stamp:
+                info = cached[1]
+            else:
+                info = self._check_file(kind, step, path, st.st_size)
+                self._file_cache[path] = (stamp, info)
+            if info is not None:
+                out.append(info)
+        out.sort(key=lambda f: f.step)
+        return out
+
+    def _check_file(self, kind: str, step: int, path: Path, size: int) -> _StepFile | None:
+        """Cheap up-front validation: parquet footer, column-chunk bounds, schema, step stats."""
+        import pyarrow.parquet as pq
+
+        try:
+            md = pq.read_metadata(path)
+            schema = pl.Schema(pl.read_parquet_schema(path))
+        except Exception as e:  # noqa: BLE001 - any footer error means unreadable
+            self._issue(path, None, f"unreadable parquet file (truncated or corrupt): {e}; file skipped")
+            return None
+        try:
+            step_idx = None
+            for j in range(md.num_columns):
+                if md.schema.column(j).path == "step":
+                    step_idx = j
+            lo = hi = None
+            for r in range(md.num_row_groups):
+                rg = md.row_group(r)
+                for j in range(rg.num_columns):
+                    cc = rg.column(j)
+                    start = cc.dictionary_page_offset if cc.has_dictionary_page else cc.data_page_offset
+                    if start is not None and start + cc.total_compressed_size > size:
+                        self._issue(path, None, "column data extends past the end of the file (corrupt); file skipped")
+                        return None
+                if step_idx is not None and rg.num_rows:
+                    stats = rg.column(step_idx).statistics
+                    if stats is not None and stats.has_min_max:
+                        lo = stats.min if lo is None else min(lo, stats.min)
+                        hi = stats.max if hi is None else max(hi, stats.max)
+        except Exception as e:  # noqa: BLE001
+            self._issue(path, None, f"corrupt parquet metadata: {e}; file skipped")
+            return None
+        problems = validate_schema(schema, columns_for(kind, ctrl_names_from_columns(schema.names())), table=kind)
+        if any("has dtype" in p for p in problems):
+            self._issue(path, None, "; ".join(problems) + "; file skipped")
+            return None
+        for p in problems:
+            self._issue(path, None, p + " (filled with nulls)")
+        if lo is not None and (lo != step or hi != step):
+            self._issue(
+                path, None,
+                f"rows have step {lo}..{hi} but the file name says {step}; the step column is authoritative",
+            )
+        return _StepFile(step=step, path=path, schema=schema, num_rows=md.num_rows)
+
+    def steps(self, kind: str) -> list[int]:
+        """Sorted steps present for ``kind``: 'rollouts' | 'tokens' | 'probe' (valid files only),
+        'metrics' (steps with a metrics line) or 'checkpoints' (complete checkpoints)."""
+        if kind == "metrics":
+            return self.metrics().get_column("step").to_list()
+        if kind == "checkpoints":
+            return [s for s, _ in self.checkpoints()]
+        return [f.step for f in self._valid_files(kind)]
+
+    def files(self, kind: str, steps: int | Iterable[int] | None = None) -> list[tuple[int, Path]]:
+        """``[(step, path)]`` of the valid step files of ``kind`` (optionally only ``steps``)."""
+        wanted = _normalize_steps(steps)
+        return [(f.step, f.path) for f in self._valid_files(kind) if wanted is None or f.step in wanted]
+
+    def scan(self, kind: str, steps: int | Iterable[int] | None = None) -> pl.LazyFrame:
+        """Lazy scan of table ``kind`` over the valid step files (optionally only ``steps``).
+
+        The result always has every column of the format-v1 schema (missing optional
+        columns as nulls) plus any extra columns, in schema order; with no files it is an
+        empty LazyFrame with that schema.
+        """
+        wanted = _normalize_steps(steps)
+        files = [f for f in self._valid_files(kind) if wanted is None or f.step in wanted]
+        ctrl: list[str] = []
+        if kind in ("tokens", "probe"):
+            ctrl = list(self.ctrl_names)
+            for f in files:
+                for n in ctrl_names_from_columns(f.schema.names()):
+                    if n not in ctrl:
+                        ctrl.append(n)
+        target: dict[str, pl.DataType] = {c.name: c.dtype for c in columns_for(kind, ctrl)}
+        for f in files:
+            for name, dtype in f.schema.items():
+                target.setdefault(name, dtype)
+        if not files:
+            return pl.LazyFrame(schema=target)
+        groups: dict[tuple, list[str]] = {}
+        for f in files:
+            groups.setdefault(tuple(f.schema.items()), []).append(str(f.path))
+        frames = []
+        for schema_items, paths in groups.items():
+            schema = dict(schema_items)
+            lf = pl.scan_parquet(paths, glob=False)
+            if list(schema.items()) != list(target.items()):
+                exprs = []
+                for name, dtype in target.items():
+                    if name not in schema:
+                        exprs.append(pl.lit(None, dtype=dtype).alias(name))
+                    elif schema[name] != dtype:
+                        exprs.append(pl.col(name).cast(dtype, strict=False))
+                    else:
+                        exprs.append(pl.col(name))
+                lf = lf.select(exprs)
+            frames.append(lf)
+        lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+        if wanted is not None:
+            lf = lf.filter(pl.col("step").is_in(sorted(wanted)))
+        return lf
+
+    def rollouts(self, steps: int | Iterable[int] | None = None) -> pl.LazyFrame:
+        """``rollouts/step-*.parquet`` as one LazyFrame (one row per rollout)."""
+        return self.scan("rollouts", steps)
+
+    def tokens(self, steps: int | Iterable[int] | None = None) -> pl.LazyFrame:
+        """``tokens/step-*.parquet`` as one LazyFrame (one row per completion token)."""
+        return self.scan("tokens", steps)
+
+    def probe(self, steps: int | Iterable[int] | None = None) -> pl.LazyFrame:
+        """``probe/step-*.parquet`` as one LazyFrame (fixed control-token probe)."""
+        return self.scan("probe", steps)
+
+    # ---- checkpoints -----------------------------------------------------------------
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """``[(step, dir)]`` of complete checkpoints (directories holding trainer_state.json), sorted."""
+        directory = self.run_dir / CHECKPOINTS_DIR
+        if not directory.is_dir():
+            return []
+        out = []
+        for entry in directory.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            step = parse_step_dirname(entry.name)
+            if step is None:
+                continue
+            if not (entry / TRAINER_STATE_JSON).is_file():
+                self._issue(entry, None, f"incomplete checkpoint (no {TRAINER_STATE_JSON}); skipped")
+                continue
+            out.append((step, entry))
+        out.sort()
+        return out
+
+    def __repr__(self) -> str:
+        return f"RunReader({str(self.run_dir)!r})"

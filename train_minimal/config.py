@@ -1,0 +1,228 @@
+"""Trainer configuration: one dataclass per concern (TRL-style ``...Config``), loaded from
+TOML/YAML or a preset, overridden from the CLI with dotted keys (``grpo.lr=3e-4``).
+
+Why strict: a typo in an RL config silently trains the wrong run for hours. Unknown keys and
+wrong types are one-line errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # "tiny" = the embedded default; or any HF model directory
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto: cuda if available
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_tasks: int = 512  # size of the training task pool (split "train")
+    eval_tasks: int = 64  # per eval split (test, content_ood, format_ood)
+    task_file: str = ""  # optional user task JSONL (replaces the generated train pool)
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    prompts_per_step: int = 8
+    group_size: int = 8  # n rollouts per prompt (GRPO group)
+    max_turns: int = 5
+    max_new_tokens: int = 64  # per assistant turn
+    temperature: float = 1.0
+    top_p: float = 1.0
+    vllm_gpu_memory_utilization: float = 0.4
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 0  # SFT warm-start steps (0 = none)
+    lr: float = 1e-3
+    batch_size: int = 16
+    warmup_steps: int = 10
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 0
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    beta: float = 0.0  # KL to the frozen reference (k3 estimator); 0 = no reference model
+    epsilon: float = 0.2  # clip range low
+    epsilon_high: float = 0.2  # clip range high (DAPO's clip-higher when > epsilon)
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO: False)
+    micro_batch_size: int = 16
+
+
+@dataclass
+class SupervisionConfig:
+    """Supervisory signals; they combine. See docs/trainer.md."""
+
+    off_policy_k: int = 0  # of group_size rollouts, k replaced by the gold trajectory
+    off_policy_gamma: float = 0.1  # shaping f(w) = w / (w + gamma) of the off-policy importance weight
+    hint_k: int = 0  # of group_size rollouts, k sampled with a hint in the system prompt
+    # SFT-type supervision and how it is applied:
+    #   sft_data "failed" = erroneous-example supervision (gold of tasks the policy failed in the
+    #   last `failed_window` RL steps); "train" = gold of random training tasks.
+    sft_schedule: Literal["none", "synchronous", "interleaved"] = "none"
+    sft_data: Literal["failed", "train"] = "failed"
+    failed_window: int = 10
+    sft_weight: float = 0.1  # synchronous: weight of the SFT loss mixed into each RL step
+    interleave_rl_steps: int = 10  # interleaved: RL phase length
+    interleave_sft_steps: int = 2  # interleaved: SFT phase length
+    sft_batch_size: int = 16
+
+
+@dataclass
+class LogConfig:
+    traces: bool = True  # token-level traces of every rollout
+    probe_every: int = 5  # fixed control-token probe every K steps (0 = off)
+    probe_tasks: int = 8
+    attribution: bool = True  # logit-gradient attribution of control tokens
+    eval_every: int = 10  # greedy eval on held-out splits (0 = off)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        r, s = self.rollout, self.supervision
+        if r.group_size < 2:
+            raise ConfigError("rollout.group_size: GRPO needs at least 2 rollouts per group")
+        if s.off_policy_k + s.hint_k >= r.group_size:
+            raise ConfigError("supervision.off_policy_k + hint_k must leave at least one plain rollout per group")
+        for key, v in (("sft.lr", self.sft.lr), ("grpo.lr", self.grpo.lr), ("rollout.temperature", r.temperature)):
+            if not v > 0:
+                raise ConfigError(f"{key}: must be > 0, got {v}")
+        return self
+
+
+# ---------------------------------------------------------------- dict -> dataclass, strictly
+
+
+def _check_value(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_value(key, arg, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp in (int, bool, str):
+        if type(value) is not tp:
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in hints:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
+        kwargs[k] = _check_value(f"{prefix}{k}", hints[k], v)
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``"grpo.lr=3e-4"`` -> ``{"grpo": {"lr": 3e-4}}``; the value is read as TOML, else a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. grpo.lr=3e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except Exception as exc:  # parser errors carry line numbers in their message
+        raise ConfigError(f"{p}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a table of settings at top level")
+    return data
+
+
+def build_config(base: dict[str, Any] | None = None, file: str | Path | None = None,
+                 overrides: list[str] = ()) -> TrainConfig:
+    data = dict(base or {})
+    if file:
+        data = merge(data, load_file(file))
+    for item in overrides:
+        data = merge(data, parse_override(item))
+    return from_dict(TrainConfig, data).validate()

@@ -1,0 +1,393 @@
+"""The training loop: an optional SFT warm start, then GRPO on multi-turn tool use with the
+supervisory signals of `SupervisionConfig`. Every step writes run-directory format v1 so that
+`diagnose scan` can say why a run collapsed.
+
+Read `train()` top to bottom; the helpers above it are one concern each.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from diagnose.atomic import atomic_write_json
+from diagnose.control_tokens import ControlTokenRegistry
+from diagnose.ctrl_probe import build_probe_set, probe_summary, run_probe
+from diagnose.logits import token_stats
+from diagnose.rundir import RunReader, RunWriter
+from diagnose.sequences import encode_conversation
+from diagnose.tasks import Task, gold_messages, load_task_file, make_tasks
+from diagnose.tinymodel import load_model_and_tokenizer, resolve_model_path
+
+from train_minimal.batch import Batch, make_batch, micro_slices
+from train_minimal.config import TrainConfig
+from train_minimal.instrument import Attribution, TraceCollector, rollout_metrics, rollout_rows
+from train_minimal.losses import grpo_loss, group_advantages, masked_mean, sft_loss
+from train_minimal.rollout import Kind, Sampling, Trajectory, rollout_episodes
+
+EVAL_SPLITS = ("test", "content_ood", "format_ood")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. non-finite losses step after step); the message says why."""
+
+
+def seed_for(*parts: Any) -> int:
+    """A stable 31-bit seed from parts (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def pick_device_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype]:
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = names.get(cfg.model.dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    return device, dtype
+
+
+def lr_at(step_in_phase: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then constant (the usual choice for RL fine-tuning)."""
+    return base * min(1.0, step_in_phase / max(warmup, 1))
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs."""
+
+    step: int = 0
+    failed: dict[str, int] = field(default_factory=dict)  # task id -> last RL step it failed at
+    nonfinite_streak: int = 0
+
+
+# ------------------------------------------------------------------------------ phases
+
+
+def phase_of(step: int, cfg: TrainConfig) -> str:
+    """'sft' (warm start or an interleaved SFT phase) or 'rl' for a global step (1-based)."""
+    if step <= cfg.sft.steps:
+        return "sft"
+    s = cfg.supervision
+    if s.sft_schedule == "interleaved":
+        k = (step - cfg.sft.steps - 1) % (s.interleave_rl_steps + s.interleave_sft_steps)
+        return "rl" if k < s.interleave_rl_steps else "sft_supervision"
+    return "rl"
+
+
+def supervision_tasks(cfg: TrainConfig, state: TrainState, pool: list[Task], step: int) -> list[Task]:
+    """Gold data for the SFT signal: recently failed tasks (erroneous-example supervision) or
+    random training tasks."""
+    s = cfg.supervision
+    rng = random.Random(seed_for(cfg.seed, step, "sft"))
+    if s.sft_data == "failed":
+        recent = sorted(t for t, at in state.failed.items() if step - at <= s.failed_window)
+        by_id = {t.id: t for t in pool}
+        chosen = rng.sample(recent, min(len(recent), s.sft_batch_size))
+        return [by_id[t] for t in chosen if t in by_id]
+    return rng.sample(pool, min(len(pool), s.sft_batch_size))
+
+
+# ------------------------------------------------------------------------------ model passes
+
+
+def sft_pass(model: Any, tokenizer: Any, tasks: list[Task], micro: int, scale: float) -> float:
+    """Backward the SFT loss on the tasks' gold trajectories (assistant tokens only)."""
+    seqs = [encode_conversation(tokenizer, gold_messages(t), len(t.messages)) for t in tasks]
+    batch = make_batch(seqs, tokenizer.pad_token_id)
+    n_tokens = float(batch.loss_mask.sum())
+    total = 0.0
+    for sl in micro_slices(len(batch), micro):
+        mb = batch.rows(sl).to(model.device)
+        logits = model(input_ids=mb.ids, attention_mask=mb.attention).logits[:, :-1]
+        st = token_stats(logits, mb.ids[:, 1:], with_entropy=False)
+        loss = -(st.logprob * mb.loss_mask).sum() / n_tokens
+        (scale * loss).backward()
+        total += float(loss.detach())
+    return total
+
+
+def clip_and_step(model: Any, opt: torch.optim.Optimizer, max_norm: float) -> tuple[float, bool]:
+    """Clip gradients and step; a non-finite gradient skips the update (never corrupts weights)."""
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    ok = math.isfinite(norm)
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm, ok
+
+
+def group_items(tasks: list[Task], cfg: TrainConfig) -> list[tuple[Task, int, Kind]]:
+    """Group members: k gold (off-policy), k hinted, the rest sampled from the policy."""
+    s, n = cfg.supervision, cfg.rollout.group_size
+    kinds: list[Kind] = ["gold"] * s.off_policy_k + ["hint"] * s.hint_k
+    kinds += ["policy"] * (n - len(kinds))
+    return [(task, g, kind) for g, task in enumerate(tasks) for kind in kinds]
+
+
+def grpo_pass(model: Any, ref: Any, tokenizer: Any, trajs: list[Trajectory], cfg: TrainConfig,
+              registry: ControlTokenRegistry, step: int, traces: bool, attribution: bool) -> dict[str, Any]:
+    """Backward the GRPO loss on one step's trajectories; returns stats, traces, attribution."""
+    g = cfg.grpo
+    rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+    adv = group_advantages(rewards, cfg.rollout.group_size, scale=g.scale_rewards)
+    is_gold = torch.tensor([t.kind == "gold" for t in trajs])
+    is_policy = torch.tensor([t.kind == "policy" for t in trajs])
+    batch = make_batch([t.seq for t in trajs], tokenizer.pad_token_id)
+    n_tokens = float(batch.loss_mask.sum())
+    ctrl_ids = torch.tensor(registry.ids, dtype=torch.long, device=model.device)
+    collector = TraceCollector(registry, step, is_gold.tolist()) if traces else None
+    attr = Attribution(registry) if attribution else None
+    sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0}
+    ent_sum, ent_n, mism_sum, mism_n = 0.0, 0.0, 0.0, 0.0
+    for sl in micro_slices(len(batch), g.micro_batch_size):
+        mb = batch.rows(sl).to(model.device)
+        logits = model(input_ids=mb.ids, attention_mask=mb.attention).logits[:, :-1]
+        st = token_stats(logits, mb.ids[:, 1:], ctrl_ids)
+        lp_now = st.logprob.detach()
+        sampled = is_policy[sl].to(model.device).view(-1, 1) & ~torch.isnan(mb.sampler_logprob)
+        # behaviour log-probs: the sampler's for on-policy tokens; hinted rows were sampled under
+        # another prompt, so their ratio starts at 1 on the un-hinted context
+        old = torch.where(sampled, mb.sampler_logprob, lp_now)
+        ref_lp = None
+        if ref is not None and g.beta > 0:
+            with torch.no_grad():
+                ref_logits = ref(input_ids=mb.ids, attention_mask=mb.attention).logits[:, :-1]
+                ref_lp = token_stats(ref_logits, mb.ids[:, 1:], with_entropy=False).logprob
+        mask = mb.loss_mask
+        frac = float(mask.sum()) / n_tokens
+        ls = grpo_loss(st.logprob, old, adv[sl].to(model.device), mask, epsilon=g.epsilon,
+                       epsilon_high=g.epsilon_high, ref_logprob=ref_lp, beta=g.beta,
+                       off_policy=is_gold[sl].to(model.device), gamma=cfg.supervision.off_policy_gamma)
+        (ls.loss * frac).backward()  # token-mean over the whole step, not per micro-batch
+        sums["loss"] += ls.pg_loss * frac
+        sums["kl"] += ls.kl * frac
+        sums["clip_ratio"] += ls.clip_ratio * frac
+        gen = mask * sampled.float()
+        ent_sum += float((st.entropy * gen).sum())
+        ent_n += float(gen.sum())
+        diff = (lp_now - mb.sampler_logprob).abs().nan_to_num(0.0)
+        mism_sum += float((diff * gen).sum())
+        mism_n += float(gen.sum())
+        if collector is not None:
+            collector.add(mb.to("cpu"), sl.start, st)
+        if attr is not None:
+            attr.add(mb.to("cpu"), st, adv[sl])
+    out: dict[str, Any] = {
+        "loss": sums["loss"], "kl": sums["kl"], "clip_ratio": sums["clip_ratio"],
+        "entropy": ent_sum / max(ent_n, 1.0),
+        "mismatch/abs_logprob_diff": mism_sum / max(mism_n, 1.0),
+        "advantage/abs_mean": float(adv.abs().mean()),
+    }
+    if attr is not None:
+        out.update(attr.metrics())
+    out["_tokens"] = collector.columns() if collector is not None else None
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: Any, tokenizer: Any, sets: dict[str, list[Task]], cfg: TrainConfig) -> dict[str, float]:
+    """Greedy rollouts on the held-out splits: accuracy and collapsed-turn rate per split."""
+    out = {}
+    s = Sampling(max_new_tokens=cfg.rollout.max_new_tokens, greedy=True)
+    for split, tasks in sets.items():
+        trajs = rollout_episodes(model, tokenizer, [(t, i, "policy") for i, t in enumerate(tasks)],
+                                 max_turns=cfg.rollout.max_turns, sampling=s)
+        m = rollout_metrics(trajs, 1)
+        out[f"eval/{split}/accuracy"] = m["accuracy"]
+        out[f"eval/{split}/turn_state/collapsed"] = m["turn_state/collapsed"]
+        out[f"eval/{split}/turn_state/healthy_call"] = m["turn_state/healthy_call"]
+    return out
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(writer: RunWriter, step: int, model: Any, tokenizer: Any, opt: torch.optim.Optimizer,
+                    state: TrainState, keep: int) -> Path:
+    with writer.checkpoint(step) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        atomic_write_json(tmp / "trainer_state.json", {"step": step, "failed": state.failed,
+                                                       "nonfinite_streak": state.nonfinite_streak}, fsync=False)
+    ckpts = RunReader(writer.run_dir).checkpoints()
+    for _, path in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    return writer.checkpoint_dir(step)
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM finish the current step, checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, console: Console | None = None,
+          init_from: str | None = None) -> Path:
+    """Train per ``cfg`` into run directory ``out_dir``; returns it.
+
+    ``resume`` continues from the latest checkpoint in ``out_dir`` with the same results as an
+    uninterrupted run (rollouts and batches are seeded by step, not by a running RNG).
+    """
+    console = console or Console()
+    out_dir = Path(out_dir)
+    device, dtype = pick_device_dtype(cfg)
+    torch.manual_seed(cfg.seed)
+    # ---- model, tokenizer, control tokens
+    start_state = TrainState()
+    ckpt = None
+    if resume:
+        ckpts = RunReader(out_dir).checkpoints() if (out_dir / "run.json").exists() else []
+        if not ckpts:
+            raise TrainingError(f"{out_dir}: nothing to resume (no checkpoint)")
+        ckpt = ckpts[-1][1]
+    model_path = str(ckpt) if ckpt else (init_from or cfg.model.path)
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    registry = ControlTokenRegistry.from_tokenizer(tokenizer)
+    ref = None
+    if cfg.grpo.beta > 0:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    # ---- tasks: training pool, held-out eval sets, the fixed probe set
+    if cfg.data.task_file:
+        pool, errors = load_task_file(cfg.data.task_file)
+        for e in errors[:10]:
+            console.print(f"[yellow]skipped[/] {e}")
+        if not pool:
+            raise TrainingError(f"{cfg.data.task_file}: no usable task")
+    else:
+        pool = make_tasks("train", cfg.data.train_tasks, seed=cfg.data.seed)
+    eval_sets = {s: make_tasks(s, cfg.data.eval_tasks, seed=cfg.data.seed + 1000) for s in EVAL_SPLITS}
+    probe_set = build_probe_set(tokenizer, make_tasks("test", cfg.log.probe_tasks, seed=cfg.data.seed + 2000))
+    # ---- run directory
+    writer = RunWriter(
+        out_dir, config=cfg.to_dict(),
+        model={"path": str(resolve_model_path(cfg.model.path)), "init_from": init_from,
+               "n_params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype), "device": device,
+               "architecture": type(model).__name__},
+        tokenizer={"name_or_path": tokenizer.name_or_path, "vocab_size": len(tokenizer)},
+        control_tokens=registry.to_json(), seeds={"seed": cfg.seed, "data_seed": cfg.data.seed}, resume=resume)
+    # ---- optimizer (one AdamW; the lr follows the phase)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.grpo.weight_decay)
+    if ckpt is not None:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        raw = json.loads((ckpt / "trainer_state.json").read_text())
+        start_state = TrainState(step=int(raw["step"]), failed=dict(raw.get("failed", {})),
+                                 nonfinite_streak=int(raw.get("nonfinite_streak", 0)))
+    state = start_state
+    total = cfg.sft.steps + cfg.grpo.steps
+    sampling = Sampling(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                        top_p=cfg.rollout.top_p)
+    model.train()
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    with GracefulStop() as stop, Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(cfg.name, total=total, completed=state.step, info="")
+        while state.step < total and not stop.requested:
+            step = state.step + 1
+            phase = phase_of(step, cfg)
+            t0 = time.perf_counter()
+            m: dict[str, Any] = {"phase": phase}
+            if phase == "sft":  # warm start: gold trajectories of random training tasks
+                lr = lr_at(step, cfg.sft.lr, cfg.sft.warmup_steps)
+                rng = random.Random(seed_for(cfg.seed, step, "warm"))
+                tasks = rng.sample(pool, min(len(pool), cfg.sft.batch_size))
+                m["sft_loss"] = sft_pass(model, tokenizer, tasks, cfg.grpo.micro_batch_size, 1.0)
+            elif phase == "sft_supervision":  # interleaved SFT phase
+                lr = lr_at(step - cfg.sft.steps, cfg.grpo.lr, cfg.grpo.warmup_steps)
+                tasks = supervision_tasks(cfg, state, pool, step)
+                m["sft_loss"] = sft_pass(model, tokenizer, tasks, cfg.grpo.micro_batch_size, 1.0) if tasks else 0.0
+                m["sft_examples"] = len(tasks)
+            else:  # GRPO
+                lr = lr_at(step - cfg.sft.steps, cfg.grpo.lr, cfg.grpo.warmup_steps)
+                rng = random.Random(seed_for(cfg.seed, step, "prompts"))
+                tasks = rng.sample(pool, min(len(pool), cfg.rollout.prompts_per_step))
+                torch.manual_seed(seed_for(cfg.seed, step, "sample"))
+                model.eval()
+                trajs = rollout_episodes(model, tokenizer, group_items(tasks, cfg),
+                                         max_turns=cfg.rollout.max_turns, sampling=sampling)
+                model.train()
+                t_roll = time.perf_counter()
+                for t in trajs:
+                    if t.kind == "policy" and t.reward < 1:
+                        state.failed[t.task.id] = step
+                m.update(rollout_metrics(trajs, cfg.rollout.group_size))
+                res = grpo_pass(model, ref, tokenizer, trajs, cfg, registry, step, cfg.log.traces, cfg.log.attribution)
+                tokens = res.pop("_tokens")
+                m.update(res)
+                if cfg.supervision.sft_schedule == "synchronous" and cfg.supervision.sft_weight > 0:
+                    sup = supervision_tasks(cfg, state, pool, step)
+                    m["sft_examples"] = len(sup)
+                    if sup:
+                        m["sft_loss"] = sft_pass(model, tokenizer, sup, cfg.grpo.micro_batch_size,
+                                                 cfg.supervision.sft_weight)
+                writer.write_rollouts(step, rollout_rows(trajs, step))
+                if tokens is not None:
+                    writer.write_tokens(step, tokens)
+                m["time/rollout"] = t_roll - t0
+            for group in opt.param_groups:
+                group["lr"] = lr
+            norm, ok = clip_and_step(model, opt, cfg.grpo.max_grad_norm)
+            m.update({"lr": lr, "grad_norm": norm, "skipped_update": not ok})
+            state.nonfinite_streak = 0 if ok else state.nonfinite_streak + 1
+            if cfg.log.probe_every and (step % cfg.log.probe_every == 0 or step == 1):
+                frame = run_probe(model, probe_set, registry, step)
+                writer.write_probe(step, frame)
+                m.update(probe_summary(frame, registry))
+            if cfg.log.eval_every and (step % cfg.log.eval_every == 0 or step == total):
+                model.eval()
+                m.update(evaluate(model, tokenizer, eval_sets, cfg))
+                model.train()
+            m["time/step"] = time.perf_counter() - t0
+            writer.log_metrics(step, m)
+            state.step = step
+            info = f"{phase} " + (f"reward {m['reward']:.2f} collapsed {m['turn_state/collapsed']:.0%}"
+                                  if "reward" in m else f"sft_loss {m.get('sft_loss', 0):.3f}")
+            progress.update(bar, completed=step, info=info)
+            if state.nonfinite_streak >= 3:
+                save_checkpoint(writer, step, model, tokenizer, opt, state, cfg.log.keep_checkpoints)
+                raise TrainingError(f"step {step}: non-finite gradients 3 steps in a row; stopped "
+                                    f"(checkpoint saved; lower the learning rate?)")
+            if step % cfg.log.checkpoint_every == 0 or step == total or stop.requested:
+                save_checkpoint(writer, step, model, tokenizer, opt, state, cfg.log.keep_checkpoints)
+    if stop.requested:
+        console.print(f"[yellow]interrupted[/]: stopped cleanly after step {state.step}; "
+                      f"resume with --resume")
+    writer.close()
+    return out_dir
