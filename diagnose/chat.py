@@ -19,7 +19,8 @@ TOOL_CALL_CLOSE = "</tool_call>"
 TOOL_RESPONSE_OPEN = "<tool_response>"
 TOOL_RESPONSE_CLOSE = "</tool_response>"
 
-#: Every control string of the format, in Qwen2.5's added-token order.
+#: Every control string of the format, in Qwen's added-token order. `<tool_response>` and
+#: `</tool_response>` are single tokens from Qwen3 on; in Qwen2.5 they are plain BPE text.
 CONTROL_STRINGS: tuple[str, ...] = (
     ENDOFTEXT,
     IM_START,

@@ -1,62 +1,78 @@
-"""Turn a HF causal LM into a `Policy` (messages -> raw assistant text) for the environment.
+"""Batched generation for the environment: HF ``generate`` with a KV cache, left padding, and the
+sampler's own log-probs of every generated token (for training/inference mismatch).
 
-Why keep control tokens in the decoded text: the whole point is to *see* a stray `<|im_end|>`
-or a bare `<tool_call>`; only the final turn-end token, which the chat template adds back, is cut.
+Why keep control tokens in the decoded text: the point is to *see* a stray `<|im_end|>` or a
+bare `<tool_call>`; only the final stop token, which the chat template adds back, is cut.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from diagnose.chat import ENDOFTEXT, IM_END, render_chat
+from diagnose.chat import ENDOFTEXT, IM_END
+from diagnose.sequences import encode, prompt_text
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False  # temperature 0
+    max_context: int = 2048
+
+
+def _left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
-def generate_turn(
-    model: Any,
-    tokenizer: Any,
-    messages: Sequence[dict[str, Any]],
-    *,
-    max_new_tokens: int = 96,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> str:
-    """One assistant turn: sample until `<|im_end|>`/`<|endoftext|>` or ``max_new_tokens``.
-
-    Plain ancestral sampling with a KV cache (temperature 0 = greedy), written out so that it is
-    reproducible from ``generator`` alone, independent of `generate()`'s processor defaults.
-    """
-    prompt = render_chat(messages, add_generation_prompt=True)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
-    stop = {tokenizer.convert_tokens_to_ids(t) for t in (IM_END, ENDOFTEXT)}
-    out: list[int] = []
-    past = None
-    step_ids = ids
-    for _ in range(max_new_tokens):
-        res = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        logits = res.logits[0, -1].float()
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=generator))
-        if nxt in stop:
-            break
-        out.append(nxt)
-        step_ids = torch.tensor([[nxt]], device=model.device)
-    return tokenizer.decode(out, skip_special_tokens=False)
+def generate_batch(model: Any, tokenizer: Any, contexts: list[list[int]], s: Sampling) -> list[tuple[list[int], list[float], bool]]:
+    """For each context: (generated ids up to and including the stop token, sampler log-probs of
+    those ids, whether a stop token was reached)."""
+    stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[1]
+    ids, mask = _left_pad(contexts, pad, model.device)
+    kw: dict[str, Any] = dict(do_sample=False) if s.greedy or s.temperature <= 0 else dict(
+        do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, eos_token_id=stop,
+        pad_token_id=pad, output_scores=True, return_dict_in_generate=True, **kw)
+    gen = out.sequences[:, ids.shape[1]:]
+    # scores are the processed logits the token was drawn from (temperature/top-p applied)
+    lps = torch.stack([torch.log_softmax(sc.float(), -1).gather(-1, gen[:, t:t + 1]).squeeze(-1)
+                       for t, sc in enumerate(out.scores)], dim=1)
+    results = []
+    for row, lp in zip(gen.tolist(), lps.tolist()):
+        n = len(row)
+        for j, t in enumerate(row):
+            if t in stop:
+                n = j + 1
+                break
+        stopped = n <= len(row) and n > 0 and row[n - 1] in stop
+        results.append((row[:n], lp[:n], stopped))
+    return results
 
 
-def hf_policy(model: Any, tokenizer: Any, *, seed: int = 0, **kwargs: Any):
-    """A `Policy` backed by a HF model; sampling reproducible from ``seed``."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+def hf_policy(model: Any, tokenizer: Any, *, seed: int = 0, **sampling: Any):
+    """A `Policy` (messages -> assistant text) backed by a HF model; reproducible from ``seed``."""
+    s = Sampling(**sampling)
     model.eval()
+    state = {"calls": 0}
 
     def policy(messages: list[dict[str, Any]]) -> str:
-        return generate_turn(model, tokenizer, messages, generator=gen, **kwargs)
+        torch.manual_seed(seed * 1_000_003 + state["calls"])
+        state["calls"] += 1
+        ids, _, stopped = generate_batch(model, tokenizer, [encode(tokenizer, prompt_text(messages))], s)[0]
+        return tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=False)
 
     return policy

@@ -21,6 +21,7 @@ OutOpt = typer.Option(None, "--out", help="Run directory (default runs/<name>)."
 SetOpt = typer.Option([], "--set", help="Override, e.g. --set grpo.lr=3e-4 (repeatable).")
 ResumeOpt = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out.")
 InitOpt = typer.Option(None, "--init-from", help="Start from these weights (e.g. an SFT run's checkpoint).")
+StopOpt = typer.Option(None, "--stop-after", help="Stop cleanly (with a checkpoint) after this global step.")
 
 
 def _config(preset: str | None, config: Path | None, overrides: list[str], phase: dict) -> TrainConfig:
@@ -32,12 +33,12 @@ def _config(preset: str | None, config: Path | None, overrides: list[str], phase
         raise typer.Exit(2) from None
 
 
-def _run(cfg: TrainConfig, out: Path | None, resume: bool, init_from: str | None) -> None:
+def _run(cfg: TrainConfig, out: Path | None, resume: bool, init_from: str | None, stop_after: int | None) -> None:
     from train_minimal.trainer import TrainingError, train
 
     out_dir = out or Path("runs") / cfg.name
     try:
-        train(cfg, out_dir, resume=resume, console=console, init_from=init_from)
+        train(cfg, out_dir, resume=resume, console=console, init_from=init_from, stop_after=stop_after)
     except (TrainingError, FileExistsError, ValueError, OSError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
@@ -46,23 +47,23 @@ def _run(cfg: TrainConfig, out: Path | None, resume: bool, init_from: str | None
 
 @app.command()
 def run(preset: str = PresetOpt, config: Path = ConfigOpt, out: Path = OutOpt, set_: list[str] = SetOpt,
-        resume: bool = ResumeOpt, init_from: str = InitOpt) -> None:
+        resume: bool = ResumeOpt, init_from: str = InitOpt, stop_after: int = StopOpt) -> None:
     """SFT warm start then GRPO, as configured."""
-    _run(_config(preset, config, set_, {}), out, resume, init_from)
+    _run(_config(preset, config, set_, {}), out, resume, init_from, stop_after)
 
 
 @app.command()
 def sft(preset: str = PresetOpt, config: Path = ConfigOpt, out: Path = OutOpt, set_: list[str] = SetOpt,
-        resume: bool = ResumeOpt, init_from: str = InitOpt) -> None:
+        resume: bool = ResumeOpt, init_from: str = InitOpt, stop_after: int = StopOpt) -> None:
     """SFT on gold trajectories only (the configuration's GRPO steps are dropped)."""
-    _run(_config(preset, config, set_ + ["grpo.steps=0"], {}), out, resume, init_from)
+    _run(_config(preset, config, set_ + ["grpo.steps=0"], {}), out, resume, init_from, stop_after)
 
 
 @app.command()
 def grpo(preset: str = PresetOpt, config: Path = ConfigOpt, out: Path = OutOpt, set_: list[str] = SetOpt,
-         resume: bool = ResumeOpt, init_from: str = InitOpt) -> None:
+         resume: bool = ResumeOpt, init_from: str = InitOpt, stop_after: int = StopOpt) -> None:
     """GRPO only (the configuration's SFT warm start is dropped); start from --init-from."""
-    _run(_config(preset, config, set_ + ["sft.steps=0"], {}), out, resume, init_from)
+    _run(_config(preset, config, set_ + ["sft.steps=0"], {}), out, resume, init_from, stop_after)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import torch
 
-from diagnose.chat import ENDOFTEXT, IM_END
+from diagnose.chat import IM_END
+from diagnose.generation import Sampling, generate_batch
 from diagnose.tasks import Episode, Rollout, Task, gold_messages, with_hint
 
 from diagnose.sequences import Sequence, encode, encode_conversation, observation_text, prompt_text
@@ -34,53 +35,6 @@ class Trajectory:
     @property
     def reward(self) -> float:
         return self.episode.score.reward
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    greedy: bool = False
-    max_context: int = 2048
-
-
-def _left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-@torch.no_grad()
-def generate_batch(model: Any, tokenizer: Any, contexts: list[list[int]], s: Sampling) -> list[tuple[list[int], list[float], bool]]:
-    """For each context: (generated ids up to and including the stop token, sampler log-probs of
-    those ids, whether a stop token was reached)."""
-    stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[1]
-    ids, mask = _left_pad(contexts, pad, model.device)
-    kw: dict[str, Any] = dict(do_sample=False) if s.greedy else dict(
-        do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, eos_token_id=stop,
-        pad_token_id=pad, output_scores=True, return_dict_in_generate=True, **kw)
-    gen = out.sequences[:, ids.shape[1]:]
-    # scores are the processed logits the token was drawn from (temperature/top-p applied)
-    lps = torch.stack([torch.log_softmax(sc.float(), -1).gather(-1, gen[:, t:t + 1]).squeeze(-1)
-                       for t, sc in enumerate(out.scores)], dim=1)
-    results = []
-    for row, lp in zip(gen.tolist(), lps.tolist()):
-        n = len(row)
-        for j, t in enumerate(row):
-            if t in stop:
-                n = j + 1
-                break
-        stopped = n <= len(row) and n > 0 and row[n - 1] in stop
-        results.append((row[:n], lp[:n], stopped))
-    return results
 
 
 def rollout_episodes(

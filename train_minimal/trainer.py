@@ -258,11 +258,12 @@ class GracefulStop:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, console: Console | None = None,
-          init_from: str | None = None) -> Path:
+          init_from: str | None = None, stop_after: int | None = None) -> Path:
     """Train per ``cfg`` into run directory ``out_dir``; returns it.
 
     ``resume`` continues from the latest checkpoint in ``out_dir`` with the same results as an
     uninterrupted run (rollouts and batches are seeded by step, not by a running RNG).
+    ``stop_after`` stops (with a checkpoint) after that global step, as an interruption would.
     """
     console = console or Console()
     out_dir = Path(out_dir)
@@ -384,6 +385,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
                 save_checkpoint(writer, step, model, tokenizer, opt, state, cfg.log.keep_checkpoints)
                 raise TrainingError(f"step {step}: non-finite gradients 3 steps in a row; stopped "
                                     f"(checkpoint saved; lower the learning rate?)")
+            if stop_after is not None and step >= stop_after:
+                stop.requested = True
             if step % cfg.log.checkpoint_every == 0 or step == total or stop.requested:
                 save_checkpoint(writer, step, model, tokenizer, opt, state, cfg.log.keep_checkpoints)
     if stop.requested:

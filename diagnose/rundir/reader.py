@@ -339,7 +339,9 @@ class RunReader:
         try:
             md = pq.read_metadata(path)
             schema = pl.Schema(pl.read_parquet_schema(path))
-        except Exception as e:  # noqa: BLE001 - any footer error means unreadable
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - any footer error (incl. a Rust panic) means unreadable
             self._issue(path, None, f"unreadable parquet file (truncated or corrupt): {e}; file skipped")
             return None
         try:
@@ -361,7 +363,9 @@ class RunReader:
                     if stats is not None and stats.has_min_max:
                         lo = stats.min if lo is None else min(lo, stats.min)
                         hi = stats.max if hi is None else max(hi, stats.max)
-        except Exception as e:  # noqa: BLE001
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
             self._issue(path, None, f"corrupt parquet metadata: {e}; file skipped")
             return None
         problems = validate_schema(schema, columns_for(kind, ctrl_names_from_columns(schema.names())), table=kind)

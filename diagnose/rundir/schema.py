@@ -165,10 +165,10 @@ TOKENS_COLUMNS: tuple[Column, ...] = (
 PROBE_COLUMNS: tuple[Column, ...] = (
     Column("step", pl.Int64(), "training step the probe was run at (authoritative)"),
     Column("probe_id", pl.Int64(), "id of the fixed probe context (stable across steps)"),
-    Column("position", pl.Int32(), "0-based token position within the probe context that is scored"),
-    Column("token_id", pl.Int32(), "gold next-token id at this position"),
+    Column("position", pl.Int32(), "0-based position (in the whole token sequence) of the predicting token"),
+    Column("token_id", pl.Int32(), "gold next-token id (the token at position + 1)"),
     Column("lp_gold", pl.Float32(), "log-prob of the gold token under the current policy", nullable=True),
-    Column("context", pl.String(), "the probe context text (prefix up to the scored position)", nullable=True),
+    Column("context", pl.String(), "key-context label of the position (e.g. after_call_open), empty elsewhere", nullable=True),
 )
 
 #: The fixed part of each table (without the ``lp_ctrl_<name>`` columns).

@@ -310,6 +310,15 @@ def _to_frame(data: Any, columns: Sequence[Column], ctrl_names: Sequence[str], t
 class RunWriter:
     """Writes one run directory (format v1).  One writer per run at a time.
 
+    A new run needs a non-existent or empty ``run_dir``; an existing run raises
+    ``FileExistsError`` unless ``resume=True``.  On resume the existing ``run.json`` is
+    kept (its ``format``/``format_version`` are checked, the control-token names must be
+    identical; ``config``/``model``/... passed here are *not* stored), a
+    ``{"time", "versions"}`` entry is appended to its ``resumes`` list, and an incomplete
+    trailing line of ``metrics.jsonl`` is removed (``self.truncated_bytes`` says how many
+    bytes).  ``control_tokens`` may be a list of dicts, of ``ControlToken`` objects, or a
+    ``ControlTokenRegistry``.  ``fsync=False`` skips fsyncs (tests, tmpfs).
+
     >>> w = RunWriter("runs/exp1", config=cfg, model={"name": "tiny"}, tokenizer={},
     ...               control_tokens=registry.to_json(), seeds={"seed": 0})   # doctest: +SKIP
     >>> w.log_metrics(0, {"reward": 0.5, "kl": float("nan")})                # doctest: +SKIP

@@ -1,0 +1,70 @@
+"""A training run as the analyses see it, whatever trainer wrote it.
+
+Adapters (`diagnose.adapters`) turn a run directory of ours, of TRL, verl, open-instruct or a
+conversation dump into a `RunSource`; `diagnose scan`, the dashboard and the notebooks read
+only this. Tables are polars LazyFrames so that a 50M-row token table is never materialised.
+
+Column contracts (a table may carry more columns; absent optional tables are None):
+
+``metrics``  one row per step: ``step`` (i64) plus any numeric metric columns, named as in
+             run-format v1 (``reward``, ``accuracy``, ``entropy``, ``kl``, ``clip_ratio``,
+             ``grad_norm``, ``completions/mean_length``, ``turn_state/<state>``, ``probe/<ctx>/<tok>``,
+             ``attribution/<tok>/{self,other,total}``, ...). Adapters map their trainer's names onto
+             these where the meaning is the same (verl ``actor/entropy`` -> ``entropy``).
+``rollouts`` one row per sample: ``step`` (i64), ``sample_id`` (i64), ``group_id`` (i64),
+             ``prompt`` (str), ``completion`` (str), ``reward`` (f64), ``turn_states`` (list[str]),
+             ``error_types`` (list[str]); optional ``accuracy``, ``task_id``, ``is_hint``,
+             ``is_off_policy``, ``n_turns``.
+``tokens``   run-format v1 token table (``step``, ``sample_id``, ``turn``, ``position``, ``token_id``,
+             ``logprob``, ``sampler_logprob``, ``entropy``, ``is_generated``, ``lp_ctrl_<name>``...).
+``probe``    run-format v1 probe table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from diagnose.jsonl import LineError
+
+
+@dataclass
+class SourceIssue:
+    """Something unreadable in the run: which file (and line), what, and what was skipped."""
+
+    path: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}" if self.line else f"{self.path}: {self.message}"
+
+    @classmethod
+    def from_line_error(cls, e: LineError) -> "SourceIssue":
+        return cls(e.path, e.line or None, e.message)
+
+
+@dataclass
+class RunSource:
+    path: Path
+    format: str  # "native" | "trl" | "verl" | "open_instruct" | "conversations"
+    metrics: pl.LazyFrame
+    rollouts: pl.LazyFrame | None = None
+    tokens: pl.LazyFrame | None = None
+    probe: pl.LazyFrame | None = None
+    control_tokens: list[dict[str, Any]] = field(default_factory=list)  # run.json["control_tokens"] form
+    issues: list[SourceIssue] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what this format cannot provide, for the report
+
+    @property
+    def has_token_probabilities(self) -> bool:
+        return self.tokens is not None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the scan cache keys on: files with their size and mtime (set by the adapter)."""
+        return dict(self._fingerprint)
+
+    _fingerprint: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -1,0 +1,161 @@
+"""The trainer on the embedded tiny model: run format, resume, signals, supervisory signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from diagnose.chat import render_chat
+from diagnose.rundir import RunReader, ctrl_column
+from diagnose.sequences import encode_conversation
+from diagnose.tasks import gold_messages, make_tasks
+from diagnose.tinymodel import load_model_and_tokenizer
+from train_minimal.cli import app
+from train_minimal.config import build_config
+from diagnose.generation import Sampling
+from train_minimal.presets import preset
+from train_minimal.rollout import rollout_episodes
+from train_minimal.trainer import clip_and_step, group_items, train
+
+QUIET = Console(file=open(os.devnull, "w"))
+
+
+def smoke_config(model_dir: Path, *extra: str):
+    return build_config(preset("smoke"), overrides=[f"model.path={model_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    train(smoke_config(tiny_model_dir), out, console=QUIET)
+    return out
+
+
+def test_smoke_run_writes_run_format_v1(smoke_run):
+    r = RunReader(smoke_run)
+    assert r.issues == []
+    m = r.metrics()
+    assert m["step"].to_list() == [1, 2, 3, 4, 5, 6]
+    assert m["phase"].to_list() == ["sft"] * 3 + ["rl"] * 3
+    for key in ("reward", "accuracy", "entropy", "kl", "clip_ratio", "grad_norm", "lr", "completions/mean_length",
+                "turn_state/collapsed", "group_reward_std", "mismatch/abs_logprob_diff",
+                "attribution/im_end/self", "probe/after_call_open/im_end", "eval/format_ood/accuracy"):
+        assert key in m.columns, key
+    assert m["sft_loss"][0] > m["sft_loss"][2]  # the warm start learns
+    assert r.steps("rollouts") == [4, 5, 6] and r.steps("tokens") == [4, 5, 6]
+    assert r.steps("probe") == [1, 2, 4, 6]
+    names = [c["name"] for c in r.control_tokens]
+    assert {"im_end", "tool_call_open", "call_body_start"} <= set(names)
+    tok = r.tokens().collect()
+    assert all(ctrl_column(n) in tok.columns for n in names)
+    ro = r.rollouts().collect()
+    assert ro.height == 3 * 2 * 4  # steps x prompts x group
+    # positions are contiguous per sample and every rollout has tokens
+    per = tok.group_by("step", "sample_id").agg(pl.col("position").min().alias("lo"),
+                                                pl.col("position").max().alias("hi"), pl.len().alias("n"))
+    assert per.height == ro.height
+    assert (per["lo"] == 0).all() and (per["hi"] + 1 == per["n"]).all()
+    # the trainer's log-probs of sampled tokens equal the sampler's (same weights, HF backend)
+    gen = tok.filter(pl.col("is_generated"))
+    assert gen.height > 0
+    assert (gen["logprob"] - gen["sampler_logprob"]).abs().max() < 1e-3
+    # control-token log-probs are log-probabilities (<= 0), the sampled one matches logprob
+    lp_end = gen.filter(pl.col("token_id") == next(c["token_id"] for c in r.control_tokens if c["name"] == "im_end"))
+    assert (lp_end["logprob"] - lp_end[ctrl_column("im_end")]).abs().max() < 1e-5
+    ckpts = r.checkpoints()
+    assert [s for s, _ in ckpts] == [3, 6]
+    assert (ckpts[-1][1] / "optimizer.pt").exists()
+    load_model_and_tokenizer(ckpts[-1][1])  # a checkpoint is a normal HF model dir
+
+
+def test_resume_matches_uninterrupted_run(smoke_run, tiny_model_dir, tmp_path):
+    out = tmp_path / "resumed"
+    cfg = smoke_config(tiny_model_dir)
+    train(cfg, out, console=QUIET, stop_after=4)
+    assert RunReader(out).metrics()["step"].max() == 4
+    train(cfg, out, console=QUIET, resume=True)
+    a, b = RunReader(smoke_run).metrics(), RunReader(out).metrics()
+    assert b["step"].to_list() == a["step"].to_list()
+    for col in ("reward", "loss", "entropy", "grad_norm", "sft_loss", "probe/after_call_open/im_end"):
+        np.testing.assert_allclose(b[col].to_numpy(), a[col].to_numpy(), rtol=1e-5, atol=1e-6, err_msg=col)
+    wa = load_file(RunReader(smoke_run).checkpoints()[-1][1] / "model.safetensors")
+    wb = load_file(RunReader(out).checkpoints()[-1][1] / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(tiny_model_dir, tmp_path):
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "train_minimal.cli", "run", "--preset", "smoke", "--out", str(out),
+           "--set", f"model.path={tiny_model_dir}", "--set", "grpo.steps=200", "--set", "log.checkpoint_every=1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    r = RunReader(out)
+    last = int(r.metrics()["step"].max())
+    assert 4 <= last < 203
+    assert [s for s, _ in r.checkpoints()] == [last]
+    assert r.issues == []
+    assert not any(p.name.endswith(".parquet") and p.name.startswith(".") for p in out.rglob("*"))
+
+
+def test_gold_sequence_tokens_reproduce_the_rendered_conversation(tiny_model_dir):
+    _, tok = load_model_and_tokenizer(tiny_model_dir)
+    for task in make_tasks("train", 3) + make_tasks("format_ood", 2):
+        msgs = gold_messages(task)
+        seq = encode_conversation(tok, msgs, len(task.messages))
+        assert tok.decode(seq.ids) == render_chat(msgs).removesuffix("\n")
+        trained = tok.decode([i for i, m in zip(seq.ids, seq.loss_mask) if m])
+        # exactly the assistant turns (each with its <|im_end|>) are trained on
+        assert trained == "".join(m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant")
+
+
+def test_groups_mix_gold_hint_and_policy_members(tiny_model_dir):
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    cfg = smoke_config(tiny_model_dir, "supervision.off_policy_k=1", "supervision.hint_k=1")
+    tasks = make_tasks("train", 2)
+    trajs = rollout_episodes(model, tok, group_items(tasks, cfg), max_turns=3, sampling=Sampling(max_new_tokens=16))
+    kinds = [t.kind for t in trajs]
+    assert kinds == ["gold", "hint", "policy", "policy"] * 2
+    gold = [t for t in trajs if t.kind == "gold"]
+    assert all(t.reward == 1.0 for t in gold)  # the gold trajectory solves its task
+    plain_prompt = trajs[2].seq.ids[: trajs[2].seq.turn.index(0)]
+    hint_prompt = trajs[1].seq.ids[: trajs[1].seq.turn.index(0)]
+    assert hint_prompt == plain_prompt  # the hint is not in the trained context
+    assert all(np.isnan(t.seq.sampler_logprob).all() for t in gold)
+
+
+def test_nonfinite_gradient_skips_the_update():
+    model = torch.nn.Linear(2, 1)
+    before = model.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    (model(torch.tensor([[float("nan"), 1.0]])).sum()).backward()
+    norm, ok = clip_and_step(model, opt, 1.0)
+    assert not ok and torch.equal(model.weight, before)
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["run", "--preset", "nope"], 2, "unknown preset 'nope'"),
+    (["run", "--preset", "smoke", "--set", "grpo.lrr=1"], 2, "did you mean 'grpo.lr'"),
+    (["run", "--preset", "smoke", "--set", "model.path=/no/such/model"], 1, "/no/such/model"),
+])
+def test_cli_errors_are_one_line(args, code, needle, tmp_path):
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r")])
+    assert res.exit_code == code, res.output
+    assert needle in res.stderr and "Traceback" not in res.output
