@@ -1,0 +1,74 @@
+"""Our own run directory (format v1, docs/run-format.md) as a `RunSource`, via `RunReader`.
+
+Everything is already in our names: metrics come from ``metrics.jsonl``, the step tables are
+the reader's lazy scans (corrupt step files are reported by the reader and skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from diagnose.adapters import IssueLog, make_source, subdirs, visible_files
+from diagnose.rundir.reader import RunReader
+from diagnose.rundir.schema import KINDS, METRICS_JSONL, RUN_JSON, RunFormatError, rollouts_schema
+from diagnose.source import RunSource
+
+FORMAT = "native"
+
+
+def _root(p: Path) -> Path:
+    return p.parent if p.is_file() else p
+
+
+def detect(p: Path) -> bool:
+    if p.is_file():
+        return p.name == RUN_JSON
+    return (p / RUN_JSON).is_file()
+
+
+def has_candidates(p: Path) -> bool:
+    root = _root(p)
+    return (root / METRICS_JSONL).is_file() or any((root / k).is_dir() for k in KINDS)
+
+
+def _files(root: Path) -> list[Path]:
+    files = [f for f in (root / RUN_JSON, root / METRICS_JSONL) if f.is_file()]
+    for d in subdirs(root):
+        if d.name in KINDS:
+            files.extend(visible_files(d))
+    return files
+
+
+def load(p: Path) -> RunSource:
+    root = _root(p)
+    issues = IssueLog()
+    notes: list[str] = []
+    try:
+        reader = RunReader(root)
+    except RunFormatError as e:
+        if "newer than this reader supports" in str(e):
+            raise
+        msg = str(e)
+        issues.add(root, None, msg[len(f"{root}: "):] if msg.startswith(f"{root}: ") else msg)
+        return make_source(root, FORMAT, metrics=pl.DataFrame(schema={"step": pl.Int64}),
+                           rollouts=pl.DataFrame(schema=rollouts_schema()), issues=issues,
+                           notes=["nothing readable in this run directory"], files=_files(root))
+    metrics = reader.metrics()
+    rollouts = reader.rollouts()
+    tokens = reader.tokens() if reader.steps("tokens") else None
+    probe = reader.probe() if reader.steps("probe") else None
+    control_tokens = reader.control_tokens
+    for i in reader.issues:
+        issues.add(i.path, i.line, i.message)
+    if tokens is None:
+        notes.append("no readable tokens/ step files: no token probabilities, entropies or control-token log-probs")
+    if probe is None:
+        notes.append("no readable probe/ step files: no fixed control-token probe")
+    if not control_tokens:
+        notes.append("run.json lists no control tokens: no lp_ctrl_<name> columns")
+    src = make_source(root, FORMAT, metrics=metrics, rollouts=None, tokens=tokens, probe=probe,
+                      control_tokens=control_tokens, issues=issues, notes=notes, files=_files(root))
+    src.rollouts = rollouts
+    return src

@@ -1,0 +1,51 @@
+"""`diagnose scan`: per-step signals, change detectors, collapse episodes and pathologies.
+
+    from diagnose.scan import scan_source
+    result = scan_source(src)            # src: diagnose.source.RunSource
+    result.verdict                        # "collapse" | "healthy" | "pathology" | "insufficient_data"
+    result.episodes[0].onset_step, result.episodes[0].implicated[0].token
+    result.to_json()
+
+See docs/scan.md.
+"""
+
+from diagnose.scan.detect import Change, DetectConfig, detect_changes, robust_zscores, rolling_baseline
+from diagnose.scan.episodes import (
+    SCHEMA_VERSION,
+    CollapseEpisode,
+    ContextRise,
+    ImplicatedToken,
+    Pathology,
+    RolloutExample,
+    ScanResult,
+    SignalMove,
+    find_episodes,
+    find_pathologies,
+    primary_signal,
+    scan_source,
+)
+from diagnose.scan.signals import SIGNAL_SPECS, merge_signals, signal_direction, step_signals
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SIGNAL_SPECS",
+    "Change",
+    "CollapseEpisode",
+    "ContextRise",
+    "DetectConfig",
+    "ImplicatedToken",
+    "Pathology",
+    "RolloutExample",
+    "ScanResult",
+    "SignalMove",
+    "detect_changes",
+    "find_episodes",
+    "find_pathologies",
+    "merge_signals",
+    "primary_signal",
+    "robust_zscores",
+    "rolling_baseline",
+    "scan_source",
+    "signal_direction",
+    "step_signals",
+]

@@ -1,0 +1,709 @@
+"""Collapse episodes, what moved before them, and training pathologies.
+
+A **collapse episode** is a sustained drop of the primary signal (``reward``, else
+``accuracy``): at least ``min_episode_len`` consecutive steps below
+``peak - collapse_drop * |peak|`` (``peak``: running maximum of the trailing
+``peak_window``-step median before the step), whose first ``min_episode_len`` values have a
+median at least ``collapse_z`` robust sigmas below the trailing baseline. Its onset is that
+first step, refined to the earliest change point of the drop (CUSUM / Page-Hinkley / z-score
+change points, or the start of a run of values ``onset_z`` sigmas low, up to ``refine_window``
+steps earlier). It recovers at the first step from which the signal stays above
+``pre_level - (1 - recovery_frac) * |pre_level|`` for ``recovery_len`` steps.
+
+For each episode: every other signal's own change point around the onset (its lead time over
+the reward drop), the control tokens whose probability rose most (per key context), and
+representative rollouts before and after. ``find_pathologies`` flags entropy collapse /
+blow-up, NaN log-probs, non-finite metrics and growing train/inference mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from diagnose.control_tokens import KEY_CONTEXT_ROLES
+from diagnose.scan.detect import Change, DetectConfig, detect_changes, robust_sigma, rolling_baseline
+from diagnose.scan.signals import signal_direction, signal_kind, step_signals
+from diagnose.source import RunSource
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CollapseEpisode",
+    "ContextRise",
+    "ImplicatedToken",
+    "Pathology",
+    "RolloutExample",
+    "ScanResult",
+    "SignalMove",
+    "find_episodes",
+    "find_pathologies",
+    "primary_signal",
+    "scan_source",
+]
+
+SCHEMA_VERSION = 1
+VERDICTS = ("collapse", "healthy", "pathology", "insufficient_data")
+
+#: Signals never analysed for lead times (schedules, clocks, bookkeeping).
+IGNORED_SIGNALS: tuple[str, ...] = (
+    r"lr", r"learning_rate", r"time/.*", r".*_time", r"epoch", r"global_step", r"phase", r"n_rollouts",
+    r"ctx/[^/]+/n", r"skipped_update", r"completions/truncated", r"sft_examples", r"sft_loss",
+)
+_IGNORED = re.compile("|".join(f"(?:{p})" for p in IGNORED_SIGNALS) + r"\Z")
+
+
+_MAX_SCORE = 1000.0  # shift scores are capped (a constant baseline has a floored, tiny sigma)
+
+
+def _f(v: Any) -> float | None:
+    """JSON float: None for missing / non-finite."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# result types
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SignalMove:
+    """A signal's own change point near an episode's onset. ``lead`` = onset - step: positive
+    when the signal moved before the primary signal dropped."""
+
+    signal: str
+    step: int
+    lead: int
+    direction: str  # "up" | "down"
+    method: str
+    score: float  # confirmed shift, in robust sigmas of the signal's baseline
+    alarm_step: int
+    before: float  # median level before the change
+    after: float  # median level from the onset on (lag_window steps)
+    concern: bool  # the move is in the signal's direction of concern
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"signal": self.signal, "step": self.step, "lead": self.lead, "direction": self.direction,
+                "method": self.method, "score": _f(self.score), "alarm_step": self.alarm_step,
+                "before": _f(self.before), "after": _f(self.after), "concern": self.concern}
+
+
+@dataclass
+class ContextRise:
+    """A control token's probability rise at one context (``all``: mean over generated
+    positions). ``source``: ``probe`` (fixed probe) or ``tokens`` (rollouts)."""
+
+    context: str
+    source: str
+    signal: str
+    before: float
+    after: float
+    ratio: float
+    step: int | None  # its change point (None: no confirmed change point near the onset)
+    lead: int | None
+    signature: bool  # this token is the collapse token of this key context (KEY_CONTEXT_ROLES)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"context": self.context, "source": self.source, "signal": self.signal, "before": _f(self.before),
+                "after": _f(self.after), "ratio": _f(self.ratio), "step": self.step, "lead": self.lead,
+                "signature": self.signature}
+
+
+@dataclass
+class ImplicatedToken:
+    """A control token whose probability rose around the onset, with every context where it
+    rose (largest rise first)."""
+
+    token: str
+    role: str | None
+    text: str | None
+    score: float  # log10 of the largest rise ratio
+    contexts: list[ContextRise]
+    attribution_before: float | None = None  # attribution/<token>/total, median before / after
+    attribution_after: float | None = None
+
+    @property
+    def context(self) -> str:
+        """The key context of the largest rise (a named key context preferred over ``all``)."""
+        named = [c for c in self.contexts if c.context != "all"]
+        return (named or self.contexts)[0].context
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token": self.token, "role": self.role, "text": self.text, "score": _f(self.score),
+                "context": self.context, "contexts": [c.to_dict() for c in self.contexts],
+                "attribution_before": _f(self.attribution_before), "attribution_after": _f(self.attribution_after)}
+
+
+@dataclass
+class RolloutExample:
+    step: int
+    sample_id: int
+    group_id: int | None
+    reward: float | None
+    turn_states: list[str] | None
+    excerpt: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "sample_id": self.sample_id, "group_id": self.group_id,
+                "reward": _f(self.reward), "turn_states": self.turn_states, "excerpt": self.excerpt}
+
+
+@dataclass
+class CollapseEpisode:
+    signal: str  # the primary signal that dropped: "reward" or "accuracy"
+    onset_step: int  # first step of the drop (refined)
+    detected_step: int  # first step of the sustained drop below the threshold
+    trough_step: int
+    recovery_step: int | None  # first step of the sustained recovery; None: not recovered
+    end_step: int  # last step of the episode
+    pre_level: float  # baseline median before the onset
+    peak: float  # running (smoothed) peak before the onset
+    trough_value: float
+    relative_drop: float  # (peak - trough) / |peak|
+    collapsed_share_at_trough: float | None  # turn_state/collapsed at the trough
+    onset_changes: list[Change] = field(default_factory=list)
+    moves: list[SignalMove] = field(default_factory=list)
+    implicated: list[ImplicatedToken] = field(default_factory=list)
+    examples_before: list[RolloutExample] = field(default_factory=list)
+    examples_after: list[RolloutExample] = field(default_factory=list)
+
+    @property
+    def recovered(self) -> bool:
+        return self.recovery_step is not None
+
+    @property
+    def severity(self) -> dict[str, float | None]:
+        return {"relative_drop": _f(self.relative_drop), "collapsed_share_at_trough": _f(self.collapsed_share_at_trough)}
+
+    @property
+    def leading(self) -> list[SignalMove]:
+        """Signals that moved strictly before the onset, earliest first."""
+        return [m for m in self.moves if m.lead > 0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "signal": self.signal, "onset_step": self.onset_step, "detected_step": self.detected_step,
+            "trough_step": self.trough_step, "recovery_step": self.recovery_step, "end_step": self.end_step,
+            "recovered": self.recovered, "pre_level": _f(self.pre_level), "peak": _f(self.peak),
+            "trough_value": _f(self.trough_value), "severity": self.severity,
+            "onset_changes": [c.to_dict() for c in self.onset_changes],
+            "moves": [m.to_dict() for m in self.moves],
+            "implicated": [t.to_dict() for t in self.implicated],
+            "examples_before": [e.to_dict() for e in self.examples_before],
+            "examples_after": [e.to_dict() for e in self.examples_after],
+        }
+
+
+@dataclass
+class Pathology:
+    """A training pathology: ``kind`` in ``entropy_collapse``, ``entropy_blowup``,
+    ``nan_logprobs``, ``nonfinite_metrics``, ``mismatch_growth``."""
+
+    kind: str
+    signal: str
+    first_step: int
+    last_step: int
+    n_steps: int
+    baseline: float | None  # the early / reference level
+    value: float | None  # the most extreme value
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "signal": self.signal, "first_step": self.first_step, "last_step": self.last_step,
+                "n_steps": self.n_steps, "baseline": _f(self.baseline), "value": _f(self.value), "message": self.message}
+
+
+@dataclass
+class ScanResult:
+    signals: pl.DataFrame
+    episodes: list[CollapseEpisode]
+    pathologies: list[Pathology]
+    verdict: str  # one of VERDICTS
+    notes: list[str]
+    primary_signal: str | None = None
+    source_path: str | None = None
+    source_format: str | None = None
+    config: DetectConfig = field(default_factory=DetectConfig)
+
+    def to_json(self, include_signals: bool = False) -> dict[str, Any]:
+        """JSON-serialisable summary (``schema_version`` 1). ``include_signals``: also the
+        per-step signal table, as ``{"columns": [...], "data": {column: [values]}}`` (non-finite
+        values as null)."""
+        steps = self.signals.get_column("step") if "step" in self.signals.columns else pl.Series([], dtype=pl.Int64)
+        out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "verdict": self.verdict,
+            "source": {"path": self.source_path, "format": self.source_format},
+            "primary_signal": self.primary_signal,
+            "n_steps": int(self.signals.height),
+            "first_step": int(steps.min()) if len(steps) else None,
+            "last_step": int(steps.max()) if len(steps) else None,
+            "episodes": [e.to_dict() for e in self.episodes],
+            "pathologies": [p.to_dict() for p in self.pathologies],
+            "notes": list(self.notes),
+            "config": self.config.to_dict(),
+            "signal_columns": [c for c in self.signals.columns if c != "step"],
+        }
+        if include_signals:
+            clean = self.signals.with_columns(
+                [pl.when(pl.col(c).is_finite()).then(pl.col(c)).alias(c) for c in self.signals.columns if c != "step"])
+            out["signals"] = {"columns": clean.columns, "data": clean.to_dict(as_series=False)}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# series helpers
+# ---------------------------------------------------------------------------------------------
+
+
+class _Table:
+    """The signals as numpy columns (converted once), sorted by step."""
+
+    def __init__(self, signals: pl.DataFrame):
+        self.frame = signals.sort("step") if "step" in signals.columns else signals
+        self.columns = list(self.frame.columns)
+        self.steps = (self.frame.get_column("step").cast(pl.Int64).to_numpy() if "step" in self.columns
+                      else np.empty(0, dtype=np.int64))
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Finite values of a signal and their steps."""
+        if name not in self._cache:
+            if name not in self.columns or name == "step":
+                self._cache[name] = (np.empty(0), np.empty(0, dtype=np.int64))
+            else:
+                v = self.frame.get_column(name).cast(pl.Float64).to_numpy()
+                ok = np.isfinite(v)
+                self._cache[name] = (v[ok], self.steps[ok])
+        return self._cache[name]
+
+
+def _series(signals: pl.DataFrame | _Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Finite values of a signal and their steps, sorted by step."""
+    table = signals if isinstance(signals, _Table) else _Table(signals)
+    return table.series(name)
+
+
+def primary_signal(signals: pl.DataFrame | _Table, cfg: DetectConfig | None = None) -> str | None:
+    """``reward`` if it has >= ``min_steps`` finite, non-constant values, else ``accuracy``,
+    else None."""
+    cfg = cfg or DetectConfig()
+    for name in ("reward", "accuracy"):
+        v, _ = _series(signals, name)
+        if v.size >= cfg.min_steps and np.ptp(v) > 0:
+            return name
+    return None
+
+
+def _trailing_median(x: np.ndarray, w: int) -> np.ndarray:
+    """Median of the last ``w`` points up to and including each point."""
+    out = np.empty(x.size)
+    for i in range(x.size):
+        out[i] = np.median(x[max(0, i - w + 1): i + 1])
+    return out
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of the runs of True."""
+    if mask.size == 0:
+        return []
+    d = np.diff(np.r_[0, mask.astype(np.int8), 0])
+    return list(zip(np.nonzero(d == 1)[0].tolist(), np.nonzero(d == -1)[0].tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# episodes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Drop:
+    onset: int  # indices into the finite series
+    detected: int
+    trough: int
+    recovery: int | None
+    end: int
+    pre_level: float
+    peak: float
+    changes: list[Change]
+
+
+def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str], name: str) -> list[_Drop]:
+    n = x.size
+    if n <= cfg.min_periods:
+        return []
+    med, sig = rolling_baseline(x, cfg)
+    lvl = _trailing_median(x, cfg.peak_window)
+    drops: list[_Drop] = []
+    L, R = cfg.min_episode_len, cfg.recovery_len
+    peak_from = 0  # the running peak restarts after a recovery
+    i = cfg.min_periods
+    while i < n:
+        if i - peak_from < 1:
+            i += 1
+            continue
+        peak = float(np.max(lvl[peak_from:i]))
+        thr = peak - cfg.collapse_drop * abs(peak)
+        if not (x[i] < thr and np.isfinite(med[i])):
+            i += 1
+            continue
+        # sustained?
+        j_end = min(i + L, n)
+        peaks = np.maximum.accumulate(np.r_[peak, lvl[i:j_end - 1]]) if j_end - i > 1 else np.array([peak])
+        sustained = bool(np.all(x[i:j_end] < peaks - cfg.collapse_drop * np.abs(peaks)))
+        if not sustained:
+            i += 1
+            continue
+        if j_end - i < L:
+            notes.append(f"{name} fell below {cfg.collapse_drop:.0%} under its peak at step {int(s[i])}, "
+                         f"but the run ends after {j_end - i} step(s) (< min_episode_len={L}): not yet an episode")
+            break
+        if float(np.median(x[i:j_end])) > med[i] - cfg.collapse_z * sig[i]:
+            i += 1
+            continue
+        onset, changes = _refine_onset(x, s, i, med, sig, cfg)
+        pre_level = float(med[onset]) if np.isfinite(med[onset]) else float(med[i])
+        rec_thr = pre_level - (1.0 - cfg.recovery_frac) * abs(pre_level)
+        recovery = None
+        k = i + L
+        while k < n:
+            if x[k] >= rec_thr:
+                tail = x[k:k + R]
+                if tail.size == R and np.all(tail >= rec_thr):
+                    recovery = k
+                    break
+                if tail.size < R and np.all(tail >= rec_thr):
+                    notes.append(f"{name} is back above {cfg.recovery_frac:.0%} of its pre-onset level from step "
+                                 f"{int(s[k])}, for fewer than recovery_len={R} steps so far")
+                    break
+            k += 1
+        end = (recovery - 1) if recovery is not None else n - 1
+        trough = onset + int(np.argmin(x[onset:end + 1]))
+        drops.append(_Drop(onset, i, trough, recovery, end, pre_level, peak, changes))
+        if recovery is None:
+            break
+        peak_from = recovery
+        i = recovery + R
+    return drops
+
+
+def _refine_onset(x: np.ndarray, s: np.ndarray, i: int, med: np.ndarray, sig: np.ndarray,
+                  cfg: DetectConfig) -> tuple[int, list[Change]]:
+    """Earliest change point of the drop first sustained at index ``i``: the detectors'
+    downward change points up to ``refine_window`` steps back count if every value from the
+    candidate to ``i`` is ``onset_z`` sigmas below the baseline before the refine window
+    (the drop is under way from there on); none: the onset is ``i``."""
+    lo = max(0, i - cfg.refine_window)
+    b_lo = max(0, lo - cfg.window)
+    if lo - b_lo >= 3:
+        mu = float(np.median(x[b_lo:lo]))
+        sd = robust_sigma(x[b_lo:lo], cfg, mu)
+    else:
+        mu, sd = float(med[i]), float(sig[i])
+    cut = mu - cfg.onset_z * sd
+    best = i
+    end = min(x.size, i + cfg.min_episode_len)
+    support: list[Change] = []
+    for c in detect_changes(x[:end], s[:end], cfg, direction="down"):
+        idx = int(np.searchsorted(s, c.step))
+        if idx >= x.size or s[idx] != c.step or not lo <= idx <= i:
+            continue
+        if np.all(x[idx:i + 1] <= cut):  # the drop is under way from the candidate on
+            support.append(c)
+            best = min(best, idx)
+    return best, support
+
+
+def _window_median(v: np.ndarray, s: np.ndarray, lo: float, hi: float) -> float:
+    m = (s >= lo) & (s <= hi)
+    return float(np.median(v[m])) if m.any() else float("nan")
+
+
+def _moves(signals: _Table, primary: str, onset: int, end_step: int, cfg: DetectConfig,
+           control_tokens: Sequence[Mapping[str, Any]]) -> list[SignalMove]:
+    lo_step = onset - cfg.lead_window
+    hi_step = onset + cfg.lag_window
+    history = 2 * cfg.window + cfg.lead_window
+    out: list[SignalMove] = []
+    for name in signals.columns:
+        if name in ("step", primary) or _IGNORED.match(name):
+            continue
+        v, s = _series(signals, name)
+        keep = (s >= onset - history) & (s <= hi_step)
+        v, s = v[keep], s[keep]
+        if v.size <= cfg.min_periods or np.ptp(v) == 0:
+            continue
+        logscale = signal_kind(name) == "probability"
+        t = np.log10(np.maximum(v, 1e-12)) if logscale else v
+        for c in detect_changes(t, s, cfg, direction="both"):
+            if not (lo_step <= c.step <= hi_step and c.alarm_step <= hi_step):
+                continue
+            pre = t[s < c.step][-cfg.window:]
+            post = t[(s >= c.step)][: cfg.confirm_len]
+            if pre.size < 3 or post.size == 0:
+                continue
+            mu = float(np.median(pre))
+            sd = robust_sigma(pre, cfg, mu)
+            z = (float(np.median(post)) - mu) / sd
+            if (z >= cfg.collapse_z and c.direction == "up") or (z <= -cfg.collapse_z and c.direction == "down"):
+                before = float(np.median(v[s < c.step][-cfg.window:]))
+                after = _window_median(v, s, onset, min(hi_step, max(end_step, onset)))
+                want = signal_direction(name, control_tokens)
+                out.append(SignalMove(name, int(c.step), int(onset - c.step), c.direction, c.method,
+                                      float(min(abs(z), _MAX_SCORE)),
+                                      int(c.alarm_step), before, after, want in ("both", c.direction)))
+                break
+    out.sort(key=lambda m: (m.step, -m.score))
+    return out
+
+
+def _implicated(signals: _Table, onset: int, end_step: int, moves: list[SignalMove], cfg: DetectConfig,
+                control_tokens: Sequence[Mapping[str, Any]]) -> list[ImplicatedToken]:
+    info = {t.get("name"): t for t in control_tokens}
+    moved = {m.signal: m for m in moves}
+    b_hi = onset - cfg.lead_window
+    a_hi = min(onset + cfg.lag_window, max(end_step, onset))
+    rises: dict[str, list[ContextRise]] = {}
+    for name in signals.columns:
+        parts = name.split("/")
+        if len(parts) != 3:
+            continue
+        if parts[0] in ("probe", "ctx") and parts[2] not in ("gold", "n"):
+            ctx, tok, source = parts[1], parts[2], "probe" if parts[0] == "probe" else "tokens"
+        elif parts[0] == "ctrl" and parts[2] == "p":
+            ctx, tok, source = "all", parts[1], "tokens"
+        else:
+            continue
+        v, s = _series(signals, name)
+        if v.size == 0:
+            continue
+        before = _window_median(v, s, b_hi - cfg.window, b_hi - 1)
+        if not math.isfinite(before):
+            before = _window_median(v, s, -math.inf, onset - 1)
+        after = _window_median(v, s, onset, a_hi)
+        if not (math.isfinite(before) and math.isfinite(after)):
+            continue
+        ratio = after / max(before, 1e-12)
+        if ratio < cfg.implicate_min_ratio or after - before < cfg.implicate_min_abs:
+            continue
+        role = info.get(tok, {}).get("role")
+        roles = KEY_CONTEXT_ROLES.get(ctx, {})
+        m = moved.get(name)
+        rises.setdefault(tok, []).append(ContextRise(
+            ctx, source, name, before, after, ratio, m.step if m else None, m.lead if m else None,
+            role is not None and roles.get("collapse") == role))
+    out = []
+    for tok, ctxs in rises.items():
+        ctxs.sort(key=lambda c: (-c.ratio, c.context == "all"))
+        t = info.get(tok, {})
+        ab = aa = None
+        v, s = _series(signals, f"attribution/{tok}/total")
+        if v.size:
+            ab = _window_median(v, s, b_hi - cfg.window, b_hi - 1)
+            aa = _window_median(v, s, onset - cfg.lead_window, a_hi)
+        out.append(ImplicatedToken(tok, t.get("role"), t.get("text"), math.log10(ctxs[0].ratio), ctxs, ab, aa))
+    out.sort(key=lambda t: -t.score)
+    return out
+
+
+def _examples(rollouts: pl.LazyFrame | None, before_lt: int, after_step: int,
+              cfg: DetectConfig) -> tuple[list[RolloutExample], list[RolloutExample]]:
+    if rollouts is None or cfg.n_examples <= 0:
+        return [], []
+    schema = rollouts.collect_schema()
+    if "step" not in schema or "sample_id" not in schema:
+        return [], []
+    steps = rollouts.select(pl.col("step").unique()).collect(engine="streaming").get_column("step").sort()
+    b = steps.filter(steps < before_lt)
+    a = steps.filter(steps >= after_step)
+    if not len(a):
+        a = steps.filter(steps >= before_lt)
+    pick = ([int(b[-1])] if len(b) else []) + ([int(a[0])] if len(a) else [])
+    if not pick:
+        return [], []
+    cols = [c for c in ("step", "sample_id", "group_id", "reward", "turn_states", "completion") if c in schema]
+    cond = pl.col("step").is_in(pick)
+    for flag in ("is_hint", "is_off_policy"):  # on-policy rollouts only
+        if flag in schema:
+            cond = cond & ~pl.col(flag).fill_null(False)
+    df = rollouts.filter(cond).select(cols).collect()
+    collapsed = (pl.col("turn_states").list.eval(pl.element() == "collapsed").list.any().fill_null(False)
+                 if "turn_states" in df.columns else pl.lit(False))
+    reward = pl.col("reward").fill_nan(None) if "reward" in df.columns else pl.lit(None, pl.Float64)
+    df = df.with_columns(collapsed.alias("_c"), reward.alias("_r"))
+
+    def rows(frame: pl.DataFrame) -> list[RolloutExample]:
+        out = []
+        for r in frame.head(cfg.n_examples).iter_rows(named=True):
+            text = r.get("completion")
+            out.append(RolloutExample(int(r["step"]), int(r["sample_id"]), r.get("group_id"), r.get("reward"),
+                                      r.get("turn_states"), text[: cfg.excerpt_chars] if isinstance(text, str) else None))
+        return out
+
+    before = after = []
+    if len(b):
+        before = rows(df.filter(pl.col("step") == int(b[-1]))
+                      .sort(["_c", "_r", "sample_id"], descending=[False, True, False], nulls_last=True))
+    if len(a):
+        after = rows(df.filter(pl.col("step") == int(a[0]))
+                     .sort(["_c", "_r", "sample_id"], descending=[True, False, False], nulls_last=True))
+    return before, after
+
+
+def find_episodes(signals: pl.DataFrame, src_meta: RunSource | Any | None = None, cfg: DetectConfig | None = None,
+                  notes: list[str] | None = None) -> list[CollapseEpisode]:
+    """Collapse episodes of the primary signal (:func:`primary_signal`).
+
+    ``src_meta``: the :class:`RunSource` the signals came from (or any object with
+    ``control_tokens`` and ``rollouts`` attributes), used for control-token roles and for
+    representative rollouts; None skips both. ``notes``: a list that receives remarks (e.g. a
+    drop at the end of the run that is not yet sustained).
+    """
+    cfg = cfg or DetectConfig()
+    notes = notes if notes is not None else []
+    control_tokens = list(getattr(src_meta, "control_tokens", None) or [])
+    rollouts = getattr(src_meta, "rollouts", None)
+    table = _Table(signals)
+    name = primary_signal(table, cfg)
+    if name is None:
+        return []
+    x, s = table.series(name)
+    episodes = []
+    for d in _find_drops(x, s, cfg, notes, name):
+        onset, end_step = int(s[d.onset]), int(s[d.end])
+        trough_step = int(s[d.trough])
+        collapsed = None
+        cv, cs = table.series("turn_state/collapsed")
+        if cv.size:
+            at = np.nonzero(cs == trough_step)[0]
+            collapsed = float(cv[at[0]]) if at.size else _window_median(cv, cs, onset, end_step)
+        moves = _moves(table, name, onset, end_step, cfg, control_tokens)
+        implicated = _implicated(table, onset, end_step, moves, cfg, control_tokens)
+        before, after = _examples(rollouts, onset, trough_step, cfg)
+        rel = (d.peak - float(x[d.trough])) / abs(d.peak) if d.peak != 0 else float("nan")
+        episodes.append(CollapseEpisode(
+            signal=name, onset_step=onset, detected_step=int(s[d.detected]), trough_step=trough_step,
+            recovery_step=int(s[d.recovery]) if d.recovery is not None else None, end_step=end_step,
+            pre_level=d.pre_level, peak=d.peak, trough_value=float(x[d.trough]), relative_drop=rel,
+            collapsed_share_at_trough=collapsed, onset_changes=d.changes, moves=moves, implicated=implicated,
+            examples_before=before, examples_after=after,
+        ))
+    return episodes
+
+
+# ---------------------------------------------------------------------------------------------
+# pathologies
+# ---------------------------------------------------------------------------------------------
+
+
+def _sustained(mask: np.ndarray, min_len: int) -> tuple[int, int] | None:
+    runs = [r for r in _runs(mask) if r[1] - r[0] >= min_len]
+    return runs[0] if runs else None
+
+
+def find_pathologies(signals: pl.DataFrame, cfg: DetectConfig | None = None) -> list[Pathology]:
+    """Entropy collapse / blow-up, NaN log-probs, non-finite metrics, growing train/inference
+    mismatch (thresholds in :class:`DetectConfig`)."""
+    cfg = cfg or DetectConfig()
+    out: list[Pathology] = []
+    L = cfg.min_episode_len
+    if "nonfinite_logprob" in signals.columns:
+        v, s = _series(signals, "nonfinite_logprob")
+        bad = v > 0
+        if bad.any():
+            steps = s[bad]
+            out.append(Pathology(
+                "nan_logprobs", "nonfinite_logprob", int(steps[0]), int(steps[-1]), int(bad.sum()), 0.0, float(v.max()),
+                f"non-finite log-probs of generated tokens at {int(bad.sum())} step(s), first at step {int(steps[0])} "
+                f"(up to {int(v.max())} per step)"))
+    value_cols = [c for c in signals.columns if c != "step"]
+    if value_cols and signals.height:
+        counts = signals.select([(pl.col(c).cast(pl.Float64).is_not_null() & ~pl.col(c).cast(pl.Float64).is_finite())
+                                 .sum().alias(c) for c in value_cols]).row(0, named=True)
+        for name, k in counts.items():
+            if not k:
+                continue
+            st = signals.filter(pl.col(name).cast(pl.Float64).is_not_null()
+                                & ~pl.col(name).cast(pl.Float64).is_finite()).get_column("step")
+            out.append(Pathology("nonfinite_metrics", name, int(st.min()), int(st.max()), int(k), None, None,
+                                 f"{name} is NaN/inf at {int(k)} step(s), first at step {int(st.min())}"))
+    v, s = _series(signals, "entropy")
+    if v.size >= cfg.min_periods:
+        early = float(np.median(v[: cfg.window]))
+        if early > 0:
+            run = _sustained(v < cfg.entropy_collapse_frac * early, L)
+            if run:
+                seg = v[run[0]:]
+                out.append(Pathology(
+                    "entropy_collapse", "entropy", int(s[run[0]]), int(s[run[1] - 1]), run[1] - run[0], early,
+                    float(seg.min()), f"entropy fell below {cfg.entropy_collapse_frac:.0%} of its early level "
+                    f"{early:.3g} from step {int(s[run[0]])} (min {seg.min():.3g})"))
+            run = _sustained(v > cfg.entropy_blowup_factor * early, L)
+            if run:
+                seg = v[run[0]:]
+                out.append(Pathology(
+                    "entropy_blowup", "entropy", int(s[run[0]]), int(s[run[1] - 1]), run[1] - run[0], early,
+                    float(seg.max()), f"entropy rose above {cfg.entropy_blowup_factor:g}x its early level "
+                    f"{early:.3g} from step {int(s[run[0]])} (max {seg.max():.3g})"))
+    v, s = _series(signals, "mismatch/abs_logprob_diff")
+    if v.size >= cfg.min_periods:
+        early = float(np.median(v[: cfg.window]))
+        limit = max(cfg.mismatch_growth_factor * early, cfg.mismatch_min)
+        run = _sustained(v > limit, L)
+        if run:
+            out.append(Pathology(
+                "mismatch_growth", "mismatch/abs_logprob_diff", int(s[run[0]]), int(s[run[1] - 1]), run[1] - run[0],
+                early, float(v[run[0]:].max()),
+                f"train/inference mismatch |logprob - sampler_logprob| grew above {limit:.3g} nats (early level "
+                f"{early:.3g}) from step {int(s[run[0]])}"))
+    out.sort(key=lambda p: (p.first_step, p.kind))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# top level
+# ---------------------------------------------------------------------------------------------
+
+
+def scan_source(src: RunSource, cfg: DetectConfig | None = None, signals: pl.DataFrame | None = None) -> ScanResult:
+    """Signals, collapse episodes, pathologies and a verdict for one run.
+
+    Verdict: ``collapse`` if any episode; else ``pathology`` if any pathology; else
+    ``insufficient_data`` if neither reward nor accuracy has ``min_steps`` finite values; else
+    ``healthy``. ``signals``: precomputed :func:`step_signals` output (e.g. from a cache).
+    """
+    cfg = cfg or DetectConfig()
+    notes: list[str] = list(getattr(src, "notes", []) or [])
+    issues = list(getattr(src, "issues", []) or [])
+    if issues:
+        notes.append(f"{len(issues)} unreadable input(s) skipped; first: {issues[0]}")
+    if signals is None:
+        signals = step_signals(src, low_prob=cfg.low_prob)
+    primary = primary_signal(signals, cfg)
+    if primary is None:
+        notes.append(f"neither reward nor accuracy has {cfg.min_steps} finite, varying values: no collapse detection")
+    elif primary == "accuracy":
+        notes.append("no usable reward signal: collapse detection runs on accuracy")
+    episodes = find_episodes(signals, src, cfg, notes)
+    pathologies = find_pathologies(signals, cfg)
+    if episodes:
+        verdict = "collapse"
+    elif pathologies:
+        verdict = "pathology"
+    elif primary is None:
+        verdict = "insufficient_data"
+    else:
+        verdict = "healthy"
+    path = getattr(src, "path", None)
+    return ScanResult(signals=signals, episodes=episodes, pathologies=pathologies, verdict=verdict, notes=notes,
+                      primary_signal=primary, source_path=str(path) if isinstance(path, (str, Path)) else None,
+                      source_format=getattr(src, "format", None), config=cfg)

@@ -1,0 +1,505 @@
+"""Small realistic runs in other trainers' layouts, with an optional collapse at a known step.
+
+Used by the adapter tests and by the scan tests. Each writer returns a `ForeignRun` with the
+path to hand to `diagnose.adapters.load_run` and the ground truth of what it wrote.
+
+* `write_trl_run`: TRL GRPOTrainer ``<dir>/completions/completions_<step>.parquet``
+  (``step, prompt, completion, accuracy_reward, format_reward, advantage``) and
+  ``checkpoint-<k>/trainer_state.json`` (``log_history`` with TRL's metric names);
+* `write_verl_run`: verl ``<dir>/rollout_data/<step>.jsonl`` (``input, output, gts, score, step,
+  acc, pred``; decoded with special tokens skipped, as verl dumps them) and the file logger's
+  ``<dir>/<experiment>.jsonl`` (``{"step", "data"}`` lines with ``actor/entropy``, ...);
+* `write_open_instruct_run`: ``<dir>/<run>_rollouts_<step>.jsonl`` (``step, prompt_idx, prompt,
+  response, response_tokens, logprobs, reward, advantage``; token ids from a toy tokenizer that
+  gives the chat control strings their Qwen2.5 ids);
+* `write_conversation_run`: conversation JSONL, one file per step (``step-000010.jsonl`` or
+  another name pattern) or one file with a ``step`` field per line.
+
+The rollouts are gold trajectories of the tool-use environment (`diagnose.tasks`), GRPO groups
+of ``group_size`` samples per prompt. Healthy samples succeed with probability 0.7 (else the
+final answer is wrong, reward 0); 10% have text after the first call (a polluted turn, reward
+0). From ``collapse_at`` on, a ``collapse_rate`` share of samples (0.8) is one collapsed turn --
+a bare ``<tool_call>`` (60%) or an empty turn (40%) -- with reward 0. Before ``collapse_at``
+no turn is collapsed. TRL and open-instruct samples are single-turn (the first assistant turn);
+verl and conversation samples are whole multi-turn episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from diagnose.chat import ENDOFTEXT, IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, render_chat
+
+__all__ = [
+    "ForeignRun",
+    "write_conversation_run",
+    "write_open_instruct_run",
+    "write_trl_run",
+    "write_verl_run",
+]
+
+COLLAPSED_TURNS = ("<tool_call>", "")
+POLLUTION = "\nI will wait for the result before answering."
+WRONG_ANSWER = "Sorry, I could not find that."
+
+#: Qwen2.5 ids of the chat control strings (toy tokenizer of the open-instruct writer).
+QWEN_IDS = {ENDOFTEXT: 151643, IM_START: 151644, IM_END: 151645, TOOL_CALL_OPEN: 151657, TOOL_CALL_CLOSE: 151658}
+_PIECES = re.compile(r"<\|[a-z_]+\|>|</?tool_call>|\w+|\s+|[^\w\s]")
+
+
+@dataclass
+class ForeignRun:
+    """What a writer wrote: ``path`` to load, and the ground truth per step."""
+
+    path: Path
+    format: str
+    steps: list[int]
+    collapse_at: int | None
+    group_size: int
+    prompts_per_step: int
+    #: step -> number of samples that are one collapsed turn
+    collapsed: dict[int, int] = field(default_factory=dict)
+    #: step -> mean reward as the adapter should compute it (TRL: sum of the reward columns)
+    reward: dict[int, float] = field(default_factory=dict)
+    #: step -> count of every assistant turn state written
+    turn_states: dict[int, Counter] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.group_size * self.prompts_per_step
+
+    def collapsed_share(self, step: int) -> float:
+        """Share of assistant turns written collapsed at ``step``."""
+        c = self.turn_states[step]
+        return c["collapsed"] / max(sum(c.values()), 1)
+
+
+@dataclass
+class _Sample:
+    task: int
+    prompt_messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    turns: list[str]  # assistant texts
+    observations: list[list[str]]  # tool outputs after each turn
+    states: list[str]  # expected state of each turn
+    success: bool
+    polluted: bool
+    collapsed: bool
+    gold_answer: str
+
+    @property
+    def reward(self) -> float:
+        return float(self.success and not self.polluted and not self.collapsed)
+
+
+def _steps(steps: int | Iterable[int]) -> list[int]:
+    if isinstance(steps, int):
+        return list(range(steps))
+    out = sorted({int(s) for s in steps})
+    if any(s < 0 for s in out):
+        raise ValueError("steps must be >= 0")
+    return out
+
+
+def _trajectories(n: int, seed: int) -> list[tuple[Any, list[str], list[list[str]]]]:
+    from diagnose.tasks import gold_messages, make_tasks
+
+    out = []
+    for task in make_tasks("train", n, seed=seed):
+        turns: list[str] = []
+        obs: list[list[str]] = []
+        for m in gold_messages(task)[len(task.messages):]:
+            if m["role"] == "assistant":
+                turns.append(m.get("content") or "")
+                obs.append([])
+            elif m["role"] == "tool" and obs:
+                obs[-1].append(m.get("content") or "")
+        out.append((task, turns, obs))
+    return out
+
+
+def _plan(steps: list[int], collapse_at: int | None, seed: int, group_size: int, prompts_per_step: int,
+          collapse_rate: float, multi_turn: bool) -> dict[int, list[list[_Sample]]]:
+    if group_size < 1 or prompts_per_step < 1:
+        raise ValueError("group_size and prompts_per_step must be >= 1")
+    rng = random.Random(seed)
+    pool = _trajectories(max(3 * prompts_per_step, 8), seed)
+    plan: dict[int, list[list[_Sample]]] = {}
+    for step in steps:
+        groups = []
+        for t in rng.sample(range(len(pool)), prompts_per_step):
+            task, gold, obs = pool[t]
+            group = []
+            for _ in range(group_size):
+                collapsed = collapse_at is not None and step >= collapse_at and rng.random() < collapse_rate
+                if collapsed:
+                    text = COLLAPSED_TURNS[0] if rng.random() < 0.6 else COLLAPSED_TURNS[1]
+                    s = _Sample(t, task.messages, task.tools, [text], [[]], ["collapsed"], False, False, True,
+                                task.gold_answer)
+                else:
+                    turns = list(gold) if multi_turn else gold[:1]
+                    observations = [list(o) for o in (obs if multi_turn else obs[:1])]
+                    success = rng.random() < 0.7
+                    if multi_turn and not success:
+                        turns[-1] = WRONG_ANSWER
+                    polluted = rng.random() < 0.1
+                    if polluted:
+                        turns[0] = turns[0] + POLLUTION
+                    states = ["healthy_call" if x.startswith(TOOL_CALL_OPEN) else "healthy_response" for x in turns]
+                    if polluted:
+                        states[0] = "polluted"
+                    s = _Sample(t, task.messages, task.tools, turns, observations, states, success, polluted,
+                                False, task.gold_answer)
+                group.append(s)
+            groups.append(group)
+        plan[step] = groups
+    return plan
+
+
+def _truth(run: ForeignRun, plan: dict[int, list[list[_Sample]]], rewards: dict[int, list[float]]) -> ForeignRun:
+    for step, groups in plan.items():
+        samples = [s for g in groups for s in g]
+        run.collapsed[step] = sum(s.collapsed for s in samples)
+        run.turn_states[step] = Counter(st for s in samples for st in s.states)
+        run.reward[step] = float(np.mean(rewards[step]))
+    return run
+
+
+def _transcript(s: _Sample) -> str:
+    """The completion after the prompt, in ChatML (tool outputs as Qwen2.5 user turns)."""
+    parts = []
+    for i, (turn, obs) in enumerate(zip(s.turns, s.observations)):
+        if i:
+            parts.append(f"{IM_START}assistant\n")
+        parts.append(turn + IM_END + "\n")
+        if obs:
+            body = "\n".join(f"<tool_response>\n{o}\n</tool_response>" for o in obs)
+            parts.append(f"{IM_START}user\n{body}{IM_END}\n")
+    return "".join(parts)
+
+
+def _strip_special(text: str) -> str:
+    for tok in (IM_START, IM_END, ENDOFTEXT):
+        text = text.replace(tok, "")
+    return text
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _advantages(rewards: Sequence[float]) -> list[float]:
+    a = np.asarray(rewards, dtype=float)
+    return ((a - a.mean()) / (a.std() + 1e-4)).tolist()
+
+
+def _health(plan_step: list[list[_Sample]]) -> float:
+    samples = [s for g in plan_step for s in g]
+    return 1.0 - sum(s.collapsed for s in samples) / len(samples)
+
+
+# ---- TRL ----------------------------------------------------------------------------
+
+
+def write_trl_run(
+    dir: str | os.PathLike[str],  # noqa: A002
+    steps: int | Iterable[int] = 10,
+    collapse_at: int | None = None,
+    seed: int = 0,
+    *,
+    group_size: int = 4,
+    prompts_per_step: int = 4,
+    collapse_rate: float = 0.8,
+    pad: bool = True,
+    trainer_state: bool = True,
+    save_every: int | None = None,
+) -> ForeignRun:
+    """A TRL GRPOTrainer output directory: ``completions/completions_<step>.parquet`` (``pad``:
+    ``completions_00010.parquet``, else ``completions_10.parquet``) and, with ``trainer_state``,
+    ``checkpoint-<step>/trainer_state.json`` every ``save_every`` steps (default: half-way) and
+    at the last step; the newest holds the full ``log_history``."""
+    root = Path(dir)
+    step_list = _steps(steps)
+    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=False)
+    run = ForeignRun(root, "trl", step_list, collapse_at, group_size, prompts_per_step)
+    rewards: dict[int, list[float]] = {}
+    history: list[dict[str, Any]] = []
+    nrng = np.random.default_rng(seed)
+    (root / "completions").mkdir(parents=True, exist_ok=True)
+    for step in step_list:
+        rows: dict[str, list[Any]] = {k: [] for k in
+                                      ("step", "prompt", "completion", "accuracy_reward", "format_reward")}
+        for group in plan[step]:
+            for s in group:
+                rows["step"].append(step)
+                rows["prompt"].append(render_chat(s.prompt_messages, add_generation_prompt=True))
+                rows["completion"].append(s.turns[0])
+                rows["accuracy_reward"].append(float(s.success and not s.collapsed))
+                rows["format_reward"].append(1.0 if s.states[0].startswith("healthy") else 0.0)
+        total = [a + b for a, b in zip(rows["accuracy_reward"], rows["format_reward"])]
+        adv: list[float] = []
+        for g in range(prompts_per_step):
+            adv.extend(_advantages(total[g * group_size:(g + 1) * group_size]))
+        rewards[step] = total
+        df = pl.DataFrame({**rows, "advantage": adv},
+                          schema={"step": pl.Int64, "prompt": pl.String, "completion": pl.String,
+                                  "accuracy_reward": pl.Float64, "format_reward": pl.Float64,
+                                  "advantage": pl.Float64})
+        name = f"completions_{step:05d}.parquet" if pad else f"completions_{step}.parquet"
+        df.write_parquet(root / "completions" / name)
+        run.files.append(root / "completions" / name)
+        health = _health(plan[step])
+        lengths = [len(c) / 3.5 for c in rows["completion"]]
+        history.append({
+            "step": step,
+            "epoch": round(step / max(len(step_list), 1), 4),
+            "loss": float(nrng.normal(0.0, 0.01)),
+            "grad_norm": float(0.3 + (1 - health) * 4 + nrng.random() * 0.05),
+            "learning_rate": 1e-6,
+            "reward": float(np.mean(total)),
+            "reward_std": float(np.std(total)),
+            "rewards/accuracy_reward/mean": float(np.mean(rows["accuracy_reward"])),
+            "rewards/accuracy_reward/std": float(np.std(rows["accuracy_reward"])),
+            "rewards/format_reward/mean": float(np.mean(rows["format_reward"])),
+            "rewards/format_reward/std": float(np.std(rows["format_reward"])),
+            "entropy": float(0.05 + 0.55 * health + nrng.random() * 0.02),
+            "kl": float(0.001 * (step + 1) + (1 - health) * 0.2),
+            "clip_ratio/region_mean": float(0.001 + (1 - health) * 0.05),
+            "clip_ratio/low_mean": 0.0,
+            "clip_ratio/high_mean": float((1 - health) * 0.02),
+            "completions/mean_length": float(np.mean(lengths)),
+            "completions/min_length": float(np.min(lengths)),
+            "completions/max_length": float(np.max(lengths)),
+            "completions/clipped_ratio": 0.0,
+            "frac_reward_zero_std": 0.0,
+            "num_tokens": float(sum(lengths)),
+        })
+    if trainer_state and step_list:
+        every = save_every or max(len(step_list) // 2, 1)
+        saves = [s for i, s in enumerate(step_list, start=1) if i % every == 0]
+        if step_list[-1] not in saves:
+            saves.append(step_list[-1])
+        for save in saves:
+            hist = [h for h in history if h["step"] <= save]
+            state = {"best_metric": None, "epoch": hist[-1]["epoch"], "global_step": save,
+                     "log_history": hist, "logging_steps": 1, "max_steps": step_list[-1], "save_steps": every}
+            d = root / f"checkpoint-{save}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            run.files.append(d / "trainer_state.json")
+    return _truth(run, plan, rewards)
+
+
+# ---- verl ---------------------------------------------------------------------------
+
+
+def write_verl_run(
+    dir: str | os.PathLike[str],  # noqa: A002
+    steps: int | Iterable[int] = 10,
+    collapse_at: int | None = None,
+    seed: int = 0,
+    *,
+    group_size: int = 4,
+    prompts_per_step: int = 4,
+    collapse_rate: float = 0.8,
+    metrics: bool = True,
+    rollouts: bool = True,
+    experiment: str = "qwen2.5_grpo_tooluse",
+) -> ForeignRun:
+    """A verl run folder: ``rollout_data/<step>.jsonl`` dumps (multi-turn, special tokens
+    skipped) and the file logger's ``<experiment>.jsonl`` metrics."""
+    root = Path(dir)
+    step_list = _steps(steps)
+    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=True)
+    run = ForeignRun(root, "verl", step_list, collapse_at, group_size, prompts_per_step)
+    rewards: dict[int, list[float]] = {}
+    nrng = np.random.default_rng(seed)
+    metric_lines = []
+    root.mkdir(parents=True, exist_ok=True)
+    for step in step_list:
+        lines = []
+        for group in plan[step]:
+            for s in group:
+                prompt = render_chat(s.prompt_messages, add_generation_prompt=True)
+                lines.append({
+                    "input": _strip_special(prompt),
+                    "output": _strip_special(_transcript(s)),
+                    "gts": s.gold_answer,
+                    "score": s.reward,
+                    "step": step,
+                    "acc": bool(s.success and not s.collapsed),
+                    "pred": s.turns[-1][:80],
+                })
+        rewards[step] = [ln["score"] for ln in lines]
+        if rollouts:
+            path = root / "rollout_data" / f"{step}.jsonl"
+            _write_jsonl(path, lines)
+            run.files.append(path)
+        health = _health(plan[step])
+        lengths = [len(ln["output"]) / 3.5 for ln in lines]
+        score = float(np.mean(rewards[step]))
+        metric_lines.append({"step": step, "data": {
+            "actor/entropy": float(0.05 + 0.6 * health + nrng.random() * 0.02),
+            "actor/pg_clipfrac": float(0.001 + (1 - health) * 0.05),
+            "actor/ppo_kl": float(1e-4 + (1 - health) * 0.01),
+            "actor/kl_loss": float(0.001 * (step + 1)),
+            "actor/pg_loss": float(nrng.normal(0, 0.01)),
+            "actor/grad_norm": float(0.3 + (1 - health) * 4),
+            "actor/lr": 1e-6,
+            "critic/score/mean": score,
+            "critic/score/max": float(np.max(rewards[step])),
+            "critic/score/min": float(np.min(rewards[step])),
+            "critic/rewards/mean": score,
+            "critic/advantages/mean": 0.0,
+            "response_length/mean": float(np.mean(lengths)),
+            "response_length/max": float(np.max(lengths)),
+            "response_length/min": float(np.min(lengths)),
+            "response_length/clip_ratio": 0.0,
+            "training/rollout_probs_diff_mean": float(0.002 + (1 - health) * 0.03),
+            "timing_s/gen": float(10 + nrng.random()),
+        }})
+    if metrics:
+        path = root / f"{experiment}.jsonl"
+        _write_jsonl(path, metric_lines)
+        run.files.append(path)
+    return _truth(run, plan, rewards)
+
+
+# ---- open-instruct ------------------------------------------------------------------
+
+
+def toy_tokenize(text: str) -> list[int]:
+    """Deterministic toy token ids: chat control strings get their Qwen2.5 ids, other pieces
+    (words, spaces, punctuation) a hash in [1000, 151000)."""
+    return [QWEN_IDS.get(p, 1000 + zlib.crc32(p.encode()) % 150000) for p in _PIECES.findall(text)]
+
+
+def write_open_instruct_run(
+    dir: str | os.PathLike[str],  # noqa: A002
+    steps: int | Iterable[int] = 10,
+    collapse_at: int | None = None,
+    seed: int = 0,
+    *,
+    group_size: int = 4,
+    prompts_per_step: int = 4,
+    collapse_rate: float = 0.8,
+    with_text: bool = True,
+    run_name: str = "grpo_tooluse",
+) -> ForeignRun:
+    """open-instruct rollout traces: ``<run_name>_rollouts_<step:06d>.jsonl``, one line per
+    sample. The response is the first assistant turn followed by ``<|im_end|>``; log-probs are
+    close to 0 for a collapsed turn (the collapse is confident). ``with_text=False`` leaves out
+    ``response``/``prompt`` (token ids only)."""
+    root = Path(dir)
+    step_list = _steps(steps)
+    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=False)
+    run = ForeignRun(root, "open_instruct", step_list, collapse_at, group_size, prompts_per_step)
+    rewards: dict[int, list[float]] = {}
+    nrng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for step in step_list:
+        lines = []
+        step_rewards = [s.reward for g in plan[step] for s in g]
+        advs: list[float] = []
+        for g in plan[step]:
+            advs.extend(_advantages([s.reward for s in g]))
+        k = 0
+        for group in plan[step]:
+            for s in group:
+                response = s.turns[0] + IM_END
+                ids = toy_tokenize(response)
+                if s.collapsed:
+                    lps = (-np.abs(nrng.normal(0, 0.02, len(ids)))).tolist()
+                else:
+                    lps = (-np.abs(nrng.normal(0, 0.5, len(ids)))).tolist()
+                line: dict[str, Any] = {"step": step, "prompt_idx": s.task}
+                if with_text:
+                    line["prompt"] = render_chat(s.prompt_messages, add_generation_prompt=True)
+                    line["response"] = response
+                line.update({"response_tokens": ids, "logprobs": [round(x, 5) for x in lps],
+                             "reward": s.reward, "advantage": advs[k]})
+                lines.append(line)
+                k += 1
+        rewards[step] = step_rewards
+        path = root / f"{run_name}_rollouts_{step:06d}.jsonl"
+        _write_jsonl(path, lines)
+        run.files.append(path)
+    return _truth(run, plan, rewards)
+
+
+# ---- conversations ------------------------------------------------------------------
+
+
+def _messages(s: _Sample) -> list[dict[str, Any]]:
+    msgs = [dict(m) for m in s.prompt_messages]
+    for turn, obs in zip(s.turns, s.observations):
+        msgs.append({"role": "assistant", "content": turn})
+        msgs.extend({"role": "tool", "content": o} for o in obs)
+    return msgs
+
+
+def write_conversation_run(
+    path: str | os.PathLike[str],
+    steps: int | Iterable[int] = 10,
+    collapse_at: int | None = None,
+    seed: int = 0,
+    *,
+    group_size: int = 4,
+    prompts_per_step: int = 4,
+    collapse_rate: float = 0.8,
+    layout: str = "dir",
+    naming: str = "step-{step:06d}.jsonl",
+) -> ForeignRun:
+    """Conversation JSONL (``{"id", "messages", "tools", "reward", ...}`` per line).
+
+    ``layout="dir"``: ``path`` is a folder with one file per step named by ``naming``
+    (``"{step}.jsonl"``, ``"step_{step}.jsonl"`` or ``"step-{step:06d}.jsonl"``), lines without
+    a ``step`` field. ``layout="file"``: ``path`` is one JSONL file (``path/conversations.jsonl``
+    if ``path`` is an existing folder) whose lines carry ``step``."""
+    if layout not in ("dir", "file"):
+        raise ValueError("layout must be 'dir' or 'file'")
+    step_list = _steps(steps)
+    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=True)
+    target = Path(path)
+    if layout == "file" and target.is_dir():
+        target = target / "conversations.jsonl"
+    run = ForeignRun(target, "conversations", step_list, collapse_at, group_size, prompts_per_step)
+    rewards: dict[int, list[float]] = {}
+    all_lines = []
+    for step in step_list:
+        lines = []
+        for gi, group in enumerate(plan[step]):
+            for k, s in enumerate(group):
+                line: dict[str, Any] = {"id": f"s{step}-g{gi}-{k}"}
+                if layout == "file":
+                    line["step"] = step
+                line.update({"messages": _messages(s), "tools": s.tools, "reward": s.reward,
+                             "task_index": s.task})
+                lines.append(line)
+        rewards[step] = [ln["reward"] for ln in lines]
+        if layout == "dir":
+            f = target / naming.format(step=step)
+            _write_jsonl(f, lines)
+            run.files.append(f)
+        else:
+            all_lines.extend(lines)
+    if layout == "file":
+        _write_jsonl(target, all_lines)
+        run.files.append(target)
+    return _truth(run, plan, rewards)

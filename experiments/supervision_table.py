@@ -1,0 +1,94 @@
+"""The trainer experiment: presets x seeds -> one table (docs/experiments.md).
+
+    python experiments/supervision_table.py --presets collapse,stable --seeds 0,1,2 --out runs/exp
+
+Trains every (preset, seed) run that is not already complete under --out, then prints, per
+preset, the mean over seeds of: peak and final on-policy accuracy, final collapsed-turn rate,
+held-out test / content-OOD / format-OOD greedy accuracy at the end, and which control token's
+probe probability moved first (largest relative rise before the accuracy peak was lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from diagnose.rundir import RunReader
+from train_minimal.config import build_config
+from train_minimal.presets import preset
+from train_minimal.trainer import train
+
+console = Console()
+
+
+def run_complete(path: Path, total: int) -> bool:
+    try:
+        return int(RunReader(path).metrics()["step"].max()) >= total
+    except Exception:  # no run yet, or unreadable: (re)train it
+        return False
+
+
+def first_mover(m: pl.DataFrame) -> str:
+    """The probe column ``probe/after_call_open/<token>`` or ``probe/turn_start/<token>`` with the
+    largest rise (last / first probed value) over the RL phase; '' if none rose 2x."""
+    cols = [c for c in m.columns if c.startswith(("probe/after_call_open/", "probe/turn_start/"))
+            and not c.endswith("/gold")]
+    rl = m.filter(pl.col("phase") == "rl")
+    best, best_ratio = "", 2.0
+    for c in cols:
+        s = rl[c].drop_nulls()
+        if s.len() >= 2 and s[0] > 0 and s[-1] / s[0] > best_ratio:
+            best, best_ratio = c.removeprefix("probe/"), float(s[-1] / s[0])
+    return best
+
+
+def summarize(path: Path) -> dict[str, float | str]:
+    m = RunReader(path).metrics()
+    rl = m.filter(pl.col("phase") == "rl")
+    last = m.tail(1)
+    acc = rl["accuracy"].drop_nulls()
+    out: dict[str, float | str] = {
+        "peak_accuracy": float(acc.rolling_mean(5, min_samples=1).max()),
+        "final_accuracy": float(acc.tail(5).mean()),
+        "final_collapsed": float(rl["turn_state/collapsed"].tail(5).mean()),
+        "first_mover": first_mover(m),
+    }
+    for split in ("test", "content_ood", "format_ood"):
+        col = f"eval/{split}/accuracy"
+        out[split] = float(last[col][0]) if col in last.columns and last[col][0] is not None else float("nan")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="collapse,stable")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", default="runs/exp")
+    ap.add_argument("--set", action="append", default=[], help="extra override for every run")
+    a = ap.parse_args()
+    rows = []
+    for name in a.presets.split(","):
+        for seed in (int(s) for s in a.seeds.split(",")):
+            cfg = build_config(preset(name), overrides=[f"seed={seed}", f"name={name}-s{seed}", *a.set])
+            path = Path(a.out) / f"{name}-s{seed}"
+            if not run_complete(path, cfg.sft.steps + cfg.grpo.steps):
+                train(cfg, path, console=console, resume=(path / "run.json").exists())
+            rows.append({"preset": name, "seed": seed, **summarize(path)})
+    df = pl.DataFrame(rows)
+    console.print(df)
+    agg = df.group_by("preset", maintain_order=True).agg(
+        pl.col(pl.Float64).mean(), pl.col("first_mover").mode().first(), pl.len().alias("seeds"))
+    table = Table(title=f"mean over seeds {a.seeds}")
+    for c in agg.columns:
+        table.add_column(c)
+    for r in agg.iter_rows():
+        table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

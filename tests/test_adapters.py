@@ -1,0 +1,665 @@
+"""Adapters: auto-detection, each foreign layout on generated runs (steps, groups, rewards,
+turn-state rates around an injected collapse), and bad input of every kind for every format."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import diagnose.adapters as adapters
+from diagnose.adapters import (
+    FORMATS,
+    TurnClassifier,
+    UnknownRunLayout,
+    detect_format,
+    load_run,
+    split_assistant_turns,
+)
+from diagnose.source import RunSource, SourceIssue
+from diagnose.synth.foreign import (
+    ForeignRun,
+    toy_tokenize,
+    write_conversation_run,
+    write_open_instruct_run,
+    write_trl_run,
+    write_verl_run,
+)
+
+CONTRACT = ("step", "sample_id", "group_id", "prompt", "completion", "reward", "turn_states", "error_types")
+STEPS = 8
+COLLAPSE = 5
+
+
+def issues_text(src: RunSource) -> str:
+    return "\n".join(str(i) for i in src.issues)
+
+
+def check_contract(src: RunSource) -> pl.DataFrame:
+    ro = src.rollouts.collect()
+    for c in CONTRACT:
+        assert c in ro.columns, c
+    assert ro.schema["step"] == pl.Int64 and ro.schema["sample_id"] == pl.Int64
+    assert ro.schema["group_id"] == pl.Int64 and ro.schema["reward"] == pl.Float64
+    assert ro.schema["turn_states"] == pl.List(pl.String) and ro.schema["error_types"] == pl.List(pl.String)
+    m = src.metrics.collect()
+    assert m.columns[0] == "step" and m.schema["step"] == pl.Int64
+    assert all(isinstance(i, SourceIssue) for i in src.issues)
+    return ro
+
+
+def check_truth(src: RunSource, run: ForeignRun, *, exact_reward: bool = True) -> pl.DataFrame:
+    """Steps, sample/group ids, rewards and turn states against what the writer wrote."""
+    ro = check_contract(src)
+    assert sorted(ro.get_column("step").unique().to_list()) == run.steps
+    per_step = ro.group_by("step").len()
+    assert per_step.get_column("len").to_list() == [run.samples_per_step] * len(run.steps)
+    # sample ids 0..n-1 per step; each prompt's group of group_size samples is one group
+    for step in run.steps:
+        part = ro.filter(pl.col("step") == step).sort("sample_id")
+        assert part.get_column("sample_id").to_list() == list(range(run.samples_per_step))
+        assert part.get_column("group_id").to_list() == [i // run.group_size for i in range(run.samples_per_step)]
+    # rewards
+    means = dict(ro.group_by("step").agg(pl.col("reward").mean()).iter_rows())
+    for step in run.steps:
+        assert means[step] == pytest.approx(run.reward[step]) if exact_reward else True
+    # turn states: counts equal what was written, collapse only from collapse_at on
+    states = dict(
+        ro.select("step", pl.col("turn_states")).explode("turn_states")
+        .group_by("step").agg(pl.col("turn_states").value_counts()).iter_rows()
+    )
+    for step in run.steps:
+        got = {d["turn_states"]: d["count"] for d in states[step]}
+        assert got == dict(run.turn_states[step]), step
+    m = src.metrics.collect()
+    rate = dict(m.select("step", "turn_state/collapsed").iter_rows())
+    for step in run.steps:
+        assert rate[step] == pytest.approx(run.collapsed_share(step))
+        if run.collapse_at is None or step < run.collapse_at:
+            assert rate[step] == 0.0
+    if run.collapse_at is not None:
+        after = [rate[s] for s in run.steps if s >= run.collapse_at]
+        assert min(after) > 0.3
+    return ro
+
+
+def cut_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def garbage(path: Path, n: int = 4096, seed: int = 0) -> None:
+    path.write_bytes(np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes())
+
+
+# ---- turn splitting and classification ----------------------------------------------
+
+
+def test_split_assistant_turns():
+    assert split_assistant_turns("") == [""]
+    assert split_assistant_turns(None) == [""]
+    assert split_assistant_turns("<tool_call>") == ["<tool_call>"]
+    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    chatml = (f"{call}<|im_end|>\n<|im_start|>user\n<tool_response>\nok\n</tool_response><|im_end|>\n"
+              "<|im_start|>assistant\nDone.<|im_end|>\n")
+    assert split_assistant_turns(chatml) == [call, "Done.<|im_end|>\n"]
+    assert split_assistant_turns("<|im_start|>assistant\n" + chatml)[0] == call
+    # an empty first turn stays a turn
+    assert split_assistant_turns("<|im_end|>\n<|im_start|>user\nx<|im_end|>\n") == [""]
+    # decoded with special tokens skipped (verl)
+    stripped = f"{call}\nuser\n<tool_response>\nok\n</tool_response>\nassistant\nDone.\n"
+    assert split_assistant_turns(stripped) == [call, "Done.\n"]
+    # a stray header inside one turn is not a boundary
+    stray = "Sure<|im_start|>user\nhi"
+    assert split_assistant_turns(stray) == [stray]
+    # unknown role after a boundary: kept as a turn, with its marker
+    odd = "a<|im_end|><|im_start|>zzz\nb"
+    assert split_assistant_turns(odd) == ["a", "<|im_start|>zzz\nb"]
+
+
+def test_classifier_classifies_each_unique_turn_once(tmp_path, monkeypatch):
+    calls = []
+    real = adapters.classify_turn
+
+    def counting(text, tools=None, syntax=None):
+        calls.append(text)
+        return real(text, tools, syntax)
+
+    monkeypatch.setattr(adapters, "classify_turn", counting)
+    run = write_verl_run(tmp_path / "v", STEPS, collapse_at=2, seed=3)
+    src = load_run(run.path)
+    ro = src.rollouts.collect()
+    n_turns = int(ro.get_column("n_turns").sum())
+    assert len(calls) == len(set(calls)) < n_turns
+    c = TurnClassifier()
+    assert c.completion("<tool_call>") == (["collapsed"], ["open_tag_only"])
+    assert c.completion("<tool_call>") is c.completion("<tool_call>")
+
+
+# ---- detection and errors -----------------------------------------------------------
+
+
+def test_detect_each_format(tmp_path):
+    runs = {
+        "trl": write_trl_run(tmp_path / "trl", 3),
+        "verl": write_verl_run(tmp_path / "verl", 3),
+        "open_instruct": write_open_instruct_run(tmp_path / "oi", 3),
+        "conversations": write_conversation_run(tmp_path / "conv", 3),
+    }
+    for fmt, run in runs.items():
+        assert detect_format(run.path) == fmt
+        assert load_run(run.path).format == fmt
+        assert load_run(run.path, format=fmt).format == fmt
+    # single files and sub-folders
+    assert detect_format(tmp_path / "trl" / "completions") == "trl"
+    assert detect_format(tmp_path / "trl" / "completions" / "completions_00001.parquet") == "trl"
+    assert detect_format(tmp_path / "verl" / "rollout_data") == "verl"
+    assert detect_format(tmp_path / "verl" / "rollout_data" / "2.jsonl") == "verl"
+    assert detect_format(tmp_path / "conv" / "step-000001.jsonl") == "conversations"
+    assert detect_format(runs["open_instruct"].files[0]) == "open_instruct"
+    assert set(FORMATS) == {"native", "trl", "verl", "open_instruct", "conversations"}
+
+
+def test_unknown_layout(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnknownRunLayout) as e:
+        load_run(tmp_path / "empty")
+    msg = str(e.value)
+    assert str(tmp_path / "empty") in msg
+    for needle in ("run.json", "completions_<step>.parquet", "_rollouts_", "<step>.jsonl", "messages"):
+        assert needle in msg
+    assert isinstance(e.value, ValueError)
+    assert detect_format(tmp_path / "empty") is None
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("hello")
+    garbage(junk / "blob.bin")
+    garbage(junk / "data.jsonl", seed=1)
+    (junk / "other.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(UnknownRunLayout):
+        load_run(junk)
+    with pytest.raises(UnknownRunLayout, match="no such file"):
+        load_run(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown run format"):
+        load_run(tmp_path / "empty", format="wandb")
+    # a forced format with nothing of it at all
+    with pytest.raises(UnknownRunLayout, match="trl"):
+        load_run(tmp_path / "empty", format="trl")
+
+
+def test_fingerprint_tracks_files(tmp_path):
+    run = write_verl_run(tmp_path / "v", 3)
+    fp = load_run(run.path).fingerprint()
+    assert fp["format"] == "verl"
+    assert "rollout_data/0.jsonl" in fp["files"] and "qwen2.5_grpo_tooluse.jsonl" in fp["files"]
+    with (run.path / "rollout_data" / "2.jsonl").open("a") as fh:
+        fh.write("\n")
+    assert load_run(run.path).fingerprint() != fp
+
+
+# ---- TRL ----------------------------------------------------------------------------
+
+
+def test_trl_run_with_collapse(tmp_path):
+    run = write_trl_run(tmp_path / "out", STEPS, collapse_at=COLLAPSE, seed=1)
+    src = load_run(run.path)
+    assert src.format == "trl" and src.tokens is None and not src.has_token_probabilities
+    assert not src.issues, issues_text(src)
+    ro = check_truth(src, run)
+    assert {"accuracy_reward", "format_reward", "advantage", "accuracy"} <= set(ro.columns)
+    # reward is the sum of the reward-function columns
+    assert (ro.get_column("reward") == ro.get_column("accuracy_reward") + ro.get_column("format_reward")).all()
+    m = src.metrics.collect()
+    # from the newest trainer_state.json (checkpoint-7 holds every step; checkpoint-3 half)
+    assert m.height == STEPS
+    for ours in ("reward", "entropy", "kl", "clip_ratio", "grad_norm", "completions/mean_length", "lr", "accuracy"):
+        assert ours in m.columns, ours
+    assert "clip_ratio/region_mean" in m.columns and "learning_rate" in m.columns
+    assert m.get_column("accuracy").to_list() == m.get_column("rewards/accuracy_reward/mean").to_list()
+    ent = dict(m.select("step", "entropy").iter_rows())
+    assert max(ent[s] for s in run.steps if s >= COLLAPSE) < min(ent[s] for s in run.steps if s < COLLAPSE)
+    assert any("text only" in n for n in src.notes)
+    assert any("checkpoint-7" in n for n in src.notes)
+
+
+def test_trl_unpadded_names_and_no_trainer_state(tmp_path):
+    run = write_trl_run(tmp_path / "out", STEPS, collapse_at=COLLAPSE, pad=False, trainer_state=False)
+    assert (run.path / "completions" / "completions_3.parquet").is_file()
+    src = load_run(run.path)
+    assert src.format == "trl" and not src.issues
+    check_truth(src, run)
+    m = src.metrics.collect()
+    assert "entropy" not in m.columns
+    assert dict(m.select("step", "reward").iter_rows()) == pytest.approx(run.reward)
+    assert "rewards/accuracy_reward/mean" in m.columns and "accuracy" in m.columns
+    assert any("derived from the logged completions" in n for n in src.notes)
+
+
+def test_trl_bad_inputs(tmp_path):
+    run = write_trl_run(tmp_path / "out", STEPS, collapse_at=COLLAPSE)
+    comp = run.path / "completions"
+    cut_half(comp / "completions_00002.parquet")
+    garbage(comp / "completions_00003.parquet")
+    (comp / "completions_00004.parquet").unlink()  # a missing step is fine
+    (comp / ".completions_00009.parquet.tmp").write_bytes(b"partial")  # temp files are ignored
+    # NaN / inf in reward columns; a file without a completion column
+    df = pl.read_parquet(comp / "completions_00005.parquet")
+    rc = df.get_column("format_reward").to_list()
+    rc[0], rc[1] = float("nan"), float("inf")
+    df.with_columns(pl.Series("format_reward", rc)).write_parquet(comp / "completions_00005.parquet")
+    df.drop("completion").write_parquet(comp / "completions_00006.parquet")
+    # the newest trainer_state.json is corrupt: fall back to the older one
+    (run.path / "checkpoint-7" / "trainer_state.json").write_bytes(b'{"log_history": [{"step": 0,')
+    src = load_run(run.path)
+    text = issues_text(src)
+    assert "completions_00002.parquet" in text and "truncated" in text
+    assert "completions_00003.parquet" in text
+    assert "completions_00006.parquet" in text and "'completion'" in text
+    assert "completions_00005.parquet" in text and "NaN" in text
+    assert "checkpoint-7/trainer_state.json" in text
+    ro = src.rollouts.collect()
+    assert sorted(ro.get_column("step").unique().to_list()) == [0, 1, 5, 7]
+    r5 = ro.filter(pl.col("step") == 5).sort("sample_id").get_column("reward").to_list()
+    acc5 = ro.filter(pl.col("step") == 5).sort("sample_id").get_column("accuracy_reward").to_list()
+    assert r5[0] == acc5[0]  # NaN left out of the sum
+    assert math.isinf(r5[1])
+    m = src.metrics.collect()
+    assert "entropy" in m.columns and m.filter(pl.col("entropy").is_not_null()).height == 4  # checkpoint-3
+
+
+def test_trl_empty_and_conversational(tmp_path):
+    out = tmp_path / "empty_out"
+    (out / "completions").mkdir(parents=True)
+    assert detect_format(out) is None
+    src = load_run(out, format="trl")
+    assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
+    assert any("no completions" in n for n in src.notes)
+    # conversational prompt/completion columns
+    conv = tmp_path / "conv_out" / "completions"
+    conv.mkdir(parents=True)
+    pl.DataFrame({
+        "step": [3, 3],
+        "prompt": [[{"role": "user", "content": "hi"}]] * 2,
+        "completion": [[{"role": "assistant", "content": "<tool_call>"}],
+                       [{"role": "assistant", "content": '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'},
+                        {"role": "tool", "content": "ok"},
+                        {"role": "assistant", "content": "Done."}]],
+        "accuracy_reward": [0.0, 1.0],
+    }).write_parquet(conv / "completions_3.parquet")
+    src = load_run(conv.parent)
+    ro = src.rollouts.collect().sort("sample_id")
+    assert ro.get_column("turn_states").to_list() == [["collapsed"], ["healthy_call", "healthy_response"]]
+    assert ro.get_column("group_id").to_list() == [0, 0]
+    assert ro.get_column("prompt")[0].endswith("<|im_start|>assistant\n")
+
+
+# ---- verl ---------------------------------------------------------------------------
+
+
+def test_verl_run_with_collapse(tmp_path):
+    run = write_verl_run(tmp_path / "run", STEPS, collapse_at=COLLAPSE, seed=2)
+    src = load_run(run.path)
+    assert src.format == "verl" and src.tokens is None
+    assert not src.issues, issues_text(src)
+    ro = check_truth(src, run)
+    assert {"gts", "acc", "pred", "accuracy"} <= set(ro.columns)
+    # multi-turn: healthy samples have several turns, collapsed ones one
+    assert ro.get_column("n_turns").max() >= 3
+    m = src.metrics.collect()
+    mapping = {"actor/entropy": "entropy", "actor/pg_clipfrac": "clip_ratio", "actor/ppo_kl": "kl",
+               "actor/grad_norm": "grad_norm", "response_length/mean": "completions/mean_length",
+               "critic/score/mean": "reward", "training/rollout_probs_diff_mean": "mismatch/prob_diff"}
+    for src_name, ours in mapping.items():
+        assert src_name in m.columns and ours in m.columns
+        assert m.get_column(src_name).to_list() == m.get_column(ours).to_list()
+    assert dict(m.select("step", "reward").iter_rows()) == pytest.approx(run.reward)
+    # only the rollout folder: metrics derived from the dumps
+    src2 = load_run(run.path / "rollout_data")
+    m2 = src2.metrics.collect()
+    assert "entropy" not in m2.columns
+    assert dict(m2.select("step", "reward").iter_rows()) == pytest.approx(run.reward)
+
+
+def test_verl_validation_dumps_ignored(tmp_path):
+    run = write_verl_run(tmp_path / "run", 3)
+    val = run.path / "validation_data"
+    val.mkdir()
+    (val / "3.jsonl").write_text(json.dumps({"input": "q", "output": "a", "score": 1.0, "step": 3}) + "\n")
+    src = load_run(run.path)
+    assert sorted(src.rollouts.collect().get_column("step").unique().to_list()) == [0, 1, 2]
+    assert any("validation_data" in n for n in src.notes)
+
+
+def test_verl_bad_inputs(tmp_path):
+    run = write_verl_run(tmp_path / "run", STEPS, collapse_at=COLLAPSE)
+    rd = run.path / "rollout_data"
+    # truncated last line
+    data = (rd / "1.jsonl").read_bytes()
+    (rd / "1.jsonl").write_bytes(data[:-40])
+    # binary garbage, an empty step file, a missing step
+    garbage(rd / "2.jsonl", n=20000)
+    (rd / "3.jsonl").write_bytes(b"")
+    (rd / "4.jsonl").unlink()
+    # NaN score, a line without output, a non-numeric score, a non-object line
+    lines = (rd / "5.jsonl").read_text().splitlines()
+    a = json.loads(lines[0])
+    a["score"] = float("nan")
+    b = json.loads(lines[1])
+    del b["output"]
+    c = json.loads(lines[2])
+    c["score"] = "high"
+    lines[0], lines[1], lines[2] = json.dumps(a), json.dumps(b), json.dumps(c)
+    lines.append("[1, 2, 3]")
+    (rd / "5.jsonl").write_text("\n".join(lines) + "\n")
+    # metrics: a bad line, a non-finite value, a line that is not {step, data}
+    mpath = run.path / "qwen2.5_grpo_tooluse.jsonl"
+    mlines = mpath.read_text().splitlines()
+    m6 = json.loads(mlines[6])
+    m6["data"]["actor/grad_norm"] = float("inf")
+    mlines[6] = json.dumps(m6)
+    mlines.insert(3, "{not json")
+    mlines.insert(4, json.dumps({"step": 99}))
+    mpath.write_text("\n".join(mlines) + "\n")
+    src = load_run(run.path)
+    assert src.format == "verl"
+    text = issues_text(src)
+    assert f"{rd / '1.jsonl'}:16: truncated JSON" in text
+    assert "2.jsonl" in text and "not valid UTF-8" in text and "more problem(s)" in text
+    assert f"{rd / '3.jsonl'}: no readable rollout lines" in text
+    assert f"{rd / '5.jsonl'}:2: no 'output'" in text
+    assert f"{rd / '5.jsonl'}:3: 'score' is not a number" in text
+    assert f"{rd / '5.jsonl'}:{len(lines)}: expected a JSON object" in text
+    assert "non-finite" in text and "'score'" in text
+    assert f"{mpath}:4: invalid JSON" in text and f"{mpath}:5: not a" in text
+    assert "actor/grad_norm" in text
+    ro = src.rollouts.collect()
+    assert sorted(ro.get_column("step").unique().to_list()) == [0, 1, 5, 6, 7]
+    assert ro.filter(pl.col("step") == 1).height == run.samples_per_step - 1
+    r5 = ro.filter(pl.col("step") == 5).sort("sample_id")
+    assert r5.height == run.samples_per_step - 1
+    assert math.isnan(r5.get_column("reward")[0]) and r5.get_column("reward")[1] is None
+    # issues per file are capped
+    assert sum(i.path.endswith("2.jsonl") for i in src.issues) <= 11
+    m = src.metrics.collect()
+    assert m.height == STEPS and math.isinf(m.filter(pl.col("step") == 6).get_column("grad_norm")[0])
+
+
+def test_verl_empty_run(tmp_path):
+    rd = tmp_path / "rollout_data"
+    rd.mkdir()
+    (rd / "0.jsonl").write_bytes(b"")
+    assert detect_format(rd) is None
+    src = load_run(rd, format="verl")
+    assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
+    assert "no readable rollout lines" in issues_text(src)
+
+
+# ---- open-instruct ------------------------------------------------------------------
+
+
+def test_open_instruct_run_with_collapse(tmp_path):
+    run = write_open_instruct_run(tmp_path / "oi", STEPS, collapse_at=COLLAPSE, seed=4)
+    src = load_run(run.path)
+    assert src.format == "open_instruct" and not src.issues, issues_text(src)
+    ro = check_truth(src, run)
+    assert src.has_token_probabilities
+    tok = src.tokens.collect()
+    assert tok.height == int(ro.get_column("n_tokens").sum())
+    assert (tok.get_column("logprob") == tok.get_column("sampler_logprob")).all()
+    assert tok.get_column("is_generated").all() and tok.get_column("entropy").null_count() == tok.height
+    assert (tok.get_column("turn") == 0).all()
+    assert tok.schema["token_id"] == pl.Int32 and tok.schema["logprob"] == pl.Float32
+    assert not any(c.startswith("lp_ctrl_") for c in tok.columns)
+    first = ro.sort("step", "sample_id").row(0, named=True)
+    ids = tok.filter((pl.col("step") == first["step"]) & (pl.col("sample_id") == first["sample_id"])).sort("position")
+    assert ids.get_column("token_id").to_list() == toy_tokenize(first["completion"])
+    assert ids.get_column("position").to_list() == list(range(ids.height))
+    # the collapse is confident: mean log-prob closer to 0 after it
+    lp = dict(tok.group_by("step").agg(pl.col("logprob").mean()).iter_rows())
+    assert max(lp[s] for s in run.steps if s >= COLLAPSE) > min(lp[s] for s in run.steps if s < COLLAPSE)
+    assert "prompt_idx" in ro.columns and "advantage" in ro.columns
+    assert any("tokenizer" in n for n in src.notes)
+    m = src.metrics.collect()
+    assert "completions/mean_length" in m.columns
+
+
+def test_open_instruct_without_text(tmp_path):
+    run = write_open_instruct_run(tmp_path / "oi", 3, with_text=False)
+    src = load_run(run.path)
+    ro = src.rollouts.collect()
+    assert ro.get_column("turn_states").null_count() == ro.height
+    assert src.tokens.collect().height > 0
+    assert any("no 'response' text" in n for n in src.notes)
+
+
+def test_open_instruct_bad_inputs(tmp_path):
+    run = write_open_instruct_run(tmp_path / "oi", STEPS, collapse_at=COLLAPSE)
+    f1, f2, f3, f4 = run.files[1], run.files[2], run.files[3], run.files[4]
+    lines = f1.read_text().splitlines()
+    a = json.loads(lines[0])
+    a["logprobs"] = a["logprobs"][:-2]
+    b = json.loads(lines[1])
+    b["response_tokens"] = "not tokens"
+    c = json.loads(lines[2])
+    c["logprobs"][0] = float("nan")
+    c["reward"] = float("-inf")
+    lines[:3] = [json.dumps(a), json.dumps(b), json.dumps(c)]
+    f1.write_text("\n".join(lines) + "\n")
+    cut = f2.read_bytes()
+    f2.write_bytes(cut[:-30])
+    garbage(f3)
+    f4.unlink()
+    src = load_run(run.path)
+    text = issues_text(src)
+    assert f"{f1}: 1 line(s) where 'logprobs' and 'response_tokens' differ" in text
+    assert f"{f1}:2: 'response_tokens' is not a list" in text
+    assert "non-finite" in text and "'logprobs'" in text and "'reward'" in text
+    assert f"{f2}:{run.samples_per_step}: truncated JSON" in text
+    assert str(f3) in text
+    ro = src.rollouts.collect()
+    assert sorted(ro.get_column("step").unique().to_list()) == [0, 1, 2, 5, 6, 7]
+    tok = src.tokens.collect()
+    r1 = ro.filter(pl.col("step") == 1).sort("sample_id")
+    t0 = tok.filter((pl.col("step") == 1) & (pl.col("sample_id") == 0)).sort("position")
+    assert t0.height == r1.get_column("n_tokens")[0] and t0.get_column("logprob").tail(2).null_count() == 2
+    assert tok.filter((pl.col("step") == 1) & (pl.col("sample_id") == 1)).height == 0
+    assert r1.get_column("reward")[2] == -math.inf
+
+
+# ---- conversations ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("naming", ["step-{step:06d}.jsonl", "{step}.jsonl", "step_{step}.jsonl"])
+def test_conversation_dir_with_collapse(tmp_path, naming):
+    run = write_conversation_run(tmp_path / "conv", STEPS, collapse_at=COLLAPSE, seed=5, naming=naming)
+    assert detect_format(run.path) == "conversations"
+    src = load_run(run.path)
+    assert src.format == "conversations" and not src.issues, issues_text(src)
+    ro = check_truth(src, run)
+    assert "conversation_id" in ro.columns and src.tokens is None
+    # completion = assistant turns joined with ChatML turn boundaries (re-splittable)
+    row = ro.filter(pl.col("n_turns") > 2).row(0, named=True)
+    assert len(split_assistant_turns(row["completion"])) == row["n_turns"]
+
+
+def test_conversation_single_file(tmp_path):
+    run = write_conversation_run(tmp_path / "c.jsonl", STEPS, collapse_at=COLLAPSE, layout="file")
+    src = load_run(run.path)
+    assert src.format == "conversations"
+    check_truth(src, run)
+    # no step field at all: step 0
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"messages": [{"role": "user", "content": "x"},
+                                              {"role": "assistant", "content": "hello"}]}) + "\n")
+    src = load_run(plain)
+    assert src.rollouts.collect().get_column("step").to_list() == [0]
+    assert any("step 0" in n for n in src.notes)
+
+
+def test_conversation_bad_inputs(tmp_path):
+    run = write_conversation_run(tmp_path / "conv", STEPS, collapse_at=COLLAPSE)
+    files = run.files
+    lines = files[1].read_text().splitlines()
+    a = json.loads(lines[0])
+    a["messages"][1]["role"] = "robot"
+    b = json.loads(lines[1])
+    b["reward"] = "good"
+    c = json.loads(lines[2])
+    c["reward"] = float("nan")
+    lines[:3] = [json.dumps(a), json.dumps(b), json.dumps(c)]
+    files[1].write_text("\n".join(lines) + "\n")
+    files[2].write_bytes(files[2].read_bytes()[:-25])
+    garbage(files[3])
+    files[4].write_bytes(b"")
+    files[5].unlink()
+    src = load_run(run.path)
+    text = issues_text(src)
+    assert f"{files[1]}:1: messages[1] has role 'robot'" in text
+    assert f"{files[1]}:2: 'reward' is not a number" in text
+    assert "non-finite" in text
+    assert f"{files[2]}:{run.samples_per_step}: truncated JSON" in text
+    assert str(files[3]) in text
+    assert f"{files[4]}: no readable conversation" in text
+    ro = src.rollouts.collect()
+    assert sorted(ro.get_column("step").unique().to_list()) == [0, 1, 2, 6, 7]
+    assert ro.filter(pl.col("step") == 1).height == run.samples_per_step - 1
+
+
+# ---- native -------------------------------------------------------------------------
+
+
+def _native_run(path: Path) -> None:
+    from diagnose.rundir import RunWriter
+
+    ctrl = [{"name": "im_end", "text": "<|im_end|>", "token_id": 151645, "role": "turn_end"}]
+    w = RunWriter(path, config={}, model={}, tokenizer={}, control_tokens=ctrl, seeds={"seed": 0}, fsync=False)
+    for step in range(4):
+        w.log_metrics(step, {"reward": 0.5 - 0.1 * step, "turn_state/collapsed": 0.1 * step})
+        w.write_rollouts(step, [{
+            "step": step, "sample_id": i, "group_id": i // 2, "task_id": "t", "split": "train",
+            "prompt": "p", "completion": "<tool_call>", "reward": 0.0, "accuracy": 0.0, "n_turns": 1,
+            "turn_states": ["collapsed"], "error_types": ["open_tag_only"],
+        } for i in range(4)])
+        w.write_tokens(step, {
+            "step": np.full(3, step), "sample_id": np.zeros(3, dtype=np.int64), "turn": np.zeros(3, dtype=np.int32),
+            "position": np.arange(3, dtype=np.int32), "token_id": np.array([1, 2, 151645], dtype=np.int32),
+            "logprob": np.full(3, -0.1, dtype=np.float32), "entropy": np.full(3, 0.5, dtype=np.float32),
+            "is_generated": np.ones(3, dtype=bool), "lp_ctrl_im_end": np.full(3, -3.0, dtype=np.float32),
+        })
+    w.close()
+
+
+def test_native_run(tmp_path):
+    run = tmp_path / "native"
+    _native_run(run)
+    assert detect_format(run) == "native"
+    src = load_run(run)
+    assert src.format == "native"
+    assert src.control_tokens[0]["name"] == "im_end"
+    assert src.rollouts.collect().height == 16
+    assert src.tokens.collect().get_column("lp_ctrl_im_end").to_list()[0] == -3.0
+    assert src.probe is None and any("probe" in n for n in src.notes)
+    assert src.metrics.collect().height == 4
+    assert "run.json" in src.fingerprint()["files"]
+    # corrupt inputs are reported by the reader and skipped
+    cut_half(run / "tokens" / "step-000002.parquet")
+    with (run / "metrics.jsonl").open("ab") as fh:
+        fh.write(b'{"step": 9, "rew')
+    src = load_run(run)
+    text = issues_text(src)
+    assert "step-000002.parquet" in text and "metrics.jsonl:5" in text
+    assert sorted(src.tokens.collect().get_column("step").unique().to_list()) == [0, 1, 3]
+
+
+def test_native_unreadable(tmp_path):
+    run = tmp_path / "native"
+    run.mkdir()
+    garbage(run / "run.json")
+    assert detect_format(run) == "native"
+    src = load_run(run)
+    assert src.format == "native" and src.issues and src.metrics.collect().height == 0
+
+
+# ---- single files, empty runs, odd values --------------------------------------------
+
+
+def test_single_files(tmp_path):
+    trl = write_trl_run(tmp_path / "trl", 3, trainer_state=False)
+    src = load_run(trl.files[1])
+    assert src.format == "trl" and src.rollouts.collect().get_column("step").unique().to_list() == [1]
+    verl = write_verl_run(tmp_path / "verl", 3)
+    src = load_run(verl.path / "rollout_data" / "2.jsonl")
+    assert src.format == "verl" and src.rollouts.collect().height == verl.samples_per_step
+    src = load_run(verl.path / "qwen2.5_grpo_tooluse.jsonl")
+    assert src.format == "verl" and src.rollouts.collect().height == 0
+    assert src.metrics.collect().height == 3 and "entropy" in src.metrics.collect().columns
+    oi = write_open_instruct_run(tmp_path / "oi", 3)
+    src = load_run(oi.files[0])
+    assert src.format == "open_instruct" and src.tokens.collect().height > 0
+
+
+def test_empty_open_instruct_and_conversations(tmp_path):
+    oi = tmp_path / "oi"
+    oi.mkdir()
+    (oi / "run_rollouts_000001.jsonl").write_bytes(b"")
+    assert detect_format(oi) == "open_instruct"  # the name is specific enough
+    src = load_run(oi)
+    assert src.rollouts.collect().height == 0 and src.tokens.collect().height == 0
+    assert "no readable rollout lines" in issues_text(src)
+    conv = tmp_path / "conv"
+    conv.mkdir()
+    (conv / "step-000001.jsonl").write_bytes(b"\n\n")
+    assert detect_format(conv) is None
+    src = load_run(conv, format="conversations")
+    assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
+    assert "no readable conversation" in issues_text(src)
+
+
+def test_open_instruct_null_and_odd_logprobs(tmp_path):
+    f = tmp_path / "x_rollouts_3.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 3, "prompt_idx": 0, "response": "hi", "response_tokens": [5, 6, 7],
+         "logprobs": [-0.1, None, "x"], "reward": 1},
+        {"step": 3, "prompt_idx": 0, "response": "", "response_tokens": [5, 6],
+         "logprobs": [-0.5, 0.7], "reward": True},
+        {"step": 3, "prompt_idx": 1, "response_tokens": [1.5], "logprobs": [0.0], "reward": 0},
+        {"prompt_idx": 1, "response_tokens": [1], "logprobs": [0.0], "reward": 0},
+    ]) + "\n")
+    src = load_run(tmp_path)
+    tok = src.tokens.collect().sort("sample_id", "position")
+    assert tok.filter(pl.col("sample_id") == 0).get_column("logprob").to_list()[1:] == [None, None]
+    ro = src.rollouts.collect().sort("sample_id")
+    assert ro.get_column("group_id").to_list() == [0, 0, 1, 1]
+    assert ro.get_column("step").to_list() == [3, 3, 3, 3]  # the file name fills a missing step
+    assert ro.get_column("turn_states").to_list()[:3] == [["healthy_response"], ["collapsed"], None]
+    text = issues_text(src)
+    assert "> 0" in text and ":3: 'response_tokens' is not a list" in text and ":4: no valid 'step'" in text
+
+
+def test_trl_own_reward_column_and_output_dir_state(tmp_path):
+    out = tmp_path / "out"
+    (out / "completions").mkdir(parents=True)
+    pl.DataFrame({"step": [1, 1, 1, 1], "prompt": ["a", "a", "b", "b"], "completion": ["x", "y", "", "<tool_call>"],
+                  "reward": [0.5, 1.5, 0.0, 0.0], "format_reward": [1.0, 1.0, 0.0, 0.0]}
+                 ).write_parquet(out / "completions" / "completions_1.parquet")
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 1.0}]}))
+    (out / "trainer_state.json").write_text(json.dumps({"log_history": [
+        {"step": 1, "loss": 2.0, "clip_ratio": 0.1, "completion_length": 12.0},
+        {"step": 1, "eval_loss": 3.0}, "junk", {"loss": 1.0}]}))
+    src = load_run(out)
+    ro = src.rollouts.collect().sort("sample_id")
+    assert ro.get_column("reward").to_list() == [0.5, 1.5, 0.0, 0.0]
+    assert ro.get_column("group_id").to_list() == [0, 0, 1, 1]
+    m = src.metrics.collect()
+    assert m.get_column("loss").to_list() == [2.0] and m.get_column("eval_loss").to_list() == [3.0]
+    assert m.get_column("clip_ratio").to_list() == [0.1] and m.get_column("completions/mean_length").to_list() == [12.0]
+    assert m.get_column("turn_state/collapsed").to_list() == [0.5]
+    text = issues_text(src)
+    assert "log_history[2] is not an object" in text and "log_history[3] has no valid 'step'" in text
+    assert not any("unweighted sum" in n for n in src.notes)
