@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-import diagnose.adapters as adapters
+import diagnose.adapters._turns as adapter_turns
 from diagnose.adapters import (
     FORMATS,
     TurnClassifier,
@@ -123,13 +123,13 @@ def test_split_assistant_turns():
 
 def test_classifier_classifies_each_unique_turn_once(tmp_path, monkeypatch):
     calls = []
-    real = adapters.classify_turn
+    real = adapter_turns.classify_turn
 
     def counting(text, tools=None, syntax=None):
         calls.append(text)
         return real(text, tools, syntax)
 
-    monkeypatch.setattr(adapters, "classify_turn", counting)
+    monkeypatch.setattr(adapter_turns, "classify_turn", counting)
     run = write_verl_run(tmp_path / "v", STEPS, collapse_at=2, seed=3)
     src = load_run(run.path)
     ro = src.rollouts.collect()

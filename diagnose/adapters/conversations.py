@@ -23,23 +23,19 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters import (
-    IssueLog,
+from diagnose.adapters._io import first_object, visible_files
+from diagnose.adapters._issues import IssueLog, NonFinite
+from diagnose.adapters._metrics import derived_metrics
+from diagnose.adapters._rollouts import (
     ListColumn,
-    NonFinite,
-    TurnClassifier,
-    as_float,
-    as_step,
-    derived_metrics,
     empty_rollouts,
-    first_object,
     groups_by_key,
     json_scalar_column,
-    make_source,
     rollouts_frame,
-    tool_names_of,
-    visible_files,
 )
+from diagnose.adapters._source import make_source
+from diagnose.adapters._turns import TurnClassifier, tool_names_of
+from diagnose.adapters._values import as_float, as_step
 from diagnose.chat import IM_END, IM_START, render_chat
 from diagnose.conversations import Conversation, iter_conversations
 from diagnose.jsonl import LineError

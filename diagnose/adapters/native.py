@@ -10,7 +10,9 @@ from pathlib import Path
 
 import polars as pl
 
-from diagnose.adapters import IssueLog, make_source, subdirs, visible_files
+from diagnose.adapters._io import subdirs, visible_files
+from diagnose.adapters._issues import IssueLog
+from diagnose.adapters._source import make_source
 from diagnose.rundir.reader import RunReader
 from diagnose.rundir.schema import KINDS, METRICS_JSONL, RUN_JSON, RunFormatError, rollouts_schema
 from diagnose.source import RunSource

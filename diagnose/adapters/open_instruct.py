@@ -22,23 +22,19 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diagnose.adapters import (
-    IssueLog,
-    NonFinite,
-    TurnClassifier,
-    as_float,
-    as_step,
-    derived_metrics,
+from diagnose.adapters._io import first_object, subdirs, visible_files
+from diagnose.adapters._issues import IssueLog, NonFinite
+from diagnose.adapters._metrics import derived_metrics
+from diagnose.adapters._rollouts import (
     empty_rollouts,
-    first_object,
     groups_by_key,
     json_scalar_column,
-    make_source,
     rollouts_frame,
-    subdirs,
     turn_columns,
-    visible_files,
 )
+from diagnose.adapters._source import make_source
+from diagnose.adapters._turns import TurnClassifier
+from diagnose.adapters._values import as_float, as_step
 from diagnose.jsonl import LineError, iter_jsonl
 from diagnose.rundir.schema import TOKENS_SCHEMA
 from diagnose.source import RunSource

@@ -26,25 +26,24 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diagnose.adapters import (
-    IssueLog,
-    TurnClassifier,
-    check_parquet,
-    concat_frames,
+from diagnose.adapters._io import check_parquet, read_parquet, subdirs, visible_files
+from diagnose.adapters._issues import IssueLog
+from diagnose.adapters._metrics import (
     derived_metrics,
-    empty_rollouts,
-    groups_consecutive,
-    make_source,
     map_names,
     merge_metrics,
     metrics_frame,
     nonfinite_metric_issues,
-    read_parquet,
-    rollouts_frame,
-    subdirs,
-    turn_columns,
-    visible_files,
 )
+from diagnose.adapters._rollouts import (
+    concat_frames,
+    empty_rollouts,
+    groups_consecutive,
+    rollouts_frame,
+    turn_columns,
+)
+from diagnose.adapters._source import make_source
+from diagnose.adapters._turns import TurnClassifier
 from diagnose.chat import IM_END, IM_START
 from diagnose.source import RunSource
 

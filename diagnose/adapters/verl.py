@@ -19,30 +19,28 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters import (
-    IssueLog,
-    NonFinite,
-    TurnClassifier,
-    as_float,
-    as_step,
+from diagnose.adapters._io import first_object, subdirs, visible_files
+from diagnose.adapters._issues import IssueLog, NonFinite
+from diagnose.adapters._metrics import (
     derived_metrics,
-    empty_rollouts,
-    first_object,
-    flatten,
-    groups_by_key,
-    json_scalar_column,
-    make_source,
     map_names,
     merge_metrics,
     metrics_frame,
     nonfinite_metric_issues,
-    rollouts_frame,
-    subdirs,
-    turn_columns,
-    visible_files,
 )
+from diagnose.adapters._rollouts import (
+    empty_rollouts,
+    groups_by_key,
+    json_scalar_column,
+    rollouts_frame,
+    turn_columns,
+)
+from diagnose.adapters._source import make_source
+from diagnose.adapters._turns import TurnClassifier
+from diagnose.adapters._values import as_float, as_step
 from diagnose.chat import IM_START
 from diagnose.jsonl import LineError, iter_jsonl
+from diagnose.rundir.writer import flatten_metrics
 from diagnose.source import RunSource
 
 FORMAT = "verl"
@@ -258,7 +256,7 @@ def read_metrics(files: list[Path], issues: IssueLog) -> pl.DataFrame | None:
                 issues.add(f, line_no, "not a {\"step\": N, \"data\": {...}} metrics line; line skipped")
                 continue
             flat: dict[str, Any] = {}
-            flatten("", data, flat)
+            flatten_metrics("", data, flat)
             records.setdefault(step, {}).update(flat)
     df = metrics_frame(records)
     nonfinite_metric_issues(df, ", ".join(str(f) for f in files), issues)

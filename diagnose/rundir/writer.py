@@ -133,11 +133,13 @@ def _scalar(key: str, v: Any) -> Any:
     )
 
 
-def _flatten(prefix: str, d: Mapping, out: dict[str, Any]) -> None:
+def flatten_metrics(prefix: str, d: Mapping, out: dict[str, Any]) -> None:
+    """Flatten nested mappings into ``out`` with ``/``-joined keys under ``prefix``
+    (``{"a": {"b": 1}}`` -> ``{"a/b": 1}``)."""
     for k, v in d.items():
         key = f"{prefix}/{k}" if prefix else str(k)
         if isinstance(v, Mapping):
-            _flatten(key, v, out)
+            flatten_metrics(key, v, out)
         else:
             out[key] = v
 
@@ -151,7 +153,7 @@ def metrics_record(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """
     step = _check_step(step)
     flat: dict[str, Any] = {}
-    _flatten("", metrics, flat)
+    flatten_metrics("", metrics, flat)
     rec: dict[str, Any] = {"step": step}
     nonfinite: dict[str, str] = {}
     for key, raw in flat.items():

@@ -56,7 +56,7 @@ class DetectConfig:
     peak_window: int = 5  #: the running peak is taken over trailing medians of this many points
     min_episode_len: int = 3  #: consecutive collapse steps needed for an episode
     recovery_frac: float = 0.8  #: recovered when back above recovery_frac * pre-onset level ...
-    recovery_len: int = 3  #: ... for this many consecutive steps
+    recovery_len: int = 3  #: ... with the median of this many steps from there above it too
     refine_window: int = 5  #: the onset is refined to change points up to this many steps earlier
     onset_z: float = 2.0  #: a refined onset must start a stretch this many sigmas below baseline
     # --- what moved around the onset

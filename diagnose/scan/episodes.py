@@ -370,7 +370,7 @@ def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str
         if float(np.median(x[i:j_end])) > med[i] - cfg.collapse_z * sig[i]:
             i += 1
             continue
-        onset, changes = _refine_onset(x, s, i, med, sig, cfg)
+        onset, changes = _refine_onset(x, s, i, med, sig, cfg, floor=peak_from)
         pre_level = float(med[onset]) if np.isfinite(med[onset]) else float(med[i])
         rec_thr = pre_level - (1.0 - cfg.recovery_frac) * abs(pre_level)
         recovery = None
@@ -378,10 +378,10 @@ def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str
         while k < n:
             if x[k] >= rec_thr:
                 tail = x[k:k + R]
-                if tail.size == R and np.all(tail >= rec_thr):
+                if tail.size == R and np.median(tail) >= rec_thr:
                     recovery = k
                     break
-                if tail.size < R and np.all(tail >= rec_thr):
+                if tail.size < R and np.median(tail) >= rec_thr:
                     notes.append(f"{name} is back above {cfg.recovery_frac:.0%} of its pre-onset level from step "
                                  f"{int(s[k])}, for fewer than recovery_len={R} steps so far")
                     break
@@ -397,12 +397,13 @@ def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str
 
 
 def _refine_onset(x: np.ndarray, s: np.ndarray, i: int, med: np.ndarray, sig: np.ndarray,
-                  cfg: DetectConfig) -> tuple[int, list[Change]]:
+                  cfg: DetectConfig, floor: int = 0) -> tuple[int, list[Change]]:
     """Earliest change point of the drop first sustained at index ``i``: the detectors'
     downward change points up to ``refine_window`` steps back count if every value from the
     candidate to ``i`` is ``onset_z`` sigmas below the baseline before the refine window
-    (the drop is under way from there on); none: the onset is ``i``."""
-    lo = max(0, i - cfg.refine_window)
+    (the drop is under way from there on); none: the onset is ``i``. ``floor``: the onset
+    stays at or after this index (the previous episode's recovery)."""
+    lo = max(floor, i - cfg.refine_window)
     b_lo = max(0, lo - cfg.window)
     if lo - b_lo >= 3:
         mu = float(np.median(x[b_lo:lo]))
@@ -453,8 +454,10 @@ def _moves(signals: _Table, primary: str, onset: int, end_step: int, cfg: Detect
                 continue
             mu = float(np.median(pre))
             sd = robust_sigma(pre, cfg, mu)
-            z = (float(np.median(post)) - mu) / sd
-            if (z >= cfg.collapse_z and c.direction == "up") or (z <= -cfg.collapse_z and c.direction == "down"):
+            sign = 1.0 if c.direction == "up" else -1.0
+            z = (float(np.median(post)) - mu) / sd  # the new level holds ...
+            z0 = (float(post[0]) - mu) / sd  # ... and has begun at the change step itself
+            if sign * z >= cfg.collapse_z and sign * z0 >= cfg.onset_z:
                 before = float(np.median(v[s < c.step][-cfg.window:]))
                 after = _window_median(v, s, onset, min(hi_step, max(end_step, onset)))
                 want = signal_direction(name, control_tokens)

@@ -1,0 +1,105 @@
+"""Reading what is on disk: file and folder listing, the first JSONL object of a file, and
+cheap parquet validation/reading (a truncated file fails on its footer, not mid-read).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from diagnose.jsonl import iter_jsonl
+
+
+def visible_files(directory: Path) -> list[Path]:
+    """Plain files in ``directory`` (sorted), without dot/temp files; [] if unreadable."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        if e.name.startswith(".") or e.name.endswith(".tmp"):
+            continue
+        try:
+            if e.is_file():
+                out.append(Path(e.path))
+        except OSError:
+            continue
+    return out
+
+
+def subdirs(directory: Path) -> list[Path]:
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        try:
+            if e.is_dir():
+                out.append(Path(e.path))
+        except OSError:
+            continue
+    return out
+
+
+def first_object(path: Path, max_lines: int = 20) -> dict[str, Any] | None:
+    """The first good JSON-object line of a JSONL file (looking at ``max_lines`` lines at most)."""
+    try:
+        for n, (_, obj) in enumerate(iter_jsonl(path, max_line_bytes=8 * 1024 * 1024)):
+            if isinstance(obj, dict):
+                return obj
+            if n + 1 >= max_lines:
+                return None
+    except OSError:
+        return None
+    return None
+
+
+def check_parquet(path: Path) -> tuple[pl.Schema | None, str | None]:
+    """Cheap validation of a parquet file (footer, column-chunk bounds): ``(schema, None)`` or
+    ``(None, why it is unreadable)``. A file cut short fails here without reading its data."""
+    import pyarrow.parquet as pq
+
+    try:
+        size = path.stat().st_size
+        md = pq.read_metadata(path)
+        schema = pl.Schema(pl.read_parquet_schema(path))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - incl. a Rust panic: any footer error means unreadable
+        return None, f"unreadable parquet file (truncated or corrupt): {_short(e)}"
+    try:
+        for r in range(md.num_row_groups):
+            rg = md.row_group(r)
+            for j in range(rg.num_columns):
+                cc = rg.column(j)
+                start = cc.dictionary_page_offset if cc.has_dictionary_page else cc.data_page_offset
+                if start is not None and start + cc.total_compressed_size > size:
+                    return None, "column data extends past the end of the file (truncated)"
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001
+        return None, f"corrupt parquet metadata: {_short(e)}"
+    return schema, None
+
+
+def read_parquet(path: Path, columns: Sequence[str] | None = None) -> tuple[pl.DataFrame | None, str | None]:
+    """Read a (pre-checked) parquet file; ``(None, why)`` if the data pages turn out corrupt."""
+    try:
+        return pl.read_parquet(path, columns=list(columns) if columns is not None else None), None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001
+        return None, f"unreadable parquet data: {_short(e)}"
+
+
+def _short(e: BaseException, n: int = 200) -> str:
+    s = f"{type(e).__name__}: {e}"
+    return s if len(s) <= n else s[: n - 3] + "..."

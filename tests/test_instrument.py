@@ -1,0 +1,50 @@
+import torch
+
+from diagnose.control_tokens import ControlToken, ControlTokenRegistry
+from diagnose.ctrl_probe import label_contexts
+from diagnose.logits import token_stats
+from diagnose.sequences import Sequence
+from train_minimal.batch import make_batch
+from train_minimal.instrument import Attribution
+
+
+def test_attribution_equals_the_policy_gradient_on_control_logits():
+    """Σ_t A (1[k=y] - p_k) / |resp|, averaged over samples, is minus the gradient of the
+    per-sample-normalised policy-gradient loss with respect to control token k's logits."""
+    torch.manual_seed(0)
+    V, ctrl = 12, [3, 7]
+    reg = ControlTokenRegistry(tuple(ControlToken(f"t{i}", f"<{i}>", i, r)
+                                     for i, r in zip(ctrl, ("turn_end", "call_open"))))
+    seqs = []
+    for n in (9, 6, 11):
+        s = Sequence()
+        ids = torch.randint(0, V, (n,)).tolist()
+        ids[5] = 3  # make sure a control token is sampled somewhere
+        s.add(ids[:3], train=False, turn=-1)
+        s.add(ids[3:], train=True, turn=0, logprobs=[0.0] * (n - 3))
+        seqs.append(s)
+    batch = make_batch(seqs, pad_id=0)
+    adv = torch.tensor([1.0, -0.5, -2.0])
+    logits = torch.randn(3, batch.ids.shape[1] - 1, V, requires_grad=True)
+    st = token_stats(logits, batch.ids[:, 1:], torch.tensor(ctrl))
+    n_resp = batch.loss_mask.sum(1)
+    loss = -(adv[:, None] * batch.loss_mask * st.logprob / n_resp[:, None]).sum() / 3
+    loss.backward()
+    attr = Attribution(reg)
+    attr.add(batch, st, adv)
+    m = attr.metrics()
+    for k, tok in enumerate(ctrl):
+        expected = -float(logits.grad[..., tok].sum())
+        assert abs(m[f"attribution/t{tok}/total"] - expected) < 1e-5
+        assert abs(m[f"attribution/t{tok}/self"] + m[f"attribution/t{tok}/other"] - expected) < 1e-5
+    # a token pushed down where it was sampled with negative advantage has a negative self part
+    assert m["attribution/t3/self"] != 0
+
+
+def test_label_contexts_longest_suffix_and_next_token_rule():
+    ids = [1, 2, 3, 9, 4, 5, 6, 7]
+    pats = {"short": [3], "long": [2, 3]}
+    labels = label_contexts(ids, pats, before_close=7)
+    assert labels[2] == "long"  # the longer pattern ending at 2 wins
+    assert labels[6] == "after_call_body"  # next token is the call close
+    assert labels[0] == labels[4] == ""

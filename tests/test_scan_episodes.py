@@ -1,0 +1,189 @@
+"""Collapse episodes, lead times, implicated control tokens, examples and pathologies
+(diagnose.scan.episodes) on synthetic runs with a known collapse."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from diagnose.rundir import RunReader
+from diagnose.scan import DetectConfig, find_episodes, find_pathologies, scan_source, step_signals
+from diagnose.scan.episodes import SCHEMA_VERSION
+from diagnose.source import RunSource
+from diagnose.synth import write_synthetic_run
+
+
+def source(path) -> RunSource:
+    r = RunReader(path)
+    return RunSource(r.run_dir, "native", r.metrics().lazy(), r.rollouts(), r.tokens(), r.probe(), r.control_tokens)
+
+
+# (seed, collapse step, spike token, spike context, with the probe table)
+CASES = [
+    (0, 26, "im_end", "after_call_open", True),
+    (1, 20, "im_end", "after_call_open", False),
+    (2, 31, "im_end", "after_call_open", True),
+    (3, 22, "im_end", "turn_start", True),
+    (4, 27, "endoftext", "turn_start", False),
+    (5, 25, "tool_call_close", "after_call_open", False),
+]
+_SCANS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    def get(seed, onset, token, context, probe):
+        key = (seed, onset, token, context, probe)
+        if key not in _SCANS:
+            path = tmp_path_factory.mktemp("ep") / "run"
+            truth = write_synthetic_run(path, steps=onset + 12, collapse_at=onset, seed=seed, spike_token=token,
+                                        spike_context=context, probe=probe)
+            _SCANS[key] = (truth, scan_source(source(path)))
+        return _SCANS[key]
+    return get
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"s{c[0]}-{c[1]}-{c[2]}-{c[3]}")
+def test_onset_token_and_context(scans, case):
+    truth, res = scans(*case)
+    assert res.verdict == "collapse" and res.primary_signal == "reward"
+    assert len(res.episodes) == 1
+    ep = res.episodes[0]
+    assert abs(ep.onset_step - truth.onset_step) <= 2
+    assert ep.onset_step <= ep.detected_step <= ep.trough_step <= ep.end_step
+    assert ep.recovery_step is None and not ep.recovered
+    assert ep.relative_drop > 0.7 and ep.trough_value < 0.3 * ep.peak
+    assert ep.collapsed_share_at_trough is not None and ep.collapsed_share_at_trough > 0.4
+    top = ep.implicated[0]
+    assert (top.token, top.context) == (truth.implicated_token, truth.context)
+    best = top.contexts[0]
+    assert best.after > 100 * best.before
+    sources = {c.source for c in top.contexts if c.context == truth.context}
+    assert sources == ({"probe", "tokens"} if case[4] else {"tokens"})
+    if truth.implicated_token == "im_end":  # the collapse token of both contexts (KEY_CONTEXT_ROLES)
+        assert best.signature
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"s{c[0]}-{c[1]}")
+def test_probe_signal_leads_the_reward_drop(scans, case):
+    """The spike token's probability at its context (fixed probe, or the rollouts' own tokens
+    when there is no probe) moves before the reward drops."""
+    truth, res = scans(*case)
+    ep = res.episodes[0]
+    moves = {m.signal: m for m in ep.moves}
+    probe = moves[f"{'probe' if case[4] else 'ctx'}/{truth.context}/{truth.implicated_token}"]
+    assert probe.lead > 0 and probe.direction == "up" and probe.concern
+    assert abs(probe.step - truth.spike_rise_step) <= 1
+    assert probe.after > probe.before
+    # moves are ordered by the step at which each signal moved, leading signals first
+    assert [m.step for m in ep.moves] == sorted(m.step for m in ep.moves)
+    assert probe in ep.leading
+    # the rollout-level consequence moves no earlier than one step before the onset
+    collapsed = moves["turn_state/collapsed"]
+    assert collapsed.direction == "up" and collapsed.step >= truth.onset_step - 1
+    assert "lr" not in moves and not any(m.startswith("time/") for m in moves)
+
+
+def test_examples_and_json(scans):
+    truth, res = scans(*CASES[0])
+    ep = res.episodes[0]
+    assert 1 <= len(ep.examples_before) <= 3 and 1 <= len(ep.examples_after) <= 3
+    assert all(e.step < ep.onset_step for e in ep.examples_before)
+    assert all(e.step >= ep.onset_step for e in ep.examples_after)
+    assert all("collapsed" not in e.turn_states for e in ep.examples_before)
+    assert all("collapsed" in e.turn_states for e in ep.examples_after)
+    assert all(e.excerpt and len(e.excerpt) <= DetectConfig().excerpt_chars for e in ep.examples_after)
+    d = res.to_json()
+    text = json.dumps(d, allow_nan=False)  # strict JSON: no NaN sneaks in
+    assert d["schema_version"] == SCHEMA_VERSION and d["verdict"] == "collapse"
+    assert d["episodes"][0]["onset_step"] == ep.onset_step
+    assert d["episodes"][0]["implicated"][0]["token"] == truth.implicated_token
+    assert "signals" not in d and "reward" in d["signal_columns"]
+    full = res.to_json(include_signals=True)
+    json.dumps(full, allow_nan=False)
+    assert full["signals"]["data"]["step"] == res.signals["step"].to_list()
+    assert len(text) < 200_000
+
+
+def test_recovery_is_reported(tmp_path):
+    truth = write_synthetic_run(tmp_path / "r", steps=44, collapse_at=22, recover_at=33, seed=21, probe=False)
+    res = scan_source(source(tmp_path / "r"))
+    assert len(res.episodes) == 1
+    ep = res.episodes[0]
+    assert abs(ep.onset_step - 22) <= 2
+    assert ep.recovered and abs(ep.recovery_step - truth.recovery_step) <= 2
+    assert ep.end_step == ep.recovery_step - 1 and ep.trough_step < ep.recovery_step
+
+
+def test_nan_logprobs_pathology(tmp_path):
+    write_synthetic_run(tmp_path / "r", steps=30, collapse_at=None, seed=5, nan_logprobs_at=[12, 20], probe=False)
+    res = scan_source(source(tmp_path / "r"))
+    kinds = {p.kind: p for p in res.pathologies}
+    assert "nan_logprobs" in kinds and res.verdict == "pathology" and res.episodes == []
+    p = kinds["nan_logprobs"]
+    assert (p.first_step, p.last_step, p.n_steps) == (12, 20, 2) and p.value >= 1
+    json.dumps(res.to_json(), allow_nan=False)
+
+
+def test_pathologies_on_hand_made_signals():
+    steps = list(range(40))
+    ent = [1.0] * 20 + [0.1] * 20
+    mism = [0.01] * 25 + [0.2] * 15
+    kl = [0.01] * 39 + [float("nan")]
+    sig = pl.DataFrame({"step": steps, "entropy": ent, "mismatch/abs_logprob_diff": mism, "kl": kl})
+    kinds = {p.kind: p for p in find_pathologies(sig)}
+    assert kinds["entropy_collapse"].first_step == 20
+    assert kinds["mismatch_growth"].first_step == 25
+    assert kinds["nonfinite_metrics"].signal == "kl" and kinds["nonfinite_metrics"].first_step == 39
+    blow = pl.DataFrame({"step": steps, "entropy": [0.5] * 30 + [2.0] * 10})
+    assert [p.kind for p in find_pathologies(blow)] == ["entropy_blowup"]
+    assert find_pathologies(pl.DataFrame({"step": steps, "entropy": [0.5] * 40})) == []
+
+
+def test_find_episodes_on_hand_made_signals():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    reward = np.r_[0.6 + rng.normal(0, 0.03, 30), 0.05 + rng.normal(0, 0.01, 10)]
+    probe = np.r_[np.full(27, 1e-3), [1e-2, 5e-2, 0.2], np.full(10, 0.9)] * np.exp(rng.normal(0, 0.05, 40))
+    sig = pl.DataFrame({"step": np.arange(40), "reward": reward, "probe/after_call_open/im_end": probe})
+    eps = find_episodes(sig, None, DetectConfig())
+    assert len(eps) == 1 and eps[0].onset_step == 30 and eps[0].examples_before == []
+    assert eps[0].implicated[0].token == "im_end" and eps[0].implicated[0].context == "after_call_open"
+    assert eps[0].moves[0].signal == "probe/after_call_open/im_end" and eps[0].moves[0].lead == 3
+    # accuracy is the fallback primary signal; a run without either gives no episode
+    acc = sig.rename({"reward": "accuracy"})
+    assert find_episodes(acc)[0].signal == "accuracy"
+    assert find_episodes(sig.drop("reward")) == []
+
+
+def test_drop_at_the_very_end_is_only_a_note():
+    import numpy as np
+
+    reward = np.r_[0.6 + np.random.default_rng(1).normal(0, 0.03, 30), [0.05, 0.04]]
+    sig = pl.DataFrame({"step": np.arange(32), "reward": reward})
+    notes: list[str] = []
+    assert find_episodes(sig, None, DetectConfig(), notes) == []
+    assert notes and "not yet an episode" in notes[0]
+
+
+def test_precomputed_signals_are_used(scans, tmp_path):
+    write_synthetic_run(tmp_path / "r", steps=30, collapse_at=None, seed=2, probe=False)
+    src = source(tmp_path / "r")
+    sig = step_signals(src)
+    res = scan_source(src, signals=sig)
+    assert res.signals is sig and res.verdict == "healthy"
+
+
+def test_two_episodes_in_one_run():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    healthy = lambda n: 0.6 + rng.normal(0, 0.03, n)  # noqa: E731
+    low = lambda n: 0.05 + rng.normal(0, 0.01, n)  # noqa: E731
+    reward = np.r_[healthy(25), low(8), healthy(25), low(8)]
+    eps = find_episodes(pl.DataFrame({"step": np.arange(reward.size), "reward": reward}))
+    assert [(e.onset_step, e.recovery_step) for e in eps] == [(25, 33), (58, None)]
+    assert eps[0].end_step == 32 and eps[1].end_step == 65
