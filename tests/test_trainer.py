@@ -101,15 +101,21 @@ def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(tiny_model_dir, tmp
            "--set", f"model.path={tiny_model_dir}", "--set", "grpo.steps=200", "--set", "log.checkpoint_every=1000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+
+    def logged() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+    deadline = time.time() + 900  # generous: a loaded CI machine is slow to reach the RL phase
+    while time.time() < deadline and logged() < 4 and proc.poll() is None:
         time.sleep(0.2)
+    seen = logged()
+    assert seen >= 4, f"the run did not reach its RL phase in time (steps logged: {seen})"
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr.decode()[-2000:]
     r = RunReader(out)
     last = int(r.metrics()["step"].max())
-    assert 4 <= last < 203
+    assert seen <= last <= seen + 1  # the step in flight was finished, the run did not go on
     assert [s for s, _ in r.checkpoints()] == [last]
     assert r.issues == []
     assert not any(p.name.endswith(".parquet") and p.name.startswith(".") for p in out.rglob("*"))
