@@ -1,13 +1,17 @@
 """The `diagnose` command line (typer + rich).
 
-Exit codes are part of the interface (scripts gate on them): 0 = ran, 1 = nothing readable,
-2 = bad usage (typer's own) or a missing input.
+Exit codes are part of the interface (scripts gate on them). `formats`: 0 = ran, 1 = nothing
+readable, 2 = bad usage (typer's own) or a missing input. `scan`: 0 = no collapse found, 1 =
+collapse found (see --fail-on), 2 = bad usage or unreadable run, 3 = internal error. `compare`:
+0 = compared, 2 = bad usage or unreadable run, 3 = internal error (docs/scan.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -109,6 +113,186 @@ def demo(
     from diagnose.demo import run_demo
 
     run_demo(out, n_tasks=tasks, seed=seed, console=console)
+
+
+# ---------------------------------------------------------------------------------------------
+# scan / compare
+# ---------------------------------------------------------------------------------------------
+
+
+class RunFormat(str, Enum):
+    auto = "auto"
+    native = "native"
+    trl = "trl"
+    verl = "verl"
+    open_instruct = "open_instruct"
+    conversations = "conversations"
+
+
+class FailOn(str, Enum):
+    collapse = "collapse"
+    pathology = "pathology"
+    never = "never"
+
+
+EXIT_OK, EXIT_COLLAPSE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def _capability_hint(run: Path) -> str | None:
+    """Where to check capability after a collapse: only if this CLI has a `probe` command."""
+    names = {c.name or (c.callback.__name__.replace("_", "-") if c.callback else "") for c in app.registered_commands}
+    return f"run `diagnose probe {run}`" if "probe" in names else None
+
+
+def _scan_or_exit(run: Path, fmt: RunFormat, use_cache: bool, progress: bool):
+    """scan_run with the CLI's error policy: one line on stderr naming the path, exit 2 for an
+    unreadable run, exit 3 for a bug (traceback only with DIAGNOSE_DEBUG=1)."""
+    from diagnose.adapters import FORMATS, UnknownRunLayout
+    from diagnose.rundir.schema import RunFormatError
+    from diagnose.scan.cache import scan_run
+
+    if not os.path.lexists(run):
+        err_console.print(f"[red]error:[/] {_esc(run)}: no such file or directory", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE)
+    fmt_arg = None if fmt == RunFormat.auto else fmt.value
+    try:
+        if progress:
+            with _ScanProgress() as cb:
+                return scan_run(run, format=fmt_arg, use_cache=use_cache, progress=cb)
+        return scan_run(run, format=fmt_arg, use_cache=use_cache)
+    except UnknownRunLayout as e:
+        first = str(e).splitlines()[0].split(" Looked for:")[0].rstrip(".")
+        looked = ", ".join([fmt_arg] if fmt_arg else FORMATS)
+        how = "; force one with --format" if fmt_arg is None else ""
+        err_console.print(f"[red]error:[/] {_esc(first)} (looked for: {looked}; layouts in docs/adapters.md){how}",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except (RunFormatError, OSError) as e:
+        err_console.print(f"[red]error:[/] {_esc(run)}: {_esc(e)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except Exception as e:  # noqa: BLE001 - never a traceback for users; DIAGNOSE_DEBUG=1 shows it
+        if os.environ.get("DIAGNOSE_DEBUG"):
+            raise
+        err_console.print(f"[red]internal error[/] while scanning {_esc(run)}: {_esc(type(e).__name__)}: {_esc(e)} "
+                          "(set DIAGNOSE_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _esc(v: object) -> str:
+    from rich.markup import escape
+
+    return escape(str(v))
+
+
+class _ScanProgress:
+    """A transient rich progress bar on stderr, fed by scan_run's progress callback."""
+
+    STAGES = {"load": "reading the run", "signals": "computing per-step signals", "detect": "detecting episodes"}
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err_console, transient=True)
+        self.progress.__enter__()
+        self.tasks: dict[str, object] = {}
+        return self
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(self.STAGES.get(stage, stage), total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _write_report(path: Path, write) -> None:
+    try:
+        out = write(path)
+    except OSError as e:
+        err_console.print(f"[red]error:[/] cannot write the report to {_esc(path)}: {_esc(e.strerror or e)}",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    err_console.print(f"report written to {_esc(out)}", highlight=False, soft_wrap=True)
+
+
+SCAN_EPILOG = (
+    "Exit codes: 0 = no collapse found (healthy, or too little data); 1 = collapse found (with --fail-on "
+    "pathology also a pathology; with --fail-on never the scan always exits 0 once it ran); 2 = usage error or "
+    "unreadable run (missing path, unknown layout); 3 = internal error. Corrupt files inside a run are listed "
+    "as issues, not failures."
+)
+
+
+@app.command(epilog=SCAN_EPILOG)
+def scan(
+    run: Path = typer.Argument(..., help="The run: a directory (ours, TRL, verl, open-instruct, conversation "
+                                         "dumps) or a conversation JSONL file.", show_default=False),
+    format: RunFormat = typer.Option(RunFormat.auto, "--format", "-f", help="Run layout; auto-detected by default.",
+                                     case_sensitive=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the scan result as JSON on stdout (nothing else "
+                                                       "goes to stdout; schema in docs/scan.md)."),
+    report: Path = typer.Option(None, "--report", help="Also write a self-contained HTML report to this file.",
+                                dir_okay=False),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the scan cache "
+                                                            "(<run>/.diagnose/scan/)."),
+    fail_on: FailOn = typer.Option(FailOn.collapse, "--fail-on", help="What makes the exit code 1.",
+                                   case_sensitive=False),
+) -> None:
+    """Did the run collapse, when, and what moved first? Verdict, collapse episodes (onset,
+    trough, recovery, severity), signals that moved before the drop with their lead, implicated
+    control tokens, rollouts before/after, pathologies, notes and unreadable files.
+
+    Results are cached in the run (re-scans recompute only new or changed steps)."""
+    result = _scan_or_exit(run, format, not no_cache, progress=err_console.is_terminal and not as_json)
+    hint = _capability_hint(run)
+    if report is not None:
+        from diagnose.scan.html import write_scan_html
+
+        _write_report(report, lambda p: write_scan_html(result, p, capability_hint=hint))
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), allow_nan=False) + "\n")
+    else:
+        from diagnose.scan.report import render_scan
+
+        render_scan(result, console, capability_hint=hint)
+    code = EXIT_OK
+    if fail_on != FailOn.never:
+        if result.verdict == "collapse" or (fail_on == FailOn.pathology and result.pathologies):
+            code = EXIT_COLLAPSE
+    raise typer.Exit(code)
+
+
+@app.command(epilog="Exit codes: 0 = compared; 2 = usage error or unreadable run; 3 = internal error.")
+def compare(
+    run_a: Path = typer.Argument(..., help="First run (any layout `diagnose scan` reads).", show_default=False),
+    run_b: Path = typer.Argument(..., help="Second run.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout (schema in "
+                                                       "docs/scan.md)."),
+    report: Path = typer.Option(None, "--report", help="Also write a self-contained HTML report to this file.",
+                                dir_okay=False),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the scan caches."),
+) -> None:
+    """Two runs side by side: key numbers (peak/final reward, collapse onset, collapsed-turn share
+    at the end, implicated token, max probability of the collapse token) and signals."""
+    from diagnose.scan.compare import compare_results, render_compare
+
+    show = err_console.is_terminal and not as_json
+    a = _scan_or_exit(run_a, RunFormat.auto, not no_cache, progress=show)
+    b = _scan_or_exit(run_b, RunFormat.auto, not no_cache, progress=show)
+    label_a, label_b = run_a.name or str(run_a), run_b.name or str(run_b)
+    if label_a == label_b:
+        label_a, label_b = f"A ({label_a})", f"B ({label_b})"
+    cmp = compare_results(a, b, (label_a, label_b))
+    if report is not None:
+        from diagnose.scan.html import write_compare_html
+
+        _write_report(report, lambda p: write_compare_html(cmp, p))
+    if as_json:
+        sys.stdout.write(json.dumps(cmp.to_json(), allow_nan=False) + "\n")
+    else:
+        render_compare(cmp, console)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -187,3 +187,19 @@ def test_two_episodes_in_one_run():
     eps = find_episodes(pl.DataFrame({"step": np.arange(reward.size), "reward": reward}))
     assert [(e.onset_step, e.recovery_step) for e in eps] == [(25, 33), (58, None)]
     assert eps[0].end_step == 32 and eps[1].end_step == 65
+
+
+def test_collapse_whose_first_steps_narrowly_miss_the_bar_is_still_found(tmp_path):
+    """Regression: the significance bar must come from the baseline before the drop began,
+    not from a trailing baseline that already holds the collapsed steps."""
+    from diagnose.adapters import load_run
+    from diagnose.scan import scan_source
+    from diagnose.synth.foreign import write_open_instruct_run
+    from diagnose.synth.native import write_synthetic_run
+
+    write_open_instruct_run(tmp_path / "oi", steps=30, collapse_at=15, with_text=False)
+    r = scan_source(load_run(tmp_path / "oi"))
+    assert r.verdict == "collapse" and abs(r.episodes[0].onset_step - 15) <= 2
+    truth = write_synthetic_run(tmp_path / "n", steps=36, collapse_at=20, samples_per_step=8, seed=9)
+    r = scan_source(load_run(tmp_path / "n"))
+    assert r.verdict == "collapse" and abs(r.episodes[0].onset_step - truth.onset_step) <= 2

@@ -25,6 +25,7 @@ from diagnose.scan.episodes import (
     scan_source,
 )
 from diagnose.scan.signals import SIGNAL_SPECS, merge_signals, signal_direction, step_signals
+from diagnose.scan.cache import load_cached_scan, scan_run  # noqa: E402  (after the engine it builds on)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -41,10 +42,12 @@ __all__ = [
     "detect_changes",
     "find_episodes",
     "find_pathologies",
+    "load_cached_scan",
     "merge_signals",
     "primary_signal",
     "robust_zscores",
     "rolling_baseline",
+    "scan_run",
     "scan_source",
     "signal_direction",
     "step_signals",

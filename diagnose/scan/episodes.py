@@ -367,10 +367,18 @@ def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str
             notes.append(f"{name} fell below {cfg.collapse_drop:.0%} under its peak at step {int(s[i])}, "
                          f"but the run ends after {j_end - i} step(s) (< min_episode_len={L}): not yet an episode")
             break
-        if float(np.median(x[i:j_end])) > med[i] - cfg.collapse_z * sig[i]:
+        # significance against the baseline from before this stretch of low values began:
+        # the trailing baseline at i would already hold the collapsed steps before i, and a
+        # collapse whose first steps narrowly miss the bar would never be found
+        r0 = i
+        while r0 - 1 >= max(peak_from, cfg.min_periods) and x[r0 - 1] < thr:
+            r0 -= 1
+        base_med, base_sig = (med[r0], sig[r0]) if np.isfinite(med[r0]) else (med[i], sig[i])
+        if float(np.median(x[i:j_end])) > base_med - cfg.collapse_z * base_sig:
             i += 1
             continue
         onset, changes = _refine_onset(x, s, i, med, sig, cfg, floor=peak_from)
+        onset = min(onset, r0)  # every step from r0 on is already below the collapse threshold
         pre_level = float(med[onset]) if np.isfinite(med[onset]) else float(med[i])
         rec_thr = pre_level - (1.0 - cfg.recovery_frac) * abs(pre_level)
         recovery = None
@@ -465,7 +473,7 @@ def _moves(signals: _Table, primary: str, onset: int, end_step: int, cfg: Detect
                                       float(min(abs(z), _MAX_SCORE)),
                                       int(c.alarm_step), before, after, want in ("both", c.direction)))
                 break
-    out.sort(key=lambda m: (m.step, -m.score))
+    out.sort(key=lambda m: (m.step, -round(m.score, 9), m.signal))  # name breaks ties: stable output
     return out
 
 
@@ -506,7 +514,7 @@ def _implicated(signals: _Table, onset: int, end_step: int, moves: list[SignalMo
             role is not None and roles.get("collapse") == role))
     out = []
     for tok, ctxs in rises.items():
-        ctxs.sort(key=lambda c: (-c.ratio, c.context == "all"))
+        ctxs.sort(key=lambda c: (-round(c.ratio, 9), c.context == "all", c.context))
         t = info.get(tok, {})
         ab = aa = None
         v, s = _series(signals, f"attribution/{tok}/total")
@@ -514,7 +522,7 @@ def _implicated(signals: _Table, onset: int, end_step: int, moves: list[SignalMo
             ab = _window_median(v, s, b_hi - cfg.window, b_hi - 1)
             aa = _window_median(v, s, onset - cfg.lead_window, a_hi)
         out.append(ImplicatedToken(tok, t.get("role"), t.get("text"), math.log10(ctxs[0].ratio), ctxs, ab, aa))
-    out.sort(key=lambda t: -t.score)
+    out.sort(key=lambda t: (-round(t.score, 9), t.token))
     return out
 
 

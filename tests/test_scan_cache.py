@@ -1,0 +1,243 @@
+"""The scan cache: hits, incremental re-scans, invalidation, corrupt caches, locations."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+import diagnose.adapters
+import diagnose.scan.cache as cache
+from diagnose.adapters import load_run
+from diagnose.scan import DetectConfig, step_signals
+from diagnose.scan.cache import CACHE_SUBDIR, load_cached_scan, result_from_json, scan_run
+from diagnose.synth import write_synthetic_run
+from diagnose.synth.foreign import write_conversation_run, write_trl_run
+
+STEPS = 33
+LAST = STEPS - 1
+SMALL = {"samples_per_step": 8, "tokens_per_sample": 48}
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    """Home caches go to a temp DIAGNOSE_HOME, never to ~/.cache."""
+    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cache_tpl") / "run"
+    write_synthetic_run(run, steps=STEPS, collapse_at=22, seed=4, **SMALL)
+    return run
+
+
+@pytest.fixture
+def run(template, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(template, dst)
+    return dst
+
+
+def json_close(a, b, path="") -> None:
+    """Recursive equality of two scan JSONs, floats to 1e-9 relative (polars' parallel sums
+    differ in the last bits between runs), lists of signal entries compared in signal order
+    (moves of exactly equal strength may come in either order)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), path
+        for k in a:
+            json_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        if a and all(isinstance(x, dict) and "signal" in x for x in a + b):
+            a, b = sorted(a, key=lambda x: x["signal"]), sorted(b, key=lambda x: x["signal"])
+        for i, (x, y) in enumerate(zip(a, b)):
+            json_close(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+class Spy:
+    """Records the ``steps`` argument of every call of the wrapped function."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, src, steps=None, **kw):
+        self.calls.append(None if steps is None else sorted(steps))
+        return self.fn(src, steps, **kw)
+
+
+@pytest.fixture
+def spy(monkeypatch) -> Spy:
+    s = Spy(cache.step_signals)
+    monkeypatch.setattr(cache, "step_signals", s)
+    return s
+
+
+def same_signals(a: pl.DataFrame, b: pl.DataFrame) -> None:
+    assert_frame_equal(a.select(sorted(a.columns)), b.select(sorted(b.columns)))
+
+
+def hold_back_last_step(run: Path, aside: Path) -> str:
+    """Move the last step's files aside and drop its metrics line; returns the metrics text."""
+    for kind in ("rollouts", "tokens", "probe"):
+        (aside / kind).mkdir(parents=True, exist_ok=True)
+        shutil.move(run / kind / f"step-{LAST:06d}.parquet", aside / kind)
+    text = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text("".join(text.splitlines(True)[:-1]))
+    return text
+
+
+def test_second_scan_is_served_from_the_cache(run, spy, monkeypatch):
+    r1 = scan_run(run)
+    assert not r1.cache.hit and r1.cache.signals == "full" and spy.calls == [None]
+    assert (run / CACHE_SUBDIR / "manifest.json").is_file()
+    loads = []
+    monkeypatch.setattr(diagnose.adapters, "load_run", lambda *a, **k: loads.append(a) or load_run(*a, **k))
+    r2 = scan_run(run)
+    assert r2.cache.hit and not r2.cache.loaded_run
+    assert loads == [] and spy.calls == [None]  # neither loaded nor recomputed
+    assert r2.to_json() == r1.to_json()
+    same_signals(r2.signals, r1.signals)
+
+
+def test_new_step_recomputes_only_that_step(run, spy, tmp_path):
+    metrics = hold_back_last_step(run, tmp_path / "aside")
+    r1 = scan_run(run)
+    assert r1.signals.get_column("step").max() == LAST - 1
+    for kind in ("rollouts", "tokens", "probe"):
+        shutil.move(tmp_path / "aside" / kind / f"step-{LAST:06d}.parquet", run / kind)
+    (run / "metrics.jsonl").write_text(metrics)
+    spy.calls.clear()
+    r2 = scan_run(run)
+    assert spy.calls == [[LAST]]
+    assert r2.cache.signals == "incremental" and r2.cache.steps_recomputed == [LAST]
+    full_src = load_run(run)
+    same_signals(r2.signals, step_signals(full_src))  # incremental == from scratch
+    json_close(r2.to_json(), scan_run(run, use_cache=False).to_json())
+
+
+def test_changed_and_removed_step_files(run, spy):
+    scan_run(run)
+    f = run / "rollouts" / "step-000010.parquet"
+    df = pl.read_parquet(f)
+    df.with_columns(pl.col("reward") * 0.5).write_parquet(f)
+    (run / "tokens" / "step-000012.parquet").unlink()
+    spy.calls.clear()
+    r = scan_run(run)
+    assert spy.calls == [[10, 12]]
+    same_signals(r.signals, step_signals(load_run(run)))
+
+
+def test_config_change_reuses_signals(run, spy):
+    r1 = scan_run(run)
+    spy.calls.clear()
+    r2 = scan_run(run, cfg=DetectConfig(lead_window=6))
+    assert spy.calls == []
+    assert r2.cache.signals == "cached" and r2.cache.episodes == "computed" and not r2.cache.hit
+    assert r2.config.lead_window == 6 and r2.to_json()["config"]["lead_window"] == 6
+    same_signals(r2.signals, r1.signals)
+    r3 = scan_run(run, cfg=DetectConfig(lead_window=6))
+    assert r3.cache.hit
+    # low_prob changes a signal (low_prob_share): recomputed
+    r4 = scan_run(run, cfg=DetectConfig(low_prob=0.05))
+    assert spy.calls == [None] and r4.cache.signals == "full"
+
+
+def test_cache_version_change_reuses_signals(run, spy, monkeypatch):
+    scan_run(run)
+    man = json.loads((run / CACHE_SUBDIR / "manifest.json").read_text())
+    man["result_key"]["cache_version"] = -1  # as if written by another detection/cache version
+    (run / CACHE_SUBDIR / "manifest.json").write_text(json.dumps(man))
+    spy.calls.clear()
+    r = scan_run(run)
+    assert spy.calls == [] and r.cache.signals == "cached" and r.cache.episodes == "computed"
+
+
+@pytest.mark.parametrize("victim", ["result.json", "signals.parquet", "derived.parquet", "manifest.json"])
+def test_corrupt_cache_file_is_ignored_and_rebuilt(run, victim):
+    r1 = scan_run(run)
+    p = run / CACHE_SUBDIR / victim
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])  # cut in half
+    if victim == "derived.parquet":  # only read when steps must be recomputed
+        os.utime(run / "rollouts" / "step-000003.parquet")
+    r2 = scan_run(run)
+    assert not r2.cache.hit and r2.cache.written
+    if victim in ("derived.parquet", "manifest.json"):
+        assert r2.cache.signals == "full"
+    json_close(r2.to_json(), r1.to_json())
+    r3 = scan_run(run)  # rebuilt: a hit again
+    assert r3.cache.hit
+    json_close(r3.to_json(), r1.to_json())
+
+
+def test_no_cache_writes_nothing(run, spy):
+    r = scan_run(run, use_cache=False)
+    assert not (run / ".diagnose").exists()
+    assert not r.cache.enabled and load_cached_scan(run) is None
+
+
+def test_load_cached_scan(run):
+    assert load_cached_scan(run) is None
+    r = scan_run(run)
+    c = load_cached_scan(run)
+    assert c is not None and c.to_json() == r.to_json()
+    same_signals(c.signals, r.signals)
+    assert c.cache.hit and not c.cache.loaded_run
+
+
+def test_result_json_roundtrip(run):
+    r = scan_run(run, use_cache=False)
+    j = r.to_json()
+    assert result_from_json(j, r.signals).to_json() == j
+    js = r.to_json(include_signals=True)
+    assert result_from_json(js).to_json(include_signals=True) == js
+
+
+def test_single_file_run_caches_under_diagnose_home(tmp_path):
+    fr = write_conversation_run(tmp_path / "convs.jsonl", steps=12, collapse_at=None, layout="file")
+    r1 = scan_run(fr.path)
+    assert r1.cache.written and r1.cache.dir is not None
+    assert str(r1.cache.dir).startswith(str(tmp_path / "diagnose_home" / "scan"))
+    assert not (tmp_path / ".diagnose").exists()
+    r2 = scan_run(fr.path)
+    assert r2.cache.hit and r2.to_json() == r1.to_json()
+    assert load_cached_scan(fr.path) is not None
+    with fr.path.open("a") as fh:  # a changed single file: recomputed in full
+        fh.write('{"id": "x", "step": 11, "messages": [{"role": "assistant", "content": "<tool_call>"}], "reward": 0}\n')
+    r3 = scan_run(fr.path)
+    assert not r3.cache.hit and r3.cache.signals == "full"
+
+
+def test_foreign_run_appended_step_is_incremental(tmp_path, spy):
+    fr = write_trl_run(tmp_path / "trl", steps=30, collapse_at=18)
+    last = fr.path / "completions" / "completions_00029.parquet"
+    held = tmp_path / "held.parquet"
+    shutil.move(last, held)
+    r1 = scan_run(fr.path)
+    assert r1.cache.dir == fr.path / CACHE_SUBDIR  # inside the (writable) foreign run
+    shutil.move(held, last)
+    spy.calls.clear()
+    r2 = scan_run(fr.path)
+    assert spy.calls == [[29]] and r2.cache.signals == "incremental"
+    same_signals(r2.signals, step_signals(load_run(fr.path)))
+    assert abs(r2.episodes[0].onset_step - 18) <= 2
+
+
+def test_chunked_computation_with_progress_matches(run, spy, monkeypatch):
+    monkeypatch.setattr(cache, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(cache, "MAX_CHUNKS", 4)
+    events = []
+    r = scan_run(run, use_cache=False, progress=lambda stage, done, total: events.append((stage, done, total)))
+    assert len(spy.calls) == 4 and sorted(s for c in spy.calls for s in c) == list(range(STEPS))
+    assert ("signals", 4, 4) in events and events[0] == ("load", 0, None) and events[-1] == ("detect", 1, 1)
+    same_signals(r.signals, step_signals(load_run(run)))
