@@ -203,3 +203,16 @@ def test_collapse_whose_first_steps_narrowly_miss_the_bar_is_still_found(tmp_pat
     truth = write_synthetic_run(tmp_path / "n", steps=36, collapse_at=20, samples_per_step=8, seed=9)
     r = scan_source(load_run(tmp_path / "n"))
     assert r.verdict == "collapse" and abs(r.episodes[0].onset_step - truth.onset_step) <= 2
+
+
+def test_moves_point_the_way_their_values_went(tmp_path):
+    """A signal listed as moving 'up' must be higher after the onset than before (no blips)."""
+    from diagnose.adapters import load_run
+    from diagnose.scan import scan_source
+    from diagnose.synth.native import write_synthetic_run
+
+    write_synthetic_run(tmp_path / "r", steps=60, collapse_at=30, seed=1)
+    ep = scan_source(load_run(tmp_path / "r")).episodes[0]
+    assert ep.moves
+    for m in ep.moves:
+        assert (m.after - m.before) * (1 if m.direction == "up" else -1) > 0, m

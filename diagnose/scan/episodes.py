@@ -468,6 +468,8 @@ def _moves(signals: _Table, primary: str, onset: int, end_step: int, cfg: Detect
             if sign * z >= cfg.collapse_z and sign * z0 >= cfg.onset_z:
                 before = float(np.median(v[s < c.step][-cfg.window:]))
                 after = _window_median(v, s, onset, min(hi_step, max(end_step, onset)))
+                if not sign * (after - before) > 0:  # a blip that is gone by the onset is not a move
+                    continue
                 want = signal_direction(name, control_tokens)
                 out.append(SignalMove(name, int(c.step), int(onset - c.step), c.direction, c.method,
                                       float(min(abs(z), _MAX_SCORE)),
