@@ -225,6 +225,28 @@ SCAN_EPILOG = (
 )
 
 
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Run directory to write (must not exist)."),
+    steps: int = typer.Option(60, help="Training steps."),
+    collapse_at: int = typer.Option(30, help="Step at which the injected collapse begins; -1 for a stable run."),
+    recover_at: int = typer.Option(-1, help="Step at which it recovers; -1 for none."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write a SYNTHETIC run (our format, with token traces and the probe) with a control-token
+    collapse injected at a known step: material to try `scan`, the reports and the dashboard on."""
+    from diagnose.synth.native import write_synthetic_run
+
+    if out.exists():
+        err_console.print(f"[red]error:[/] {out}: already exists")
+        raise typer.Exit(2)
+    truth = write_synthetic_run(out, steps=steps, collapse_at=None if collapse_at < 0 else collapse_at,
+                                recover_at=None if recover_at < 0 else recover_at, seed=seed)
+    what = (f"collapse injected at step {truth.onset_step} ({truth.implicated_token} at {truth.context})"
+            if truth.onset_step is not None else "no collapse (stable run)")
+    console.print(f"synthetic run written to {out}: {truth.n_token_rows:,} token rows, {what}")
+
+
 @app.command(epilog=SCAN_EPILOG)
 def scan(
     run: Path = typer.Argument(..., help="The run: a directory (ours, TRL, verl, open-instruct, conversation "

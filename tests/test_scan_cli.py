@@ -186,3 +186,22 @@ def test_compare(runs, tmp_path):
 def test_compare_missing_run_exits_2(runs, tmp_path):
     res = invoke("compare", runs["stable"], tmp_path / "missing")
     assert res.exit_code == 2 and str(tmp_path / "missing") in res.stderr
+
+
+def test_synth_command_writes_a_run_that_scan_reads(tmp_path):
+    import json as _json
+
+    from typer.testing import CliRunner as _Runner
+
+    from diagnose.cli import app as _app
+
+    r = _Runner()
+    out = tmp_path / "syn"
+    res = r.invoke(_app, ["synth", str(out), "--steps", "36", "--collapse-at", "18"])
+    assert res.exit_code == 0, res.output
+    scanned = r.invoke(_app, ["scan", str(out), "--json"])
+    assert scanned.exit_code == 1  # collapse found
+    d = _json.loads(scanned.stdout)
+    assert abs(d["episodes"][0]["onset_step"] - 18) <= 2
+    again = r.invoke(_app, ["synth", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.stderr
