@@ -9,27 +9,32 @@ can be followed step by step, and its rise can be dated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
 
 from diagnose.chat import TOOL_CALL_CLOSE
 from diagnose.control_tokens import ControlTokenRegistry, key_contexts
-from diagnose.logits import token_stats
 from diagnose.rundir.schema import ctrl_column
 from diagnose.sequences import encode, encode_conversation
 from diagnose.tasks import Task, gold_messages
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that run the model: the probe's *tables* (summary,
+# labels) are read by torch-free code (scan, synthetic runs, dashboards)
 
 
 @dataclass
 class ProbeSet:
     """Right-padded gold sequences and, per predicting position, its context label."""
 
-    ids: torch.Tensor  # [N, L]
-    attention: torch.Tensor  # [N, L]
+    ids: "torch.Tensor"  # [N, L]
+    attention: "torch.Tensor"  # [N, L]
     start: list[int]  # first predicting position per row (last prompt token)
     length: list[int]
     contexts: list[list[str]]  # per row, per predicting position t in [start, length-1): label or ""
@@ -61,6 +66,8 @@ def context_patterns(tokenizer: Any) -> dict[str, list[int]]:
 
 
 def build_probe_set(tokenizer: Any, tasks: list[Task]) -> ProbeSet:
+    import torch
+
     patterns = context_patterns(tokenizer)
     seqs = [encode_conversation(tokenizer, gold_messages(t), len(t.messages)) for t in tasks]
     width = max(len(s) for s in seqs)
@@ -79,15 +86,19 @@ def build_probe_set(tokenizer: Any, tasks: list[Task]) -> ProbeSet:
     return ProbeSet(ids, att, starts, lengths, contexts, [t.id for t in tasks])
 
 
-@torch.no_grad()
 def run_probe(model: Any, probe: ProbeSet, registry: ControlTokenRegistry, step: int) -> pl.DataFrame:
     """One row per (probe sequence, predicting position): ``lp_gold`` and ``lp_ctrl_<name>``."""
+    import torch
+
+    from diagnose.logits import token_stats
+
     was_training = model.training
     model.eval()
-    ids = probe.ids.to(model.device)
-    logits = model(input_ids=ids, attention_mask=probe.attention.to(model.device)).logits[:, :-1]
-    ctrl_ids = torch.tensor(registry.ids, dtype=torch.long)
-    st = token_stats(logits, ids[:, 1:], ctrl_ids, with_entropy=False)
+    with torch.no_grad():
+        ids = probe.ids.to(model.device)
+        logits = model(input_ids=ids, attention_mask=probe.attention.to(model.device)).logits[:, :-1]
+        ctrl_ids = torch.tensor(registry.ids, dtype=torch.long)
+        st = token_stats(logits, ids[:, 1:], ctrl_ids, with_entropy=False)
     model.train(was_training)
     lp = st.logprob.cpu().numpy()
     ctrl = st.ctrl_logprob.cpu().numpy()
@@ -106,11 +117,11 @@ def run_probe(model: Any, probe: ProbeSet, registry: ControlTokenRegistry, step:
     return pl.DataFrame(data)
 
 
-def probe_summary(frame: pl.DataFrame, registry: ControlTokenRegistry) -> dict[str, float]:
+def probe_summary(frame: pl.DataFrame, names: Sequence[str]) -> dict[str, float]:
     """Mean probability per key context of the gold token and of each control token, as flat
     metric names ``probe/<context>/<token>`` (``gold`` for the gold next token)."""
     cols = [pl.col("lp_gold").exp().mean().alias("gold")] + [
-        pl.col(ctrl_column(n)).exp().mean().alias(n) for n in registry.names
+        pl.col(ctrl_column(n)).exp().mean().alias(n) for n in names
     ]
     agg = frame.filter(pl.col("context") != "").group_by("context").agg(cols)
     out: dict[str, float] = {}

@@ -85,6 +85,9 @@ def grpo_loss(
     )
 
 
-def sft_loss(logprob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood, token-mean over assistant tokens."""
-    return -masked_mean(logprob, mask)
+def sft_loss(logprob: torch.Tensor, mask: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
+    """Negative log-likelihood, token-mean over assistant tokens (``n_tokens``: the token count
+    of the whole batch, when this is one micro-batch of it)."""
+    if n_tokens is None:
+        return -masked_mean(logprob, mask)
+    return -(logprob * mask).sum() / n_tokens

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 from diagnose.chat import IM_END
 from diagnose.generation import Sampling, generate_batch
 from diagnose.tasks import Episode, Rollout, Task, gold_messages, with_hint

@@ -32,10 +32,10 @@ from diagnose.sequences import encode_conversation
 from diagnose.tasks import Task, gold_messages, load_task_file, make_tasks
 from diagnose.tinymodel import load_model_and_tokenizer, resolve_model_path
 
-from train_minimal.batch import Batch, make_batch, micro_slices
+from train_minimal.batch import make_batch, micro_slices
 from train_minimal.config import TrainConfig
 from train_minimal.instrument import Attribution, TraceCollector, rollout_metrics, rollout_rows
-from train_minimal.losses import grpo_loss, group_advantages, masked_mean, sft_loss
+from train_minimal.losses import grpo_loss, group_advantages, sft_loss
 from train_minimal.rollout import Kind, Sampling, Trajectory, rollout_episodes
 
 EVAL_SPLITS = ("test", "content_ood", "format_ood")
@@ -113,7 +113,7 @@ def sft_pass(model: Any, tokenizer: Any, tasks: list[Task], micro: int, scale: f
         mb = batch.rows(sl).to(model.device)
         logits = model(input_ids=mb.ids, attention_mask=mb.attention).logits[:, :-1]
         st = token_stats(logits, mb.ids[:, 1:], with_entropy=False)
-        loss = -(st.logprob * mb.loss_mask).sum() / n_tokens
+        loss = sft_loss(st.logprob, mb.loss_mask, n_tokens)
         (scale * loss).backward()
         total += float(loss.detach())
     return total
@@ -370,7 +370,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
             if cfg.log.probe_every and (step % cfg.log.probe_every == 0 or step == 1):
                 frame = run_probe(model, probe_set, registry, step)
                 writer.write_probe(step, frame)
-                m.update(probe_summary(frame, registry))
+                m.update(probe_summary(frame, registry.names))
             if cfg.log.eval_every and (step % cfg.log.eval_every == 0 or step == total):
                 model.eval()
                 m.update(evaluate(model, tokenizer, eval_sets, cfg))

@@ -75,7 +75,7 @@ from diagnose.scan.episodes import (
     SignalMove,
     scan_source,
 )
-from diagnose.scan.signals import _join_steps, merge_signals, metric_signals, step_signals
+from diagnose.scan.signals import combine_signals, merge_signals, metric_signals, step_signals
 from diagnose.source import RunSource, SourceIssue
 
 __all__ = [
@@ -433,26 +433,6 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # signals: derived layer (incremental) + metrics layer (always in full)
 # ---------------------------------------------------------------------------------------------
-
-
-def combine_signals(derived: pl.DataFrame, metrics: pl.DataFrame | None) -> pl.DataFrame:
-    """The full signal table from the derived (rollouts/tokens/probe) and the metrics layer, by
-    the rule of `step_signals`: a metric of a derived name is dropped unless the derived column
-    is entirely null. Same values as `step_signals(src)`, columns sorted by name."""
-    out = derived
-    full_null = [c for c in out.columns if c != "step" and out.get_column(c).null_count() == out.height]
-    if metrics is not None and metrics.width > 1:
-        clash = [c for c in metrics.columns if c != "step" and c in out.columns and c not in full_null]
-        metrics = metrics.drop(clash)
-        replace = [c for c in metrics.columns if c in full_null]
-        if replace:
-            out = out.drop(replace)
-        out = _join_steps([out, metrics]) if out.height or out.width > 1 else metrics
-    # columns sorted by name: polars' pivots/group_bys give no stable column order, and the
-    # detection breaks ties between equally strong moves by column order
-    out = out.select(pl.col("step").cast(pl.Int64), *[pl.col(c).cast(pl.Float64) for c in sorted(out.columns)
-                                                      if c != "step"])
-    return out.sort("step")
 
 
 def _fill_counts(df: pl.DataFrame) -> pl.DataFrame:

@@ -516,9 +516,19 @@ def step_signals(src: RunSource, steps: Iterable[int] | None = None, *, low_prob
         derived.append(token_signals(_restrict(src.tokens, wanted), src.control_tokens, low_prob=low_prob))
     if src.probe is not None:
         derived.append(probe_signals(_restrict(src.probe, wanted)))
-    out = _join_steps(derived)
-    full_null = [c for c in out.columns if c != "step" and out.get_column(c).null_count() == out.height]
     metrics = metric_signals(_restrict(src.metrics, wanted)) if src.metrics is not None else None
+    out = combine_signals(_join_steps(derived), metrics)
+    if wanted is not None:
+        out = out.filter(pl.col("step").is_in(wanted))
+    return out.sort("step")
+
+
+def combine_signals(derived: pl.DataFrame, metrics: pl.DataFrame | None) -> pl.DataFrame:
+    """The full signal table from the derived (rollouts/tokens/probe) and the metrics layer, by
+    the rule of `step_signals`: a metric of a derived name is dropped unless the derived column
+    is entirely null. Columns sorted by name."""
+    out = derived
+    full_null = [c for c in out.columns if c != "step" and out.get_column(c).null_count() == out.height]
     if metrics is not None and metrics.width > 1:
         clash = [c for c in metrics.columns if c != "step" and c in out.columns and c not in full_null]
         metrics = metrics.drop(clash)
@@ -526,9 +536,10 @@ def step_signals(src: RunSource, steps: Iterable[int] | None = None, *, low_prob
         if replace:
             out = out.drop(replace)
         out = _join_steps([out, metrics]) if out.height or out.width > 1 else metrics
-    out = out.select(pl.col("step").cast(pl.Int64), *[pl.col(c).cast(pl.Float64) for c in out.columns if c != "step"])
-    if wanted is not None:
-        out = out.filter(pl.col("step").is_in(wanted))
+    # columns sorted by name: polars' pivots/group_bys give no stable column order, and the
+    # detection breaks ties between equally strong moves by column order
+    out = out.select(pl.col("step").cast(pl.Int64), *[pl.col(c).cast(pl.Float64) for c in sorted(out.columns)
+                                                      if c != "step"])
     return out.sort("step")
 
 

@@ -46,6 +46,7 @@ from diagnose.chat import (
     TOOL_RESPONSE_OPEN,
 )
 from diagnose.control_tokens import KEY_CONTEXT_ROLES, KEY_CONTEXTS
+from diagnose.ctrl_probe import probe_summary
 from diagnose.rundir import RunWriter
 from diagnose.turns import TurnState, classify_turn
 
@@ -521,7 +522,7 @@ def write_synthetic_run(
                 pf = _probe_frame(step, probe_fixed, tpl, names, spike_idx, expected_idx, spike_context,
                                   lat.p_probe[step], noise, rng)
                 out["probe"] = pf
-                metrics.update(_probe_summary(pf, names))
+                metrics.update(probe_summary(pf, names))
 
             # ---- optimiser-side metrics
             s = lat.stress[step]
@@ -755,18 +756,6 @@ def _probe_frame(step: int, pf: _ProbeFixed, tpl: _Templates, names: list[str], 
     for k, name in enumerate(names):
         data[f"lp_ctrl_{name}"] = lp_ctrl[..., k].reshape(-1).astype(np.float32)
     return pl.DataFrame(data)
-
-
-def _probe_summary(frame: pl.DataFrame, names: list[str]) -> dict[str, float]:
-    """``probe/<context>/<token>`` mean probabilities, as ``diagnose.ctrl_probe.probe_summary``."""
-    cols = [pl.col("lp_gold").exp().mean().alias("gold")] + [pl.col(f"lp_ctrl_{n}").exp().mean().alias(n) for n in names]
-    agg = frame.filter(pl.col("context") != "").group_by("context").agg(cols)
-    out: dict[str, float] = {}
-    for row in agg.iter_rows(named=True):
-        ctx = row.pop("context")
-        for name, v in row.items():
-            out[f"probe/{ctx}/{name}"] = float(v)
-    return out
 
 
 def truth_json(truth: SyntheticTruth) -> str:
