@@ -19,6 +19,8 @@ from diagnose.scan.cache import CACHE_SUBDIR, load_cached_scan, result_from_json
 from diagnose.synth import write_synthetic_run
 from diagnose.synth.foreign import write_conversation_run, write_trl_run
 
+from _scan_helpers import json_close
+
 STEPS = 33
 LAST = STEPS - 1
 SMALL = {"samples_per_step": 8, "tokens_per_sample": 48}
@@ -42,26 +44,6 @@ def run(template, tmp_path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(template, dst)
     return dst
-
-
-def json_close(a, b, path="") -> None:
-    """Recursive equality of two scan JSONs, floats to 1e-9 relative (polars' parallel sums
-    differ in the last bits between runs), lists of signal entries compared in signal order
-    (moves of exactly equal strength may come in either order)."""
-    if isinstance(a, float) or isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), path
-        for k in a:
-            json_close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b), path
-        if a and all(isinstance(x, dict) and "signal" in x for x in a + b):
-            a, b = sorted(a, key=lambda x: x["signal"]), sorted(b, key=lambda x: x["signal"])
-        for i, (x, y) in enumerate(zip(a, b)):
-            json_close(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 class Spy:
