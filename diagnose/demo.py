@@ -77,8 +77,8 @@ def run_demo(out: Path, *, n_tasks: int = 24, seed: int = 0, console: Console | 
         .sort("source")
     )
     table = Table(title=f"turn states by source ({n_tasks} test tasks each; model: {model_dir})")
-    for col in ["source", "turns", "reward", *STATES]:
-        table.add_column(col, justify="left" if col == "source" else "right")
+    for col in ["source", "turns", "reward", *STATES]:  # folded headers: fits 80 columns
+        table.add_column(col.replace("_", "\n"), justify="left" if col == "source" else "right")
     for row in by_source.iter_rows(named=True):
         table.add_row(row["source"], str(row["turns"]), f"{row['reward']:.2f}",
                       *(f"{row[s]:.0%}" for s in STATES))
