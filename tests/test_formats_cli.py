@@ -74,3 +74,15 @@ def test_table_output(tmp_path):
     assert res.exit_code == 0
     for state in ("healthy_call", "healthy_response", "polluted", "collapsed"):
         assert state in res.stdout
+
+
+def test_error_lines_are_not_wrapped_however_long_the_path(tmp_path):
+    """Error lines name the file; a terminal-width wrap would split the path and the message."""
+    deep = tmp_path / ("a_rather_long_directory_name_" * 4) / "nested"
+    deep.mkdir(parents=True)
+    p = deep / "junk.jsonl"
+    p.write_bytes(b"\xff\xfe\n{{{\n")
+    res = runner.invoke(app, ["formats", str(p)])
+    assert res.exit_code == 1
+    assert f"{p}: no readable conversation (2 bad lines)" in res.stderr.splitlines()[-1]
+    assert any(line.startswith(f"skipped {p}:1: ") for line in res.stderr.splitlines())

@@ -13,7 +13,7 @@ from train_minimal.presets import preset as get_preset
 app = typer.Typer(name="train-minimal", help="Minimal SFT/GRPO trainer for multi-step tool use.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 PresetOpt = typer.Option(None, "--preset", help="Named configuration (smoke, collapse, stable).")
 ConfigOpt = typer.Option(None, "--config", help="TOML or YAML config file (applied over the preset).")
