@@ -165,3 +165,20 @@ def test_cli_errors_are_one_line(args, code, needle, tmp_path):
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r")])
     assert res.exit_code == code, res.output
     assert needle in res.stderr and "Traceback" not in res.output
+
+
+def test_scan_reads_a_trainer_run(smoke_run):
+    """The trainer -> scan contract: a run the trainer wrote scans with no issue, and the
+    control-token signals at the key contexts and the probe signals come out of it."""
+    from diagnose.adapters import load_run
+    from diagnose.scan import scan_source
+
+    src = load_run(smoke_run)
+    assert src.format == "native" and src.issues == []
+    r = scan_source(src)
+    assert r.verdict == "insufficient_data"  # 3 RL steps: too short to judge, and it says so
+    cols = set(r.signals.columns)
+    assert {"probe/after_call_open/im_end", "probe/after_call_open/call_body_start", "entropy",
+            "turn_state/collapsed", "attribution/im_end/total", "ctx/turn_start/im_end"} <= cols
+    rl = r.signals.filter(pl.col("step") >= 4)
+    assert rl["entropy"].is_not_null().all() and rl["reward"].is_not_null().all()
