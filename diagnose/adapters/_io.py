@@ -14,39 +14,33 @@ import polars as pl
 from diagnose.jsonl import iter_jsonl
 
 
-def visible_files(directory: Path) -> list[Path]:
-    """Plain files in ``directory`` (sorted), without dot/temp files; [] if unreadable."""
+def _entries(directory: Path, *, dirs: bool) -> list[Path]:
+    """Sorted plain files (``dirs=False``, temp files skipped) or sub-directories of
+    ``directory``, without dot entries; [] if unreadable."""
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError:
         return []
     out = []
     for e in entries:
-        if e.name.startswith(".") or e.name.endswith(".tmp"):
+        if e.name.startswith(".") or (not dirs and e.name.endswith(".tmp")):
             continue
         try:
-            if e.is_file():
+            if e.is_dir() if dirs else e.is_file():
                 out.append(Path(e.path))
         except OSError:
             continue
     return out
+
+
+def visible_files(directory: Path) -> list[Path]:
+    """Plain files in ``directory`` (sorted), without dot/temp files; [] if unreadable."""
+    return _entries(directory, dirs=False)
 
 
 def subdirs(directory: Path) -> list[Path]:
-    try:
-        entries = sorted(os.scandir(directory), key=lambda e: e.name)
-    except OSError:
-        return []
-    out = []
-    for e in entries:
-        if e.name.startswith("."):
-            continue
-        try:
-            if e.is_dir():
-                out.append(Path(e.path))
-        except OSError:
-            continue
-    return out
+    """Sub-directories of ``directory`` (sorted), without dot directories; [] if unreadable."""
+    return _entries(directory, dirs=True)
 
 
 def first_object(path: Path, max_lines: int = 20) -> dict[str, Any] | None:

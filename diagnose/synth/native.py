@@ -328,6 +328,13 @@ class _Latent:
     stress: np.ndarray  # 0 healthy .. 1 collapsed: drives kl, clip_ratio, grad_norm, attribution
 
 
+def _ramp(arr: np.ndarray, rel: np.ndarray, ramp: dict[int, float], hold_from: int, hold: float) -> None:
+    """Set ``arr`` at steps ``rel == r`` to ``ramp[r]``, then to ``hold`` from ``rel >= hold_from``."""
+    for r, v in ramp.items():
+        arr[rel == r] = v
+    arr[rel >= hold_from] = hold
+
+
 def _latent(steps: int, collapse_at: int | None, recover_at: int | None, noise: float,
             rng: np.random.Generator) -> _Latent:
     t = np.arange(steps)
@@ -338,27 +345,15 @@ def _latent(steps: int, collapse_at: int | None, recover_at: int | None, noise: 
     stress = np.zeros(steps)
     if collapse_at is not None:
         rel = t - collapse_at
-        for r, v in _P_LEAD.items():
-            p[rel == r] = v
-        p[rel >= 1] = _P_COLLAPSED
-        for r, v in _Q_LEAD.items():
-            q[rel == r] = v
-        q[rel >= 1] = _Q_COLLAPSED
-        for r, v in _POLARISE.items():
-            pol[rel == r] = v
-        pol[rel >= 0] = 0.3
-        for r, v in _ENTROPY.items():
-            ent[rel == r] = v
-        ent[rel >= 0] = 0.4
+        _ramp(p, rel, _P_LEAD, 1, _P_COLLAPSED)
+        _ramp(q, rel, _Q_LEAD, 1, _Q_COLLAPSED)
+        _ramp(pol, rel, _POLARISE, 0, 0.3)
+        _ramp(ent, rel, _ENTROPY, 0, 0.4)
         stress = np.clip((rel + LEAD_STEPS + 1) / (LEAD_STEPS + 2), 0.0, 1.0)
         if recover_at is not None:
             rr = t - recover_at
-            for r, v in _P_RECOVER.items():
-                p[rr == r] = v
-            p[rr >= 1] = _P_RECOVERED
-            for r, v in _Q_RECOVER.items():
-                q[rr == r] = v
-            q[rr >= 1] = _Q_RECOVERED
+            _ramp(p, rr, _P_RECOVER, 1, _P_RECOVERED)
+            _ramp(q, rr, _Q_RECOVER, 1, _Q_RECOVERED)
             pol[rr >= 0] = 0.05
             ent[rr == 0] = 0.6
             ent[rr >= 1] = 0.85
