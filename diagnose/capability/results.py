@@ -1,0 +1,114 @@
+"""The capability probe's results as they live in a run directory: ``<run>/capability/``.
+
+One schema, one writer, one reader, so that ``diagnose probe`` writes what ``scan``, the
+dashboard and the notebooks read. Why a directory of its own: ``probe/`` already holds the
+fixed control-token probe written during training; this one is written after the fact, per
+checkpoint, by ``diagnose probe``.
+
+Files (all written atomically):
+
+- ``results.parquet`` -- long table, one row per (checkpoint, measure), see ``RESULT_SCHEMA``.
+- ``summary.parquet`` -- one row per checkpoint: format score, capability score, gap, verdict.
+- ``meta.json`` -- what was probed: tasks, split, thresholds, versions, time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from diagnose.atomic import atomic_write_bytes, atomic_write_json
+
+DIRNAME = "capability"
+
+# measures: generation-based ones carry turn-state rates and (for interventions) a fired rate
+MEASURES = ("native", "repair_forbid", "repair_prefill", "alt_pythonic", "alt_json", "likelihood")
+
+RESULT_SCHEMA: dict[str, pl.DataType] = {
+    "checkpoint": pl.String,        # e.g. "step-000120", or a model directory's name
+    "step": pl.Int64,               # training step of the checkpoint; null for a bare model dir
+    "measure": pl.String,           # one of MEASURES
+    "accuracy": pl.Float64,         # share of tasks solved (likelihood: share of steps ranked first)
+    "n": pl.Int64,                  # tasks (generation measures) or scored gold steps (likelihood)
+    "fired_rate": pl.Float64,       # interventions: share of episodes in which it fired; else null
+    "healthy_call": pl.Float64,     # turn-state rates over generated turns; null for likelihood
+    "healthy_response": pl.Float64,
+    "polluted": pl.Float64,
+    "collapsed": pl.Float64,
+}
+
+SUMMARY_SCHEMA: dict[str, pl.DataType] = {
+    "checkpoint": pl.String,
+    "step": pl.Int64,
+    "format_score": pl.Float64,     # native accuracy (the format as trained)
+    "capability_score": pl.Float64, # best content score with the format taken out of the way
+    "format_gap": pl.Float64,       # capability_score - format_score
+    "verdict": pl.String,           # "healthy" | "capability intact, format broken" | "capability lost" | ...
+}
+
+
+@dataclass
+class CapabilityResults:
+    run_dir: Path
+    results: pl.DataFrame
+    summary: pl.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def capability_dir(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / DIRNAME
+
+
+def _frame(rows: list[dict[str, Any]] | pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    df = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(rows, schema=schema, strict=False)
+    missing = [c for c in schema if c not in df.columns]
+    df = df.with_columns([pl.lit(None, dtype=schema[c]).alias(c) for c in missing])
+    return df.select([pl.col(c).cast(t) for c, t in schema.items()])
+
+
+def _parquet_bytes(df: pl.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    return buf.getvalue()
+
+
+def write_capability(run_dir: str | os.PathLike[str], results: list[dict[str, Any]] | pl.DataFrame,
+                     summary: list[dict[str, Any]] | pl.DataFrame, meta: dict[str, Any] | None = None) -> Path:
+    """Write (replace) ``<run>/capability/``; each file atomically."""
+    d = capability_dir(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(d / "results.parquet", _parquet_bytes(_frame(results, RESULT_SCHEMA)))
+    atomic_write_bytes(d / "summary.parquet", _parquet_bytes(_frame(summary, SUMMARY_SCHEMA)))
+    atomic_write_json(d / "meta.json", meta or {})
+    return d
+
+
+class CapabilityReadError(Exception):
+    """A capability file exists but cannot be read; the message names the file."""
+
+
+def read_capability(run_dir: str | os.PathLike[str]) -> CapabilityResults | None:
+    """The probe results of a run, or None when the run has not been probed."""
+    d = capability_dir(run_dir)
+    if not (d / "summary.parquet").exists():
+        return None
+    frames = {}
+    for name, schema in (("results", RESULT_SCHEMA), ("summary", SUMMARY_SCHEMA)):
+        path = d / f"{name}.parquet"
+        try:
+            frames[name] = _frame(pl.read_parquet(path), schema) if path.exists() else _frame([], schema)
+        except Exception as e:  # noqa: BLE001 - any decoding failure is reported with the file
+            raise CapabilityReadError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    meta: dict[str, Any] = {}
+    if (d / "meta.json").exists():
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CapabilityReadError(f"{d / 'meta.json'}: unreadable ({e})") from None
+    return CapabilityResults(Path(run_dir), frames["results"], frames["summary"], meta)
