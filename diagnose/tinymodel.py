@@ -45,6 +45,8 @@ __all__ = [
     "DEFAULT_MODEL_SUBDIR",
     "DEFAULT_VOCAB_SIZE",
     "MODEL_INFO_FILE",
+    "BaseModelError",
+    "ensure_base_model",
     "QWEN2_PRETOKENIZE_REGEX",
     "SIZES",
     "SPECIAL_CONTROL_STRINGS",
@@ -531,6 +533,63 @@ def ensure_default_model() -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# the embedded base model: the tiny model with the skill, weights shipped with the package
+
+BASE_MODEL_SUBDIR = "tiny-qwen2-base-v1"
+BASE_WEIGHTS_DIR = Path(__file__).parent / "models" / "tiny_base"  # model.safetensors + base.json
+BASE_NAMES = ("tiny-base",)
+
+
+class BaseModelError(RuntimeError):
+    """The shipped base weights are missing or do not fit the locally built tokenizer."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def base_model_dir() -> Path:
+    return default_model_dir().parent / BASE_MODEL_SUBDIR
+
+
+def ensure_base_model() -> Path:
+    """The embedded *base* model: the default's tokenizer and config with the shipped weights
+    (``diagnose/models/tiny_base/``, produced by ``train-minimal sft --preset base``; see
+    docs/models.md). Why shipped: the tiny model needs ~700 SFT steps (~25 min on a CPU core) to
+    learn to copy ids and names from its context; every RL run starts from a pretrained model,
+    and ours should too, without that wait. The tokenizer is rebuilt locally (deterministic) and
+    checked against the hash recorded when the weights were trained."""
+    path = base_model_dir()
+    if _is_built(path) and (path / "model.safetensors").is_file():
+        return path
+    weights, meta_file = BASE_WEIGHTS_DIR / "model.safetensors", BASE_WEIGHTS_DIR / "base.json"
+    if not weights.is_file() or not meta_file.is_file():
+        raise BaseModelError(f"{BASE_WEIGHTS_DIR}: the shipped base weights are missing (a broken install?)")
+    meta = json.loads(meta_file.read_text())
+    src = ensure_default_model()
+    got = _sha256(src / "tokenizer.json")
+    if got != meta.get("tokenizer_sha256"):
+        raise BaseModelError(
+            f"{src / 'tokenizer.json'}: the locally built tokenizer (sha256 {got[:12]}) differs from the one "
+            f"the base weights were trained with ({str(meta.get('tokenizer_sha256'))[:12]}); rebuild with "
+            "`diagnose build-model` or retrain the base (`train-minimal sft --preset base`)")
+    with _file_lock(path.parent / f"{path.name}.lock"):
+        if not (_is_built(path) and (path / "model.safetensors").is_file()):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+            for f in src.iterdir():
+                if f.is_file() and f.suffix != ".lock" and f.name != "model.safetensors":
+                    shutil.copy2(f, tmp / f.name)
+            shutil.copy2(weights, tmp / "model.safetensors")
+            info = json.loads((tmp / MODEL_INFO_FILE).read_text())
+            info["base"] = meta
+            (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
+            _replace_dir(tmp, path)
+    return path
+
+
 def _cached_hub_snapshot(name: str) -> Path | None:
     """The local snapshot directory of Hugging Face hub id ``name`` ("org/model") if it is
     already in the local HF cache; never touches the network."""
@@ -546,12 +605,15 @@ def _cached_hub_snapshot(name: str) -> Path | None:
 
 
 def resolve_model_path(path_or_name: str | os.PathLike[str]) -> Path:
-    """Local directory of a model: ``"tiny"`` is the embedded default (built on first use), an
+    """Local directory of a model: ``"tiny"`` is the embedded default (built on first use),
+    ``"tiny-base"`` the embedded base model (shipped weights, see `ensure_base_model`), an
     existing directory is itself, an ``org/name`` hub id is its snapshot in the local HF cache.
     Raises ValueError naming the path when there is no such model directory with a config."""
     name = str(path_or_name)
     if name == "tiny":
         return ensure_default_model()
+    if name in BASE_NAMES:
+        return ensure_base_model()
     path = Path(name).expanduser()
     if not path.exists():
         cached = _cached_hub_snapshot(name)

@@ -182,3 +182,31 @@ def test_scan_reads_a_trainer_run(smoke_run):
             "turn_state/collapsed", "attribution/im_end/total", "ctx/turn_start/im_end"} <= cols
     rl = r.signals.filter(pl.col("step") >= 4)
     assert rl["entropy"].is_not_null().all() and rl["reward"].is_not_null().all()
+
+
+def test_sft_pass_context_weight_and_dropped_system_prompt(tiny_model_dir):
+    """The pretraining-style options of the warm start: dropping the system prompt shortens the
+    sequence, and a context weight adds LM loss on user/tool tokens (changing the gradient)."""
+    from train_minimal.trainer import sft_pass
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    tasks = make_tasks("train", 3, seed=5)
+
+    def grad_norm(**kw) -> tuple[float, float]:
+        model.zero_grad(set_to_none=True)
+        loss = sft_pass(model, tok, tasks, micro=2, scale=1.0, **kw)
+        g = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+        return loss, float(g)
+
+    base_loss, base_g = grad_norm()
+    same_loss, same_g = grad_norm(keep_system=[True] * 3, context_weight=0.0)
+    assert same_loss == pytest.approx(base_loss, rel=1e-5) and same_g == pytest.approx(base_g, rel=1e-4)
+    ctx_loss, ctx_g = grad_norm(context_weight=0.3)
+    assert ctx_loss != pytest.approx(base_loss, rel=1e-3) and ctx_g != pytest.approx(base_g, rel=1e-3)
+    nosys_loss, _ = grad_norm(keep_system=[False] * 3)
+    assert nosys_loss != pytest.approx(base_loss, rel=1e-3)  # same assistant tokens, other context
+    # the loss is a token mean of the same assistant tokens: micro-batching does not change it
+    one_loss, _ = grad_norm(keep_system=[False, True, False], context_weight=0.3)
+    model.zero_grad(set_to_none=True)
+    whole = sft_pass(model, tok, tasks, micro=8, scale=1.0, keep_system=[False, True, False], context_weight=0.3)
+    assert whole == pytest.approx(one_loss, rel=1e-4)

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = "tiny"  # "tiny" = the embedded default; or any HF model directory
+    path: str = "tiny"  # "tiny" = embedded default (random init), "tiny-base" = embedded base model; or any HF model dir
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto: cuda if available
     gradient_checkpointing: bool = False
@@ -55,6 +55,10 @@ class SFTConfig:
     lr: float = 1e-3
     batch_size: int = 16
     warmup_steps: int = 10
+    # Pretraining-style warm start (the embedded base model was trained this way, see docs/models.md):
+    system_prompt_rate: float = 1.0  # share of examples that keep the system prompt (tool schemas);
+    #   dropping it makes sequences ~2.4x shorter, so more steps fit in the same CPU time
+    context_loss_weight: float = 0.0  # LM loss weight on non-assistant tokens (user, tool outputs)
 
 
 @dataclass

@@ -103,17 +103,30 @@ def supervision_tasks(cfg: TrainConfig, state: TrainState, pool: list[Task], ste
 # ------------------------------------------------------------------------------ model passes
 
 
-def sft_pass(model: Any, tokenizer: Any, tasks: list[Task], micro: int, scale: float) -> float:
-    """Backward the SFT loss on the tasks' gold trajectories (assistant tokens only)."""
-    seqs = [encode_conversation(tokenizer, gold_messages(t), len(t.messages)) for t in tasks]
+def sft_pass(model: Any, tokenizer: Any, tasks: list[Task], micro: int, scale: float, *,
+             keep_system: list[bool] | None = None, context_weight: float = 0.0) -> float:
+    """Backward the SFT loss on the tasks' gold trajectories: assistant tokens, plus the other
+    tokens (user, tool outputs) at ``context_weight``; ``keep_system[i]`` False drops task i's
+    system prompt (pretraining-style warm start)."""
+    seqs = []
+    for i, t in enumerate(tasks):
+        msgs, n_prompt = gold_messages(t), len(t.messages)
+        if keep_system is not None and not keep_system[i] and msgs and msgs[0]["role"] == "system":
+            msgs, n_prompt = msgs[1:], n_prompt - 1
+        seqs.append(encode_conversation(tokenizer, msgs, n_prompt))
+    # sorted by length, so that micro-batches (each trimmed to its longest row) carry little padding
+    seqs.sort(key=len)
     batch = make_batch(seqs, tokenizer.pad_token_id)
-    n_tokens = float(batch.loss_mask.sum())
+    weights = batch.loss_mask.float()
+    if context_weight > 0:
+        weights = weights + context_weight * (batch.attention[:, 1:].float() - weights).clamp(min=0)
+    n_tokens = float(weights.sum())
     total = 0.0
     for sl in micro_slices(len(batch), micro):
         mb = batch.rows(sl).to(model.device)
         logits = model(input_ids=mb.ids, attention_mask=mb.attention).logits[:, :-1]
         st = token_stats(logits, mb.ids[:, 1:], with_entropy=False)
-        loss = sft_loss(st.logprob, mb.loss_mask, n_tokens)
+        loss = sft_loss(st.logprob, weights[sl, : mb.ids.shape[1] - 1].to(model.device), n_tokens)
         (scale * loss).backward()
         total += float(loss.detach())
     return total
@@ -329,7 +342,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
                 lr = lr_at(step, cfg.sft.lr, cfg.sft.warmup_steps)
                 rng = random.Random(seed_for(cfg.seed, step, "warm"))
                 tasks = rng.sample(pool, min(len(pool), cfg.sft.batch_size))
-                m["sft_loss"] = sft_pass(model, tokenizer, tasks, cfg.grpo.micro_batch_size, 1.0)
+                keep = [rng.random() < cfg.sft.system_prompt_rate for _ in tasks]
+                m["sft_loss"] = sft_pass(model, tokenizer, tasks, cfg.grpo.micro_batch_size, 1.0,
+                                         keep_system=keep, context_weight=cfg.sft.context_loss_weight)
             elif phase == "sft_supervision":  # interleaved SFT phase
                 lr = lr_at(step - cfg.sft.steps, cfg.grpo.lr, cfg.grpo.warmup_steps)
                 tasks = supervision_tasks(cfg, state, pool, step)
