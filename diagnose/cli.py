@@ -3,7 +3,8 @@
 Exit codes are part of the interface (scripts gate on them). `formats`: 0 = ran, 1 = nothing
 readable, 2 = bad usage (typer's own) or a missing input. `scan`: 0 = no collapse found, 1 =
 collapse found (see --fail-on), 2 = bad usage or unreadable run, 3 = internal error. `compare`:
-0 = compared, 2 = bad usage or unreadable run, 3 = internal error (docs/scan.md).
+0 = compared, 2 = bad usage or unreadable run, 3 = internal error (docs/scan.md). `dashboard`:
+serves until stopped; 2 = missing runs root or streamlit not installed (docs/dashboard.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from diagnose.capability.cli import PROBE_EPILOG, probe
 from diagnose.jsonl import LineError
 
 app = typer.Typer(
@@ -315,6 +317,39 @@ def compare(
         sys.stdout.write(json.dumps(cmp.to_json(), allow_nan=False) + "\n")
     else:
         render_compare(cmp, console)
+
+
+@app.command()
+def dashboard(
+    runs_root: Path = typer.Argument(Path("runs"), help="Folder holding run directories (any layout `diagnose scan` "
+                                                        "reads), looked for up to 3 levels down."),
+    port: int = typer.Option(8501, help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind. The default serves this machine only; anything else "
+                                               "exposes every run under the root to the network."),
+    no_browser: bool = typer.Option(False, "--no-browser", help="Do not open a browser tab."),
+) -> None:
+    """Start the Streamlit dashboard on the runs under RUNS_ROOT (overview, control tokens, episodes,
+    token viewer, probe, compare; docs/dashboard.md). Exit 2 if RUNS_ROOT is missing."""
+    from diagnose.dashboard_launch import LaunchError, check_ready, is_loopback, launch
+
+    try:
+        root = check_ready(runs_root)
+    except LaunchError as e:
+        err_console.print(f"[red]error:[/] {_esc(e)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    if not is_loopback(host):
+        err_console.print(f"[yellow]warning:[/] binding {_esc(host)}: every run under {_esc(root)} is readable "
+                          "from the network (no authentication)", highlight=False, soft_wrap=True)
+    err_console.print(f"dashboard on http://{_esc(host)}:{port} (runs root {_esc(root)}); Ctrl+C stops it",
+                      highlight=False, soft_wrap=True)
+    try:
+        launch(root, address=host, port=port, open_browser=not no_browser)
+    except (LaunchError, OSError) as e:
+        err_console.print(f"[red]error:[/] cannot start the dashboard: {_esc(e)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+app.command("probe", epilog=PROBE_EPILOG)(probe)
 
 
 def main() -> None:  # pragma: no cover - entry point

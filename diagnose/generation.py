@@ -36,14 +36,24 @@ def _left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[to
 
 
 @torch.no_grad()
-def generate_batch(model: Any, tokenizer: Any, contexts: list[list[int]], s: Sampling) -> list[tuple[list[int], list[float], bool]]:
+def generate_batch(model: Any, tokenizer: Any, contexts: list[list[int]], s: Sampling, *,
+                   logits_processor: Any = None) -> list[tuple[list[int], list[float], bool]]:
     """For each context: (generated ids up to and including the stop token, sampler log-probs of
-    those ids, whether a stop token was reached)."""
+    those ids, whether a stop token was reached).
+
+    ``logits_processor``: optional HF logits processor(s) (one, a list or a ``LogitsProcessorList``)
+    applied to every step's scores, e.g. the capability probe's format repairs; the returned
+    log-probs are then those of the processed distribution."""
     stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[1]
     ids, mask = _left_pad(contexts, pad, model.device)
     kw: dict[str, Any] = dict(do_sample=False) if s.greedy or s.temperature <= 0 else dict(
         do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+    if logits_processor is not None:
+        from transformers import LogitsProcessorList
+
+        procs = logits_processor if isinstance(logits_processor, (list, tuple, LogitsProcessorList)) else [logits_processor]
+        kw["logits_processor"] = LogitsProcessorList(procs)
     out = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, eos_token_id=stop,
         pad_token_id=pad, output_scores=True, return_dict_in_generate=True, **kw)

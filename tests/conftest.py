@@ -14,3 +14,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from diagnose.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def probe_models(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Checkpoints of known capability for the capability-probe tests, built once per session
+    (tests/_capability_models.py; about 10 s on 2 CPU cores): ``random`` (the untrained embedded
+    default), ``healthy`` (a small model overfitted on the first 4 ``test`` tasks) and
+    ``collapsed`` (healthy, then taught to end the turn right after ``<tool_call>\\n``); ``tasks``:
+    those 4 tasks; ``build``: what each build took. Read-only for tests."""
+    from _capability_models import build_collapsed, build_healthy
+
+    from diagnose.tasks import make_tasks
+
+    root = tmp_path_factory.mktemp("probe_models")
+    tasks = make_tasks("test", 4)
+    healthy = build_healthy(tiny_model_dir, root / "healthy", tasks)
+    collapsed = build_collapsed(root / "healthy", root / "collapsed", tasks)
+    return {"random": tiny_model_dir, "healthy": root / "healthy", "collapsed": root / "collapsed",
+            "tasks": tasks, "build": {"healthy": healthy, "collapsed": collapsed}}

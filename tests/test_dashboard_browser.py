@@ -1,0 +1,144 @@
+"""End to end in a real headless browser: `diagnose dashboard` serves a generated run on a free
+localhost port, Chromium (driven by Playwright's sync API) opens the overview, the token viewer
+and the episode explorer, and checks that the plotly figures are drawn and no exception box
+appears. Screenshots land in the test's tmp_path.
+
+Chromium: $DIAGNOSE_CHROMIUM, else ``chromium`` / ``chromium-browser`` / ``google-chrome`` on
+PATH (scripts/setup.sh installs Debian's ``chromium`` where apt is available), else a
+browser Playwright downloaded itself. Skipped, with the reason, when none is found.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+
+from diagnose.synth import write_synthetic_run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_S = 90
+PAGE_MS = 45_000
+
+
+def chromium_path() -> str | None:
+    env = os.environ.get("DIAGNOSE_CHROMIUM")
+    if env:
+        return env if Path(env).is_file() else None
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("browser") / "runs"
+    write_synthetic_run(root / "collapse", steps=40, collapse_at=22, samples_per_step=16, tokens_per_sample=48)
+    port = free_port()
+    log = tmp_path_factory.mktemp("browser_log") / "streamlit.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "diagnose.cli", "dashboard", str(root), "--port", str(port),
+                                 "--no-browser"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"dashboard did not start (exit {proc.poll()}):\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+        yield base
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # our own session: streamlit and nothing else
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = chromium_path()
+    with sync_api.sync_playwright() as p:
+        if exe is None:
+            try:
+                b = p.chromium.launch(headless=True)  # a browser `playwright install` put in place, if any
+            except Exception as e:  # noqa: BLE001
+                pytest.skip(f"no Chromium found (apt-get install chromium, or set DIAGNOSE_CHROMIUM): {e}".splitlines()[0])
+        else:
+            b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def settle(page, n_plots: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n_plots}",
+                           timeout=PAGE_MS)
+    # the script run is over when streamlit's status widget is gone
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=PAGE_MS)
+
+
+def no_exception(page) -> None:
+    boxes = page.locator('[data-testid="stException"]')
+    assert boxes.count() == 0, boxes.first.inner_text()[:2000]
+
+
+def test_dashboard_in_browser(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    page.goto(server + "/?run=collapse")
+    settle(page, 2)
+    no_exception(page)
+    assert page.get_by_text("COLLAPSE at step", exact=False).count() >= 1
+    assert page.locator(".js-plotly-plot").count() == 2
+    page.screenshot(path=str(tmp_path / "overview.png"))
+
+    page.goto(server + "/tokens?run=collapse")
+    settle(page, 1)
+    page.wait_for_selector("div.dg-tokens span.t", timeout=PAGE_MS)
+    no_exception(page)
+    ctrl = page.locator("div.dg-tokens span.c")
+    assert ctrl.count() >= 1
+    assert "p(<|im_end|>) = " in (ctrl.first.get_attribute("title") or "")  # the hover text
+    page.screenshot(path=str(tmp_path / "tokens.png"))
+
+    page.goto(server + "/episodes?run=collapse")
+    settle(page, 1)
+    no_exception(page)
+    page.get_by_role("button", name="open in the token viewer").last.click()
+    page.wait_for_url("**/tokens**", timeout=PAGE_MS)
+    page.wait_for_selector("div.dg-tokens span.t", timeout=PAGE_MS)
+    settle(page, 1)
+    no_exception(page)
+    page.screenshot(path=str(tmp_path / "episode_to_tokens.png"))
+    assert not errors, errors
