@@ -403,3 +403,54 @@ def test_ensure_default_model_builds_once_under_lock(monkeypatch: pytest.MonkeyP
     # "tiny" resolves to the default
     model, tok = load_model_and_tokenizer("tiny")
     assert model.config.model_type == "qwen2" and len(tok) <= 600
+
+
+# ---------------------------------------------------------------- the embedded base model
+
+
+@pytest.fixture(scope="module")
+def base_home(tmp_path_factory):
+    """A private DIAGNOSE_HOME, so the base model is assembled from scratch here."""
+    import os
+
+    home = tmp_path_factory.mktemp("home")
+    old = os.environ.get("DIAGNOSE_HOME")
+    os.environ["DIAGNOSE_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("DIAGNOSE_HOME", None)
+    else:
+        os.environ["DIAGNOSE_HOME"] = old
+
+
+def test_base_model_has_the_skill(base_home):
+    """The shipped weights fit the locally built tokenizer and solve held-out tasks greedily
+    (the untrained default solves none: tests/test_tasks.py, docs/models.md)."""
+    from diagnose.generation import hf_policy
+    from diagnose.tasks import make_tasks, run_episode
+    from diagnose.tinymodel import ensure_base_model, load_model_and_tokenizer
+
+    path = ensure_base_model()
+    assert path.parent == base_home and (path / "model.safetensors").is_file()
+    model, tok = load_model_and_tokenizer("tiny-base")
+    policy = hf_policy(model, tok, greedy=True, max_new_tokens=64)
+    eps = [run_episode(t, policy, max_turns=4) for t in make_tasks("test", 8, seed=4242)]
+    calls_right = sum(e.score.calls_right for e in eps) / len(eps)
+    assert calls_right >= 0.5, [e.messages[-1]["content"][:80] for e in eps]
+
+
+def test_base_model_refuses_a_different_tokenizer(base_home, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from diagnose import tinymodel
+
+    fake = tmp_path / "tiny_base"
+    shutil.copytree(tinymodel.BASE_WEIGHTS_DIR, fake)
+    meta = json.loads((fake / "base.json").read_text())
+    meta["tokenizer_sha256"] = "0" * 64
+    (fake / "base.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(tinymodel, "BASE_WEIGHTS_DIR", fake)
+    monkeypatch.setattr(tinymodel, "base_model_dir", lambda: tmp_path / "assembled")
+    with pytest.raises(tinymodel.BaseModelError, match="tokenizer.json"):
+        tinymodel.ensure_base_model()
