@@ -84,6 +84,18 @@ def require_scan(entry: data.RunEntry) -> Any | None:
     return loaded.value
 
 
+def run_and_scan_or_stop() -> tuple[data.RunEntry, Any]:
+    """The selected run and its scan result; stops the page (after saying why) when either is
+    missing -- the preamble of every page that plots scan signals."""
+    entry = selected_run()
+    if entry is None:
+        st.stop()
+    result = require_scan(entry)
+    if result is None:
+        st.stop()
+    return entry, result
+
+
 @contextlib.contextmanager
 def section(what: str) -> Iterator[None]:
     """A part of a page that shows a one-line message instead of a traceback if it fails."""

@@ -9,12 +9,7 @@ from diagnose.scan.html import token_figure
 from diagnose.scan.report import fmt_prob, has_token_probabilities, token_label
 
 st.title("Control tokens")
-entry = ui.selected_run()
-if entry is None:
-    st.stop()
-result = ui.require_scan(entry)
-if result is None:
-    st.stop()
+entry, result = ui.run_and_scan_or_stop()
 
 src = data.load_source(entry.path)
 texts = {t["name"]: t.get("text") for t in (src.value.control_tokens if src.ok else [])}

@@ -10,12 +10,7 @@ from diagnose.scan.html import onset_order_figure
 from diagnose.scan.report import fmt_num, fmt_pct, fmt_prob, implicated_texts, token_label
 
 st.title("Episode explorer")
-entry = ui.selected_run()
-if entry is None:
-    st.stop()
-result = ui.require_scan(entry)
-if result is None:
-    st.stop()
+entry, result = ui.run_and_scan_or_stop()
 if not result.episodes:
     st.info(f"No collapse episode in this run (verdict: {result.verdict}).")
     st.stop()

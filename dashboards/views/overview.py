@@ -9,12 +9,7 @@ from diagnose.scan.html import overview_figure
 from diagnose.scan.report import fmt_num, fmt_pct, level, smoothed_peak, table_presence, token_label, verdict_line
 
 st.title("Overview")
-entry = ui.selected_run()
-if entry is None:
-    st.stop()
-result = ui.require_scan(entry)
-if result is None:
-    st.stop()
+entry, result = ui.run_and_scan_or_stop()
 
 st.caption(f"`{entry.path}` · format **{result.source_format}** · tables: "
            f"{', '.join(k for k, ok in table_presence(result).items() if ok) or 'none'} · {result.cache.describe()}")

@@ -33,12 +33,12 @@ from diagnose import __version__
 from diagnose.atomic import atomic_write_text
 from diagnose.scan.episodes import CollapseEpisode, RolloutExample, ScanResult
 from diagnose.scan.report import (
-    CONTROL_STRINGS,
     finite_series,
     fmt_num,
     fmt_pct,
     fmt_prob,
     has_token_probabilities,
+    highlight_strings,
     implicated_texts,
     level,
     smoothed_peak,
@@ -96,11 +96,11 @@ def highlight(text: str | None, extra: Iterable[str] = ()) -> str:
     so nothing from the run is ever interpreted as HTML)."""
     if text is None:
         return '<span class="dim">(no text)</span>'
-    strings = {s for s in (*CONTROL_STRINGS, *extra) if s and s.strip() and len(s) >= 2}
+    strings = highlight_strings(extra)
     escaped = esc(text)
     if not strings:
         return escaped
-    pat = re.compile("|".join(re.escape(esc(s)) for s in sorted(strings, key=len, reverse=True)))
+    pat = re.compile("|".join(re.escape(esc(s)) for s in strings))
     return pat.sub(lambda m: f'<span class="ctl">{m.group(0)}</span>', escaped)
 
 

@@ -22,21 +22,13 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from diagnose.chat import (
-    ENDOFTEXT,
-    IM_END,
-    IM_START,
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
-    TOOL_RESPONSE_CLOSE,
-    TOOL_RESPONSE_OPEN,
-)
+from diagnose.chat import CONTROL_STRINGS
 from diagnose.control_tokens import STRUCTURAL_TOKENS
 from diagnose.scan.episodes import CollapseEpisode, ImplicatedToken, RolloutExample, ScanResult
 
 __all__ = [
-    "CONTROL_STRINGS",
     "control_pattern",
+    "highlight_strings",
     "fmt_num",
     "fmt_prob",
     "has_token_probabilities",
@@ -45,9 +37,6 @@ __all__ = [
     "verdict_line",
 ]
 
-#: Control strings highlighted in rollout excerpts (plus the texts of implicated tokens).
-CONTROL_STRINGS: tuple[str, ...] = (IM_START, IM_END, ENDOFTEXT, TOOL_CALL_OPEN, TOOL_CALL_CLOSE,
-                                    TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE)
 _TEXT_OF = {name: text for name, text, _ in STRUCTURAL_TOKENS}
 
 MAX_MOVES = 15  # rows of the "what moved" table in the terminal
@@ -110,10 +99,16 @@ def token_label(name: str, text: str | None = None) -> str:
     return text
 
 
+def highlight_strings(extra: Iterable[str] = ()) -> list[str]:
+    """The strings highlighted in rollout excerpts: the format's control strings plus ``extra``
+    (texts of implicated tokens), longest first so that a regex prefers the longest match."""
+    strings = {s for s in (*CONTROL_STRINGS, *extra) if s and s.strip() and len(s) >= 2}
+    return sorted(strings, key=len, reverse=True)
+
+
 def control_pattern(extra: Iterable[str] = ()) -> re.Pattern[str]:
     """Regex of the control strings to highlight (longest first)."""
-    strings = {s for s in (*CONTROL_STRINGS, *extra) if s and s.strip() and len(s) >= 2}
-    return re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)))
+    return re.compile("|".join(re.escape(s) for s in highlight_strings(extra)))
 
 
 def implicated_texts(result: ScanResult) -> list[str]:
