@@ -545,7 +545,7 @@ class BaseModelError(RuntimeError):
     """The shipped base weights are missing or do not fit the locally built tokenizer."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -555,6 +555,17 @@ def base_model_dir() -> Path:
     return default_model_dir().parent / BASE_MODEL_SUBDIR
 
 
+def _base_assembled(path: Path, meta: dict[str, Any]) -> bool:
+    """``path`` holds the base model assembled from *these* shipped weights (``meta``: their
+    ``base.json``), so a package update with new weights re-assembles it."""
+    if not (_is_built(path) and (path / "model.safetensors").is_file()):
+        return False
+    try:
+        return json.loads((path / MODEL_INFO_FILE).read_text()).get("base") == meta
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_base_model() -> Path:
     """The embedded *base* model: the default's tokenizer and config with the shipped weights
     (``diagnose/models/tiny_base/``, produced by ``train-minimal sft --preset base``; see
@@ -562,22 +573,22 @@ def ensure_base_model() -> Path:
     learn to copy ids and names from its context; every RL run starts from a pretrained model,
     and ours should too, without that wait. The tokenizer is rebuilt locally (deterministic) and
     checked against the hash recorded when the weights were trained."""
-    path = base_model_dir()
-    if _is_built(path) and (path / "model.safetensors").is_file():
-        return path
     weights, meta_file = BASE_WEIGHTS_DIR / "model.safetensors", BASE_WEIGHTS_DIR / "base.json"
     if not weights.is_file() or not meta_file.is_file():
         raise BaseModelError(f"{BASE_WEIGHTS_DIR}: the shipped base weights are missing (a broken install?)")
     meta = json.loads(meta_file.read_text())
+    path = base_model_dir()
+    if _base_assembled(path, meta):
+        return path
     src = ensure_default_model()
-    got = _sha256(src / "tokenizer.json")
+    got = sha256_file(src / "tokenizer.json")
     if got != meta.get("tokenizer_sha256"):
         raise BaseModelError(
             f"{src / 'tokenizer.json'}: the locally built tokenizer (sha256 {got[:12]}) differs from the one "
             f"the base weights were trained with ({str(meta.get('tokenizer_sha256'))[:12]}); rebuild with "
             "`diagnose build-model` or retrain the base (`train-minimal sft --preset base`)")
     with _file_lock(path.parent / f"{path.name}.lock"):
-        if not (_is_built(path) and (path / "model.safetensors").is_file()):
+        if not _base_assembled(path, meta):
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
             for f in src.iterdir():
                 if f.is_file() and f.suffix != ".lock" and f.name != "model.safetensors":

@@ -6,18 +6,12 @@ embedded base model (`tiny-base`, docs/models.md), with a record of how they wer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
-from pathlib import Path
 
 from diagnose.rundir import RunReader
-from diagnose.tinymodel import BASE_WEIGHTS_DIR, ensure_default_model
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from diagnose.tinymodel import BASE_WEIGHTS_DIR, ensure_default_model, sha256_file
 
 
 def main(run_dir: str) -> None:
@@ -42,8 +36,8 @@ def main(run_dir: str) -> None:
         "step": step,
         "config": info.get("config"),
         "final_metrics": evals[0] if evals else {},
-        "tokenizer_sha256": sha256(tok),
-        "weights_sha256": sha256(BASE_WEIGHTS_DIR / "model.safetensors"),
+        "tokenizer_sha256": sha256_file(tok),
+        "weights_sha256": sha256_file(BASE_WEIGHTS_DIR / "model.safetensors"),
     }
     (BASE_WEIGHTS_DIR / "base.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     print(f"shipped step {step} of {run_dir} to {BASE_WEIGHTS_DIR}")

@@ -411,16 +411,10 @@ def test_ensure_default_model_builds_once_under_lock(monkeypatch: pytest.MonkeyP
 @pytest.fixture(scope="module")
 def base_home(tmp_path_factory):
     """A private DIAGNOSE_HOME, so the base model is assembled from scratch here."""
-    import os
-
     home = tmp_path_factory.mktemp("home")
-    old = os.environ.get("DIAGNOSE_HOME")
-    os.environ["DIAGNOSE_HOME"] = str(home)
-    yield home
-    if old is None:
-        os.environ.pop("DIAGNOSE_HOME", None)
-    else:
-        os.environ["DIAGNOSE_HOME"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIAGNOSE_HOME", str(home))
+        yield home
 
 
 def test_base_model_has_the_skill(base_home):
@@ -454,3 +448,21 @@ def test_base_model_refuses_a_different_tokenizer(base_home, tmp_path, monkeypat
     monkeypatch.setattr(tinymodel, "base_model_dir", lambda: tmp_path / "assembled")
     with pytest.raises(tinymodel.BaseModelError, match="tokenizer.json"):
         tinymodel.ensure_base_model()
+
+
+def test_base_model_is_reassembled_when_the_shipped_weights_change(base_home, tmp_path, monkeypatch):
+    """A package update with new base weights must not keep serving the old assembled copy."""
+    import json
+    import shutil
+
+    from diagnose import tinymodel
+
+    path = tinymodel.ensure_base_model()
+    fake = tmp_path / "tiny_base"
+    shutil.copytree(tinymodel.BASE_WEIGHTS_DIR, fake)
+    meta = json.loads((fake / "base.json").read_text())
+    meta["weights_sha256"] = "f" * 64
+    (fake / "base.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(tinymodel, "BASE_WEIGHTS_DIR", fake)
+    assert tinymodel.ensure_base_model() == path
+    assert json.loads((path / tinymodel.MODEL_INFO_FILE).read_text())["base"] == meta
