@@ -140,12 +140,6 @@ class FailOn(str, Enum):
 EXIT_OK, EXIT_COLLAPSE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
-def _capability_hint(run: Path) -> str | None:
-    """Where to check capability after a collapse: only if this CLI has a `probe` command."""
-    names = {c.name or (c.callback.__name__.replace("_", "-") if c.callback else "") for c in app.registered_commands}
-    return f"run `diagnose probe {run}`" if "probe" in names else None
-
-
 def _scan_or_exit(run: Path, fmt: RunFormat, use_cache: bool, progress: bool):
     """scan_run with the CLI's error policy: one line on stderr naming the path, exit 2 for an
     unreadable run, exit 3 for a bug (traceback only with DIAGNOSE_DEBUG=1)."""
@@ -270,7 +264,7 @@ def scan(
 
     Results are cached in the run (re-scans recompute only new or changed steps)."""
     result = _scan_or_exit(run, format, not no_cache, progress=err_console.is_terminal and not as_json)
-    hint = _capability_hint(run)
+    hint = f"run `diagnose probe {run}`"  # where to check capability after a collapse
     if report is not None:
         from diagnose.scan.html import write_scan_html
 
