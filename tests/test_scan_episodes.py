@@ -216,3 +216,49 @@ def test_moves_point_the_way_their_values_went(tmp_path):
     assert ep.moves
     for m in ep.moves:
         assert (m.after - m.before) * (1 if m.direction == "up" else -1) > 0, m
+
+
+# The collapse preset's seed-0 run (train-minimal run --preset collapse, seed 0): 30 SFT steps
+# without reward, then 20 GRPO steps whose reward declines noisily from step 35 to 0 at step 41
+# (accuracy == reward there). Its entropy dips at the SFT -> RL switch, then blows up.
+PRESET_REWARD = [0.625, 0.875, 0.75, 0.5625, 0.1875, 0.3125, 0.03125, 0.34375, 0.15625, 0.25] + [0.0] * 10
+PRESET_ENTROPY = [0.053, 0.015, 0.024, 0.026, 0.093, 0.064, 0.172, 0.102, 0.148, 0.099,
+                  0.275, 0.225, 0.336, 0.316, 0.414, 0.386, 0.406, 0.45, 0.708, 0.6]
+
+
+def _preset_like_signals() -> pl.DataFrame:
+    return pl.DataFrame({"step": list(range(1, 51)), "reward": [None] * 30 + PRESET_REWARD,
+                         "entropy": [None] * 30 + PRESET_ENTROPY}, schema={"step": pl.Int64, "reward": pl.Float64,
+                                                                         "entropy": pl.Float64})
+
+
+def test_noisy_collapse_early_in_a_short_rl_phase_is_found():
+    """Regression: the collapse began 4 RL steps in (fewer than min_periods points of baseline)
+    and declined noisily (0.34 at step 38 is just at the bar), so neither a min_periods-point
+    trailing baseline nor a contiguous run of low values found it."""
+    eps = find_episodes(_preset_like_signals())
+    assert len(eps) == 1
+    assert abs(eps[0].onset_step - 35) <= 2 and eps[0].recovery_step is None and eps[0].trough_value == 0.0
+
+
+def test_short_run_entropy_levels_come_from_its_first_half():
+    """The 'early' entropy of a 20-step RL phase is its first half, not all of it: the dip at
+    the SFT -> RL switch is no entropy collapse, the later rise is a blow-up."""
+    kinds = [p.kind for p in find_pathologies(_preset_like_signals())]
+    assert kinds == ["entropy_blowup"]
+
+
+def test_short_noisy_runs_without_a_collapse_give_no_episode():
+    """False-alarm check of the short-baseline drop test: binomial rewards (32 rollouts) at a
+    constant rate, 20-step runs; a real drop after 4 steps is still found."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    steps = np.arange(20)
+    false = sum(bool(find_episodes(pl.DataFrame({"step": steps, "reward": rng.binomial(32, p, 20) / 32})))
+                for p in (0.1, 0.3, 0.5, 0.7) for _ in range(50))
+    assert false <= 1
+    found = sum(bool(find_episodes(pl.DataFrame({"step": steps, "reward": np.r_[rng.binomial(32, 0.7, 4),
+                                                                                 rng.binomial(32, 0.03, 16)] / 32})))
+                for _ in range(50))
+    assert found >= 45

@@ -55,6 +55,9 @@ class DetectConfig:
     collapse_z: float = 3.0  #: ... and its first min_episode_len values are this many sigmas below baseline
     peak_window: int = 5  #: the running peak is taken over trailing medians of this many points
     min_episode_len: int = 3  #: consecutive collapse steps needed for an episode
+    min_drop_baseline: int = 4  #: points of the primary signal before a drop for it to count (a short
+    #:   RL phase can collapse within its first steps; with fewer than min_periods points the
+    #:   significance bar is widened by sqrt(min_periods / n))
     recovery_frac: float = 0.8  #: recovered when back above recovery_frac * pre-onset level ...
     recovery_len: int = 3  #: ... with the median of this many steps from there above it too
     refine_window: int = 5  #: the onset is refined to change points up to this many steps earlier
@@ -78,6 +81,8 @@ class DetectConfig:
     def __post_init__(self) -> None:
         if self.window < 2 or self.min_periods < 2:
             raise ValueError("window and min_periods must be >= 2")
+        if self.min_drop_baseline < 3:
+            raise ValueError("min_drop_baseline must be >= 3")
         if self.min_episode_len < 1 or self.recovery_len < 1:
             raise ValueError("min_episode_len and recovery_len must be >= 1")
         if not 0 < self.collapse_drop < 1 or not 0 < self.recovery_frac <= 1:

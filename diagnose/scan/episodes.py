@@ -337,23 +337,55 @@ class _Drop:
     changes: list[Change]
 
 
+def _drop_baseline(x: np.ndarray, lo: int, r0: int, cfg: DetectConfig) -> tuple[float, float] | None:
+    """Median and significance scale of the ``window`` points before index ``r0`` (not before
+    ``lo``), or None with fewer than ``min_drop_baseline`` points. With fewer than ``min_periods``
+    points the robust sigma is itself uncertain, so it is widened by sqrt(min_periods / n): a
+    drop in a short series must be larger to count."""
+    b_lo = max(lo, r0 - cfg.window)
+    n = r0 - b_lo
+    if n < cfg.min_drop_baseline:
+        return None
+    mu = float(np.median(x[b_lo:r0]))
+    sd = robust_sigma(x[b_lo:r0], cfg, mu)
+    if n < cfg.min_periods:
+        sd *= float(np.sqrt(cfg.min_periods / n))
+    return mu, sd
+
+
+def _decline_start(x: np.ndarray, lo: int, i: int, j_end: int, min_pre: int) -> int:
+    """Where the decline that is sustained at ``i`` began: the split ``k`` of ``x[lo:j_end]``
+    (``lo + min_pre <= k <= i``) with the largest standardised fall in mean (the mean-shift
+    change-point statistic ``(mean_before - mean_after) * sqrt(n_b * n_a / n)``)."""
+    ks = np.arange(lo + min_pre, i + 1)
+    if ks.size <= 1:
+        return i if ks.size == 0 else int(ks[0])
+    seg = x[lo:j_end]
+    c = np.r_[0.0, np.cumsum(seg)]
+    nb = ks - lo
+    na = j_end - ks
+    fall = c[nb] / nb - (c[-1] - c[nb]) / na
+    return int(ks[np.argmax(fall * np.sqrt(nb * na / (j_end - lo)))])
+
+
 def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str], name: str) -> list[_Drop]:
     n = x.size
-    if n <= cfg.min_periods:
+    start = min(cfg.min_drop_baseline, cfg.min_periods)
+    if n < start + cfg.min_episode_len:
         return []
     med, sig = rolling_baseline(x, cfg)
     lvl = _trailing_median(x, cfg.peak_window)
     drops: list[_Drop] = []
     L, R = cfg.min_episode_len, cfg.recovery_len
     peak_from = 0  # the running peak restarts after a recovery
-    i = cfg.min_periods
+    i = start
     while i < n:
-        if i - peak_from < 1:
+        if i - peak_from < start:
             i += 1
             continue
         peak = float(np.max(lvl[peak_from:i]))
         thr = peak - cfg.collapse_drop * abs(peak)
-        if not (x[i] < thr and np.isfinite(med[i])):
+        if not x[i] < thr:
             i += 1
             continue
         # sustained?
@@ -367,19 +399,17 @@ def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str
             notes.append(f"{name} fell below {cfg.collapse_drop:.0%} under its peak at step {int(s[i])}, "
                          f"but the run ends after {j_end - i} step(s) (< min_episode_len={L}): not yet an episode")
             break
-        # significance against the baseline from before this stretch of low values began:
-        # the trailing baseline at i would already hold the collapsed steps before i, and a
-        # collapse whose first steps narrowly miss the bar would never be found
-        r0 = i
-        while r0 - 1 >= max(peak_from, cfg.min_periods) and x[r0 - 1] < thr:
-            r0 -= 1
-        base_med, base_sig = (med[r0], sig[r0]) if np.isfinite(med[r0]) else (med[i], sig[i])
-        if float(np.median(x[i:j_end])) > base_med - cfg.collapse_z * base_sig:
+        # significance against the baseline from before the decline began: the trailing
+        # baseline at i would already hold the declining steps before it (a noisy, gradual
+        # collapse, or one whose first steps narrowly miss the bar, would never be found)
+        r0 = _decline_start(x, max(peak_from, i - cfg.window), i, j_end, start)
+        base = _drop_baseline(x, peak_from, r0, cfg)
+        if base is None or float(np.median(x[i:j_end])) > base[0] - cfg.collapse_z * base[1]:
             i += 1
             continue
         onset, changes = _refine_onset(x, s, i, med, sig, cfg, floor=peak_from)
         onset = min(onset, r0)  # every step from r0 on is already below the collapse threshold
-        pre_level = float(med[onset]) if np.isfinite(med[onset]) else float(med[i])
+        pre_level = float(med[onset]) if np.isfinite(med[onset]) else base[0]
         rec_thr = pre_level - (1.0 - cfg.recovery_frac) * abs(pre_level)
         recovery = None
         k = i + L
@@ -623,6 +653,12 @@ def _sustained(mask: np.ndarray, min_len: int) -> tuple[int, int] | None:
     return runs[0] if runs else None
 
 
+def _early_level(v: np.ndarray, cfg: DetectConfig) -> float:
+    """Median of the first half of the series, between ``min_periods`` and ``window`` points: a
+    short run's 'early' level must not already hold the change it is compared against."""
+    return float(np.median(v[: max(cfg.min_periods, min(cfg.window, v.size // 2))]))
+
+
 def find_pathologies(signals: pl.DataFrame, cfg: DetectConfig | None = None) -> list[Pathology]:
     """Entropy collapse / blow-up, NaN log-probs, non-finite metrics, growing train/inference
     mismatch (thresholds in :class:`DetectConfig`)."""
@@ -651,7 +687,7 @@ def find_pathologies(signals: pl.DataFrame, cfg: DetectConfig | None = None) -> 
                                  f"{name} is NaN/inf at {int(k)} step(s), first at step {int(st.min())}"))
     v, s = _series(signals, "entropy")
     if v.size >= cfg.min_periods:
-        early = float(np.median(v[: cfg.window]))
+        early = _early_level(v, cfg)
         if early > 0:
             run = _sustained(v < cfg.entropy_collapse_frac * early, L)
             if run:
@@ -669,7 +705,7 @@ def find_pathologies(signals: pl.DataFrame, cfg: DetectConfig | None = None) -> 
                     f"{early:.3g} from step {int(s[run[0]])} (max {seg.max():.3g})"))
     v, s = _series(signals, "mismatch/abs_logprob_diff")
     if v.size >= cfg.min_periods:
-        early = float(np.median(v[: cfg.window]))
+        early = _early_level(v, cfg)
         limit = max(cfg.mismatch_growth_factor * early, cfg.mismatch_min)
         run = _sustained(v > limit, L)
         if run:

@@ -237,7 +237,7 @@ def _plain(out: Text, s: str) -> None:
 def _moves_table(e: CollapseEpisode, limit: int = MAX_MOVES) -> Table:
     t = Table(title="signals that moved (earliest first; lead = steps before the onset)", title_justify="left",
               show_edge=False, pad_edge=False)
-    for col, kw in (("#", {"justify": "right"}), ("signal", {}), ("step", {"justify": "right"}),
+    for col, kw in (("#", {"justify": "right"}), ("signal", {"overflow": "fold", "min_width": 24}), ("step", {"justify": "right"}),
                     ("lead", {"justify": "right"}), ("move", {}), ("before -> after", {}),
                     ("shift", {"justify": "right"}), ("", {})):
         t.add_column(col, **kw)
