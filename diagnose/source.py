@@ -22,6 +22,7 @@ Column contracts (a table may carry more columns; absent optional tables are Non
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,3 +69,10 @@ class RunSource:
         return dict(self._fingerprint)
 
     _fingerprint: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: what the adapter already validated, in a form ``load_run(..., file_checks=...)`` takes back
+    #: (native runs: `RunReader.file_checks`); opaque to everything else, {} when not supported
+    file_checks: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: ``scan_steps(kind, steps)``: the table of kind 'rollouts' | 'tokens' | 'probe' reading only
+    #: those steps' files, for adapters whose files are per step (native); None: filter the
+    #: whole table. An incremental scan of one new step then opens one file per table, not all.
+    scan_steps: Callable[[str, list[int]], pl.LazyFrame] | None = field(default=None, repr=False)

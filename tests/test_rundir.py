@@ -525,3 +525,40 @@ def test_metrics_round_trip_property(tmp_path_factory: pytest.TempPathFactory, m
             assert isinstance(got, float) and math.isnan(got)
         else:
             assert got == v and type(got) is type(v), (k, v, got)
+
+
+def test_file_checks_are_reused_for_unchanged_files_only(tmp_path: Path, monkeypatch) -> None:
+    """A reader given an earlier reader's file_checks() opens only new or changed step files;
+    files with issues are never recorded (their issues are reported again), and a malformed
+    record is ignored."""
+    run = tmp_path / "run"
+    with make_writer(run) as w:
+        for step in range(4):
+            w.write_tokens(step, expected_tokens(step, 200))
+    bad = run / "tokens" / "step-000003.parquet"
+    bad.write_bytes(bad.read_bytes()[:100])
+    first = RunReader(run)
+    first_frame = first.tokens().collect()
+    record = json.loads(json.dumps(first.file_checks()))  # survives JSON
+    assert sorted(record["files"]) == [f"tokens/step-00000{i}.parquet" for i in range(3)]
+
+    checked: list[str] = []
+    orig = RunReader._check_file
+    monkeypatch.setattr(RunReader, "_check_file",
+                        lambda self, kind, step, path, size: checked.append(path.name) or orig(self, kind, step, path, size))
+    again = RunReader(run, file_checks=record)
+    assert_frame_equal(again.tokens().collect(), first_frame)
+    assert checked == ["step-000003.parquet"]  # only the file with an issue
+    assert [i.path.name for i in again.issues] == ["step-000003.parquet"]
+
+    checked.clear()
+    with make_writer(run, resume=True) as w:
+        w.write_tokens(4, expected_tokens(4, 200))
+    changed = run / "tokens" / "step-000001.parquet"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 1_000_000))
+    assert RunReader(run, file_checks=record).steps("tokens") == [0, 1, 2, 4]
+    assert sorted(checked) == ["step-000001.parquet", "step-000003.parquet", "step-000004.parquet"]
+
+    for junk in (None, [], {"files": 3}, {"schemas": [[["step", "Object"]]], "files": {"tokens/step-000000.parquet": [1, 2, 3, 0]}},
+                 {"schemas": [], "files": {"../x": [1, 2, 3, 0]}}, {"schemas": "x", "files": {"tokens/a": "b"}}):
+        assert RunReader(run, file_checks=junk).steps("tokens") == [0, 1, 2, 4]

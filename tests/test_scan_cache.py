@@ -223,3 +223,30 @@ def test_chunked_computation_with_progress_matches(run, spy, monkeypatch):
     assert len(spy.calls) == 4 and sorted(s for c in spy.calls for s in c) == list(range(STEPS))
     assert ("signals", 4, 4) in events and events[0] == ("load", 0, None) and events[-1] == ("detect", 1, 1)
     same_signals(r.signals, step_signals(load_run(run)))
+
+
+def test_new_step_validates_and_reads_only_the_new_files(run, tmp_path, monkeypatch):
+    """An incremental re-scan neither re-validates the unchanged step files (the cache keeps
+    the reader's file checks) nor opens them to compute the new step's signals."""
+    from diagnose.rundir import RunReader
+
+    metrics = hold_back_last_step(run, tmp_path / "aside")
+    scan_run(run)
+    assert (run / CACHE_SUBDIR / cache.FILE_CHECKS).is_file()
+    for kind in ("rollouts", "tokens", "probe"):
+        shutil.move(tmp_path / "aside" / kind / f"step-{LAST:06d}.parquet", run / kind)
+    (run / "metrics.jsonl").write_text(metrics)
+    checked: list[str] = []
+    orig = RunReader._check_file
+    monkeypatch.setattr(RunReader, "_check_file",
+                        lambda self, kind, step, path, size: checked.append(f"{kind}/{path.name}")
+                        or orig(self, kind, step, path, size))
+    scanned: list[list[int]] = []
+    orig_scan = RunReader.scan
+    monkeypatch.setattr(RunReader, "scan", lambda self, kind, steps=None: scanned.append(
+        None if steps is None else sorted(steps)) or orig_scan(self, kind, steps))
+    r = scan_run(run)
+    assert r.cache.steps_recomputed == [LAST]
+    assert sorted(checked) == [f"{k}/step-{LAST:06d}.parquet" for k in ("probe", "rollouts", "tokens")]
+    assert [LAST] in scanned  # the new step's signals came from its own files
+    json_close(r.to_json(), scan_run(run, use_cache=False).to_json())

@@ -28,6 +28,7 @@ import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from diagnose.adapters._turns import TurnClassifier, split_assistant_turns
 from diagnose.source import RunSource
@@ -96,9 +97,14 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def load_run(path: str | os.PathLike[str], format: str | None = None) -> RunSource:  # noqa: A002
+def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa: A002
+             file_checks: Any = None) -> RunSource:
     """Load the run at ``path`` as a `RunSource`, auto-detecting its format unless ``format``
-    (one of `FORMATS`) is given. Raises `UnknownRunLayout` when nothing matches."""
+    (one of `FORMATS`) is given. Raises `UnknownRunLayout` when nothing matches.
+
+    ``file_checks``: ``RunSource.file_checks`` of an earlier load of the same run (the scan
+    cache keeps it): files it lists as validated, unchanged since, are not validated again.
+    Formats that validate nothing up front ignore it."""
     p = Path(path)
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown run format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -114,4 +120,6 @@ def load_run(path: str | os.PathLike[str], format: str | None = None) -> RunSour
     mod = _module(fmt)
     if format is not None and not mod.detect(p) and not mod.has_candidates(p):
         raise UnknownRunLayout(p, f"nothing in the {fmt} layout found", [fmt])
+    if fmt == "native" and file_checks:
+        return mod.load(p, file_checks=file_checks)
     return mod.load(p)

@@ -7,6 +7,7 @@ the reader's lazy scans (corrupt step files are reported by the reader and skipp
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -43,12 +44,13 @@ def _files(root: Path) -> list[Path]:
     return files
 
 
-def load(p: Path) -> RunSource:
+def load(p: Path, file_checks: Any = None) -> RunSource:
+    """``file_checks``: `RunReader.file_checks` of an earlier load (see `load_run`)."""
     root = _root(p)
     issues = IssueLog()
     notes: list[str] = []
     try:
-        reader = RunReader(root)
+        reader = RunReader(root, file_checks=file_checks)
     except RunFormatError as e:
         if "newer than this reader supports" in str(e):
             raise
@@ -73,4 +75,6 @@ def load(p: Path) -> RunSource:
     src = make_source(root, FORMAT, metrics=metrics, rollouts=None, tokens=tokens, probe=probe,
                       control_tokens=control_tokens, issues=issues, notes=notes, files=_files(root))
     src.rollouts = rollouts
+    src.file_checks = reader.file_checks()
+    src.scan_steps = reader.scan
     return src

@@ -73,6 +73,32 @@ _NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.
               "infinity": math.inf, "-infinity": -math.inf}
 
 
+# Flat dtypes a file check may be stored as (by name) and restored from; any other dtype is
+# re-checked from the file. Only names are parsed: nothing is evaluated.
+_PLAIN_DTYPES = {str(t): t for t in (
+    pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64, pl.Float32, pl.Float64,
+    pl.Boolean, pl.String, pl.Binary, pl.Null)}
+
+
+def _dtype_to_str(dt: pl.DataType) -> str | None:
+    name = str(dt)
+    if name in _PLAIN_DTYPES:
+        return name
+    if isinstance(dt, pl.List) and str(dt.inner) in _PLAIN_DTYPES:
+        return f"List({dt.inner})"
+    return None
+
+
+def _dtype_from_str(name: Any) -> pl.DataType | None:
+    if not isinstance(name, str):
+        return None
+    if name in _PLAIN_DTYPES:
+        return _PLAIN_DTYPES[name]
+    if name.startswith("List(") and name.endswith(")") and name[5:-1] in _PLAIN_DTYPES:
+        return pl.List(_PLAIN_DTYPES[name[5:-1]])
+    return None
+
+
 def _normalize_steps(steps: int | Iterable[int] | None) -> set[int] | None:
     if steps is None:
         return None
@@ -82,13 +108,19 @@ def _normalize_steps(steps: int | Iterable[int] | None) -> set[int] | None:
 
 
 class RunReader:
-    """Read a run directory written by :class:`diagnose.rundir.RunWriter`."""
+    """Read a run directory written by :class:`diagnose.rundir.RunWriter`.
 
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+    ``file_checks``: a record from an earlier reader's :meth:`file_checks` (e.g. kept by the
+    scan cache): step files whose (mtime, size) it lists as checked clean are not opened again,
+    so re-reading a live run of many steps costs only its new files.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, file_checks: Any = None) -> None:
         self.run_dir = Path(run_dir)
         self._issues: list[ReadIssue] = []
         self._issue_keys: set[tuple[str, int | None, str]] = set()
         self._file_cache: dict[Path, tuple[tuple[int, int], _StepFile | None]] = {}
+        self._seed_file_checks(file_checks)
         if not self.run_dir.exists():
             raise RunFormatError(f"{self.run_dir}: no such run directory")
         if not self.run_dir.is_dir():
@@ -291,6 +323,53 @@ class RunReader:
             [None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in values],
             dtype=pl.String,
         )
+
+    # ---- file checks kept between readers -----------------------------------------------
+
+    def file_checks(self) -> dict[str, Any]:
+        """The step files this reader checked and found clean (no issue), as plain JSON:
+        ``{"schemas": [[[column, dtype], ...], ...], "files": {"<kind>/<name>": [mtime_ns,
+        size, num_rows, schema index]}}``. Files with issues, or of dtypes not stored by name,
+        are left out (they are checked again, and their issues reported again)."""
+        flagged = {i.path for i in self._issues}
+        schemas: list[list[list[str]]] = []
+        index: dict[tuple, int] = {}
+        files: dict[str, list[int]] = {}
+        for path, ((mtime, size), info) in self._file_cache.items():
+            if info is None or path in flagged:
+                continue
+            cols = [(n, _dtype_to_str(t)) for n, t in info.schema.items()]
+            if any(t is None for _, t in cols):
+                continue
+            key = tuple(cols)
+            if key not in index:
+                index[key] = len(schemas)
+                schemas.append([list(c) for c in cols])
+            files[f"{path.parent.name}/{path.name}"] = [mtime, size, info.num_rows, index[key]]
+        return {"schemas": schemas, "files": files}
+
+    def _seed_file_checks(self, record: Any) -> None:
+        """Take :meth:`file_checks` of an earlier reader; anything malformed is ignored."""
+        if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+            return
+        schemas: list[pl.Schema | None] = []
+        for cols in record.get("schemas") or []:
+            try:
+                pairs = [(str(n), _dtype_from_str(t)) for n, t in cols]
+            except (TypeError, ValueError):
+                pairs = [("", None)]
+            schemas.append(None if any(t is None for _, t in pairs) else pl.Schema(pairs))
+        for rel, v in record["files"].items():
+            parts = rel.split("/") if isinstance(rel, str) else []
+            if (len(parts) != 2 or parts[0] not in KINDS or not isinstance(v, list) or len(v) != 4
+                    or not all(isinstance(x, int) for x in v) or not 0 <= v[3] < len(schemas)):
+                continue
+            step = parse_step_filename(parts[1])
+            schema = schemas[v[3]]
+            if step is None or schema is None:
+                continue
+            path = self.run_dir / parts[0] / parts[1]
+            self._file_cache[path] = ((v[0], v[1]), _StepFile(step=step, path=path, schema=schema, num_rows=v[2]))
 
     # ---- step tables -----------------------------------------------------------------
 

@@ -100,6 +100,7 @@ MANIFEST = "manifest.json"
 DERIVED = "derived.parquet"
 SIGNALS = "signals.parquet"
 RESULT = "result.json"
+FILE_CHECKS = "file_checks.json"  # the adapter's validated step files (RunSource.file_checks)
 
 #: Chunking of the signal computation when a progress callback is given (one chunk is about
 #: this many bytes of step files; chunks cost ~0.1 s of fixed overhead each).
@@ -523,6 +524,16 @@ def _find_cache(root: Path) -> tuple[_Cached | None, str]:
     return None, reason
 
 
+def _read_file_checks(c: _Cached | None, fmt: str | None) -> Any:
+    """The file checks kept by the cache, for the same format; None if none or unreadable."""
+    if c is None or (fmt is not None and fmt != c.manifest.get("format")):
+        return None
+    try:
+        return json.loads((c.dir / FILE_CHECKS).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
 def _read_parquet(path: Path) -> pl.DataFrame:
     df = pl.read_parquet(path)
     if "step" not in df.columns:
@@ -554,7 +565,7 @@ def load_cached_scan(run_dir: str | os.PathLike[str]) -> RunScanResult | None:
 
 
 def _write_cache(dirs: list[Path], manifest: dict[str, Any], derived: pl.DataFrame,
-                 result: RunScanResult) -> tuple[Path | None, str | None]:
+                 result: RunScanResult, file_checks: dict[str, Any] | None = None) -> tuple[Path | None, str | None]:
     """Write the whole cache directory atomically to the first of ``dirs`` that works."""
     error = None
     for d in dirs:
@@ -568,6 +579,8 @@ def _write_cache(dirs: list[Path], manifest: dict[str, Any], derived: pl.DataFra
                 with atomic_path(tmp / SIGNALS, fsync=False) as p:
                     result.signals.write_parquet(p)
                 atomic_write_json(tmp / RESULT, result.to_json(), indent=None, fsync=False)
+                if file_checks:
+                    atomic_write_json(tmp / FILE_CHECKS, file_checks, indent=None, fsync=False)
                 atomic_write_json(tmp / MANIFEST, manifest, fsync=False)
             return d, None
         except OSError as e:
@@ -642,7 +655,7 @@ def scan_run(path: str | os.PathLike[str], *, format: str | None = None,  # noqa
     # 2. load the run
     if progress is not None:
         progress("load", 0, None)
-    src = load_run(arg, format=format)
+    src = load_run(arg, format=format, file_checks=_read_file_checks(cached, format))
     if progress is not None:
         progress("load", 1, 1)
     fp = src.fingerprint()
@@ -724,13 +737,14 @@ def scan_run(path: str | os.PathLike[str], *, format: str | None = None,  # noqa
             "written": datetime.now(timezone.utc).isoformat(), "root": str(root), "arg": str(arg),
             "format": src.format, "signals_key": skey, "result_key": rkey,
             "n_steps": int(signals.height), "fingerprint": fp, "tree": tree,
-            "files": {"derived": DERIVED, "signals": SIGNALS, "result": RESULT},
+            "files": {"derived": DERIVED, "signals": SIGNALS, "result": RESULT,
+                      **({"file_checks": FILE_CHECKS} if src.file_checks else {})},
         }
         dirs = cache_dir_candidates(root)
         if cached is not None and cached.dir in dirs:  # keep writing where it was found
             dirs.remove(cached.dir)
             dirs.insert(0, cached.dir)
-        d, err = _write_cache(dirs, manifest, derived, result)
+        d, err = _write_cache(dirs, manifest, derived, result, src.file_checks)
         info.dir, info.written, info.write_error = d, d is not None, err
     return result
 

@@ -510,12 +510,18 @@ def step_signals(src: RunSource, steps: Iterable[int] | None = None, *, low_prob
     """
     wanted = None if steps is None else sorted({int(s) for s in steps})
     derived: list[pl.DataFrame] = []
+
+    def table(kind: str, lf: pl.LazyFrame) -> pl.LazyFrame:
+        if wanted is not None and src.scan_steps is not None:
+            return _restrict(src.scan_steps(kind, wanted), wanted)  # only those steps' files are opened
+        return _restrict(lf, wanted)
+
     if src.rollouts is not None:
-        derived.append(rollout_signals(_restrict(src.rollouts, wanted)))
+        derived.append(rollout_signals(table("rollouts", src.rollouts)))
     if src.tokens is not None:
-        derived.append(token_signals(_restrict(src.tokens, wanted), src.control_tokens, low_prob=low_prob))
+        derived.append(token_signals(table("tokens", src.tokens), src.control_tokens, low_prob=low_prob))
     if src.probe is not None:
-        derived.append(probe_signals(_restrict(src.probe, wanted)))
+        derived.append(probe_signals(table("probe", src.probe)))
     metrics = metric_signals(_restrict(src.metrics, wanted)) if src.metrics is not None else None
     out = combine_signals(_join_steps(derived), metrics)
     if wanted is not None:
