@@ -52,7 +52,18 @@ STABLE: dict[str, Any] = {
                     "sft_batch_size": 16},
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"smoke": SMOKE, "base": BASE, "collapse": COLLAPSE, "stable": STABLE}
+# The synchronous schedule of the same signals, for the comparison in docs/experiments.md: the
+# SFT loss on recently failed tasks is mixed into every RL step (weight 0.5) instead of
+# alternating phases, with the same off-policy gold member per group.
+SYNC: dict[str, Any] = {
+    **COLLAPSE,
+    "name": "sync",
+    "supervision": {"off_policy_k": 1, "sft_schedule": "synchronous", "sft_data": "failed", "sft_weight": 0.5,
+                    "failed_window": 6, "sft_batch_size": 16},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"smoke": SMOKE, "base": BASE, "collapse": COLLAPSE, "stable": STABLE,
+                                      "sync": SYNC}
 
 
 def preset(name: str) -> dict[str, Any]:
