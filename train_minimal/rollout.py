@@ -7,6 +7,7 @@ outputs are executed by the environment and appended as masked observation token
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,10 +38,16 @@ class Trajectory:
 
 def rollout_episodes(
     model: Any, tokenizer: Any, items: list[tuple[Task, int, Kind]], *, max_turns: int, sampling: Sampling,
+    generate: Callable[[list[list[int]], Sampling], list[tuple[list[int], list[float], bool]]] | None = None,
 ) -> list[Trajectory]:
     """Roll out ``(task, group, kind)`` items. ``hint`` items are sampled with the hint in the
     system prompt but their training sequence uses the plain prompt; ``gold`` items are the
-    ground-truth trajectory (off-policy, no sampler log-probs)."""
+    ground-truth trajectory (off-policy, no sampler log-probs). ``generate``: the rollout
+    engine, ``(contexts, sampling) -> [(ids, sampler log-probs, stopped)]`` (default: HF
+    ``generate`` on ``model``; `train_minimal.vllm_rollout.VLLMEngine.generate` for vLLM)."""
+    if generate is None:
+        def generate(contexts: list[list[int]], s: Sampling) -> list[tuple[list[int], list[float], bool]]:
+            return generate_batch(model, tokenizer, contexts, s)
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     trajs: list[Trajectory | None] = [None] * len(items)
     live: list[tuple[int, Rollout, list[int], Sequence]] = []  # (index, env rollout, context ids, train seq)
@@ -63,7 +70,7 @@ def rollout_episodes(
     truncated: set[int] = set()
     turn = 0
     while live:
-        outs = generate_batch(model, tokenizer, [c for _, _, c, _ in live], sampling)
+        outs = generate([c for _, _, c, _ in live], sampling)
         still = []
         for (i, r, ctx, seq), (gen, lp, stopped) in zip(live, outs):
             text = tokenizer.decode(gen[:-1] if stopped else gen, skip_special_tokens=False)

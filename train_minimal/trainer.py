@@ -292,6 +292,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
         ckpt = ckpts[-1][1]
     model_path = str(ckpt) if ckpt else (init_from or cfg.model.path)
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
+    engine = None  # rollouts by HF generate on `model`, unless vLLM is asked for
+    if cfg.rollout.backend == "vllm":  # checked before the run directory is created
+        from train_minimal.vllm_rollout import VLLMEngine, VLLMUnavailable
+
+        try:
+            engine = VLLMEngine(str(resolve_model_path(model_path)), tokenizer, seed=cfg.seed,
+                                gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+                                max_context=Sampling().max_context)
+        except VLLMUnavailable as e:
+            raise TrainingError(str(e)) from None
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     registry = ControlTokenRegistry.from_tokenizer(tokenizer)
@@ -356,8 +366,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
                 tasks = rng.sample(pool, min(len(pool), cfg.rollout.prompts_per_step))
                 torch.manual_seed(seed_for(cfg.seed, step, "sample"))
                 model.eval()
-                trajs = rollout_episodes(model, tokenizer, group_items(tasks, cfg),
-                                         max_turns=cfg.rollout.max_turns, sampling=sampling)
+                if engine is not None:
+                    engine.sync_weights(model)
+                trajs = rollout_episodes(model, tokenizer, group_items(tasks, cfg), max_turns=cfg.rollout.max_turns,
+                                         sampling=sampling, generate=engine.generate if engine else None)
                 model.train()
                 t_roll = time.perf_counter()
                 for t in trajs:
