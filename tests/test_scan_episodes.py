@@ -262,3 +262,38 @@ def test_short_noisy_runs_without_a_collapse_give_no_episode():
                                                                                  rng.binomial(32, 0.03, 16)] / 32})))
                 for _ in range(50))
     assert found >= 45
+
+
+def test_collapse_after_three_rl_steps_is_found():
+    """The collapse preset's seed-2 run: the reward falls after only 3 GRPO steps, so the
+    3-point baseline's sigma (widened for its size) puts the median bar below zero reward;
+    the rank test of the 17-step low stretch against those 3 points finds it."""
+    reward = [0.56, 0.62, 0.81, 0.28, 0.22, 0.19, 0.03, 0.16] + [0.0] * 12
+    sig = pl.DataFrame({"step": list(range(1, 51)), "reward": [None] * 30 + reward},
+                       schema={"step": pl.Int64, "reward": pl.Float64})
+    eps = find_episodes(sig)
+    assert len(eps) == 1 and abs(eps[0].onset_step - 34) <= 2
+    # the same shape, but the low stretch too short for the rank test: no episode, no note
+    short = sig.with_columns(pl.when(pl.col("step") > 38).then(None).otherwise(pl.col("reward")).alias("reward"))
+    notes: list[str] = []
+    assert find_episodes(short, None, DetectConfig(), notes) == []
+
+
+def test_rank_drop_pvalue_is_the_exact_mann_whitney_tail():
+    import itertools
+    import math
+
+    import numpy as np
+
+    from diagnose.scan.detect import rank_drop_pvalue
+
+    assert rank_drop_pvalue([0.56, 0.62, 0.81], [0.3, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]) == 1 / math.comb(12, 3)
+    assert rank_drop_pvalue([], [1.0]) == 1.0
+    # brute force over every assignment of 7 distinct values to 3 'before' and 4 'after'
+    rng = np.random.default_rng(1)
+    vals = rng.permutation(7).astype(float)
+    a, b = vals[:3], vals[3:]
+    u = lambda bb, aa: int(np.sum(np.asarray(bb)[:, None] > np.asarray(aa)[None, :]))  # noqa: E731
+    splits = [(list(c), [v for v in vals if v not in c]) for c in itertools.combinations(vals, 3)]
+    p = sum(u(bb, aa) <= u(b, a) for aa, bb in splits) / len(splits)
+    assert math.isclose(rank_drop_pvalue(a, b), p)

@@ -55,7 +55,9 @@ class DetectConfig:
     collapse_z: float = 3.0  #: ... and its first min_episode_len values are this many sigmas below baseline
     peak_window: int = 5  #: the running peak is taken over trailing medians of this many points
     min_episode_len: int = 3  #: consecutive collapse steps needed for an episode
-    min_drop_baseline: int = 4  #: points of the primary signal before a drop for it to count (a short
+    drop_rank_p: float = 0.005  #: ... or, a long low stretch after a short or noisy baseline: the rank
+    #:   test (Mann-Whitney, one-sided) of the whole low stretch against the baseline below this
+    min_drop_baseline: int = 3  #: points of the primary signal before a drop for it to count (a short
     #:   RL phase can collapse within its first steps; with fewer than min_periods points the
     #:   significance bar is widened by sqrt(min_periods / n))
     recovery_frac: float = 0.8  #: recovered when back above recovery_frac * pre-onset level ...
@@ -132,6 +134,32 @@ def robust_sigma(x: np.ndarray, cfg: DetectConfig | None = None, center: float |
         return float("nan")
     med = float(np.median(x)) if center is None else center
     return float(_sigma_rows(x[None, :], np.array([med]), cfg)[0])
+
+
+def rank_drop_pvalue(before: np.ndarray, after: np.ndarray) -> float:
+    """One-sided exact Mann-Whitney p-value that ``after`` is stochastically lower than ``before``:
+    P(U <= U_obs) under exchangeability, U = #pairs with after > before (ties count 1/2, rounded
+    down). No sigma to estimate, so it stays valid for a 3-point baseline: 3 baseline values
+    above 9 low ones give p = 1/C(12, 3) = 0.0045. Exact counts by the recursion
+    f(n, m, u) = f(n, m - 1, u - n) + f(n - 1, m, u)."""
+    a = np.asarray(before, dtype=float)
+    b = np.asarray(after, dtype=float)
+    n, m = a.size, b.size
+    if n == 0 or m == 0:
+        return 1.0
+    u_obs = int(np.floor(np.sum(b[:, None] > a[None, :]) + 0.5 * np.sum(b[:, None] == a[None, :])))
+    # f[j]: counts of U for (i, j) as i goes 0..n; a polynomial in U of degree i * j
+    f = [np.ones(1)] * (m + 1)
+    for i in range(1, n + 1):
+        g = [np.ones(1)]
+        for j in range(1, m + 1):
+            left = np.zeros(i * j + 1)
+            left[: f[j].size] += f[j]  # the largest value is from `before`: U unchanged
+            left[i: i + g[j - 1].size] += g[j - 1]  # ... from `after`: above all i `before` values
+            g.append(left)
+        f = g
+    counts = f[m]
+    return float(counts[: u_obs + 1].sum() / counts.sum())
 
 
 def _row_nanmedian(a: np.ndarray) -> np.ndarray:

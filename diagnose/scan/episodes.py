@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 
 from diagnose.control_tokens import KEY_CONTEXT_ROLES
-from diagnose.scan.detect import Change, DetectConfig, detect_changes, robust_sigma, rolling_baseline
+from diagnose.scan.detect import Change, DetectConfig, detect_changes, rank_drop_pvalue, robust_sigma, rolling_baseline
 from diagnose.scan.signals import signal_direction, signal_kind, step_signals
 from diagnose.source import RunSource
 
@@ -353,6 +353,29 @@ def _drop_baseline(x: np.ndarray, lo: int, r0: int, cfg: DetectConfig) -> tuple[
     return mu, sd
 
 
+def _significant_drop(x: np.ndarray, peak_from: int, r0: int, i: int, j_end: int, thr: float,
+                      base: tuple[float, float], cfg: DetectConfig) -> bool:
+    """The drop sustained at ``i`` (decline from ``r0``) is significant: the median of its first
+    ``min_episode_len`` values is ``collapse_z`` sigmas under the baseline; or, when the
+    baseline is shorter than ``min_periods`` (its sigma unreliable), the whole low stretch
+    (from ``r0`` while values stay under ``thr``, at least 2 x ``min_episode_len`` of them
+    under it) ranks below the baseline points (`rank_drop_pvalue` <= ``drop_rank_p``). The
+    second test needs no sigma: a collapse after only 3 noisy points (whose sigma, widened for
+    the small sample, puts the first bar below zero reward) is still found once its low
+    stretch is long enough."""
+    if float(np.median(x[i:j_end])) <= base[0] - cfg.collapse_z * base[1]:
+        return True
+    before = x[max(peak_from, r0 - cfg.window):r0]
+    if before.size >= cfg.min_periods:
+        return False  # a baseline long enough for its sigma: the first test is the test
+    end = i
+    while end < x.size and x[end] < thr:
+        end += 1
+    if end - i < 2 * cfg.min_episode_len:
+        return False
+    return rank_drop_pvalue(before, x[r0:end]) <= cfg.drop_rank_p
+
+
 def _decline_start(x: np.ndarray, lo: int, i: int, j_end: int, min_pre: int) -> int:
     """Where the decline that is sustained at ``i`` began: the split ``k`` of ``x[lo:j_end]``
     (``lo + min_pre <= k <= i``) with the largest standardised fall in mean (the mean-shift
@@ -396,6 +419,8 @@ def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str
             i += 1
             continue
         if j_end - i < L:
+            if i > peak_from and x[i - 1] < thr:
+                break  # low for longer already, without passing the significance bar: no new drop
             notes.append(f"{name} fell below {cfg.collapse_drop:.0%} under its peak at step {int(s[i])}, "
                          f"but the run ends after {j_end - i} step(s) (< min_episode_len={L}): not yet an episode")
             break
@@ -404,7 +429,7 @@ def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str
         # collapse, or one whose first steps narrowly miss the bar, would never be found)
         r0 = _decline_start(x, max(peak_from, i - cfg.window), i, j_end, start)
         base = _drop_baseline(x, peak_from, r0, cfg)
-        if base is None or float(np.median(x[i:j_end])) > base[0] - cfg.collapse_z * base[1]:
+        if base is None or not _significant_drop(x, peak_from, r0, i, j_end, thr, base, cfg):
             i += 1
             continue
         onset, changes = _refine_onset(x, s, i, med, sig, cfg, floor=peak_from)
