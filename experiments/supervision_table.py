@@ -1,11 +1,13 @@
 """The trainer experiment: presets x seeds -> one table (docs/experiments.md).
 
-    python experiments/supervision_table.py --presets collapse,stable --seeds 0,1,2 --out runs/exp
+    python experiments/supervision_table.py --presets collapse,stable,sync --seeds 0,1,2 --out runs/exp
 
-Trains every (preset, seed) run that is not already complete under --out, then prints, per
-preset, the mean over seeds of: peak and final on-policy accuracy, final collapsed-turn rate,
-held-out test / content-OOD / format-OOD greedy accuracy at the end, and which control token's
-probe probability moved first (largest relative rise before the accuracy peak was lost).
+Trains every (preset, seed) run that is not already complete under --out, scans it, then
+prints per run and, per preset, the mean over seeds of: peak and final on-policy accuracy,
+final collapsed-turn rate, held-out test / content-OOD / format-OOD greedy accuracy at the end;
+the scan's verdict and onset; which control-token probe signal the scan saw move first, and
+the probe column with the largest rise over the RL phase. ``--markdown`` prints the tables as
+Markdown for the docs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diagnose.rundir import RunReader
+from diagnose.scan.cache import scan_run
 from train_minimal.config import build_config
 from train_minimal.presets import preset
 from train_minimal.trainer import train
@@ -46,6 +49,23 @@ def first_mover(m: pl.DataFrame) -> str:
     return best
 
 
+def scan_summary(path: Path) -> dict[str, float | str]:
+    """The scan's verdict, onset, first-moving probe signal and top implicated token."""
+    r = scan_run(path)
+    out: dict[str, float | str] = {"scan": r.verdict, "onset": float("nan"), "probe_moved_first": "",
+                                   "implicated": ""}
+    if r.episodes:
+        ep = r.episodes[0]
+        out["onset"] = float(ep.onset_step)
+        probe = [m for m in ep.moves if m.signal.startswith("probe/") and m.signal != "probe/mean_gold_logprob"]
+        if probe:
+            out["probe_moved_first"] = f"{probe[0].signal.removeprefix('probe/')} ({probe[0].direction}, lead {probe[0].lead})"
+        if ep.implicated:
+            t = ep.implicated[0]
+            out["implicated"] = f"{t.token} @ {t.context}"
+    return out
+
+
 def summarize(path: Path) -> dict[str, float | str]:
     m = RunReader(path).metrics()
     rl = m.filter(pl.col("phase") == "rl")
@@ -55,12 +75,19 @@ def summarize(path: Path) -> dict[str, float | str]:
         "peak_accuracy": float(acc.rolling_mean(5, min_samples=1).max()),
         "final_accuracy": float(acc.tail(5).mean()),
         "final_collapsed": float(rl["turn_state/collapsed"].tail(5).mean()),
-        "first_mover": first_mover(m),
+        "largest_probe_rise": first_mover(m),
     }
     for split in ("test", "content_ood", "format_ood"):
         col = f"eval/{split}/accuracy"
         out[split] = float(last[col][0]) if col in last.columns and last[col][0] is not None else float("nan")
-    return out
+    return {**out, **scan_summary(path)}
+
+
+def markdown(df: pl.DataFrame) -> str:
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * df.width]
+    for row in df.iter_rows():
+        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -69,6 +96,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="runs/exp")
     ap.add_argument("--set", action="append", default=[], help="extra override for every run")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for docs/)")
     a = ap.parse_args()
     rows = []
     for name in a.presets.split(","):
@@ -79,9 +107,16 @@ def main() -> None:
                 train(cfg, path, console=console, resume=(path / "run.json").exists())
             rows.append({"preset": name, "seed": seed, **summarize(path)})
     df = pl.DataFrame(rows)
-    console.print(df)
     agg = df.group_by("preset", maintain_order=True).agg(
-        pl.col(pl.Float64).mean(), pl.col("first_mover").mode().first(), pl.len().alias("seeds"))
+        pl.col(pl.Float64).exclude("onset").mean(), (pl.col("scan") == "collapse").sum().alias("collapsed_runs"),
+        pl.len().alias("seeds"))
+    if a.markdown:
+        print(markdown(df))
+        print()
+        print(markdown(agg))
+        return
+    with pl.Config(tbl_cols=-1, tbl_width_chars=200):
+        console.print(df)
     table = Table(title=f"mean over seeds {a.seeds}")
     for c in agg.columns:
         table.add_column(c)

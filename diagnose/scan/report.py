@@ -385,12 +385,12 @@ def render_scan(result: ScanResult, console: Console, *, capability_hint: str | 
         console.print()
         console.print(Text("notes", style="bold"))
         for n in result.notes:
-            console.print(Text(f"  - {n}"), soft_wrap=False)
+            console.print(Text(f"  - {n}"), soft_wrap=True)  # paths in notes stay whole (copy-paste)
     issues = list(getattr(result, "issues", []) or [])
     if issues:
         console.print()
         console.print(Text(f"issues ({len(issues)} unreadable input(s), skipped)", style="bold yellow"))
         for i in issues[:MAX_ISSUES]:
-            console.print(Text(f"  {i}", style="yellow"))
+            console.print(Text(f"  {i}", style="yellow"), soft_wrap=True)  # never split a path
         if len(issues) > MAX_ISSUES:
             console.print(Text(f"  ... and {len(issues) - MAX_ISSUES} more (see --json)", style="yellow"))
