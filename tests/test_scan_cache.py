@@ -250,3 +250,32 @@ def test_new_step_validates_and_reads_only_the_new_files(run, tmp_path, monkeypa
     assert sorted(checked) == [f"{k}/step-{LAST:06d}.parquet" for k in ("probe", "rollouts", "tokens")]
     assert [LAST] in scanned  # the new step's signals came from its own files
     json_close(r.to_json(), scan_run(run, use_cache=False).to_json())
+
+
+def test_new_step_after_the_episode_window_reuses_its_moves_and_examples(run, tmp_path, monkeypatch):
+    """Re-scanning after a step beyond the episode's window (onset + lag_window) takes the moves
+    and example rollouts from the cached result instead of re-running the detectors, and gives
+    what a scan from scratch gives; a changed window recomputes them."""
+    import diagnose.scan.episodes as episodes
+
+    metrics = hold_back_last_step(run, tmp_path / "aside")
+    first = scan_run(run)
+    assert first.episodes and first.episodes[0].onset_step + DetectConfig().lag_window < LAST
+    for kind in ("rollouts", "tokens", "probe"):
+        shutil.move(tmp_path / "aside" / kind / f"step-{LAST:06d}.parquet", run / kind)
+    (run / "metrics.jsonl").write_text(metrics)
+    calls = {"moves": 0, "examples": 0}
+    orig_moves, orig_examples = episodes._moves, episodes._examples
+    monkeypatch.setattr(episodes, "_moves", lambda *a, **k: calls.__setitem__("moves", calls["moves"] + 1)
+                        or orig_moves(*a, **k))
+    monkeypatch.setattr(episodes, "_examples", lambda *a, **k: calls.__setitem__("examples", calls["examples"] + 1)
+                        or orig_examples(*a, **k))
+    r = scan_run(run)
+    assert r.cache.steps_recomputed == [LAST] and calls == {"moves": 0, "examples": 0}
+    fresh = scan_run(run, use_cache=False)
+    assert calls["moves"] == 1
+    json_close(r.to_json(), fresh.to_json())
+    # a config change (other result key) recomputes them
+    calls.update(moves=0, examples=0)
+    scan_run(run, cfg=DetectConfig(lead_window=9))
+    assert calls["moves"] == 1

@@ -297,3 +297,27 @@ def test_rank_drop_pvalue_is_the_exact_mann_whitney_tail():
     splits = [(list(c), [v for v in vals if v not in c]) for c in itertools.combinations(vals, 3)]
     p = sum(u(bb, aa) <= u(b, a) for aa, bb in splits) / len(splits)
     assert math.isclose(rank_drop_pvalue(a, b), p)
+
+
+def test_prior_scan_moves_are_reused_only_for_an_unchanged_window(monkeypatch):
+    import numpy as np
+
+    import diagnose.scan.episodes as episodes
+    from diagnose.scan.episodes import PriorScan
+
+    rng = np.random.default_rng(0)
+    reward = np.r_[0.6 + rng.normal(0, 0.03, 30), 0.05 + rng.normal(0, 0.01, 10)]
+    probe = np.r_[np.full(27, 1e-3), [1e-2, 5e-2, 0.2], np.full(10, 0.9)] * np.exp(rng.normal(0, 0.05, 40))
+    sig = pl.DataFrame({"step": np.arange(40), "reward": reward, "probe/after_call_open/im_end": probe})
+    first = find_episodes(sig)
+    calls = []
+    orig = episodes._moves
+    monkeypatch.setattr(episodes, "_moves", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    longer = pl.concat([sig, pl.DataFrame({"step": [40], "reward": [0.05], "probe/after_call_open/im_end": [0.9]})])
+    again = find_episodes(longer, prior=PriorScan(sig, first))
+    assert calls == [] and [m.to_dict() for m in again[0].moves] == [m.to_dict() for m in first[0].moves]
+    # a value inside the window changed: recomputed
+    edited = longer.with_columns(pl.when(pl.col("step") == 29).then(0.5).otherwise(pl.col("probe/after_call_open/im_end"))
+                                 .alias("probe/after_call_open/im_end"))
+    find_episodes(edited, prior=PriorScan(sig, first))
+    assert calls == [1]

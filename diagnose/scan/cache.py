@@ -70,6 +70,7 @@ from diagnose.scan.episodes import (
     ContextRise,
     ImplicatedToken,
     Pathology,
+    PriorScan,
     RolloutExample,
     ScanResult,
     SignalMove,
@@ -714,7 +715,14 @@ def scan_run(path: str | os.PathLike[str], *, format: str | None = None,  # noqa
     if result is None:
         if progress is not None:
             progress("detect", 0, 1)
-        result = _wrap(scan_source(src, cfg, signals=signals), src.issues, info)
+        prior = None
+        if cached is not None and man.get("result_key") == rkey:  # same config and detection code
+            try:
+                old_result = _read_result(cached)
+                prior = PriorScan(old_result.signals, old_result.episodes)
+            except Exception:  # noqa: BLE001 - an unreadable cache: nothing to reuse
+                prior = None
+        result = _wrap(scan_source(src, cfg, signals=signals, prior=prior), src.issues, info)
         if progress is not None:
             progress("detect", 1, 1)
         info.episodes = "computed"

@@ -39,6 +39,7 @@ __all__ = [
     "ContextRise",
     "ImplicatedToken",
     "Pathology",
+    "PriorScan",
     "RolloutExample",
     "ScanResult",
     "SignalMove",
@@ -433,7 +434,7 @@ def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str
             i += 1
             continue
         onset, changes = _refine_onset(x, s, i, med, sig, cfg, floor=peak_from)
-        onset = min(onset, r0)  # every step from r0 on is already below the collapse threshold
+        onset = min(onset, r0)  # the decline began at r0 (its split point), if not earlier
         pre_level = float(med[onset]) if np.isfinite(med[onset]) else base[0]
         rec_thr = pre_level - (1.0 - cfg.recovery_frac) * abs(pre_level)
         recovery = None
@@ -627,14 +628,48 @@ def _examples(rollouts: pl.LazyFrame | None, before_lt: int, after_step: int,
     return before, after
 
 
+@dataclass
+class PriorScan:
+    """An earlier scan of the same run with the same `DetectConfig` and detection code (the scan
+    cache holds one): the signal table it saw and its episodes. An episode with the same onset
+    whose window of signals is unchanged gets the earlier moves and example rollouts back
+    instead of recomputing them, which is most of the detection time on a re-scan after new
+    steps (the windows end ``lag_window`` steps after the onset)."""
+
+    signals: pl.DataFrame
+    episodes: list["CollapseEpisode"]
+
+    def _same_up_to(self, signals: pl.DataFrame, step: int) -> bool:
+        a, b = self.signals, signals
+        if sorted(a.columns) != sorted(b.columns):
+            return False
+        cols = sorted(a.columns)
+        return a.filter(pl.col("step") <= step).select(cols).equals(b.filter(pl.col("step") <= step).select(cols))
+
+    def moves(self, signals: pl.DataFrame, name: str, onset: int, end_step: int,
+              cfg: DetectConfig) -> list[SignalMove] | None:
+        hi = onset + cfg.lag_window
+        for e in self.episodes:
+            if (e.signal == name and e.onset_step == onset and min(e.end_step, hi) == min(end_step, hi)
+                    and self._same_up_to(signals, hi)):
+                return list(e.moves)
+        return None
+
+    def examples(self, name: str, onset: int, trough: int) -> tuple[list[RolloutExample], list[RolloutExample]] | None:
+        for e in self.episodes:  # the same rollouts are picked from the same (immutable) step files
+            if e.signal == name and e.onset_step == onset and e.trough_step == trough:
+                return list(e.examples_before), list(e.examples_after)
+        return None
+
+
 def find_episodes(signals: pl.DataFrame, src_meta: RunSource | Any | None = None, cfg: DetectConfig | None = None,
-                  notes: list[str] | None = None) -> list[CollapseEpisode]:
+                  notes: list[str] | None = None, prior: PriorScan | None = None) -> list[CollapseEpisode]:
     """Collapse episodes of the primary signal (:func:`primary_signal`).
 
     ``src_meta``: the :class:`RunSource` the signals came from (or any object with
     ``control_tokens`` and ``rollouts`` attributes), used for control-token roles and for
     representative rollouts; None skips both. ``notes``: a list that receives remarks (e.g. a
-    drop at the end of the run that is not yet sustained).
+    drop at the end of the run that is not yet sustained). ``prior``: see `PriorScan`.
     """
     cfg = cfg or DetectConfig()
     notes = notes if notes is not None else []
@@ -654,9 +689,12 @@ def find_episodes(signals: pl.DataFrame, src_meta: RunSource | Any | None = None
         if cv.size:
             at = np.nonzero(cs == trough_step)[0]
             collapsed = float(cv[at[0]]) if at.size else _window_median(cv, cs, onset, end_step)
-        moves = _moves(table, name, onset, end_step, cfg, control_tokens)
+        moves = prior.moves(signals, name, onset, end_step, cfg) if prior is not None else None
+        if moves is None:
+            moves = _moves(table, name, onset, end_step, cfg, control_tokens)
         implicated = _implicated(table, onset, end_step, moves, cfg, control_tokens)
-        before, after = _examples(rollouts, onset, trough_step, cfg)
+        examples = prior.examples(name, onset, trough_step) if prior is not None else None
+        before, after = examples if examples is not None else _examples(rollouts, onset, trough_step, cfg)
         rel = (d.peak - float(x[d.trough])) / abs(d.peak) if d.peak != 0 else float("nan")
         episodes.append(CollapseEpisode(
             signal=name, onset_step=onset, detected_step=int(s[d.detected]), trough_step=trough_step,
@@ -748,12 +786,14 @@ def find_pathologies(signals: pl.DataFrame, cfg: DetectConfig | None = None) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def scan_source(src: RunSource, cfg: DetectConfig | None = None, signals: pl.DataFrame | None = None) -> ScanResult:
+def scan_source(src: RunSource, cfg: DetectConfig | None = None, signals: pl.DataFrame | None = None,
+                prior: PriorScan | None = None) -> ScanResult:
     """Signals, collapse episodes, pathologies and a verdict for one run.
 
     Verdict: ``collapse`` if any episode; else ``pathology`` if any pathology; else
     ``insufficient_data`` if neither reward nor accuracy has ``min_steps`` finite values; else
-    ``healthy``. ``signals``: precomputed :func:`step_signals` output (e.g. from a cache).
+    ``healthy``. ``signals``: precomputed :func:`step_signals` output (e.g. from a cache);
+    ``prior``: an earlier scan whose unchanged parts are reused (`PriorScan`).
     """
     cfg = cfg or DetectConfig()
     notes: list[str] = list(getattr(src, "notes", []) or [])
@@ -767,7 +807,7 @@ def scan_source(src: RunSource, cfg: DetectConfig | None = None, signals: pl.Dat
         notes.append(f"neither reward nor accuracy has {cfg.min_steps} finite, varying values: no collapse detection")
     elif primary == "accuracy":
         notes.append("no usable reward signal: collapse detection runs on accuracy")
-    episodes = find_episodes(signals, src, cfg, notes)
+    episodes = find_episodes(signals, src, cfg, notes, prior)
     pathologies = find_pathologies(signals, cfg)
     if episodes:
         verdict = "collapse"
