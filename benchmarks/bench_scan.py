@@ -23,6 +23,12 @@ Imports are not timed.
 * ``polars_core``: one lazy polars query (streaming) with exactly the aggregations of the pandas
   and DuckDB contenders (no key contexts): what the engine alone costs.
 * ``duckdb``: the same aggregations in SQL over ``read_parquet('tokens/step-*.parquet')``.
+* ``duckdb_ctx``: those plus the key-context control-token probabilities that ``ours_tokens``
+  computes (``ctx/<context>/<tok>``, ``ctx/<context>/n``, ``completions/mean_length``), in SQL:
+  context keys from small tables (turn starts, call-tag anchors and a self-join), a LEFT JOIN
+  labels the token table, GROUPING SETS aggregate by step and by (step, context) in one query
+  (1.3x faster than ``lag`` window functions on 40 files). The like-for-like comparison for
+  ``ours_tokens``; its output is compared with ours column by column.
 * ``pandas``: the same aggregations, ``pd.read_parquet`` per step file (needed columns only),
   filter, derived columns, ``groupby('step')`` sums and counts, combined at the end.
   ``--pandas-steps N``: on the first N step files, time scaled linearly by token rows.
@@ -294,6 +300,97 @@ def duckdb_sql(files: str | list[str], ctrl: list[tuple[str, int | None]], low_p
             "WHERE coalesce(is_generated, false) GROUP BY step ORDER BY step")
 
 
+CONTEXTS = ("after_call_open", "after_call_close", "turn_start")  # precedence, as token_signals
+
+
+def roles_of(data: Path) -> dict[str, int]:
+    info = json.loads((data / "run.json").read_text())
+    out: dict[str, int] = {}
+    for t in info.get("control_tokens", []):
+        if t.get("role") and isinstance(t.get("token_id"), int):
+            out.setdefault(t["role"], t["token_id"])
+    return out
+
+
+def duckdb_ctx_sql(files: str | list[str], ctrl: list[tuple[str, int | None]], roles: dict[str, int],
+                   low_prob: float = LOW_PROB) -> str:
+    """The same aggregations as `duckdb_sql` plus what the scan adds: each control token's mean
+    probability at the key contexts (``ctx/<context>/<tok>``) and the positions found there
+    (``ctx/<context>/n``), as token_signals defines them. The contexts' (step, sample, position)
+    keys come from small tables (turn starts by GROUP BY, call-tag anchors by a filter and a
+    self-join), and the token table is labelled by a LEFT JOIN on them; GROUPING SETS give the
+    per-step and per-(step, context) aggregates in one pass; the small result is pivoted in
+    polars. (Measured on 40 files, best of 2: 2.3 s against 3.1 s for the same with ``lag``
+    window functions over each sample's positions, the other obvious formulation.)"""
+    thr = repr(math.log(low_prob))
+    o, c, nl = roles.get("call_open"), roles.get("call_close"), roles.get("call_newline")
+    anchor_ids = ", ".join(str(i) for i in (o, c, nl) if i is not None) or "NULL"
+    if nl is not None:
+        after_open = (f"SELECT a.step, a.sample_id, a.position + 2 AS position, 1 AS ctx FROM an a JOIN an b "
+                      f"ON a.step = b.step AND a.sample_id = b.sample_id AND b.position = a.position + 1 "
+                      f"WHERE a.token_id = {o} AND b.token_id = {nl}")
+    else:
+        after_open = f"SELECT step, sample_id, position + 1 AS position, 1 AS ctx FROM an WHERE token_id = {o}"
+    aggs = [
+        'count(*)::DOUBLE AS "n"',
+        'sum(CASE WHEN isfinite(entropy::DOUBLE) THEN entropy::DOUBLE END) AS "entropy_s"',
+        'count(CASE WHEN isfinite(entropy::DOUBLE) THEN 1 END) AS "entropy_k"',
+        f'sum(CASE WHEN isfinite(logprob::DOUBLE) THEN (logprob::DOUBLE < {thr})::DOUBLE END) AS "low_s"',
+        'count(CASE WHEN isfinite(logprob::DOUBLE) THEN 1 END) AS "low_k"',
+        'sum(CASE WHEN logprob IS NOT NULL AND NOT isfinite(logprob::DOUBLE) THEN 1 ELSE 0 END)::DOUBLE AS "nonfin"',
+        'sum(CASE WHEN isfinite(logprob::DOUBLE) AND isfinite(sampler_logprob::DOUBLE) '
+        'THEN abs(logprob::DOUBLE - sampler_logprob::DOUBLE) END) AS "mis_s"',
+        'count(CASE WHEN isfinite(logprob::DOUBLE) AND isfinite(sampler_logprob::DOUBLE) THEN 1 END) AS "mis_k"',
+    ]
+    for name, tid in ctrl:
+        e = f"exp(lp_ctrl_{name}::DOUBLE)"
+        aggs.append(f'sum(CASE WHEN isfinite({e}) THEN {e} END) AS "p_{name}_s"')
+        aggs.append(f'count(CASE WHEN isfinite({e}) THEN 1 END) AS "p_{name}_k"')
+        if tid is not None:
+            aggs.append(f'sum((token_id = {int(tid)})::DOUBLE) AS "smp_{name}"')
+    return f"""
+        WITH g AS (SELECT * FROM read_parquet({_sql_files(files)}) WHERE coalesce(is_generated, false)),
+        ts AS (SELECT step, sample_id, min(position) AS position, 3 AS ctx FROM g GROUP BY step, sample_id, turn),
+        an AS (SELECT step, sample_id, position, token_id FROM g WHERE token_id IN ({anchor_ids})),
+        ao AS ({after_open}),
+        ac AS (SELECT step, sample_id, position + 1 AS position, 2 AS ctx FROM an WHERE token_id = {c}),
+        k AS (SELECT step, sample_id, position, min(ctx) AS ctx
+              FROM (SELECT * FROM ao UNION ALL SELECT * FROM ac UNION ALL SELECT * FROM ts) GROUP BY ALL),
+        t AS (SELECT g.*, coalesce(k.ctx, 0) AS ctx FROM g LEFT JOIN k USING (step, sample_id, position))
+        SELECT step, ctx, grouping(ctx) AS all_ctx, {', '.join(aggs)}, count(DISTINCT sample_id) AS samples
+        FROM t GROUP BY GROUPING SETS ((step), (step, ctx))"""
+
+
+def duckdb_ctx_signals(files: str | list[str], ctrl: list[tuple[str, int | None]], roles: dict[str, int],
+                       low_prob: float = LOW_PROB):
+    import duckdb
+    import polars as pl
+
+    con = duckdb.connect()
+    try:
+        raw = con.sql(duckdb_ctx_sql(files, ctrl, roles, low_prob)).pl()
+    finally:
+        con.close()
+
+    def ratio(s: str, k: str) -> pl.Expr:
+        return pl.when(pl.col(k) > 0).then(pl.col(s) / pl.col(k).cast(pl.Float64))
+
+    whole = raw.filter(pl.col("all_ctx") == 1).select(
+        pl.col("step").cast(pl.Int64), pl.col("n").alias("n_tokens"), ratio("entropy_s", "entropy_k").alias("entropy"),
+        ratio("low_s", "low_k").alias("low_prob_share"), pl.col("nonfin").alias("nonfinite_logprob"),
+        ratio("mis_s", "mis_k").alias("mismatch/abs_logprob_diff"),
+        *[ratio(f"p_{n}_s", f"p_{n}_k").alias(f"ctrl/{n}/p") for n, _ in ctrl],
+        *[(pl.col(f"smp_{n}") / pl.col("n")).alias(f"ctrl/{n}/sampled") for n, tid in ctrl if tid is not None],
+        (pl.col("n") / pl.col("samples").cast(pl.Float64)).alias("completions/mean_length"))
+    out = whole
+    for code, name in enumerate(CONTEXTS, start=1):
+        sub = raw.filter((pl.col("all_ctx") == 0) & (pl.col("ctx") == code)).select(
+            pl.col("step").cast(pl.Int64), pl.col("n").alias(f"ctx/{name}/n"),
+            *[ratio(f"p_{n}_s", f"p_{n}_k").alias(f"ctx/{name}/{n}") for n, _ in ctrl])
+        out = out.join(sub, on="step", how="left").with_columns(pl.col(f"ctx/{name}/n").fill_null(0.0))
+    return out.sort("step")
+
+
 def duckdb_signals(files: str | list[str], ctrl: list[tuple[str, int | None]], low_prob: float = LOW_PROB):
     import duckdb
 
@@ -442,6 +539,11 @@ def worker(name: str, data: Path, out: Path, opts: dict[str, Any]) -> None:
         con.close()
         clock.start()
         table = duckdb_signals(glob, ctrl)
+        res["seconds"], res["cpu"] = clock.lap()
+    elif name == "duckdb_ctx":
+        roles = roles_of(data)
+        clock.start()
+        table = duckdb_ctx_signals(glob, ctrl, roles)
         res["seconds"], res["cpu"] = clock.lap()
     elif name in ("pandas", "pandas_concat"):
         files = token_files(data)
@@ -736,6 +838,9 @@ def main() -> None:
         ref = to_polars(pandas_signals(files, ctrl))
         for k, v in sub.items():
             problems += compare(ref, v, f"pandas vs {k}")
+        # key contexts too: ours against the same in DuckDB SQL (window functions)
+        problems += compare(to_polars(sub["ours token part"]),
+                            duckdb_ctx_signals([str(f) for f in files], ctrl, roles_of(data)), "ours vs duckdb_ctx")
         nonfinite = ref.get_column("nonfinite_logprob").sum()
         print(f"\ncheck on steps {steps[0]}..{steps[-1]} ({ref.width - 1} columns, {int(nonfinite)} NaN log-probs): "
               + ("all contenders agree (allclose, rtol 1e-9)" if not problems else "MISMATCH"))
@@ -743,7 +848,8 @@ def main() -> None:
             print("  " + p)
 
         # ---- timings, fresh processes, interleaved rounds
-        names = ["ours_full", "ours_tokens", "polars_core", "duckdb", "pandas", "pandas_concat", "decode_floor"]
+        names = ["ours_full", "ours_tokens", "polars_core", "duckdb", "duckdb_ctx", "pandas", "pandas_concat",
+                 "decode_floor"]
         opts = {"pandas_steps": a.pandas_steps, "pandas_concat_steps": a.pandas_concat_steps}
         results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
         print(f"\ntimings ({a.repeats} interleaved rounds, each contender in a fresh process):")
@@ -772,6 +878,7 @@ def main() -> None:
             if n not in ("duckdb", "decode_floor"):
                 # inner join on steps: the pandas subsets are compared on their steps
                 full_problems += compare(outs[n], outs["duckdb"], f"{n} vs duckdb", rtol=1e-7)
+        full_problems += compare(outs["ours_tokens"], outs["duckdb_ctx"], "ours_tokens vs duckdb_ctx", rtol=1e-7)
         o = best["ours_full"]
         print("\nfull outputs vs duckdb (all steps; pandas subsets on their steps): "
               + ("agree (allclose, rtol 1e-7)" if not full_problems else "MISMATCH"))
@@ -799,6 +906,7 @@ def main() -> None:
             "ours_tokens": "ours: token part, load_run + token_signals",
             "polars_core": "polars: same aggregations as pandas/duckdb, 1 query",
             "duckdb": f"duckdb SQL ({best['duckdb'].get('threads')} threads)",
+            "duckdb_ctx": "duckdb SQL + key contexts (like for like with ours)",
             "pandas": "pandas, per step file" + sub_label("pandas", a.pandas_steps),
             "pandas_concat": "pandas, concat" + sub_label("pandas_concat", a.pandas_concat_steps),
             "decode_floor": "floor: polars reads + sums the same columns, no math",
@@ -837,8 +945,9 @@ def main() -> None:
                 ratio = secs[n] / secs[ours]
                 target(f"{n} / {ours}", ratio, ratio >= TARGET_VS_PANDAS, f">= {TARGET_VS_PANDAS:g}")
         for ours in ("ours_full", "ours_tokens"):
-            ratio = secs[ours] / secs["duckdb"]
-            target(f"{ours} / duckdb", ratio, ratio <= TARGET_VS_DUCKDB, f"<= {TARGET_VS_DUCKDB:g}")
+            for db in ("duckdb", "duckdb_ctx"):
+                ratio = secs[ours] / secs[db]
+                target(f"{ours} / {db}", ratio, ratio <= TARGET_VS_DUCKDB, f"<= {TARGET_VS_DUCKDB:g}")
         target("ours_full peak RSS (GB)", peak["ours_full"] / 1e9, peak["ours_full"] <= TARGET_PEAK and table_big,
                f"<= {TARGET_PEAK / 1e9:g} (table {table_mem / GIB:.2f} GiB > {TARGET_TABLE / GIB:g})")
         target("incremental / full scan", inc_ratio, inc_ratio < TARGET_INCREMENTAL, f"< {TARGET_INCREMENTAL:g}")
@@ -850,6 +959,8 @@ def main() -> None:
             ("pandas / ours_full (CPU s)", cpu["pandas"] / cpu["ours_full"]),
             ("ours_full / duckdb (CPU s)", cpu["ours_full"] / cpu["duckdb"]),
             ("ours_tokens / duckdb (CPU s)", cpu["ours_tokens"] / cpu["duckdb"]),
+            ("ours_tokens / duckdb_ctx (CPU s)", cpu["ours_tokens"] / cpu["duckdb_ctx"]),
+            ("duckdb_ctx peak RSS (GB)", peak["duckdb_ctx"] / 1e9),
             ("ours_full / ours_tokens (wall)", secs["ours_full"] / secs["ours_tokens"]),
             ("ours_tokens peak RSS (GB)", peak["ours_tokens"] / 1e9),
             ("incremental floor: (load_run + detection) / full",
