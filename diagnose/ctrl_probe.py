@@ -86,6 +86,21 @@ def build_probe_set(tokenizer: Any, tasks: list[Task]) -> ProbeSet:
     return ProbeSet(ids, att, starts, lengths, contexts, [t.id for t in tasks])
 
 
+def _keep_kwargs(model: Any, keep: int) -> dict[str, int]:
+    """``logits_to_keep`` (``num_logits_to_keep`` in older transformers) when the model's
+    forward takes it: logits for the last ``keep`` positions only."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: keep}
+    return {}
+
+
 def run_probe(model: Any, probe: ProbeSet, registry: ControlTokenRegistry, step: int) -> pl.DataFrame:
     """One row per (probe sequence, predicting position): ``lp_gold`` and ``lp_ctrl_<name>``."""
     import torch
@@ -94,26 +109,33 @@ def run_probe(model: Any, probe: ProbeSet, registry: ControlTokenRegistry, step:
 
     was_training = model.training
     model.eval()
+    # Only positions from the earliest probed one on are scored: the prompt (system prompt with the
+    # tool schemas) is most of each sequence, and a Qwen-size vocabulary makes its logits the
+    # largest tensor of the pass. Where the model supports it, they are not even computed.
+    first = min(probe.start)
     with torch.no_grad():
         ids = probe.ids.to(model.device)
-        logits = model(input_ids=ids, attention_mask=probe.attention.to(model.device)).logits[:, :-1]
+        kw = _keep_kwargs(model, ids.shape[1] - first)
+        logits = model(input_ids=ids, attention_mask=probe.attention.to(model.device), **kw).logits
+        logits = logits[:, -(ids.shape[1] - first):-1]  # predicting ids[:, first + 1:]
         ctrl_ids = torch.tensor(registry.ids, dtype=torch.long)
-        st = token_stats(logits, ids[:, 1:], ctrl_ids, with_entropy=False)
+        st = token_stats(logits, ids[:, first + 1:], ctrl_ids, with_entropy=False)
     model.train(was_training)
     lp = st.logprob.cpu().numpy()
     ctrl = st.ctrl_logprob.cpu().numpy()
     rows_idx = np.concatenate([np.full(n - 1 - s, i) for i, (s, n) in enumerate(zip(probe.start, probe.length))])
     pos_idx = np.concatenate([np.arange(s, n - 1) for s, n in zip(probe.start, probe.length)])
+    col_idx = pos_idx - first
     data: dict[str, Any] = {
         "step": np.full(len(rows_idx), step, dtype=np.int64),
         "probe_id": rows_idx.astype(np.int32),
         "position": pos_idx.astype(np.int32),
         "token_id": probe.ids[:, 1:].numpy()[rows_idx, pos_idx].astype(np.int32),
-        "lp_gold": lp[rows_idx, pos_idx].astype(np.float32),
+        "lp_gold": lp[rows_idx, col_idx].astype(np.float32),
         "context": [c for row in probe.contexts for c in row],
     }
     for k, name in enumerate(registry.names):
-        data[ctrl_column(name)] = ctrl[rows_idx, pos_idx, k].astype(np.float32)
+        data[ctrl_column(name)] = ctrl[rows_idx, col_idx, k].astype(np.float32)
     return pl.DataFrame(data)
 
 

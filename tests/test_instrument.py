@@ -48,3 +48,27 @@ def test_label_contexts_longest_suffix_and_next_token_rule():
     assert labels[2] == "long"  # the longer pattern ending at 2 wins
     assert labels[6] == "after_call_body"  # next token is the call close
     assert labels[0] == labels[4] == ""
+
+
+def test_probe_scores_equal_a_full_forward_pass(tiny_model_dir):
+    """run_probe scores only the positions from the earliest probed one on (the prompt's logits
+    are not computed); each row must still equal the full forward pass's log-probabilities."""
+    from diagnose.ctrl_probe import build_probe_set, run_probe
+    from diagnose.tasks import make_tasks
+    from diagnose.tinymodel import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    reg = ControlTokenRegistry.from_tokenizer(tok)
+    probe = build_probe_set(tok, make_tasks("test", 3))
+    frame = run_probe(model, probe, reg, step=7)
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=probe.ids, attention_mask=probe.attention).logits.float(), -1)
+    rows = torch.from_numpy(frame["probe_id"].to_numpy().astype("int64"))
+    pos = torch.from_numpy(frame["position"].to_numpy().astype("int64"))
+    gold = probe.ids[rows, pos + 1]
+    want = full[rows, pos, gold].numpy()
+    assert len(frame) == sum(n - 1 - s for s, n in zip(probe.start, probe.length))
+    assert abs(frame["lp_gold"].to_numpy() - want).max() < 1e-4
+    name = reg.names[0]
+    want_ctrl = full[rows, pos, reg.ids[0]].numpy()
+    assert abs(frame[f"lp_ctrl_{name}"].to_numpy() - want_ctrl).max() < 1e-4
