@@ -321,3 +321,22 @@ def test_prior_scan_moves_are_reused_only_for_an_unchanged_window(monkeypatch):
                                  .alias("probe/after_call_open/im_end"))
     find_episodes(edited, prior=PriorScan(sig, first))
     assert calls == [1]
+
+
+def test_probability_moves_must_be_material():
+    """A noise-free probe makes tiny changes many sigmas: p(gold) 1.000 -> 0.999 and a
+    control token at 1e-7 -> 1e-6 are not moves; 1e-3 -> 0.9 is."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    reward = np.r_[0.6 + rng.normal(0, 0.03, 30), 0.05 + rng.normal(0, 0.01, 10)]
+    sig = pl.DataFrame({
+        "step": np.arange(40), "reward": reward,
+        "probe/after_call_open/gold": np.r_[np.full(28, 0.99999), np.full(12, 0.999)],
+        "probe/after_call_open/tool_call_close": np.r_[np.full(28, 1e-7), np.full(12, 1e-6)],
+        "probe/after_call_open/im_end": np.r_[np.full(27, 1e-3), [1e-2, 5e-2, 0.2], np.full(10, 0.9)],
+    })
+    moved = [m.signal for m in find_episodes(sig)[0].moves]
+    assert moved == ["probe/after_call_open/im_end"]
+    loose = DetectConfig(move_min_ratio=1.0, move_min_abs=0.0, move_min_prob=0.0)
+    assert set([m.signal for m in find_episodes(sig, None, loose)[0].moves]) == set(sig.columns) - {"step", "reward"}

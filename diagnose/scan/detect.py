@@ -68,6 +68,9 @@ class DetectConfig:
     lead_window: int = 10  #: other signals' change points this many steps before the onset ...
     lag_window: int = 5  #: ... or after it are reported (with their lead time)
     confirm_len: int = 3  #: a signal's change is confirmed by the median of this many points after it
+    move_min_ratio: float = 1.5  #: a probability signal's move must change it by this factor ...
+    move_min_abs: float = 0.01  #: ... or by this much (absolute): a noise-free probe makes tiny changes "significant"
+    move_min_prob: float = 1e-4  #: ... and be at least this probable before or after (1e-7 -> 1e-6 is no move)
     implicate_min_ratio: float = 3.0  #: a control token is implicated if its probability rose this much ...
     implicate_min_abs: float = 0.005  #: ... and by at least this much (absolute)
     n_examples: int = 3  #: representative rollouts before / after

@@ -493,6 +493,17 @@ def _window_median(v: np.ndarray, s: np.ndarray, lo: float, hi: float) -> float:
     return float(np.median(v[m])) if m.any() else float("nan")
 
 
+def _material(before: float, after: float, cfg: DetectConfig) -> bool:
+    """A probability moved materially: by ``move_min_abs`` or by a factor ``move_min_ratio``, and
+    it is ``move_min_prob`` or more on one side."""
+    if max(before, after) < cfg.move_min_prob:
+        return False
+    if abs(after - before) >= cfg.move_min_abs:
+        return True
+    lo, hi = sorted((max(before, 1e-12), max(after, 1e-12)))
+    return hi / lo >= cfg.move_min_ratio
+
+
 def _moves(signals: _Table, primary: str, onset: int, end_step: int, cfg: DetectConfig,
            control_tokens: Sequence[Mapping[str, Any]]) -> list[SignalMove]:
     lo_step = onset - cfg.lead_window
@@ -526,6 +537,8 @@ def _moves(signals: _Table, primary: str, onset: int, end_step: int, cfg: Detect
                 after = _window_median(v, s, onset, min(hi_step, max(end_step, onset)))
                 if not sign * (after - before) > 0:  # a blip that is gone by the onset is not a move
                     continue
+                if logscale and not _material(before, after, cfg):
+                    continue  # e.g. p(gold) 1.000 -> 0.999: many sigmas of a noise-free probe, no change
                 want = signal_direction(name, control_tokens)
                 out.append(SignalMove(name, int(c.step), int(onset - c.step), c.direction, c.method,
                                       float(min(abs(z), _MAX_SCORE)),
