@@ -338,35 +338,33 @@ class _Drop:
     changes: list[Change]
 
 
-def _drop_baseline(x: np.ndarray, lo: int, r0: int, cfg: DetectConfig) -> tuple[float, float] | None:
-    """Median and significance scale of the ``window`` points before index ``r0`` (not before
-    ``lo``), or None with fewer than ``min_drop_baseline`` points. With fewer than ``min_periods``
-    points the robust sigma is itself uncertain, so it is widened by sqrt(min_periods / n): a
-    drop in a short series must be larger to count."""
-    b_lo = max(lo, r0 - cfg.window)
-    n = r0 - b_lo
+def _drop_baseline(before: np.ndarray, cfg: DetectConfig) -> tuple[float, float] | None:
+    """Median and significance scale of the baseline points ``before`` a decline, or None with
+    fewer than ``min_drop_baseline`` of them. With fewer than ``min_periods`` points the robust
+    sigma is itself uncertain, so it is widened by sqrt(min_periods / n): a drop in a short
+    series must be larger to count."""
+    n = before.size
     if n < cfg.min_drop_baseline:
         return None
-    mu = float(np.median(x[b_lo:r0]))
-    sd = robust_sigma(x[b_lo:r0], cfg, mu)
+    mu = float(np.median(before))
+    sd = robust_sigma(before, cfg, mu)
     if n < cfg.min_periods:
         sd *= float(np.sqrt(cfg.min_periods / n))
     return mu, sd
 
 
-def _significant_drop(x: np.ndarray, peak_from: int, r0: int, i: int, j_end: int, thr: float,
+def _significant_drop(x: np.ndarray, before: np.ndarray, r0: int, i: int, j_end: int, thr: float,
                       base: tuple[float, float], cfg: DetectConfig) -> bool:
-    """The drop sustained at ``i`` (decline from ``r0``) is significant: the median of its first
-    ``min_episode_len`` values is ``collapse_z`` sigmas under the baseline; or, when the
-    baseline is shorter than ``min_periods`` (its sigma unreliable), the whole low stretch
-    (from ``r0`` while values stay under ``thr``, at least 2 x ``min_episode_len`` of them
-    under it) ranks below the baseline points (`rank_drop_pvalue` <= ``drop_rank_p``). The
-    second test needs no sigma: a collapse after only 3 noisy points (whose sigma, widened for
-    the small sample, puts the first bar below zero reward) is still found once its low
-    stretch is long enough."""
+    """The drop sustained at ``i`` (decline from ``r0``, baseline points ``before``) is
+    significant: the median of its first ``min_episode_len`` values is ``collapse_z`` sigmas
+    under the baseline; or, when the baseline is shorter than ``min_periods`` (its sigma
+    unreliable), the whole low stretch (from ``r0`` while values stay under ``thr``, at least
+    2 x ``min_episode_len`` of them under it) ranks below the baseline points
+    (`rank_drop_pvalue` <= ``drop_rank_p``). The second test needs no sigma: a collapse after
+    only 3 noisy points (whose sigma, widened for the small sample, puts the first bar below
+    zero reward) is still found once its low stretch is long enough."""
     if float(np.median(x[i:j_end])) <= base[0] - cfg.collapse_z * base[1]:
         return True
-    before = x[max(peak_from, r0 - cfg.window):r0]
     if before.size >= cfg.min_periods:
         return False  # a baseline long enough for its sigma: the first test is the test
     end = i
@@ -429,8 +427,9 @@ def _find_drops(x: np.ndarray, s: np.ndarray, cfg: DetectConfig, notes: list[str
         # baseline at i would already hold the declining steps before it (a noisy, gradual
         # collapse, or one whose first steps narrowly miss the bar, would never be found)
         r0 = _decline_start(x, max(peak_from, i - cfg.window), i, j_end, start)
-        base = _drop_baseline(x, peak_from, r0, cfg)
-        if base is None or not _significant_drop(x, peak_from, r0, i, j_end, thr, base, cfg):
+        before = x[max(peak_from, r0 - cfg.window):r0]  # the baseline: up to `window` points, this segment
+        base = _drop_baseline(before, cfg)
+        if base is None or not _significant_drop(x, before, r0, i, j_end, thr, base, cfg):
             i += 1
             continue
         onset, changes = _refine_onset(x, s, i, med, sig, cfg, floor=peak_from)
