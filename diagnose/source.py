@@ -72,7 +72,7 @@ class RunSource:
     #: what the adapter already validated, in a form ``load_run(..., file_checks=...)`` takes back
     #: (native runs: `RunReader.file_checks`); opaque to everything else, {} when not supported
     file_checks: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: ``scan_steps(kind, steps)``: the table of kind 'rollouts' | 'tokens' | 'probe' reading only
-    #: those steps' files, for adapters whose files are per step (native); None: filter the
-    #: whole table. An incremental scan of one new step then opens one file per table, not all.
+    #: ``scan_steps(kind, steps)``: the rows of those steps of table 'rollouts' | 'tokens' |
+    #: 'probe', reading only those steps' files, for adapters whose files are per step (native:
+    #: `RunReader.scan`, which also filters on the step column); None: filter the whole table. An incremental scan of one new step then opens one file per table, not all.
     scan_steps: Callable[[str, list[int]], pl.LazyFrame] | None = field(default=None, repr=False)

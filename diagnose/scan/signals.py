@@ -513,7 +513,7 @@ def step_signals(src: RunSource, steps: Iterable[int] | None = None, *, low_prob
 
     def table(kind: str, lf: pl.LazyFrame) -> pl.LazyFrame:
         if wanted is not None and src.scan_steps is not None:
-            return _restrict(src.scan_steps(kind, wanted), wanted)  # only those steps' files are opened
+            return src.scan_steps(kind, wanted)  # only those steps' files are opened, their rows kept
         return _restrict(lf, wanted)
 
     if src.rollouts is not None:
