@@ -35,6 +35,11 @@ def _left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end an assistant turn: ``<|im_end|>`` (the turn end), then ``<|endoftext|>``."""
+    return [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+
+
 @torch.no_grad()
 def generate_batch(model: Any, tokenizer: Any, contexts: list[list[int]], s: Sampling, *,
                    logits_processor: Any = None) -> list[tuple[list[int], list[float], bool]]:
@@ -44,7 +49,7 @@ def generate_batch(model: Any, tokenizer: Any, contexts: list[list[int]], s: Sam
     ``logits_processor``: optional HF logits processor(s) (one, a list or a ``LogitsProcessorList``)
     applied to every step's scores, e.g. the capability probe's format repairs; the returned
     log-probs are then those of the processed distribution."""
-    stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    stop = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[1]
     ids, mask = _left_pad(contexts, pad, model.device)
     kw: dict[str, Any] = dict(do_sample=False) if s.greedy or s.temperature <= 0 else dict(

@@ -15,8 +15,7 @@ import math
 import os
 from typing import Any
 
-from diagnose.chat import ENDOFTEXT, IM_END
-from diagnose.generation import Sampling
+from diagnose.generation import Sampling, stop_token_ids
 
 
 class VLLMUnavailable(RuntimeError):
@@ -69,7 +68,7 @@ class VLLMEngine:
         self.llm = LLM(model=model_path, tokenizer=model_path, dtype="bfloat16", seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_context,
                        enable_prefix_caching=True)
-        self.stop_ids = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+        self.stop_ids = stop_token_ids(tokenizer)
 
     def sync_weights(self, model: Any) -> None:
         """Load the policy's current weights into the engine (names as in HF ``state_dict``)."""

@@ -20,9 +20,9 @@ from diagnose.capability.config import ProbeConfig
 from diagnose.capability.interventions import Repairs
 from diagnose.capability.likelihood import build_steps, score_steps
 from diagnose.capability.tasksets import resyntax
-from diagnose.chat import ENDOFTEXT, IM_END
+from diagnose.chat import IM_END
 from diagnose.control_tokens import ControlTokenRegistry
-from diagnose.generation import Sampling, generate_batch
+from diagnose.generation import Sampling, generate_batch, stop_token_ids
 from diagnose.sequences import encode, observation_text, prompt_text
 from diagnose.tasks import Rollout, Task
 from diagnose.toolcall import CallSyntax
@@ -238,7 +238,7 @@ def probe_model(model: Any, tokenizer: Any, tasks: list[Task], cfg: ProbeConfig,
     """Every measure of ``cfg.measures`` on ``tasks``. Raises ProbeInputError for a tokenizer
     without the control tokens."""
     registry = check_tokenizer(tokenizer)
-    stop_ids = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    stop_ids = stop_token_ids(tokenizer)
     repairs = Repairs(tokenizer, registry, stop_ids)
     out = ModelProbe(rows=[])
     was_training = model.training
