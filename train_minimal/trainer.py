@@ -292,6 +292,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
         ckpt = ckpts[-1][1]
     model_path = str(ckpt) if ckpt else (init_from or cfg.model.path)
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
+    sampling = Sampling(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                        top_p=cfg.rollout.top_p)
     engine = None  # rollouts by HF generate on `model`, unless vLLM is asked for
     if cfg.rollout.backend == "vllm":  # checked before the run directory is created
         from train_minimal.vllm_rollout import VLLMEngine, VLLMUnavailable
@@ -299,7 +301,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
         try:
             engine = VLLMEngine(str(resolve_model_path(model_path)), tokenizer, seed=cfg.seed,
                                 gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-                                max_context=Sampling().max_context)
+                                max_context=sampling.max_context)
         except VLLMUnavailable as e:
             raise TrainingError(str(e)) from None
     if cfg.model.gradient_checkpointing:
@@ -336,8 +338,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
                                  nonfinite_streak=int(raw.get("nonfinite_streak", 0)))
     state = start_state
     total = cfg.sft.steps + cfg.grpo.steps
-    sampling = Sampling(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                        top_p=cfg.rollout.top_p)
     model.train()
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
