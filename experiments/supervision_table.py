@@ -35,7 +35,7 @@ def run_complete(path: Path, total: int) -> bool:
         return False
 
 
-def first_mover(m: pl.DataFrame) -> str:
+def largest_probe_rise(m: pl.DataFrame) -> str:
     """The probe column ``probe/after_call_open/<token>`` or ``probe/turn_start/<token>`` with the
     largest rise (last / first probed value) over the RL phase; '' if none rose 2x."""
     cols = [c for c in m.columns if c.startswith(("probe/after_call_open/", "probe/turn_start/"))
@@ -75,7 +75,7 @@ def summarize(path: Path) -> dict[str, float | str]:
         "peak_accuracy": float(acc.rolling_mean(5, min_samples=1).max()),
         "final_accuracy": float(acc.tail(5).mean()),
         "final_collapsed": float(rl["turn_state/collapsed"].tail(5).mean()),
-        "largest_probe_rise": first_mover(m),
+        "largest_probe_rise": largest_probe_rise(m),
     }
     for split in ("test", "content_ood", "format_ood"):
         col = f"eval/{split}/accuracy"
@@ -83,11 +83,13 @@ def summarize(path: Path) -> dict[str, float | str]:
     return {**out, **scan_summary(path)}
 
 
-def markdown(df: pl.DataFrame) -> str:
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * df.width]
-    for row in df.iter_rows():
-        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines)
+def print_markdown(*frames: pl.DataFrame) -> None:
+    """The tables as Markdown (polars' own table formatting), for docs/."""
+    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
+                   float_precision=2, tbl_rows=-1, tbl_cols=-1, tbl_width_chars=1000, fmt_str_lengths=200):
+        for df in frames:
+            print(df)
+            print()
 
 
 def main() -> None:
@@ -111,9 +113,7 @@ def main() -> None:
         pl.col(pl.Float64).exclude("onset").mean(), (pl.col("scan") == "collapse").sum().alias("collapsed_runs"),
         pl.len().alias("seeds"))
     if a.markdown:
-        print(markdown(df))
-        print()
-        print(markdown(agg))
+        print_markdown(df, agg)
         return
     with pl.Config(tbl_cols=-1, tbl_width_chars=200):
         console.print(df)
