@@ -97,7 +97,7 @@ def build_model(
     seed: int = typer.Option(0),
 ) -> None:
     """Build the embedded tiny Qwen2 model and tokenizer (no downloads)."""
-    from diagnose.tinymodel import build_tiny_model, ensure_default_model
+    from diagnose.model.build import build_tiny_model, ensure_default_model
 
     with console.status("training tokenizer and building model"):
         path = ensure_default_model() if out is None else build_tiny_model(out, size=size, seed=seed)

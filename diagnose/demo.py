@@ -25,9 +25,10 @@ from diagnose.atomic import atomic_write_text
 from diagnose.chat import TOOL_CALL_OPEN
 from diagnose.conversations import Conversation
 from diagnose.format_summary import STATES, turn_table
-from diagnose.generation import hf_policy
+from diagnose.model.generation import hf_policy
 from diagnose.tasks import Task, make_tasks, oracle_policy, run_episode
-from diagnose.tinymodel import ensure_default_model, load_model_and_tokenizer
+from diagnose.model.build import ensure_default_model
+from diagnose.model.resolve import load_model_and_tokenizer
 
 
 def bare_call_policy(task: Task, rate: float, seed: int):

@@ -11,7 +11,7 @@ import shutil
 import sys
 
 from diagnose.rundir import RunReader
-from diagnose.tinymodel import BASE_WEIGHTS_DIR, ensure_default_model, sha256_file
+from diagnose.model.build import BASE_WEIGHTS_DIR, ensure_default_model, sha256_file
 
 
 def main(run_dir: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from diagnose.chat import IM_END, TOOL_CALL_OPEN
-from diagnose.sequences import Sequence, encode, encode_conversation
+from diagnose.model.sequences import Sequence, encode, encode_conversation
 from diagnose.tasks import Task, gold_messages
 
 
@@ -65,7 +65,7 @@ def _train(model, seqs: list[Sequence], pad: int, *, lr: float, max_steps: int, 
 def build_healthy(tokenizer_dir: Path, out: Path, tasks: list[Task], *, seed: int = 0) -> dict:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from diagnose.tinymodel import tiny_config
+    from diagnose.model.build import tiny_config
 
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)

@@ -20,7 +20,7 @@ from diagnose.capability.tasksets import TaskSet, resyntax
 from diagnose.capability.verdict import likelihood_skill, summarize, verdict
 from diagnose.chat import ENDOFTEXT, IM_END
 from diagnose.control_tokens import ControlTokenRegistry
-from diagnose.sequences import encode, encode_conversation
+from diagnose.model.sequences import encode, encode_conversation
 from diagnose.tasks import gold_messages, load_task_file, make_tasks
 from diagnose.toolcall import CallSyntax, render_tools_instructions
 

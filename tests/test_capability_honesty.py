@@ -15,7 +15,7 @@ from diagnose.capability.config import HEALTHY, INTACT_FORMAT_BROKEN, LOST, Prob
 from diagnose.capability.runner import auto_max_new_tokens, probe_model
 from diagnose.capability.verdict import likelihood_skill, summarize
 from diagnose.tasks import make_tasks
-from diagnose.tinymodel import load_model_and_tokenizer
+from diagnose.model.resolve import load_model_and_tokenizer
 
 
 def _probe(path, tasks):

@@ -19,7 +19,7 @@ from diagnose.control_tokens import (
     ControlTokenRegistry,
     key_contexts,
 )
-from diagnose.tinymodel import QWEN2_PRETOKENIZE_REGEX
+from diagnose.model.tokenizer import QWEN2_PRETOKENIZE_REGEX
 
 # Qwen2.5's added tokens in id order (151643..151664); ``special`` as in its tokenizer_config.
 QWEN25_ADDED = [

@@ -1,9 +1,9 @@
 import torch
 
 from diagnose.control_tokens import ControlToken, ControlTokenRegistry
-from diagnose.ctrl_probe import label_contexts
-from diagnose.logits import token_stats
-from diagnose.sequences import Sequence
+from diagnose.model.ctrl_probe import label_contexts
+from diagnose.model.logits import token_stats
+from diagnose.model.sequences import Sequence
 from train_minimal.batch import make_batch
 from train_minimal.instrument import Attribution
 
@@ -53,9 +53,9 @@ def test_label_contexts_longest_suffix_and_next_token_rule():
 def test_probe_scores_equal_a_full_forward_pass(tiny_model_dir):
     """run_probe scores only the positions from the earliest probed one on (the prompt's logits
     are not computed); each row must still equal the full forward pass's log-probabilities."""
-    from diagnose.ctrl_probe import build_probe_set, run_probe
+    from diagnose.model.ctrl_probe import build_probe_set, run_probe
     from diagnose.tasks import make_tasks
-    from diagnose.tinymodel import load_model_and_tokenizer
+    from diagnose.model.resolve import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     reg = ControlTokenRegistry.from_tokenizer(tok)

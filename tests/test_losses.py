@@ -1,6 +1,6 @@
 import torch
 
-from diagnose.logits import token_stats
+from diagnose.model.logits import token_stats
 from train_minimal.losses import grpo_loss, group_advantages, sft_loss
 
 

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diagnose import tinymodel
 from diagnose.chat import (
     CHAT_TEMPLATE,
     CONTROL_STRINGS,
@@ -24,15 +23,10 @@ from diagnose.chat import (
     TOOL_CALL_OPEN,
     render_chat,
 )
-from diagnose.tinymodel import (
-    MODEL_INFO_FILE,
-    build_tiny_model,
-    build_tokenizer,
-    default_model_dir,
-    ensure_default_model,
-    load_model_and_tokenizer,
-    tiny_config,
-)
+from diagnose.model import build as model_build
+from diagnose.model.build import MODEL_INFO_FILE, build_tiny_model, default_model_dir, ensure_default_model, tiny_config
+from diagnose.model.resolve import load_model_and_tokenizer
+from diagnose.model.tokenizer import MODEL_MAX_LENGTH, build_tokenizer
 
 WEATHER = {
     "type": "function",
@@ -179,7 +173,7 @@ def test_tokenizer_round_trip(tmp_path: Path) -> None:
     assert loaded.chat_template == CHAT_TEMPLATE
     assert loaded.eos_token == IM_END and loaded.pad_token == ENDOFTEXT
     assert loaded.bos_token is None
-    assert loaded.model_max_length == tinymodel.MODEL_MAX_LENGTH
+    assert loaded.model_max_length == MODEL_MAX_LENGTH
     for text in texts + ["naïve 日本 🙂 \t\n  x", ""]:
         ids = loaded.encode(text, add_special_tokens=False)
         assert ids == tok.encode(text, add_special_tokens=False)
@@ -356,7 +350,7 @@ def test_tokenizer_training_deterministic_across_processes(tmp_path: Path) -> No
     """Rust hash maps are seeded per process: the vocabulary must not depend on that."""
     script = (
         "import json, sys\n"
-        "from diagnose.tinymodel import build_tokenizer\n"
+        "from diagnose.model.tokenizer import build_tokenizer\n"
         "texts = json.loads(sys.stdin.read())\n"
         "tok = build_tokenizer(texts, vocab_size=600)\n"
         "print(tok.backend_tokenizer.to_str())\n"
@@ -383,14 +377,14 @@ def test_default_model_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 def test_ensure_default_model_builds_once_under_lock(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path))
     calls = []
-    real_build = tinymodel.build_tiny_model
+    real_build = model_build.build_tiny_model
 
     def slow_small_build(out_dir, **kw):
         calls.append(out_dir)
         time.sleep(0.3)  # give the other thread time to reach the lock
         return real_build(out_dir, texts=SMALL_TEXTS, vocab_size=600)
 
-    monkeypatch.setattr(tinymodel, "build_tiny_model", slow_small_build)
+    monkeypatch.setattr(model_build, "build_tiny_model", slow_small_build)
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(ensure_default_model())) for _ in range(3)]
     for t in threads:
@@ -420,9 +414,9 @@ def base_home(tmp_path_factory):
 def test_base_model_has_the_skill(base_home):
     """The shipped weights fit the locally built tokenizer and solve held-out tasks greedily
     (the untrained default solves none: tests/test_tasks.py, docs/models.md)."""
-    from diagnose.generation import hf_policy
+    from diagnose.model.generation import hf_policy
     from diagnose.tasks import make_tasks, run_episode
-    from diagnose.tinymodel import ensure_base_model, load_model_and_tokenizer
+    from diagnose.model.build import ensure_base_model
 
     path = ensure_base_model()
     assert path.parent == base_home and (path / "model.safetensors").is_file()
@@ -437,17 +431,16 @@ def test_base_model_refuses_a_different_tokenizer(base_home, tmp_path, monkeypat
     import json
     import shutil
 
-    from diagnose import tinymodel
 
     fake = tmp_path / "tiny_base"
-    shutil.copytree(tinymodel.BASE_WEIGHTS_DIR, fake)
+    shutil.copytree(model_build.BASE_WEIGHTS_DIR, fake)
     meta = json.loads((fake / "base.json").read_text())
     meta["tokenizer_sha256"] = "0" * 64
     (fake / "base.json").write_text(json.dumps(meta))
-    monkeypatch.setattr(tinymodel, "BASE_WEIGHTS_DIR", fake)
-    monkeypatch.setattr(tinymodel, "base_model_dir", lambda: tmp_path / "assembled")
-    with pytest.raises(tinymodel.BaseModelError, match="tokenizer.json"):
-        tinymodel.ensure_base_model()
+    monkeypatch.setattr(model_build, "BASE_WEIGHTS_DIR", fake)
+    monkeypatch.setattr(model_build, "base_model_dir", lambda: tmp_path / "assembled")
+    with pytest.raises(model_build.BaseModelError, match="tokenizer.json"):
+        model_build.ensure_base_model()
 
 
 def test_base_model_is_reassembled_when_the_shipped_weights_change(base_home, tmp_path, monkeypatch):
@@ -455,14 +448,13 @@ def test_base_model_is_reassembled_when_the_shipped_weights_change(base_home, tm
     import json
     import shutil
 
-    from diagnose import tinymodel
 
-    path = tinymodel.ensure_base_model()
+    path = model_build.ensure_base_model()
     fake = tmp_path / "tiny_base"
-    shutil.copytree(tinymodel.BASE_WEIGHTS_DIR, fake)
+    shutil.copytree(model_build.BASE_WEIGHTS_DIR, fake)
     meta = json.loads((fake / "base.json").read_text())
     meta["weights_sha256"] = "f" * 64
     (fake / "base.json").write_text(json.dumps(meta))
-    monkeypatch.setattr(tinymodel, "BASE_WEIGHTS_DIR", fake)
-    assert tinymodel.ensure_base_model() == path
-    assert json.loads((path / tinymodel.MODEL_INFO_FILE).read_text())["base"] == meta
+    monkeypatch.setattr(model_build, "BASE_WEIGHTS_DIR", fake)
+    assert model_build.ensure_base_model() == path
+    assert json.loads((path / model_build.MODEL_INFO_FILE).read_text())["base"] == meta

@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 
 from diagnose.chat import render_chat
 from diagnose.rundir import RunReader, ctrl_column
-from diagnose.sequences import encode_conversation
+from diagnose.model.sequences import encode_conversation
 from diagnose.tasks import gold_messages, make_tasks
-from diagnose.tinymodel import load_model_and_tokenizer
+from diagnose.model.resolve import load_model_and_tokenizer
 from train_minimal.cli import app
 from train_minimal.config import build_config
-from diagnose.generation import Sampling
+from diagnose.model.generation import Sampling
 from train_minimal.presets import preset
 from train_minimal.rollout import rollout_episodes
 from train_minimal.trainer import clip_and_step, group_items, train

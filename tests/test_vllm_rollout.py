@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diagnose.generation import Sampling, generate_batch
+from diagnose.model.generation import Sampling, generate_batch
 from diagnose.tasks import make_tasks
-from diagnose.tinymodel import load_model_and_tokenizer
+from diagnose.model.resolve import load_model_and_tokenizer
 from train_minimal.config import build_config
 from train_minimal.presets import preset
 from train_minimal.rollout import rollout_episodes

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagnose.sequences import Sequence
+from diagnose.model.sequences import Sequence
 
 
 @dataclass

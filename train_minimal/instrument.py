@@ -14,7 +14,7 @@ import torch
 
 from diagnose.chat import render_chat
 from diagnose.control_tokens import ControlTokenRegistry
-from diagnose.logits import TokenStats
+from diagnose.model.logits import TokenStats
 from diagnose.rundir.schema import ctrl_column
 from diagnose.turns import TurnState
 

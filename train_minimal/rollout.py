@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from diagnose.chat import IM_END
-from diagnose.generation import Sampling, generate_batch
+from diagnose.model.generation import Sampling, generate_batch
 from diagnose.tasks import Episode, Rollout, Task, gold_messages, with_hint
 
-from diagnose.sequences import Sequence, encode, encode_conversation, observation_text, prompt_text
+from diagnose.model.sequences import Sequence, encode, encode_conversation, observation_text, prompt_text
 
 Kind = Literal["policy", "hint", "gold"]
 

@@ -25,12 +25,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from diagnose.atomic import atomic_write_json
 from diagnose.control_tokens import ControlTokenRegistry
-from diagnose.ctrl_probe import build_probe_set, probe_summary, run_probe
-from diagnose.logits import token_stats
+from diagnose.model.ctrl_probe import build_probe_set, probe_summary, run_probe
+from diagnose.model.logits import token_stats
 from diagnose.rundir import RunReader, RunWriter
-from diagnose.sequences import encode_conversation
+from diagnose.model.sequences import encode_conversation
 from diagnose.tasks import Task, gold_messages, load_task_file, make_tasks
-from diagnose.tinymodel import load_model_and_tokenizer, resolve_model_path
+from diagnose.model.resolve import load_model_and_tokenizer, resolve_model_path
 
 from train_minimal.batch import make_batch, micro_slices
 from train_minimal.config import TrainConfig

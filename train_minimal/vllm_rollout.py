@@ -3,7 +3,7 @@
 The engine runs in the trainer's process (colocated, tensor-parallel 1) and gets the policy's
 weights before every rollout phase, so it samples from the current policy. It returns the
 same ``(generated ids, sampler log-probs, stopped)`` triples as
-`diagnose.generation.generate_batch`, so `rollout_episodes` does not care which engine ran.
+`diagnose.model.generation.generate_batch`, so `rollout_episodes` does not care which engine ran.
 The log-probs are vLLM's own: the trainer stores them as ``sampler_logprob`` and uses them as
 the old policy of the clipped ratio, so training-inference mismatch shows in the traces
 (``mismatch/abs_logprob_diff``) exactly as it would in a large run.
@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any
 
-from diagnose.generation import Sampling, stop_token_ids
+from diagnose.model.generation import Sampling, stop_token_ids
 
 
 class VLLMUnavailable(RuntimeError):
@@ -79,7 +79,7 @@ class VLLMEngine:
             reset()
 
     def generate(self, contexts: list[list[int]], s: Sampling) -> list[tuple[list[int], list[float], bool]]:
-        """As `diagnose.generation.generate_batch`: ids up to and including the stop token, the
+        """As `diagnose.model.generation.generate_batch`: ids up to and including the stop token, the
         sampler's log-prob of each, whether a stop token was reached."""
         from vllm import SamplingParams
 

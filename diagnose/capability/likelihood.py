@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from diagnose.capability.config import ProbeConfig
-from diagnose.sequences import encode, prompt_text
+from diagnose.model.sequences import encode, prompt_text
 from diagnose.tasks import Task, gold_messages
 from diagnose.tasks.base import canon, schema_of
 from diagnose.toolcall import ToolCall, render_calls
@@ -229,7 +229,7 @@ def sequence_logprobs(model: Any, contexts: list[list[int]], continuations: list
     """Sum of log p(continuation tokens | context) for each pair, batched."""
     import torch
 
-    from diagnose.logits import token_stats
+    from diagnose.model.logits import token_stats
 
     n = len(contexts)
     out = np.full(n, np.nan, dtype=np.float64)
@@ -291,7 +291,7 @@ def conversation_logprobs(model: Any, sequences: list[list[int]], queries: list[
     be re-indexed (use :func:`sequence_logprobs` then)."""
     import torch
 
-    from diagnose.logits import token_stats
+    from diagnose.model.logits import token_stats
 
     device = model.device
     out = np.full(len(queries), np.nan)
@@ -349,7 +349,7 @@ def score_steps(model: Any, tokenizer: Any, tasks: list[Task], steps: list[Step]
     :func:`build_steps` on the same ``tasks``)."""
     if not steps:
         return LikelihoodResult(None, 0, None)
-    from diagnose.sequences import encode_conversation
+    from diagnose.model.sequences import encode_conversation
 
     seqs: dict[int, list[int]] = {}
     cuts: dict[tuple[int, int], int] = {}

@@ -1,7 +1,7 @@
 """Probe one model on one task set: every measure, as rows of ``RESULT_SCHEMA``.
 
 Generation measures are greedy rollouts where all tasks advance together turn by turn: each
-turn of every live episode is one batched HF ``generate`` call (``diagnose.generation``), the
+turn of every live episode is one batched HF ``generate`` call (``diagnose.model.generation``), the
 environment's step-wise ``Rollout`` executes the calls, and the episode's context keeps the
 generated token ids (no re-tokenisation of generated text), as in ``train_minimal/rollout.py``.
 vLLM is not used: HF generate on the probed checkpoint is enough for held-out sets of a few
@@ -22,8 +22,8 @@ from diagnose.capability.likelihood import build_steps, score_steps
 from diagnose.capability.tasksets import resyntax
 from diagnose.chat import IM_END
 from diagnose.control_tokens import ControlTokenRegistry
-from diagnose.generation import Sampling, generate_batch, stop_token_ids
-from diagnose.sequences import encode, observation_text, prompt_text
+from diagnose.model.generation import Sampling, generate_batch, stop_token_ids
+from diagnose.model.sequences import encode, observation_text, prompt_text
 from diagnose.tasks import Rollout, Task
 from diagnose.toolcall import CallSyntax
 from diagnose.turns import TurnState

@@ -447,7 +447,7 @@ def token_signals(tokens: pl.LazyFrame, control_tokens: Sequence[Mapping[str, An
 
 def probe_signals(probe: pl.LazyFrame) -> pl.DataFrame:
     """``probe/<context>/<token>`` and ``probe/<context>/gold`` (mean probabilities at each key
-    context of the fixed probe, as :func:`diagnose.ctrl_probe.probe_summary`), plus
+    context of the fixed probe, as :func:`diagnose.model.ctrl_probe.probe_summary`), plus
     ``probe/mean_gold_logprob`` over all probe positions."""
     schema = probe.collect_schema()
     names = ctrl_names_from_columns(schema.names())

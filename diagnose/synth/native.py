@@ -46,7 +46,7 @@ from diagnose.chat import (
     TOOL_RESPONSE_OPEN,
 )
 from diagnose.control_tokens import KEY_CONTEXT_ROLES, KEY_CONTEXTS
-from diagnose.ctrl_probe import probe_summary
+from diagnose.model.ctrl_probe import probe_summary
 from diagnose.rundir import RunWriter
 from diagnose.turns import TurnState, classify_turn
 

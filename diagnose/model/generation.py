@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from diagnose.chat import ENDOFTEXT, IM_END
-from diagnose.sequences import encode, prompt_text
+from diagnose.model.sequences import encode, prompt_text
 
 
 @dataclass

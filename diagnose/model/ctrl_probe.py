@@ -19,7 +19,7 @@ import polars as pl
 from diagnose.chat import TOOL_CALL_CLOSE
 from diagnose.control_tokens import ControlTokenRegistry, key_contexts
 from diagnose.rundir.schema import ctrl_column
-from diagnose.sequences import encode, encode_conversation
+from diagnose.model.sequences import encode, encode_conversation
 from diagnose.tasks import Task, gold_messages
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def run_probe(model: Any, probe: ProbeSet, registry: ControlTokenRegistry, step:
     """One row per (probe sequence, predicting position): ``lp_gold`` and ``lp_ctrl_<name>``."""
     import torch
 
-    from diagnose.logits import token_stats
+    from diagnose.model.logits import token_stats
 
     was_training = model.training
     model.eval()

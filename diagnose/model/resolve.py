@@ -1,0 +1,83 @@
+"""A model name or path -> a local model directory, and loading it: ``"tiny"`` (the embedded
+default), ``"tiny-base"`` (the embedded base model), a local Hugging Face directory, or a hub id
+already in the local HF cache. Nothing is ever downloaded.
+
+Public API::
+
+    resolve_model_path(path_or_name) -> Path
+    load_model_and_tokenizer(path_or_name, *, dtype=None, device="cpu") -> (model, tokenizer)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from diagnose.model.build import BASE_NAMES, ensure_base_model, ensure_default_model
+
+__all__ = ["load_model_and_tokenizer", "resolve_model_path"]
+
+
+def _cached_hub_snapshot(name: str) -> Path | None:
+    """The local snapshot directory of Hugging Face hub id ``name`` ("org/model") if it is
+    already in the local HF cache; never touches the network."""
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - invalid repo id, missing package: not cached
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def resolve_model_path(path_or_name: str | os.PathLike[str]) -> Path:
+    """Local directory of a model: ``"tiny"`` is the embedded default (built on first use),
+    ``"tiny-base"`` the embedded base model (shipped weights, see `ensure_base_model`), an
+    existing directory is itself, an ``org/name`` hub id is its snapshot in the local HF cache.
+    Raises ValueError naming the path when there is no such model directory with a config."""
+    name = str(path_or_name)
+    if name == "tiny":
+        return ensure_default_model()
+    if name in BASE_NAMES:
+        return ensure_base_model()
+    path = Path(name).expanduser()
+    if not path.exists():
+        cached = _cached_hub_snapshot(name)
+        if cached is not None:
+            return cached
+        raise ValueError(
+            f"model path does not exist: {name!r} (give a local Hugging Face model directory, "
+            "a hub id already in the local cache, or 'tiny' for the embedded default)"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ValueError(f"not a Hugging Face model directory (no config.json): {name!r}")
+    return path
+
+
+def load_model_and_tokenizer(
+    path_or_name: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    device: str = "cpu",
+):
+    """Load ``(model, tokenizer)`` with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+
+    ``path_or_name`` is resolved by :func:`resolve_model_path` (``"tiny"`` = the embedded
+    default). ``dtype`` is passed to ``from_pretrained`` (a ``torch.dtype``, ``"auto"``, or None
+    for float32). Nothing is ever downloaded (``local_files_only=True``). The model is returned
+    in eval mode on ``device``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(path_or_name)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
