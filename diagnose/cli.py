@@ -324,7 +324,7 @@ def dashboard(
 ) -> None:
     """Start the Streamlit dashboard on the runs under RUNS_ROOT (overview, control tokens, episodes,
     token viewer, probe, compare; docs/dashboard.md). Exit 2 if RUNS_ROOT is missing."""
-    from diagnose.dashboard_launch import LaunchError, check_ready, is_loopback, launch
+    from diagnose.dashboard_launch import LaunchError, check_ready, is_loopback, launch, startup_lines
 
     try:
         root = check_ready(runs_root)
@@ -334,8 +334,8 @@ def dashboard(
     if not is_loopback(host):
         err_console.print(f"[yellow]warning:[/] binding {_esc(host)}: every run under {_esc(root)} is readable "
                           "from the network (no authentication)", highlight=False, soft_wrap=True)
-    err_console.print(f"dashboard on http://{_esc(host)}:{port} (runs root {_esc(root)}); Ctrl+C stops it",
-                      highlight=False, soft_wrap=True)
+    for line in startup_lines(host, port, root, open_browser=not no_browser):
+        err_console.print(_esc(line), highlight=False, soft_wrap=True)
     try:
         launch(root, address=host, port=port, open_browser=not no_browser)
     except (LaunchError, OSError) as e:

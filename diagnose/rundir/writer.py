@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata as _metadata
@@ -304,6 +305,25 @@ def _to_frame(data: Any, columns: Sequence[Column], ctrl_names: Sequence[str], t
     )
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars off for the body, through the library's own switch
+    (``transformers.utils.logging.disable_progress_bar``), and back on after if they were on.
+    Nothing is imported when transformers is not loaded (it is an extra)."""
+    if "transformers" not in sys.modules:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 # --------------------------------------------------------------------------------------
 # RunWriter
 # --------------------------------------------------------------------------------------
@@ -507,9 +527,10 @@ class RunWriter:
     def checkpoint(self, step: int, *, overwrite: bool = True) -> Iterator[Path]:
         """Yield a temp directory to save a checkpoint into; renamed to ``checkpoint_dir(step)``
         on success.  ``trainer_state.json`` is written with at least ``{"step": step}`` if the
-        body did not write one."""
+        body did not write one.  transformers' progress bars ("Writing model shards") are off
+        in the body: a checkpoint is one line of the trainer's progress, not a bar of its own."""
         step = _check_step(step)
-        with atomic_dir(self.checkpoint_dir(step), overwrite=overwrite) as tmp:
+        with atomic_dir(self.checkpoint_dir(step), overwrite=overwrite) as tmp, quiet_transformers():
             yield tmp
             if not (tmp / TRAINER_STATE_JSON).exists():
                 atomic_write_json(tmp / TRAINER_STATE_JSON, {"step": step}, fsync=False)

@@ -148,7 +148,10 @@ class CacheInfo:
         if self.hit:
             return f"served from the cache ({self.dir})"
         if self.signals == "cached" and self.episodes == "cached":
-            what = "the run's files were re-read but none of them changed: nothing recomputed"
+            # the quick check saw files touched (size or mtime, the reason says how many); their
+            # content fingerprints had not changed, so nothing was recomputed: one statement
+            return ("nothing recomputed: " + (self.reason or "the run was re-read") + ", but no file's content changed"
+                    + (f"; cached in {self.dir}" if self.written else ""))
         elif self.signals == "cached":
             what = "step signals from the cache; metrics re-read and detection re-run"
         elif self.signals == "incremental":
@@ -771,5 +774,5 @@ def _why_stale(man: Mapping[str, Any], tree: Any, fmt: str | None, cfg: DetectCo
         return "run given by another path"
     old_tree = man.get("tree") or {}
     n = len(_changed(old_tree, tree))
-    return f"{n} file(s) changed"
+    return f"{n} file(s) with a new size or modification time"
 
