@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diagnose.capability.cli import PROBE_EPILOG, probe
+from diagnose.cli_errors import EXIT_USAGE, command_errors
 from diagnose.jsonl import LineError
 
 app = typer.Typer(
@@ -137,20 +138,25 @@ class FailOn(str, Enum):
     never = "never"
 
 
-EXIT_OK, EXIT_COLLAPSE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK, EXIT_COLLAPSE = 0, 1
 
 
 def _scan_or_exit(run: Path, fmt: RunFormat, use_cache: bool, progress: bool):
     """scan_run with the CLI's error policy: one line on stderr naming the path, exit 2 for an
     unreadable run, exit 3 for a bug (traceback only with DIAGNOSE_DEBUG=1)."""
-    from diagnose.adapters import FORMATS, UnknownRunLayout
-    from diagnose.rundir.schema import RunFormatError
-    from diagnose.scan.cache import scan_run
-
     if not os.path.lexists(run):
         err_console.print(f"[red]error:[/] {_esc(run)}: no such file or directory", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE)
     fmt_arg = None if fmt == RunFormat.auto else fmt.value
+    with command_errors(f"scanning {run}", err_console, command="diagnose scan"):
+        return _scan_run_or_exit(run, fmt_arg, use_cache, progress)
+
+
+def _scan_run_or_exit(run: Path, fmt_arg: str | None, use_cache: bool, progress: bool):
+    from diagnose.adapters import FORMATS, UnknownRunLayout
+    from diagnose.rundir.schema import RunFormatError
+    from diagnose.scan.cache import scan_run
+
     try:
         if progress:
             with _ScanProgress() as cb:
@@ -166,12 +172,6 @@ def _scan_or_exit(run: Path, fmt: RunFormat, use_cache: bool, progress: bool):
     except (RunFormatError, OSError) as e:
         err_console.print(f"[red]error:[/] {_esc(run)}: {_esc(e)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
-    except Exception as e:  # noqa: BLE001 - never a traceback for users; DIAGNOSE_DEBUG=1 shows it
-        if os.environ.get("DIAGNOSE_DEBUG"):
-            raise
-        err_console.print(f"[red]internal error[/] while scanning {_esc(run)}: {_esc(type(e).__name__)}: {_esc(e)} "
-                          "(set DIAGNOSE_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _esc(v: object) -> str:

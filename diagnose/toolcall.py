@@ -13,8 +13,8 @@ Three syntaxes (`CallSyntax`):
 linear in the input (no backtracking regexes), because it runs on raw RL rollouts, where
 anything — empty turns, megabytes of repetition, lone surrogates — shows up. It reports every
 call *attempt* as a `CallBlock` with a primary error code; `diagnose.turns` turns those into a
-turn state. The error codes are the values of `diagnose.turns.FormatError` (this module cannot
-import that one: turns imports toolcall).
+turn state. The error codes are `diagnose.format_errors.FormatError` members, the taxonomy
+`diagnose.turns` shares.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Any
 
 from diagnose.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOLS_HEADER, render_tools_block
+from diagnose.format_errors import FormatError
 
 __all__ = [
     "CallBlock",
@@ -48,15 +49,15 @@ class CallSyntax(StrEnum):
     JSON = "json"
 
 
-# Block error codes; each equals a `diagnose.turns.FormatError` value.
-OPEN_TAG_ONLY = "open_tag_only"  # opening tag / bracket, empty body, never closed
-EMPTY_CALL = "empty_call"  # closed, but nothing inside: "<tool_call>\n</tool_call>", "[]"
-NESTED_TAG = "nested_tag"  # a block cut short by another <tool_call> before its close
-UNCLOSED_TAG = "unclosed_tag"  # runs to end of text without a close; body otherwise fine
-INVALID_JSON = "invalid_json"  # HERMES / JSON body does not parse as JSON
-INVALID_SYNTAX = "invalid_syntax"  # PYTHONIC list does not parse as python
-MISSING_NAME = "missing_name"  # parsed, but not an object/call with a non-empty string name
-BAD_ARGUMENTS = "bad_arguments"  # arguments missing, not an object, positional, or not literal
+# Block error codes (the block-level part of the FormatError taxonomy).
+OPEN_TAG_ONLY = FormatError.OPEN_TAG_ONLY  # opening tag / bracket, empty body, never closed
+EMPTY_CALL = FormatError.EMPTY_CALL  # closed, but nothing inside: "<tool_call>\n</tool_call>", "[]"
+NESTED_TAG = FormatError.NESTED_TAG  # a block cut short by another <tool_call> before its close
+UNCLOSED_TAG = FormatError.UNCLOSED_TAG  # runs to end of text without a close; body otherwise fine
+INVALID_JSON = FormatError.INVALID_JSON  # HERMES / JSON body does not parse as JSON
+INVALID_SYNTAX = FormatError.INVALID_SYNTAX  # PYTHONIC list does not parse as python
+MISSING_NAME = FormatError.MISSING_NAME  # parsed, but not an object/call with a non-empty string name
+BAD_ARGUMENTS = FormatError.BAD_ARGUMENTS  # arguments missing, not an object, positional, or not literal
 
 # Lenient-parse notes (the call still counts).
 NOTE_ARGUMENTS_STRING = "arguments_string"  # "arguments": "{\"a\": 1}"

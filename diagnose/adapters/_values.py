@@ -6,10 +6,6 @@ import math
 from typing import Any
 
 
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def as_float(v: Any) -> float | None:
     """A JSON scalar as float (bools as 0/1), else None."""
     if isinstance(v, bool):

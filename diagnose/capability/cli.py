@@ -21,10 +21,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from diagnose.cli_errors import EXIT_INTERNAL, EXIT_USAGE, command_errors, require
+from diagnose.versions import versions
+
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
-EXIT_OK, EXIT_USAGE, EXIT_INTERNAL = 0, 2, 3
+EXIT_OK = 0
 MAX_ERRORS_SHOWN = 20
 
 PROBE_EPILOG = (
@@ -126,38 +129,6 @@ def _writable_dir(d: Path) -> bool:
         return True
     except OSError:
         return False
-
-
-def _merge_and_write(out_dir: Path, results: list[dict], summary: list[dict], meta: dict) -> tuple[Path, str | None]:
-    """Write results, keeping earlier results for other checkpoints when they were probed on the
-    same tasks with the same settings (else they are replaced, and the note says so)."""
-    import polars as pl
-
-    from diagnose.capability.results import RESULT_SCHEMA, SUMMARY_SCHEMA, CapabilityReadError, read_capability, write_capability
-
-    note = None
-    new_names = {r["checkpoint"] for r in summary}
-    res_df = pl.DataFrame(results, schema=RESULT_SCHEMA, strict=False)
-    sum_df = pl.DataFrame(summary, schema=SUMMARY_SCHEMA, strict=False)
-    try:
-        old = read_capability(out_dir)
-    except CapabilityReadError as e:
-        old, note = None, f"earlier results unreadable ({e}); replaced"
-    if old is not None:
-        same = (old.meta.get("tasks", {}).get("fingerprint") == meta["tasks"]["fingerprint"]
-                and old.meta.get("config") == meta["config"])
-        if same:
-            keep = ~pl.col("checkpoint").is_in(sorted(new_names))
-            res_df = pl.concat([old.results.filter(keep), res_df], how="vertical_relaxed")
-            sum_df = pl.concat([old.summary.filter(keep), sum_df], how="vertical_relaxed")
-            merged = {k: v for k, v in (old.meta.get("checkpoints") or {}).items() if k not in new_names}
-            merged.update(meta["checkpoints"])
-            meta["checkpoints"] = merged
-        else:
-            note = "earlier results in this directory were probed on other tasks or settings; replaced"
-    sum_df = sum_df.sort(["step", "checkpoint"], nulls_last=True)
-    res_df = res_df.sort(["step", "checkpoint"], nulls_last=True, maintain_order=True)
-    return write_capability(out_dir, res_df, sum_df, meta), note
 
 
 def _pct(v: Any) -> str:
@@ -294,17 +265,10 @@ def probe(    run: Path = typer.Argument(None, help="A run directory written by 
     format score, a capability score, the gap and a verdict.
 
     By default probes the checkpoints around each collapse episode that `diagnose scan` finds (before onset, at the trough, the last); with no episode, the first and the last."""
-    try:
+    with command_errors("probing", err_console, command="diagnose probe"):
+        require("model", "diagnose probe")
         _probe(run, model, task_file, checkpoints, around_episodes, all_, tasks, split, seed, max_new_tokens,
                device, out, as_json)
-    except typer.Exit:
-        raise
-    except Exception as e:  # noqa: BLE001 - never a traceback for users; DIAGNOSE_DEBUG=1 shows it
-        if os.environ.get("DIAGNOSE_DEBUG"):
-            raise
-        err_console.print(f"[red]internal error[/] while probing: {escape(type(e).__name__)}: {escape(str(e))} "
-                          "(set DIAGNOSE_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _probe(run: Path | None, model: Path | None, task_file: Path | None, checkpoints: str | None,
@@ -374,7 +338,7 @@ def _probe(run: Path | None, model: Path | None, task_file: Path | None, checkpo
     results, summary, per_ckpt, skipped = outcome.results, outcome.summary, outcome.per_ckpt, outcome.skipped
 
     # ---- write
-    from diagnose.capability.results import capability_dir
+    from diagnose.capability.results import capability_dir, merge_and_write
 
     meta = {
         "kind": kind,
@@ -388,13 +352,13 @@ def _probe(run: Path | None, model: Path | None, task_file: Path | None, checkpo
         "checkpoints": per_ckpt,
         "skipped": skipped,
         "seconds": round(time.perf_counter() - t0, 2),
-        "versions": _versions(),
+        "versions": versions(),
     }
     out_dir = out if out is not None else Path(target_path)
     written, write_note = None, None
     if _writable_dir(out_dir):
         try:
-            written, write_note = _merge_and_write(out_dir, results, summary, meta)
+            written, write_note = merge_and_write(out_dir, results, summary, meta)
         except OSError as e:
             _note(f"{capability_dir(out_dir)}: cannot write ({e.strerror or e}); results only printed", "yellow")
     else:
@@ -433,15 +397,3 @@ def _finite(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_finite(x) for x in v]
     return v
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for pkg in ("torch", "transformers", "polars", "collapse-diagnostics"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out

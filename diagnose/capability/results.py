@@ -112,3 +112,32 @@ def read_capability(run_dir: str | os.PathLike[str]) -> CapabilityResults | None
         except (OSError, ValueError) as e:
             raise CapabilityReadError(f"{d / 'meta.json'}: unreadable ({e})") from None
     return CapabilityResults(Path(run_dir), frames["results"], frames["summary"], meta)
+
+
+def merge_and_write(out_dir: Path, results: list[dict], summary: list[dict], meta: dict) -> tuple[Path, str | None]:
+    """Write ``<out_dir>/capability/``, keeping earlier results for other checkpoints when they
+    were probed on the same tasks with the same settings (else they are replaced, and the
+    returned note says so)."""
+    note = None
+    new_names = {r["checkpoint"] for r in summary}
+    res_df = pl.DataFrame(results, schema=RESULT_SCHEMA, strict=False)
+    sum_df = pl.DataFrame(summary, schema=SUMMARY_SCHEMA, strict=False)
+    try:
+        old = read_capability(out_dir)
+    except CapabilityReadError as e:
+        old, note = None, f"earlier results unreadable ({e}); replaced"
+    if old is not None:
+        same = (old.meta.get("tasks", {}).get("fingerprint") == meta["tasks"]["fingerprint"]
+                and old.meta.get("config") == meta["config"])
+        if same:
+            keep = ~pl.col("checkpoint").is_in(sorted(new_names))
+            res_df = pl.concat([old.results.filter(keep), res_df], how="vertical_relaxed")
+            sum_df = pl.concat([old.summary.filter(keep), sum_df], how="vertical_relaxed")
+            merged = {k: v for k, v in (old.meta.get("checkpoints") or {}).items() if k not in new_names}
+            merged.update(meta["checkpoints"])
+            meta["checkpoints"] = merged
+        else:
+            note = "earlier results in this directory were probed on other tasks or settings; replaced"
+    sum_df = sum_df.sort(["step", "checkpoint"], nulls_last=True)
+    res_df = res_df.sort(["step", "checkpoint"], nulls_last=True, maintain_order=True)
+    return write_capability(out_dir, res_df, sum_df, meta), note

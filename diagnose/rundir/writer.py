@@ -9,8 +9,8 @@ Guarantees (also under ``SIGKILL``):
   ``os.write`` on an ``O_APPEND`` descriptor and fsync'ed.  A crash can at worst leave one
   incomplete trailing line, which ``RunWriter(..., resume=True)`` removes and the reader
   reports and skips.
-* checkpoints written with :meth:`RunWriter.save_checkpoint` / :meth:`RunWriter.checkpoint`
-  appear under their final name only when complete.
+* checkpoints written with :meth:`RunWriter.checkpoint` appear under their final name only
+  when complete.
 """
 
 from __future__ import annotations
@@ -21,18 +21,17 @@ import enum
 import json
 import math
 import os
-import platform
+import shutil
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from diagnose.atomic import atomic_dir, atomic_path, atomic_write_json, is_temp_name
+from diagnose.atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_json, is_temp_name
 from diagnose.rundir.schema import (
     CHECKPOINTS_DIR,
     METRICS_JSONL,
@@ -46,9 +45,12 @@ from diagnose.rundir.schema import (
     columns_for,
     conform,
     ctrl_column,
+    parse_step_dirname,
+    parse_step_filename,
     step_dirname,
     step_filename,
 )
+from diagnose.versions import versions
 
 __all__ = ["RunWriter", "RunFormatError"]
 
@@ -59,29 +61,6 @@ _RESERVED_METRIC_KEYS = ("step", "nonfinite")
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        return _metadata.version(name)
-    except _metadata.PackageNotFoundError:
-        return None
-
-
-def _versions() -> dict[str, str | None]:
-    try:
-        from diagnose import __version__ as package_version
-    except Exception:  # pragma: no cover
-        package_version = _dist_version("collapse-diagnostics")
-    return {
-        "python": platform.python_version(),
-        "torch": _dist_version("torch"),
-        "transformers": _dist_version("transformers"),
-        "polars": pl.__version__,
-        "numpy": np.__version__,
-        "pyarrow": _dist_version("pyarrow"),
-        "package": package_version,
-    }
 
 
 def normalize_control_tokens(control_tokens: Any) -> list[dict]:
@@ -215,6 +194,34 @@ def _complete_trailing_line(path: Path) -> int:
         f.flush()
         os.fsync(f.fileno())
     return removed
+
+
+def _line_step(line: bytes) -> int | None:
+    """The ``step`` of one metrics line, None when the line is no JSON object with an int step."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    step = obj.get("step") if isinstance(obj, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _drop_metrics_after(path: Path, step: int, fsync: bool) -> int:
+    """Rewrite ``path`` atomically without the lines of steps > ``step``; returns how many."""
+    if not path.exists():
+        return 0
+    kept: list[bytes] = []
+    dropped = 0
+    with open(path, "rb") as f:
+        for line in f:
+            s = _line_step(line)
+            if s is not None and s > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if dropped:
+        atomic_write_bytes(path, b"".join(kept), fsync=fsync)
+    return dropped
 
 
 # --------------------------------------------------------------------------------------
@@ -381,7 +388,7 @@ class RunWriter:
                     f"{run_json}: cannot resume with different control tokens "
                     f"(run has {old_names}, got {new_names})"
                 )
-            info.setdefault("resumes", []).append({"time": _now(), "versions": _versions()})
+            info.setdefault("resumes", []).append({"time": _now(), "versions": versions()})
             self.info = info
             atomic_write_json(run_json, info, fsync=fsync)
             self.truncated_bytes = _complete_trailing_line(self.run_dir / METRICS_JSONL)
@@ -402,7 +409,7 @@ class RunWriter:
                 "tokenizer": tokenizer,
                 "control_tokens": ctrl,
                 "seeds": seeds,
-                "versions": _versions(),
+                "versions": versions(),
             }
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume:
@@ -535,21 +542,42 @@ class RunWriter:
             if not (tmp / TRAINER_STATE_JSON).exists():
                 atomic_write_json(tmp / TRAINER_STATE_JSON, {"step": step}, fsync=False)
 
-    def save_checkpoint(
-        self,
-        step: int,
-        model: Any,
-        tokenizer: Any = None,
-        trainer_state: Mapping[str, Any] | None = None,
-    ) -> Path:
-        """``model.save_pretrained`` (safetensors) [+ tokenizer] + ``trainer_state.json``, atomically."""
-        with self.checkpoint(step) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            state = {"step": int(step), **dict(trainer_state or {})}
-            atomic_write_json(tmp / TRAINER_STATE_JSON, state, fsync=False)
-        return self.checkpoint_dir(step)
+    # ---- resume --------------------------------------------------------------------
+
+    def truncate_after(self, step: int) -> dict[str, int]:
+        """Drop everything logged after ``step`` (the checkpoint a resume starts from), so the
+        steps re-run after it are logged once, not twice.
+
+        ``metrics.jsonl`` is rewritten atomically without the lines of steps > ``step`` (lines
+        that do not parse are kept: the reader reports them, nothing unknown is lost); every
+        ``<dir>/step-NNNNNN.parquet`` of a step > ``step`` in a top-level directory (rollouts,
+        tokens, probe, and any other per-step table) is removed, as is every checkpoint after
+        ``step``.  A kill in the middle leaves a state this call repairs when run again.
+        Returns what was dropped: ``{"metrics_lines", "step_files", "checkpoints"}``.
+        """
+        step = _check_step(step)
+        dropped = {"metrics_lines": 0, "step_files": 0, "checkpoints": 0}
+        reopen = self._fd is not None
+        self.close()
+        try:
+            dropped["metrics_lines"] = _drop_metrics_after(self._metrics_path, step, self.fsync)
+            for entry in sorted(self.run_dir.iterdir()):
+                if entry.name.startswith(".") or not entry.is_dir() or entry.is_symlink():
+                    continue
+                for f in entry.iterdir():
+                    s = parse_step_dirname(f.name) if entry.name == CHECKPOINTS_DIR else parse_step_filename(f.name)
+                    if s is None or s <= step:
+                        continue
+                    if f.is_dir() and not f.is_symlink():
+                        shutil.rmtree(f)
+                        dropped["checkpoints"] += 1
+                    else:
+                        f.unlink()
+                        dropped["step_files"] += 1
+        finally:
+            if reopen:
+                self._fd = os.open(self._metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return dropped
 
     # ---- lifecycle -------------------------------------------------------------------
 

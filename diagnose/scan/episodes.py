@@ -29,7 +29,15 @@ import numpy as np
 import polars as pl
 
 from diagnose.control_tokens import KEY_CONTEXT_ROLES
-from diagnose.scan.detect import Change, DetectConfig, detect_changes, rank_drop_pvalue, robust_sigma, rolling_baseline
+from diagnose.scan.detect import (
+    Change,
+    DetectConfig,
+    _row_nanmedian,
+    detect_changes,
+    rank_drop_pvalue,
+    robust_sigma,
+    rolling_baseline,
+)
 from diagnose.scan.signals import signal_direction, signal_kind, step_signals
 from diagnose.source import RunSource
 
@@ -306,11 +314,13 @@ def primary_signal(signals: pl.DataFrame | _Table, cfg: DetectConfig | None = No
 
 
 def _trailing_median(x: np.ndarray, w: int) -> np.ndarray:
-    """Median of the last ``w`` points up to and including each point."""
-    out = np.empty(x.size)
-    for i in range(x.size):
-        out[i] = np.median(x[max(0, i - w + 1): i + 1])
-    return out
+    """Median of the last ``w`` points up to and including each point (fewer at the start):
+    sliding windows over the series NaN-padded in front, as `detect.rolling_baseline` does."""
+    x = np.asarray(x, dtype=float)
+    if x.size == 0:
+        return np.empty(0)
+    padded = np.r_[np.full(w - 1, np.nan), x]
+    return _row_nanmedian(np.lib.stride_tricks.sliding_window_view(padded, w))
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:

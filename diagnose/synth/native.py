@@ -751,10 +751,3 @@ def _probe_frame(step: int, pf: _ProbeFixed, tpl: _Templates, names: list[str], 
     for k, name in enumerate(names):
         data[f"lp_ctrl_{name}"] = lp_ctrl[..., k].reshape(-1).astype(np.float32)
     return pl.DataFrame(data)
-
-
-def truth_json(truth: SyntheticTruth) -> str:
-    """The ground truth as JSON (for benchmark logs)."""
-    d = {k: (str(v) if isinstance(v, Path) else v) for k, v in truth.__dict__.items() if k != "control_tokens"}
-    return json.dumps(d)
-

@@ -14,6 +14,16 @@ from typing import Any
 from diagnose.toolcall import CallSyntax, ToolCall
 from diagnose.turns import TurnClassification, TurnState
 
+
+#: A tool implementation: (state, validated arguments) -> result dict; mutates ``state``.
+#: Raise `ToolError` for a failed precondition.
+ToolImpl = Callable[..., dict[str, Any]]
+
+
+class ToolError(Exception):
+    """A tool's refusal; becomes ``{"error": message}``."""
+
+
 #: A policy maps the conversation so far (system, user, assistant and tool messages) to the raw
 #: text of the next assistant turn (tool-call blocks included, no ``<|im_end|>``).
 Policy = Callable[[list[dict]], str]

@@ -7,21 +7,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from diagnose.toolcall import ToolCall
 
-from .base import Task, call_key, canon, schema_of
-
-#: A tool implementation: (state, validated arguments) -> result dict; mutates ``state``.
-#: Raise `ToolError` for a failed precondition.
-ToolImpl = Callable[..., dict[str, Any]]
-
-
-class ToolError(Exception):
-    """A tool's refusal; becomes ``{"error": message}``."""
-
+from .base import Task, ToolError, ToolImpl, call_key, canon, schema_of
+from .families import FAMILIES
 
 def error(message: str) -> dict[str, Any]:
     return {"error": message}
@@ -125,8 +117,6 @@ def make_env(task: Task) -> ToolEnv | ReplayEnv:
     """A fresh environment in the task's initial state."""
     if task.family == "replay":
         return ReplayEnv(task.gold_turns, task.gold_outputs)
-    from .families import FAMILIES
-
     fam = FAMILIES[task.family]
     return ToolEnv(task.tools, fam.impls, task.init_state)
 

@@ -18,8 +18,7 @@ from typing import Any
 
 from diagnose.toolcall import ToolCall
 
-from .base import tool_schema
-from .env import ToolError, ToolImpl
+from .base import ToolError, ToolImpl, tool_schema
 
 NAMES = (
     "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy",
