@@ -289,3 +289,10 @@ def _tokens_frame(rows: list[dict[str, Any]], sample_ids: list[int],
         "is_generated": np.ones(total, dtype=bool),
     })
     return df.cast(dict(TOKENS_SCHEMA)).lazy()
+
+
+
+def step_of_file(rel: str, single_file: bool) -> int | str:
+    """For the scan cache: always ``"global"``, since a trace file's name does not bind the
+    steps of its lines (any step may depend on any file)."""
+    return "global"

@@ -400,3 +400,17 @@ def load(p: Path) -> RunSource:
     notes.append("TRL logs only the completions it prints/keeps: rollout statistics cover those samples only")
     all_files = [f for _, f in files] + state_files(p)
     return make_source(p, FORMAT, metrics=metrics, rollouts=rollouts, issues=issues, notes=notes, files=all_files)
+
+
+_STEP_FILE = re.compile(r"(?:^|/)completions_(\d+)\.parquet$")
+
+
+def step_of_file(rel: str, single_file: bool) -> int | str:
+    """What a fingerprint file (``/``-separated path relative to the run) holds, for the scan
+    cache: its step (``completions_<step>.parquet``, from ``_log_completion_extra_columns`` /
+    ``log_completions``), ``"metrics"`` (``trainer_state.json``: only the metrics layer) or
+    ``"global"`` (any step may depend on it)."""
+    m = _STEP_FILE.search(rel)
+    if m:
+        return int(m.group(1))
+    return "metrics" if rel.rsplit("/", 1)[-1] == "trainer_state.json" else "global"

@@ -306,3 +306,16 @@ def load(p: Path) -> RunSource:
                          "KL to the reference model (actor/kl_loss, kept under its own name)")
     all_files = [f for _, f in files] + mfiles
     return make_source(p, FORMAT, metrics=metrics, rollouts=rollouts, issues=issues, notes=notes, files=all_files)
+
+
+_STEP_FILE = re.compile(r"(?:^|/)(\d+)\.jsonl$")
+
+
+def step_of_file(rel: str, single_file: bool) -> int | str:
+    """What a fingerprint file (``/``-separated path relative to the run) holds, for the scan
+    cache: its step (a ``<step>.jsonl`` rollout dump), ``"metrics"`` (any other ``.jsonl``: the
+    file logger's metrics) or ``"global"`` (any step may depend on it)."""
+    m = _STEP_FILE.search(rel)
+    if m:
+        return int(m.group(1))
+    return "metrics" if rel.endswith(".jsonl") else "global"
