@@ -48,7 +48,7 @@ first ``--check-steps`` steps in-process, and the subprocesses' full outputs aga
 Incremental re-scan, on a hard-linked copy of the run: new steps are appended as a live
 trainer would (a copy of the last step's tables with the step column rewritten, written to temp
 files and renamed; its metrics line appended; ``run.json`` untouched). With
-``diagnose.scan.cache.scan_run``: ``scan_run(path, use_cache=False)``, ``scan_run(path)`` (builds
+``diagnose.scan.run.scan_run``: ``scan_run(path, use_cache=False)``, ``scan_run(path)`` (builds
 the cache), then per new step ``scan_run(path)``. Without it: ``load_run`` +
 ``step_signals(src, steps=[new])`` + ``merge_signals`` + ``scan_source(src, signals=merged)``.
 Also printed: the "floor" of a re-scan that reads only the new step's files.
@@ -635,7 +635,7 @@ def incremental(data: Path, opts: dict[str, Any]) -> dict[str, Any]:
     from diagnose.scan import merge_signals, scan_source, step_signals
 
     try:
-        from diagnose.scan.cache import scan_run
+        from diagnose.scan.run import scan_run
     except ImportError:
         scan_run = None
     run = Path(opts["workdir"]) / "run"
@@ -645,7 +645,7 @@ def incremental(data: Path, opts: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {"times": []}
     clock = Clock()
     if scan_run is not None:
-        res["method"] = "diagnose.scan.cache.scan_run(path, use_cache=True)"
+        res["method"] = "diagnose.scan.run.scan_run(path, use_cache=True)"
         clock.start()
         scan_run(run, use_cache=False)
         res["full"] = clock.lap()[0]
@@ -663,7 +663,7 @@ def incremental(data: Path, opts: dict[str, Any]) -> dict[str, Any]:
         scan_run(run, use_cache=True)
         res["unchanged"] = clock.lap()[0]
     else:
-        res["method"] = ("no diagnose.scan.cache.scan_run: load_run + step_signals(src, steps=[new]) + "
+        res["method"] = ("no diagnose.scan.run.scan_run: load_run + step_signals(src, steps=[new]) + "
                          "merge_signals(cached full-scan signals) + scan_source(src, signals=merged)")
         sig = pl.read_parquet(opts["cached_signals"])
         for i in range(repeats):

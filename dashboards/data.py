@@ -7,7 +7,7 @@ checked to stay under the root before anything is read (`resolve_run`). Nothing 
 runs are read through `diagnose` (JSON, JSON Lines, Parquet), tokenizers from ``tokenizer.json``
 with the `tokenizers` library (plain JSON, no code).
 
-Responsiveness: per-step aggregates come from the scan cache (`diagnose.scan.cache.scan_run`
+Responsiveness: per-step aggregates come from the scan cache (`diagnose.scan.run.scan_run`
 serves them from ``<run>/.diagnose/scan/`` and recomputes only new steps); token and rollout
 tables are filtered to one step (and one sample) with polars lazy frames before anything is
 collected, so a token table is never loaded whole or shipped to the browser. Loaders are
@@ -28,7 +28,7 @@ from typing import Any
 import polars as pl
 import streamlit as st
 
-from diagnose.adapters import detect_format, load_run
+from diagnose.adapters import adapter, detect_format, load_run
 from diagnose.source import RunSource
 
 ROOT_ENV = "DIAGNOSE_RUNS_ROOT"
@@ -87,6 +87,9 @@ def _is_container(d: Path, fmt: str) -> bool:
     listed as its runs, not as one merged run."""
     if fmt == "native":
         return False
+    runs_of = getattr(adapter(fmt), "runs", None)
+    if runs_of is not None:  # the adapter knows its layout (verl: dump and metrics folders of one run)
+        return len(runs_of(d)) >= 2
     try:
         entries = [e for e in os.scandir(d) if not e.name.startswith(".")]
     except OSError:
@@ -202,8 +205,8 @@ def _error_line(e: BaseException) -> str:
 
 
 def scan(path: Path) -> Loaded:
-    """`diagnose.scan.cache.scan_run` with the dashboard's error policy."""
-    from diagnose.scan.cache import scan_run
+    """`diagnose.scan.run.scan_run` with the dashboard's error policy."""
+    from diagnose.scan.run import scan_run
 
     try:
         return Loaded(scan_run(path))

@@ -22,7 +22,7 @@ from plotly.subplots import make_subplots
 
 from diagnose.control_tokens import KEY_CONTEXTS
 from diagnose.rundir import ctrl_column
-from diagnose.scan.episodes import CollapseEpisode, ScanResult
+from diagnose.scan.result import CollapseEpisode, ScanResult
 from diagnose.scan.report import finite_series, token_label
 
 KEY_SIGNALS: tuple[tuple[str, str], ...] = (

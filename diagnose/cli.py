@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from diagnose.adapters import FORMATS
 from diagnose.capability.cli import PROBE_EPILOG, probe
 from diagnose.cli_errors import EXIT_USAGE, command_errors
 from diagnose.jsonl import LineError
@@ -39,7 +41,7 @@ MAX_ERRORS_SHOWN = 20
 def report_line_errors(errors: list[LineError], what: str = "line") -> None:
     """Print bad lines to stderr, capped, so a huge corrupt file does not flood the terminal."""
     for e in errors[:MAX_ERRORS_SHOWN]:
-        err_console.print(f"[yellow]skipped[/] {e}", markup=True, highlight=False)
+        err_console.print(f"[yellow]skipped[/] {_esc(e)}", markup=True, highlight=False, soft_wrap=True)
     if len(errors) > MAX_ERRORS_SHOWN:
         err_console.print(f"[yellow]... and {len(errors) - MAX_ERRORS_SHOWN} more bad {what}s[/]")
 
@@ -73,19 +75,20 @@ def formats(
     from diagnose.format_summary import summarize, turn_table
 
     if not path.is_file():
-        err_console.print(f"[red]error:[/] {path}: no such file")
+        err_console.print(f"[red]error:[/] {_esc(path)}: no such file", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     convs, errors = read_conversations(path)
     report_line_errors(errors)
     if not convs:
-        err_console.print(f"[red]error:[/] {path}: no readable conversation ({len(errors)} bad lines)")
+        err_console.print(f"[red]error:[/] {_esc(path)}: no readable conversation ({len(errors)} bad lines)",
+                          highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     summary = summarize(turn_table(convs), len(convs))
     summary["skipped_lines"] = len(errors)
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
         return
-    console.print(states_table(summary, f"{path}: {summary['conversations']} conversations, "
+    console.print(states_table(summary, f"{_esc(path)}: {summary['conversations']} conversations, "
                                         f"{summary['assistant_turns']} assistant turns"))
     if summary["errors"]:
         console.print(errors_table(summary))
@@ -123,13 +126,8 @@ def demo(
 # ---------------------------------------------------------------------------------------------
 
 
-class RunFormat(str, Enum):
-    auto = "auto"
-    native = "native"
-    trl = "trl"
-    verl = "verl"
-    open_instruct = "open_instruct"
-    conversations = "conversations"
+#: ``--format`` choices: ``auto`` and the adapter table's formats (`diagnose.adapters.FORMATS`).
+RunFormat = Enum("RunFormat", {"auto": "auto", **{f: f for f in FORMATS}}, type=str)
 
 
 class FailOn(str, Enum):
@@ -141,7 +139,24 @@ class FailOn(str, Enum):
 EXIT_OK, EXIT_COLLAPSE = 0, 1
 
 
-def _scan_or_exit(run: Path, fmt: RunFormat, use_cache: bool, progress: bool):
+@dataclass(frozen=True)
+class LoadOptions:
+    """The adapter options of ``scan`` / ``compare`` (`diagnose.adapters.load_run`)."""
+
+    metrics: Path | None = None
+    run: str | None = None
+    tokenizer: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"metrics": self.metrics, "run": self.run, "tokenizer": self.tokenizer}
+
+
+METRICS_HELP = "A trainer metrics file to read with the run (verl: the file logger's JSONL)."
+RUN_HELP = "Which run, when the folder holds several (the error lists their names)."
+TOKENIZER_HELP = "Tokenizer (a local directory or a cached hub id) to decode token-id traces (open-instruct)."
+
+
+def _scan_or_exit(run: Path, fmt: RunFormat, use_cache: bool, progress: bool, opts: LoadOptions = LoadOptions()):
     """scan_run with the CLI's error policy: one line on stderr naming the path, exit 2 for an
     unreadable run, exit 3 for a bug (traceback only with DIAGNOSE_DEBUG=1)."""
     if not os.path.lexists(run):
@@ -149,19 +164,22 @@ def _scan_or_exit(run: Path, fmt: RunFormat, use_cache: bool, progress: bool):
         raise typer.Exit(EXIT_USAGE)
     fmt_arg = None if fmt == RunFormat.auto else fmt.value
     with command_errors(f"scanning {run}", err_console, command="diagnose scan"):
-        return _scan_run_or_exit(run, fmt_arg, use_cache, progress)
+        return _scan_run_or_exit(run, fmt_arg, use_cache, progress, opts)
 
 
-def _scan_run_or_exit(run: Path, fmt_arg: str | None, use_cache: bool, progress: bool):
-    from diagnose.adapters import FORMATS, UnknownRunLayout
+def _scan_run_or_exit(run: Path, fmt_arg: str | None, use_cache: bool, progress: bool, opts: LoadOptions):
+    from diagnose.adapters import AmbiguousRun, UnknownRunLayout
     from diagnose.rundir.schema import RunFormatError
-    from diagnose.scan.cache import scan_run
+    from diagnose.scan.run import scan_run
 
     try:
         if progress:
             with _ScanProgress() as cb:
-                return scan_run(run, format=fmt_arg, use_cache=use_cache, progress=cb)
-        return scan_run(run, format=fmt_arg, use_cache=use_cache)
+                return scan_run(run, format=fmt_arg, use_cache=use_cache, progress=cb, **opts.kwargs())
+        return scan_run(run, format=fmt_arg, use_cache=use_cache, **opts.kwargs())
+    except AmbiguousRun as e:
+        err_console.print(f"[red]error:[/] {_esc(e)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
     except UnknownRunLayout as e:
         first = str(e).splitlines()[0].split(" Looked for:")[0].rstrip(".")
         looked = ", ".join([fmt_arg] if fmt_arg else FORMATS)
@@ -257,13 +275,17 @@ def scan(
                                                             "(<run>/.diagnose/scan/)."),
     fail_on: FailOn = typer.Option(FailOn.collapse, "--fail-on", help="What makes the exit code 1.",
                                    case_sensitive=False),
+    metrics: Path = typer.Option(None, "--metrics", help=METRICS_HELP, dir_okay=False, show_default=False),
+    run_name: str = typer.Option(None, "--run", help=RUN_HELP, show_default=False),
+    tokenizer: str = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP, show_default=False),
 ) -> None:
     """Did the run collapse, when, and what moved first? Verdict, collapse episodes (onset,
     trough, recovery, severity), signals that moved before the drop with their lead, implicated
     control tokens, rollouts before/after, pathologies, notes and unreadable files.
 
     Results are cached in the run (re-scans recompute only new or changed steps)."""
-    result = _scan_or_exit(run, format, not no_cache, progress=err_console.is_terminal and not as_json)
+    result = _scan_or_exit(run, format, not no_cache, progress=err_console.is_terminal and not as_json,
+                           opts=LoadOptions(metrics, run_name, tokenizer))
     hint = f"run `diagnose probe {run}`"  # where to check capability after a collapse
     if report is not None:
         from diagnose.scan.html import write_scan_html
@@ -291,14 +313,23 @@ def compare(
     report: Path = typer.Option(None, "--report", help="Also write a self-contained HTML report to this file.",
                                 dir_okay=False),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the scan caches."),
+    format: RunFormat = typer.Option(RunFormat.auto, "--format", "-f", help="Layout of both runs; auto-detected by "
+                                     "default.", case_sensitive=False),
+    metrics_a: Path = typer.Option(None, "--metrics-a", help="As scan --metrics, for the first run.", dir_okay=False,
+                                   show_default=False),
+    metrics_b: Path = typer.Option(None, "--metrics-b", help="As scan --metrics, for the second run.", dir_okay=False,
+                                   show_default=False),
+    run_a_name: str = typer.Option(None, "--run-a", help="As scan --run, for the first run.", show_default=False),
+    run_b_name: str = typer.Option(None, "--run-b", help="As scan --run, for the second run.", show_default=False),
+    tokenizer: str = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP + " For both runs.", show_default=False),
 ) -> None:
     """Two runs side by side: key numbers (peak/final reward, collapse onset, collapsed-turn share
     at the end, implicated token, max probability of the collapse token) and signals."""
     from diagnose.scan.compare import compare_results, render_compare
 
     show = err_console.is_terminal and not as_json
-    a = _scan_or_exit(run_a, RunFormat.auto, not no_cache, progress=show)
-    b = _scan_or_exit(run_b, RunFormat.auto, not no_cache, progress=show)
+    a = _scan_or_exit(run_a, format, not no_cache, progress=show, opts=LoadOptions(metrics_a, run_a_name, tokenizer))
+    b = _scan_or_exit(run_b, format, not no_cache, progress=show, opts=LoadOptions(metrics_b, run_b_name, tokenizer))
     label_a, label_b = run_a.name or str(run_a), run_b.name or str(run_b)
     if label_a == label_b:
         label_a, label_b = f"A ({label_a})", f"B ({label_b})"

@@ -39,6 +39,8 @@ class SourceIssue:
     path: str
     line: int | None
     message: str
+    #: what the issue means for the analyses, where it matters (`STEP_MISMATCH`); None otherwise
+    kind: str | None = None
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.message}" if self.line else f"{self.path}: {self.message}"
@@ -46,6 +48,17 @@ class SourceIssue:
     @classmethod
     def from_line_error(cls, e: LineError) -> "SourceIssue":
         return cls(e.path, e.line or None, e.message)
+
+
+#: `SourceIssue.kind` of a step file whose rows belong to other steps than its name says: the
+#: scan cache cannot map such a file to its steps and recomputes every step.
+STEP_MISMATCH = "step_mismatch"
+
+
+def step_mismatch_message(what: str, steps: Any, file_step: int, authority: str) -> str:
+    """The one wording of a file-name / data step mismatch (``what``: "rows", "lines", ...;
+    ``authority``: which field wins, e.g. "the step column")."""
+    return f"{what} have step(s) {steps} but the file name says {file_step}; {authority} is authoritative"
 
 
 @dataclass
@@ -63,6 +76,11 @@ class RunSource:
     @property
     def has_token_probabilities(self) -> bool:
         return self.tokens is not None
+
+    @property
+    def has_step_mismatch(self) -> bool:
+        """Some step file holds rows of other steps than its name says (`STEP_MISMATCH`)."""
+        return any(i.kind == STEP_MISMATCH for i in self.issues)
 
     def fingerprint(self) -> dict[str, Any]:
         """What the scan cache keys on: files with their size and mtime (set by the adapter)."""

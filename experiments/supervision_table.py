@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diagnose.rundir import RunReader
-from diagnose.scan.cache import scan_run
+from diagnose.scan.run import scan_run
 from train_minimal.config import build_config
 from train_minimal.presets import preset
 from train_minimal.trainer import train

@@ -308,7 +308,7 @@ def _with_checkpoints(run: Path, steps: list[int]) -> None:
 
 
 def test_select_around_the_collapse(tmp_path):
-    from diagnose.scan.cache import scan_run
+    from diagnose.scan.run import scan_run
     from diagnose.synth import write_synthetic_run
 
     run = tmp_path / "run"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from diagnose.scan.cache import scan_run
+from diagnose.scan.run import scan_run
 from train_minimal.config import build_config
 from train_minimal.presets import preset
 from train_minimal.trainer import train

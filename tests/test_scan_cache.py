@@ -13,9 +13,12 @@ from polars.testing import assert_frame_equal
 
 import diagnose.adapters
 import diagnose.scan.cache as cache
+import diagnose.scan.run as scan_run_mod
 from diagnose.adapters import load_run
 from diagnose.scan import DetectConfig, step_signals
-from diagnose.scan.cache import CACHE_SUBDIR, load_cached_scan, result_from_json, scan_run
+from diagnose.scan.cache import CACHE_SUBDIR, load_cached_scan
+from diagnose.scan.result import result_from_json
+from diagnose.scan.run import scan_run
 from diagnose.synth import write_synthetic_run
 from diagnose.synth.foreign import write_conversation_run, write_trl_run
 
@@ -59,8 +62,8 @@ class Spy:
 
 @pytest.fixture
 def spy(monkeypatch) -> Spy:
-    s = Spy(cache.step_signals)
-    monkeypatch.setattr(cache, "step_signals", s)
+    s = Spy(scan_run_mod.step_signals)
+    monkeypatch.setattr(scan_run_mod, "step_signals", s)
     return s
 
 
@@ -216,8 +219,8 @@ def test_foreign_run_appended_step_is_incremental(tmp_path, spy):
 
 
 def test_chunked_computation_with_progress_matches(run, spy, monkeypatch):
-    monkeypatch.setattr(cache, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(cache, "MAX_CHUNKS", 4)
+    monkeypatch.setattr(scan_run_mod, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(scan_run_mod, "MAX_CHUNKS", 4)
     events = []
     r = scan_run(run, use_cache=False, progress=lambda stage, done, total: events.append((stage, done, total)))
     assert len(spy.calls) == 4 and sorted(s for c in spy.calls for s in c) == list(range(STEPS))

@@ -111,12 +111,12 @@ def test_forced_format_without_its_files_exits_2(runs):
 
 
 def test_internal_error_exits_3_without_traceback(runs, monkeypatch):
-    import diagnose.scan.cache as cache
+    import diagnose.scan.run as scan_run_mod
 
     def boom(*a, **k):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(cache, "scan_run", boom)
+    monkeypatch.setattr(scan_run_mod, "scan_run", boom)
     res = invoke("scan", runs["stable"])
     assert res.exit_code == 3 and "kaboom" in res.stderr and "internal error" in res.stderr
 

@@ -10,7 +10,7 @@ import pytest
 
 from diagnose.rundir import RunReader
 from diagnose.scan import DetectConfig, find_episodes, find_pathologies, scan_source, step_signals
-from diagnose.scan.episodes import SCHEMA_VERSION
+from diagnose.scan.result import SCHEMA_VERSION
 from diagnose.source import RunSource
 from diagnose.synth import write_synthetic_run
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from diagnose.adapters import load_run
 from diagnose.cli import app
 from diagnose.scan import scan_source
-from diagnose.scan.cache import scan_run
+from diagnose.scan.run import scan_run
 from diagnose.synth import write_synthetic_run
 from diagnose.synth.foreign import (
     write_conversation_run,

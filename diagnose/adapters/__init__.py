@@ -12,9 +12,15 @@ Formats (``FORMATS``, detection order): ``native`` (our run directory, ``run.jso
 ``conversations`` (conversation JSONL). What each reads, the metric-name mapping and what each
 format cannot give are in docs/adapters.md.
 
+Each format is a module satisfying `Adapter` (``detect``, ``has_candidates``, ``load``,
+``step_of_file``; optionally ``runs``), listed once in ``ADAPTERS``. ``load_run`` passes the
+options an adapter's ``load`` takes (``metrics``, ``run``, ``tokenizer``, ``file_checks``) and
+notes the ones it does not use.
+
 Bad input never raises: every unreadable file, line or value becomes a `SourceIssue` naming the
 file (and line) and the rest is read. `UnknownRunLayout` is raised only when no layout matches
-(or the path does not exist).
+(or the path does not exist); `AmbiguousRun` (a subclass) when a folder holds several runs and
+none was chosen.
 
 What the adapters share lives in private modules: ``_issues`` (IssueLog, NonFinite),
 ``_values`` (number/step coercion), ``_io`` (file listing, first JSONL object, parquet checks),
@@ -25,34 +31,69 @@ What the adapters share lives in private modules: ``_issues`` (IssueLog, NonFini
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast, runtime_checkable
 
 from diagnose.adapters._turns import TurnClassifier, split_assistant_turns
+from diagnose.adapters._sidecar import attach_sidecar
 from diagnose.source import RunSource
 
 __all__ = [
+    "ADAPTERS",
     "FORMATS",
     "LOOKED_FOR",
+    "Adapter",
+    "AmbiguousRun",
     "UnknownRunLayout",
+    "adapter",
     "detect_format",
     "load_run",
+    "step_of_file",
     "split_assistant_turns",
     "TurnClassifier",
 ]
 
-#: Supported formats, in detection order.
-FORMATS: tuple[str, ...] = ("native", "trl", "open_instruct", "verl", "conversations")
-
-_MODULES = {
+#: The adapter module of each format, in detection order (the one table of formats).
+ADAPTERS: dict[str, str] = {
     "native": "diagnose.adapters.native",
     "trl": "diagnose.adapters.trl",
     "open_instruct": "diagnose.adapters.open_instruct",
     "verl": "diagnose.adapters.verl",
     "conversations": "diagnose.adapters.conversations",
 }
+#: Supported formats, in detection order.
+FORMATS: tuple[str, ...] = tuple(ADAPTERS)
+#: The ``load_run`` options an adapter may take (besides ``file_checks``), as in ``diagnose scan``:
+#: ``metrics`` (a trainer metrics file, verl), ``run`` (which run of several in one folder),
+#: ``tokenizer`` (to decode token-id traces, open-instruct).
+LOAD_OPTIONS: tuple[str, ...] = ("metrics", "run", "tokenizer")
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What each format module provides. ``load(path, **options)`` takes the `LOAD_OPTIONS` it
+    uses as keyword arguments (see `load_run`). An adapter whose folders may hold several runs
+    also defines ``runs(path) -> list[str]`` (their names, for ``run=``)."""
+
+    def detect(self, path: Path) -> bool:
+        """Whether ``path`` is a run in this format (cheap: file names and a first line)."""
+        ...
+
+    def has_candidates(self, path: Path) -> bool:
+        """Whether ``path`` holds files this format would read (for a forced ``format``)."""
+        ...
+
+    def load(self, path: Path, **options: Any) -> RunSource:
+        """The run as a `RunSource`; bad input becomes issues, never an exception."""
+        ...
+
+    def step_of_file(self, rel: str, single_file: bool) -> int | str:
+        """What a fingerprint file (``/``-separated, relative to the run) holds, for the scan
+        cache: its step, ``"metrics"`` (only the metrics layer depends on it) or ``"global"``."""
+        ...
 
 #: What detection looks for, per format (quoted in `UnknownRunLayout`).
 LOOKED_FOR: dict[str, str] = {
@@ -76,8 +117,32 @@ class UnknownRunLayout(ValueError):
         super().__init__(head + " Looked for:\n" + "\n".join(f"  - {x}" for x in self.looked_for))
 
 
-def _module(fmt: str):
-    return importlib.import_module(_MODULES[fmt])
+class AmbiguousRun(UnknownRunLayout):
+    """The folder holds several runs (or not the one asked for); the message lists them and how
+    to choose one (``run=`` / ``--run NAME``). Runs are never merged."""
+
+    def __init__(self, path: str | os.PathLike[str], fmt: str, runs: Sequence[str], asked: str | None = None) -> None:
+        self.path, self.format, self.runs = Path(path), fmt, list(runs)
+        self.looked_for = [f"{fmt}: {LOOKED_FOR[fmt]}"]
+        listed = ", ".join(self.runs)
+        if asked is None:
+            msg = f"{self.path}: {len(self.runs)} {fmt} runs in this folder ({listed}); choose one with --run NAME"
+        else:
+            msg = f"{self.path}: no {fmt} run named {asked!r} here (runs: {listed}); choose one with --run NAME"
+        ValueError.__init__(self, msg)
+
+
+def adapter(fmt: str) -> Adapter:
+    """The adapter module of format ``fmt`` (one of `FORMATS`)."""
+    return cast(Adapter, importlib.import_module(ADAPTERS[fmt]))
+
+
+
+def step_of_file(fmt: str, rel: str, single_file: bool) -> int | str:
+    """What a fingerprint file of a ``fmt`` run holds (the adapter's ``step_of_file``): a step,
+    ``"metrics"`` or ``"global"``. An adapter without one: ``"global"`` (always safe)."""
+    fn = getattr(adapter(fmt), "step_of_file", None)
+    return fn(rel.replace(os.sep, "/"), single_file) if fn is not None else "global"
 
 
 def detect_format(path: str | os.PathLike[str]) -> str | None:
@@ -90,7 +155,7 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
         return None
     for fmt in FORMATS:
         try:
-            if _module(fmt).detect(p):
+            if adapter(fmt).detect(p):
                 return fmt
         except OSError:
             continue
@@ -98,9 +163,15 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
 
 
 def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa: A002
-             file_checks: Any = None) -> RunSource:
+             file_checks: Any = None, **options: Any) -> RunSource:
     """Load the run at ``path`` as a `RunSource`, auto-detecting its format unless ``format``
-    (one of `FORMATS`) is given. Raises `UnknownRunLayout` when nothing matches.
+    (one of `FORMATS`) is given. Raises `UnknownRunLayout` when nothing matches, `AmbiguousRun`
+    when the folder holds several runs of the format and ``run`` does not name one of them.
+
+    ``options`` (`LOAD_OPTIONS`; None = not given): ``metrics`` (a trainer metrics file, verl),
+    ``run`` (which run of several in one folder), ``tokenizer`` (decode token-id traces,
+    open-instruct). Each goes to the adapter's ``load`` if it takes it; one it does not take is
+    named in the source's notes as unused.
 
     ``file_checks``: ``RunSource.file_checks`` of an earlier load of the same run (the scan
     cache keeps it): files it lists as validated, unchanged since, are not validated again.
@@ -117,9 +188,29 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     fmt = format or detect_format(p)
     if fmt is None:
         raise UnknownRunLayout(p)
-    mod = _module(fmt)
+    mod = adapter(fmt)
     if format is not None and not mod.detect(p) and not mod.has_candidates(p):
         raise UnknownRunLayout(p, f"nothing in the {fmt} layout found", [fmt])
-    if fmt == "native" and file_checks:
-        return mod.load(p, file_checks=file_checks)
-    return mod.load(p)
+    given = {k: v for k, v in options.items() if v is not None}
+    runs = getattr(mod, "runs", None)
+    if runs is not None:
+        names = list(runs(p))
+        asked = given.get("run")
+        if (asked is None and len(names) > 1) or (asked is not None and names and asked not in names):
+            raise AmbiguousRun(p, fmt, names, asked)
+    takes = _keywords(mod.load)
+    kwargs = {k: v for k, v in given.items() if takes is None or k in takes}
+    if file_checks and (takes is None or "file_checks" in takes):
+        kwargs["file_checks"] = file_checks
+    src = mod.load(p, **kwargs)
+    for k in sorted(set(given) - set(kwargs)):
+        src.notes.append(f"option {k}={given[k]!s} is not used by the {fmt} adapter; ignored")
+    return attach_sidecar(src)  # the live probe's tables beside a foreign trainer's output
+
+
+def _keywords(fn: Any) -> set[str] | None:
+    """The keyword parameters ``fn`` takes; None if it takes any (``**kwargs``)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from diagnose.jsonl import LineError
-from diagnose.source import SourceIssue
+from diagnose.source import STEP_MISMATCH, SourceIssue, step_mismatch_message
 
 
 class IssueLog:
@@ -24,7 +24,7 @@ class IssueLog:
         self._count: dict[str, int] = {}
         self._dropped: dict[str, int] = {}
 
-    def add(self, path: str | os.PathLike[str], line: int | None, message: str) -> None:
+    def add(self, path: str | os.PathLike[str], line: int | None, message: str, kind: str | None = None) -> None:
         key = (str(path), line or None, message)
         if key in self._seen:
             return
@@ -34,7 +34,13 @@ class IssueLog:
             self._dropped[key[0]] = self._dropped.get(key[0], 0) + 1
             return
         self._count[key[0]] = n + 1
-        self.items.append(SourceIssue(key[0], key[1], message))
+        self.items.append(SourceIssue(key[0], key[1], message, kind))
+
+    def step_mismatch(self, path: str | os.PathLike[str], what: str, steps: Any, file_step: int,
+                      authority: str) -> None:
+        """A step file whose rows name other steps than its file name (`STEP_MISMATCH`, which
+        makes the scan cache recompute every step)."""
+        self.add(path, None, step_mismatch_message(what, steps, file_step, authority), kind=STEP_MISMATCH)
 
     def line_error(self, e: LineError, suffix: str = "line skipped") -> None:
         msg = e.message if not suffix or e.line == 0 else f"{e.message}; {suffix}"

@@ -79,6 +79,16 @@ def has_candidates(p: Path) -> bool:
     return bool(input_files(p))
 
 
+def step_of_file(rel: str, single_file: bool) -> int | str:
+    """For the scan cache: the step of a ``<step>.jsonl`` / ``step_<step>.jsonl`` /
+    ``step-NNNNNN.jsonl`` file of a folder, else ``"global"`` (a single file, or files whose
+    names carry no step: any step may depend on them)."""
+    if single_file:
+        return "global"
+    m = STEP_FILE_RE.match(rel.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else "global"
+
+
 def _prompt(conv: Conversation, tool_names: tuple[str, ...] | None, memo: dict[Any, str]) -> str:
     """The messages before the first assistant turn, rendered with the chat template (the tools
     block is added unless the system prompt already has one). Memoised: a group shares it."""
@@ -172,8 +182,7 @@ def load(p: Path) -> RunSource:
             })
             n_good += 1
         if other_steps:
-            issues.add(f, None, f"conversations have step(s) {sorted(other_steps)[:5]} but the file name says "
-                                f"{fstep}; the 'step' field is authoritative")
+            issues.step_mismatch(f, "conversations", sorted(other_steps)[:5], fstep, "the 'step' field")
         if no_assistant:
             issues.add(f, None, f"{no_assistant} conversation(s) without an assistant message (no turns)")
         if n_good == 0:

@@ -6,6 +6,7 @@ the reader's lazy scans (corrupt step files are reported by the reader and skipp
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from diagnose.rundir.schema import KINDS, METRICS_JSONL, RUN_JSON, RunFormatErro
 from diagnose.source import RunSource
 
 FORMAT = "native"
+_STEP_FILE = re.compile(r"^(rollouts|tokens|probe)/step-(\d+)\.parquet$")
 
 
 def _root(p: Path) -> Path:
@@ -34,6 +36,16 @@ def detect(p: Path) -> bool:
 def has_candidates(p: Path) -> bool:
     root = _root(p)
     return (root / METRICS_JSONL).is_file() or any((root / k).is_dir() for k in KINDS)
+
+
+def step_of_file(rel: str, single_file: bool) -> int | str:
+    """For the scan cache: the step of a ``rollouts|tokens|probe/step-NNNNNN.parquet`` file,
+    ``"metrics"`` for ``metrics.jsonl`` (only the metrics layer depends on it), else
+    ``"global"`` (``run.json``: any step may depend on it)."""
+    m = _STEP_FILE.match(rel)
+    if m:
+        return int(m.group(2))
+    return "metrics" if rel == METRICS_JSONL else "global"
 
 
 def _files(root: Path) -> list[Path]:
@@ -65,7 +77,7 @@ def load(p: Path, file_checks: Any = None) -> RunSource:
     probe = reader.probe() if reader.steps("probe") else None
     control_tokens = reader.control_tokens
     for i in reader.issues:
-        issues.add(i.path, i.line, i.message)
+        issues.add(i.path, i.line, i.message, i.kind)
     if tokens is None:
         notes.append("no readable tokens/ step files: no token probabilities, entropies or control-token log-probs")
     if probe is None:

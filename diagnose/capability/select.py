@@ -94,7 +94,7 @@ def _around_episodes(run_dir: str | os.PathLike[str], steps: list[int]) -> tuple
             chosen[step].append(role)
 
     try:
-        from diagnose.scan.cache import scan_run
+        from diagnose.scan.run import scan_run
 
         episodes = scan_run(run_dir).episodes
     except Exception as e:  # noqa: BLE001 - a run that cannot be scanned still has checkpoints

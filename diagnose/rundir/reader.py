@@ -44,6 +44,7 @@ from diagnose.rundir.schema import (
     parse_step_filename,
     validate_schema,
 )
+from diagnose.source import STEP_MISMATCH, step_mismatch_message
 
 __all__ = ["ReadIssue", "RunReader", "RunFormatError"]
 
@@ -55,6 +56,7 @@ class ReadIssue:
     path: Path
     line: int | None
     message: str
+    kind: str | None = None  # as `diagnose.source.SourceIssue.kind`
 
     def __str__(self) -> str:
         loc = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
@@ -135,11 +137,11 @@ class RunReader:
 
     # ---- issues ----------------------------------------------------------------------
 
-    def _issue(self, path: Path, line: int | None, message: str) -> None:
+    def _issue(self, path: Path, line: int | None, message: str, kind: str | None = None) -> None:
         key = (str(path), line, message)
         if key not in self._issue_keys:
             self._issue_keys.add(key)
-            self._issues.append(ReadIssue(Path(path), line, message))
+            self._issues.append(ReadIssue(Path(path), line, message, kind))
 
     @property
     def issues(self) -> list[ReadIssue]:
@@ -456,10 +458,8 @@ class RunReader:
         for p in problems:
             self._issue(path, None, p + " (filled with nulls)")
         if lo is not None and (lo != step or hi != step):
-            self._issue(
-                path, None,
-                f"rows have step {lo}..{hi} but the file name says {step}; the step column is authoritative",
-            )
+            self._issue(path, None, step_mismatch_message("rows", f"{lo}..{hi}", step, "the step column"),
+                        kind=STEP_MISMATCH)
         return _StepFile(step=step, path=path, schema=schema, num_rows=md.num_rows)
 
     def steps(self, kind: str) -> list[int]:

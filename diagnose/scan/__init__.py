@@ -10,22 +10,22 @@ See docs/scan.md.
 """
 
 from diagnose.scan.detect import Change, DetectConfig, detect_changes, robust_zscores, rolling_baseline
-from diagnose.scan.episodes import (
+from diagnose.scan.episodes import find_episodes, find_pathologies, primary_signal, scan_source
+from diagnose.scan.result import (
     SCHEMA_VERSION,
     CollapseEpisode,
     ContextRise,
     ImplicatedToken,
     Pathology,
     RolloutExample,
+    RunScanResult,
     ScanResult,
     SignalMove,
-    find_episodes,
-    find_pathologies,
-    primary_signal,
-    scan_source,
+    result_from_json,
 )
 from diagnose.scan.signals import SIGNAL_SPECS, merge_signals, signal_direction, step_signals
-from diagnose.scan.cache import load_cached_scan, scan_run  # noqa: E402  (after the engine it builds on)
+from diagnose.scan.cache import load_cached_scan  # noqa: E402  (after the engine it builds on)
+from diagnose.scan.run import scan_run  # noqa: E402
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -37,6 +37,7 @@ __all__ = [
     "ImplicatedToken",
     "Pathology",
     "RolloutExample",
+    "RunScanResult",
     "ScanResult",
     "SignalMove",
     "detect_changes",
@@ -45,6 +46,7 @@ __all__ = [
     "load_cached_scan",
     "merge_signals",
     "primary_signal",
+    "result_from_json",
     "robust_zscores",
     "rolling_baseline",
     "scan_run",

@@ -1,6 +1,6 @@
 """`diagnose compare`: two scanned runs side by side.
 
-    from diagnose.scan.cache import scan_run
+    from diagnose.scan.run import scan_run
     from diagnose.scan.compare import compare_results, render_compare
     cmp = compare_results(scan_run("runs/a"), scan_run("runs/b"))
     cmp.to_json(); render_compare(cmp, console)
@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from diagnose.scan.episodes import ScanResult
+from diagnose.scan.result import ScanResult
 from diagnose.scan.report import (
     finite_series,
     fmt_num,

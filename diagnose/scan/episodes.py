@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,235 +38,36 @@ from diagnose.scan.detect import (
     robust_sigma,
     rolling_baseline,
 )
+from diagnose.scan.result import (
+    CollapseEpisode,
+    ContextRise,
+    ImplicatedToken,
+    Pathology,
+    RolloutExample,
+    ScanResult,
+    SignalMove,
+)
 from diagnose.scan.signals import signal_direction, signal_kind, step_signals
 from diagnose.source import RunSource
 
 __all__ = [
-    "SCHEMA_VERSION",
-    "CollapseEpisode",
-    "ContextRise",
-    "ImplicatedToken",
-    "Pathology",
     "PriorScan",
-    "RolloutExample",
-    "ScanResult",
-    "SignalMove",
     "find_episodes",
     "find_pathologies",
     "primary_signal",
     "scan_source",
 ]
 
-SCHEMA_VERSION = 1
-VERDICTS = ("collapse", "healthy", "pathology", "insufficient_data")
-
 #: Signals never analysed for lead times (schedules, clocks, bookkeeping).
 IGNORED_SIGNALS: tuple[str, ...] = (
     r"lr", r"learning_rate", r"time/.*", r".*_time", r"epoch", r"global_step", r"phase", r"n_rollouts",
     r"ctx/[^/]+/n", r"skipped_update", r"completions/truncated", r"sft_examples", r"sft_loss",
+    r"timing_s/.*", r"timing_per_token_ms/.*", r"perf/.*", r"training/(global_step|epoch|rollout_probs_diff_valid)",
 )
 _IGNORED = re.compile("|".join(f"(?:{p})" for p in IGNORED_SIGNALS) + r"\Z")
 
 
 _MAX_SCORE = 1000.0  # shift scores are capped (a constant baseline has a floored, tiny sigma)
-
-
-def _f(v: Any) -> float | None:
-    """JSON float: None for missing / non-finite."""
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
-# ---------------------------------------------------------------------------------------------
-# result types
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SignalMove:
-    """A signal's own change point near an episode's onset. ``lead`` = onset - step: positive
-    when the signal moved before the primary signal dropped."""
-
-    signal: str
-    step: int
-    lead: int
-    direction: str  # "up" | "down"
-    method: str
-    score: float  # confirmed shift, in robust sigmas of the signal's baseline
-    alarm_step: int
-    before: float  # median level before the change
-    after: float  # median level from the onset on (lag_window steps)
-    concern: bool  # the move is in the signal's direction of concern
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"signal": self.signal, "step": self.step, "lead": self.lead, "direction": self.direction,
-                "method": self.method, "score": _f(self.score), "alarm_step": self.alarm_step,
-                "before": _f(self.before), "after": _f(self.after), "concern": self.concern}
-
-
-@dataclass
-class ContextRise:
-    """A control token's probability rise at one context (``all``: mean over generated
-    positions). ``source``: ``probe`` (fixed probe) or ``tokens`` (rollouts)."""
-
-    context: str
-    source: str
-    signal: str
-    before: float
-    after: float
-    ratio: float
-    step: int | None  # its change point (None: no confirmed change point near the onset)
-    lead: int | None
-    signature: bool  # this token is the collapse token of this key context (KEY_CONTEXT_ROLES)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"context": self.context, "source": self.source, "signal": self.signal, "before": _f(self.before),
-                "after": _f(self.after), "ratio": _f(self.ratio), "step": self.step, "lead": self.lead,
-                "signature": self.signature}
-
-
-@dataclass
-class ImplicatedToken:
-    """A control token whose probability rose around the onset, with every context where it
-    rose (largest rise first)."""
-
-    token: str
-    role: str | None
-    text: str | None
-    score: float  # log10 of the largest rise ratio
-    contexts: list[ContextRise]
-    attribution_before: float | None = None  # attribution/<token>/total, median before / after
-    attribution_after: float | None = None
-
-    @property
-    def context(self) -> str:
-        """The key context of the largest rise (a named key context preferred over ``all``)."""
-        named = [c for c in self.contexts if c.context != "all"]
-        return (named or self.contexts)[0].context
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"token": self.token, "role": self.role, "text": self.text, "score": _f(self.score),
-                "context": self.context, "contexts": [c.to_dict() for c in self.contexts],
-                "attribution_before": _f(self.attribution_before), "attribution_after": _f(self.attribution_after)}
-
-
-@dataclass
-class RolloutExample:
-    step: int
-    sample_id: int
-    group_id: int | None
-    reward: float | None
-    turn_states: list[str] | None
-    excerpt: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "sample_id": self.sample_id, "group_id": self.group_id,
-                "reward": _f(self.reward), "turn_states": self.turn_states, "excerpt": self.excerpt}
-
-
-@dataclass
-class CollapseEpisode:
-    signal: str  # the primary signal that dropped: "reward" or "accuracy"
-    onset_step: int  # first step of the drop (refined)
-    detected_step: int  # first step of the sustained drop below the threshold
-    trough_step: int
-    recovery_step: int | None  # first step of the sustained recovery; None: not recovered
-    end_step: int  # last step of the episode
-    pre_level: float  # baseline median before the onset
-    peak: float  # running (smoothed) peak before the onset
-    trough_value: float
-    relative_drop: float  # (peak - trough) / |peak|
-    collapsed_share_at_trough: float | None  # turn_state/collapsed at the trough
-    onset_changes: list[Change] = field(default_factory=list)
-    moves: list[SignalMove] = field(default_factory=list)
-    implicated: list[ImplicatedToken] = field(default_factory=list)
-    examples_before: list[RolloutExample] = field(default_factory=list)
-    examples_after: list[RolloutExample] = field(default_factory=list)
-
-    @property
-    def recovered(self) -> bool:
-        return self.recovery_step is not None
-
-    @property
-    def severity(self) -> dict[str, float | None]:
-        return {"relative_drop": _f(self.relative_drop), "collapsed_share_at_trough": _f(self.collapsed_share_at_trough)}
-
-    @property
-    def leading(self) -> list[SignalMove]:
-        """Signals that moved strictly before the onset, earliest first."""
-        return [m for m in self.moves if m.lead > 0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "signal": self.signal, "onset_step": self.onset_step, "detected_step": self.detected_step,
-            "trough_step": self.trough_step, "recovery_step": self.recovery_step, "end_step": self.end_step,
-            "recovered": self.recovered, "pre_level": _f(self.pre_level), "peak": _f(self.peak),
-            "trough_value": _f(self.trough_value), "severity": self.severity,
-            "onset_changes": [c.to_dict() for c in self.onset_changes],
-            "moves": [m.to_dict() for m in self.moves],
-            "implicated": [t.to_dict() for t in self.implicated],
-            "examples_before": [e.to_dict() for e in self.examples_before],
-            "examples_after": [e.to_dict() for e in self.examples_after],
-        }
-
-
-@dataclass
-class Pathology:
-    """A training pathology: ``kind`` in ``entropy_collapse``, ``entropy_blowup``,
-    ``nan_logprobs``, ``nonfinite_metrics``, ``mismatch_growth``."""
-
-    kind: str
-    signal: str
-    first_step: int
-    last_step: int
-    n_steps: int
-    baseline: float | None  # the early / reference level
-    value: float | None  # the most extreme value
-    message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "signal": self.signal, "first_step": self.first_step, "last_step": self.last_step,
-                "n_steps": self.n_steps, "baseline": _f(self.baseline), "value": _f(self.value), "message": self.message}
-
-
-@dataclass
-class ScanResult:
-    signals: pl.DataFrame
-    episodes: list[CollapseEpisode]
-    pathologies: list[Pathology]
-    verdict: str  # one of VERDICTS
-    notes: list[str]
-    primary_signal: str | None = None
-    source_path: str | None = None
-    source_format: str | None = None
-    config: DetectConfig = field(default_factory=DetectConfig)
-
-    def to_json(self, include_signals: bool = False) -> dict[str, Any]:
-        """JSON-serialisable summary (``schema_version`` 1). ``include_signals``: also the
-        per-step signal table, as ``{"columns": [...], "data": {column: [values]}}`` (non-finite
-        values as null)."""
-        steps = self.signals.get_column("step") if "step" in self.signals.columns else pl.Series([], dtype=pl.Int64)
-        out: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "verdict": self.verdict,
-            "source": {"path": self.source_path, "format": self.source_format},
-            "primary_signal": self.primary_signal,
-            "n_steps": int(self.signals.height),
-            "first_step": int(steps.min()) if len(steps) else None,
-            "last_step": int(steps.max()) if len(steps) else None,
-            "episodes": [e.to_dict() for e in self.episodes],
-            "pathologies": [p.to_dict() for p in self.pathologies],
-            "notes": list(self.notes),
-            "config": self.config.to_dict(),
-            "signal_columns": [c for c in self.signals.columns if c != "step"],
-        }
-        if include_signals:
-            clean = self.signals.with_columns(
-                [pl.when(pl.col(c).is_finite()).then(pl.col(c)).alias(c) for c in self.signals.columns if c != "step"])
-            out["signals"] = {"columns": clean.columns, "data": clean.to_dict(as_series=False)}
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -788,16 +589,20 @@ def find_pathologies(signals: pl.DataFrame, cfg: DetectConfig | None = None) -> 
                     "entropy_blowup", "entropy", int(s[run[0]]), int(s[run[1] - 1]), run[1] - run[0], early,
                     float(seg.max()), f"entropy rose above {cfg.entropy_blowup_factor:g}x its early level "
                     f"{early:.3g} from step {int(s[run[0]])} (max {seg.max():.3g})"))
-    v, s = _series(signals, "mismatch/abs_logprob_diff")
-    if v.size >= cfg.min_periods:
+    # |logprob - sampler_logprob| (nats), or verl's |p - p_sampler| (a probability; |dp| <= |dlogp|)
+    for name, what, unit in (("mismatch/abs_logprob_diff", "|logprob - sampler_logprob|", " nats"),
+                             ("mismatch/abs_prob_diff", "|p - sampler_p|", "")):
+        v, s = _series(signals, name)
+        if v.size < cfg.min_periods:
+            continue
         early = _early_level(v, cfg)
         limit = max(cfg.mismatch_growth_factor * early, cfg.mismatch_min)
         run = _sustained(v > limit, L)
         if run:
             out.append(Pathology(
-                "mismatch_growth", "mismatch/abs_logprob_diff", int(s[run[0]]), int(s[run[1] - 1]), run[1] - run[0],
+                "mismatch_growth", name, int(s[run[0]]), int(s[run[1] - 1]), run[1] - run[0],
                 early, float(v[run[0]:].max()),
-                f"train/inference mismatch |logprob - sampler_logprob| grew above {limit:.3g} nats (early level "
+                f"train/inference mismatch {what} grew above {limit:.3g}{unit} (early level "
                 f"{early:.3g}) from step {int(s[run[0]])}"))
     out.sort(key=lambda p: (p.first_step, p.kind))
     return out

@@ -31,7 +31,7 @@ from plotly.subplots import make_subplots
 
 from diagnose import __version__
 from diagnose.atomic import atomic_write_text
-from diagnose.scan.episodes import CollapseEpisode, RolloutExample, ScanResult
+from diagnose.scan.result import CollapseEpisode, RolloutExample, ScanResult
 from diagnose.scan.report import (
     finite_series,
     fmt_num,

@@ -24,7 +24,7 @@ from rich.text import Text
 
 from diagnose.chat import CONTROL_STRINGS
 from diagnose.control_tokens import STRUCTURAL_TOKENS
-from diagnose.scan.episodes import CollapseEpisode, ImplicatedToken, RolloutExample, ScanResult
+from diagnose.scan.result import CollapseEpisode, ImplicatedToken, RolloutExample, ScanResult
 
 __all__ = [
     "control_pattern",
