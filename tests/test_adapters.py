@@ -196,7 +196,7 @@ def test_fingerprint_tracks_files(tmp_path):
     run = write_verl_run(tmp_path / "v", 3)
     fp = load_run(run.path).fingerprint()
     assert fp["format"] == "verl"
-    assert "rollout_data/0.jsonl" in fp["files"] and "qwen2.5_grpo_tooluse.jsonl" in fp["files"]
+    assert "rollout_data/1.jsonl" in fp["files"] and "verl_grpo_tooluse/qwen2.5_grpo_tooluse.jsonl" in fp["files"]
     with (run.path / "rollout_data" / "2.jsonl").open("a") as fh:
         fh.write("\n")
     assert load_run(run.path).fingerprint() != fp
@@ -298,105 +298,7 @@ def test_trl_empty_and_conversational(tmp_path):
     assert ro.get_column("prompt")[0].endswith("<|im_start|>assistant\n")
 
 
-# ---- verl ---------------------------------------------------------------------------
-
-
-def test_verl_run_with_collapse(tmp_path):
-    run = write_verl_run(tmp_path / "run", STEPS, collapse_at=COLLAPSE, seed=2)
-    src = load_run(run.path)
-    assert src.format == "verl" and src.tokens is None
-    assert not src.issues, issues_text(src)
-    ro = check_truth(src, run)
-    assert {"gts", "acc", "pred", "accuracy"} <= set(ro.columns)
-    # multi-turn: healthy samples have several turns, collapsed ones one
-    assert ro.get_column("n_turns").max() >= 3
-    m = src.metrics.collect()
-    mapping = {"actor/entropy": "entropy", "actor/pg_clipfrac": "clip_ratio", "actor/ppo_kl": "kl",
-               "actor/grad_norm": "grad_norm", "response_length/mean": "completions/mean_length",
-               "critic/score/mean": "reward", "training/rollout_probs_diff_mean": "mismatch/prob_diff"}
-    for src_name, ours in mapping.items():
-        assert src_name in m.columns and ours in m.columns
-        assert m.get_column(src_name).to_list() == m.get_column(ours).to_list()
-    assert dict(m.select("step", "reward").iter_rows()) == pytest.approx(run.reward)
-    # only the rollout folder: metrics derived from the dumps
-    src2 = load_run(run.path / "rollout_data")
-    m2 = src2.metrics.collect()
-    assert "entropy" not in m2.columns
-    assert dict(m2.select("step", "reward").iter_rows()) == pytest.approx(run.reward)
-
-
-def test_verl_validation_dumps_ignored(tmp_path):
-    run = write_verl_run(tmp_path / "run", 3)
-    val = run.path / "validation_data"
-    val.mkdir()
-    (val / "3.jsonl").write_text(json.dumps({"input": "q", "output": "a", "score": 1.0, "step": 3}) + "\n")
-    src = load_run(run.path)
-    assert sorted(src.rollouts.collect().get_column("step").unique().to_list()) == [0, 1, 2]
-    assert any("validation_data" in n for n in src.notes)
-
-
-def test_verl_bad_inputs(tmp_path):
-    run = write_verl_run(tmp_path / "run", STEPS, collapse_at=COLLAPSE)
-    rd = run.path / "rollout_data"
-    # truncated last line
-    data = (rd / "1.jsonl").read_bytes()
-    (rd / "1.jsonl").write_bytes(data[:-40])
-    # binary garbage, an empty step file, a missing step
-    garbage(rd / "2.jsonl", n=20000)
-    (rd / "3.jsonl").write_bytes(b"")
-    (rd / "4.jsonl").unlink()
-    # NaN score, a line without output, a non-numeric score, a non-object line
-    lines = (rd / "5.jsonl").read_text().splitlines()
-    a = json.loads(lines[0])
-    a["score"] = float("nan")
-    b = json.loads(lines[1])
-    del b["output"]
-    c = json.loads(lines[2])
-    c["score"] = "high"
-    lines[0], lines[1], lines[2] = json.dumps(a), json.dumps(b), json.dumps(c)
-    lines.append("[1, 2, 3]")
-    (rd / "5.jsonl").write_text("\n".join(lines) + "\n")
-    # metrics: a bad line, a non-finite value, a line that is not {step, data}
-    mpath = run.path / "qwen2.5_grpo_tooluse.jsonl"
-    mlines = mpath.read_text().splitlines()
-    m6 = json.loads(mlines[6])
-    m6["data"]["actor/grad_norm"] = float("inf")
-    mlines[6] = json.dumps(m6)
-    mlines.insert(3, "{not json")
-    mlines.insert(4, json.dumps({"step": 99}))
-    mpath.write_text("\n".join(mlines) + "\n")
-    src = load_run(run.path)
-    assert src.format == "verl"
-    text = issues_text(src)
-    assert f"{rd / '1.jsonl'}:16: truncated JSON" in text
-    assert "2.jsonl" in text and "not valid UTF-8" in text and "more problem(s)" in text
-    assert f"{rd / '3.jsonl'}: no readable rollout lines" in text
-    assert f"{rd / '5.jsonl'}:2: no 'output'" in text
-    assert f"{rd / '5.jsonl'}:3: 'score' is not a number" in text
-    assert f"{rd / '5.jsonl'}:{len(lines)}: expected a JSON object" in text
-    assert "non-finite" in text and "'score'" in text
-    assert f"{mpath}:4: invalid JSON" in text and f"{mpath}:5: not a" in text
-    assert "actor/grad_norm" in text
-    ro = src.rollouts.collect()
-    assert sorted(ro.get_column("step").unique().to_list()) == [0, 1, 5, 6, 7]
-    assert ro.filter(pl.col("step") == 1).height == run.samples_per_step - 1
-    r5 = ro.filter(pl.col("step") == 5).sort("sample_id")
-    assert r5.height == run.samples_per_step - 1
-    assert math.isnan(r5.get_column("reward")[0]) and r5.get_column("reward")[1] is None
-    # issues per file are capped
-    assert sum(i.path.endswith("2.jsonl") for i in src.issues) <= 11
-    m = src.metrics.collect()
-    assert m.height == STEPS and math.isinf(m.filter(pl.col("step") == 6).get_column("grad_norm")[0])
-
-
-def test_verl_empty_run(tmp_path):
-    rd = tmp_path / "rollout_data"
-    rd.mkdir()
-    (rd / "0.jsonl").write_bytes(b"")
-    assert detect_format(rd) is None
-    src = load_run(rd, format="verl")
-    assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
-    assert "no readable rollout lines" in issues_text(src)
+# ---- verl: tests/test_adapter_verl.py ------------------------------------------------
 
 
 # ---- open-instruct ------------------------------------------------------------------
@@ -595,9 +497,9 @@ def test_single_files(tmp_path):
     verl = write_verl_run(tmp_path / "verl", 3)
     src = load_run(verl.path / "rollout_data" / "2.jsonl")
     assert src.format == "verl" and src.rollouts.collect().height == verl.samples_per_step
-    src = load_run(verl.path / "qwen2.5_grpo_tooluse.jsonl")
+    src = load_run(verl.path / "verl_grpo_tooluse" / "qwen2.5_grpo_tooluse.jsonl")
     assert src.format == "verl" and src.rollouts.collect().height == 0
-    assert src.metrics.collect().height == 3 and "entropy" in src.metrics.collect().columns
+    assert src.metrics.collect().height == 4 and "entropy" in src.metrics.collect().columns  # steps 0 (val) .. 3
     oi = write_open_instruct_run(tmp_path / "oi", 3)
     src = load_run(oi.files[0])
     assert src.format == "open_instruct" and src.tokens.collect().height > 0

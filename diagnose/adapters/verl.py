@@ -1,14 +1,21 @@
-"""verl run as a `RunSource`.
+"""verl run as a `RunSource`, read the way verl 0.8.0.dev writes it.
 
-Reads the rollout dumps of ``trainer.rollout_data_dir`` -- one ``<step>.jsonl`` per step, one
-line per sample with ``input``, ``output``, ``score``, ``step``, ``gts`` and any extra reward
-keys -- and the file logger's metrics JSONL (``{"step": N, "data": {...}}`` per line; any
-``*.jsonl`` name, found by content).
-
-``path`` may be the rollout folder itself, or a run folder holding the metrics file and the
-rollout folder one level down (with several dump folders, one named like ``rollout*``/``train*``
-is preferred and validation dumps are ignored). Groups are identical ``input`` within a step;
-``reward`` is ``score``; ``accuracy`` is the ``acc``/``accuracy`` extra key when present.
+* Rollout dumps (``trainer.rollout_data_dir``): ``<step>.jsonl`` from
+  ``RayPPOTrainer._dump_generations`` (``verl/trainer/ppo/ray_trainer.py``), one line per
+  sample with ``input``, ``output``, ``gts``, ``score``, ``step`` and the reward function's
+  extra keys (e.g. ``acc``, ``pred``). ``input``/``output`` are the prompt and response ids
+  decoded with ``skip_special_tokens=True`` (``_log_rollout_data``).
+* Turns: the tool agent loop (``verl/experimental/agent_loop/tool_agent_loop.py``) appends the
+  tool messages' ids from ``apply_chat_template(..., remove_system_prompt=True)``; with Qwen's
+  template they start at ``<|im_start|>user`` and end with the ``<|im_start|>assistant\\n``
+  generation prompt. Decoded without special tokens, a response reads
+  ``<call></tool_call>user\\n<tool_response>\\n...\\n</tool_response>\\nassistant\\n<next turn>``
+  (no newline before ``user``: the turn's ``<|im_end|>`` is gone). `split_turns` cuts there.
+* Metrics: the file logger (``verl/utils/tracking.py`` ``FileLogger``), ``{"step": N, "data":
+  {...}}`` orjson lines (NaN and ±inf become ``null``), found where verl puts it
+  (`diagnose.adapters._verl_layout`) or given with ``metrics=``.
+* Validation dumps (``trainer.validation_data_dir``, step 0 and every ``test_freq``, a
+  ``reward`` key) are kept apart: never read as training rollouts.
 """
 
 from __future__ import annotations
@@ -19,38 +26,35 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._io import first_object, subdirs, visible_files
+from diagnose.adapters._io import first_object, subdirs
 from diagnose.adapters._issues import IssueLog, NonFinite
-from diagnose.adapters._metrics import (
-    derived_metrics,
-    map_names,
-    merge_metrics,
-    metrics_frame,
-    nonfinite_metric_issues,
-)
-from diagnose.adapters._rollouts import (
-    empty_rollouts,
-    groups_by_key,
-    json_scalar_column,
-    rollouts_frame,
-    turn_columns,
-)
+from diagnose.adapters._metrics import derived_metrics, map_names, metrics_frame, nonfinite_metric_issues
+from diagnose.adapters._rollouts import empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame, turn_columns
 from diagnose.adapters._source import make_source
-from diagnose.adapters._turns import TurnClassifier
+from diagnose.adapters._turns import TurnClassifier, split_assistant_turns
 from diagnose.adapters._values import as_float, as_step
-from diagnose.chat import IM_START
+from diagnose.adapters._verl_layout import (
+    STEP_FILE_RE,
+    VerlRun,
+    find_layout,
+    is_dump_dir,
+    is_validation_dir,
+    kind_of,
+    metrics_files_in,
+    step_files,
+)
+from diagnose.chat import IM_END, IM_START
 from diagnose.jsonl import LineError, iter_jsonl
-from diagnose.rundir.writer import flatten_metrics
 from diagnose.source import RunSource
 
 FORMAT = "verl"
-STEP_FILE_RE = re.compile(r"^(\d+)\.jsonl$")
 
-#: verl metric name -> our name (originals are kept as well).
+#: verl metric name -> our name (originals are kept as well; the first present source wins).
 NAME_MAP: dict[str, str] = {
     "actor/entropy": "entropy",
     "actor/pg_clipfrac": "clip_ratio",
-    "actor/ppo_kl": "kl",
+    "actor/kl_loss": "kl",  # KL to the reference policy (use_kl_loss)
+    "actor/reward_kl_penalty": "kl",  # ... or the in-reward KL penalty (use_kl_in_reward)
     "actor/grad_norm": "grad_norm",
     "actor/lr": "lr",
     "response_length/mean": "completions/mean_length",
@@ -58,94 +62,66 @@ NAME_MAP: dict[str, str] = {
     "response_length/min": "completions/min_length",
     "response_length/clip_ratio": "completions/clipped_ratio",
     "critic/score/mean": "reward",
-    "training/rollout_probs_diff_mean": "mismatch/prob_diff",
+    "tool_call_counts/mean": "tool_calls_per_episode",
+    "training/rollout_probs_diff_mean": "mismatch/abs_prob_diff",
 }
 
 _CORE = ("input", "output", "score", "step")
 _ACCURACY_KEYS = ("acc", "accuracy")
 
-
-# ---- discovery ----------------------------------------------------------------------
-
-
-def _step_files(d: Path) -> list[tuple[int, Path]]:
-    out = []
-    for f in visible_files(d):
-        m = STEP_FILE_RE.match(f.name)
-        if m:
-            out.append((int(m.group(1)), f))
-    out.sort(key=lambda x: x[0])
-    return out
+# the tool messages of one round, as decoded: "user\n<tool_response>\n...\n</tool_response>" (one
+# block per executed call) then the generation prompt "\nassistant\n"
+_TOOL_ROUND = re.compile(r"\n?(?:user|tool)\n<tool_response>\n.*?\n</tool_response>"
+                         r"(?:\n<tool_response>\n.*?\n</tool_response>)*\nassistant\n", re.DOTALL)
 
 
-def _kind(obj: dict[str, Any] | None) -> str | None:
-    """'rollout' | 'metrics' | 'other' for a first JSONL object, None if there is none."""
-    if obj is None:
-        return None
-    if isinstance(obj.get("data"), dict) and "step" in obj:
-        return "metrics"
-    if "messages" in obj or "response_tokens" in obj:
-        return "other"
-    if "output" in obj or ("input" in obj and "score" in obj):
-        return "rollout"
-    return "other"
+def split_turns(text: str | None) -> list[str]:
+    """Assistant turns of a verl response (see the module docstring); text that still has
+    ChatML markers (dumped with special tokens kept) is split as ChatML."""
+    if not text:
+        return [""]
+    if IM_START in text or IM_END in text:
+        return split_assistant_turns(text)
+    return _TOOL_ROUND.split(text)
 
 
-def _dir_kind(files: list[tuple[int, Path]], sniff: int = 3) -> str | None:
-    kinds = [_kind(first_object(f)) for _, f in files[:sniff]]
-    kinds = [k for k in kinds if k is not None]
-    if "rollout" in kinds:
-        return "rollout"
-    return "other" if kinds else None
+class VerlTurnClassifier(TurnClassifier):
+    """`TurnClassifier` splitting completions with `split_turns`."""
+
+    def completion(self, text: str | None) -> tuple[list[str], list[str]]:
+        key = text or ""
+        hit = self._completions.get(key)
+        if hit is None:
+            hit = self._completions[key] = self.turns(split_turns(key))
+        return hit
 
 
-def rollout_dirs(p: Path, strict: bool) -> tuple[list[Path], list[Path]]:
-    """``(used, ignored)`` rollout-dump folders. ``strict``: content must look like verl dumps;
-    else folders whose content is unreadable also count (they are reported when read)."""
-    if p.is_file():
-        return [], []
-
-    def ok(d: Path) -> bool:
-        files = _step_files(d)
-        if not files:
-            return False
-        k = _dir_kind(files)
-        return k == "rollout" or (not strict and k is None)
-
-    if ok(p):
-        return [p], []
-    found = [d for d in subdirs(p) if ok(d)]
-    if len(found) <= 1:
-        return found, []
-
-    def rank(d: Path) -> int:
-        n = d.name.lower()
-        if "val" in n or "test" in n or "eval" in n:
-            return 2
-        return 0 if ("rollout" in n or "train" in n) else 1
-
-    found.sort(key=lambda d: (rank(d), d.name))
-    return found[:1], found[1:]
-
-
-def metrics_files(p: Path) -> list[Path]:
-    if p.is_file():
-        return [p] if _kind(first_object(p)) == "metrics" else []
-    return [f for f in visible_files(p)
-            if f.suffix == ".jsonl" and not STEP_FILE_RE.match(f.name) and _kind(first_object(f)) == "metrics"]
+# ---- detection ----------------------------------------------------------------------
 
 
 def detect(p: Path) -> bool:
     if p.is_file():
-        return p.suffix == ".jsonl" and _kind(first_object(p)) in ("rollout", "metrics")
-    return bool(rollout_dirs(p, strict=True)[0]) or bool(metrics_files(p))
+        return p.suffix == ".jsonl" and kind_of(first_object(p)) in ("dump", "metrics")
+    # dumps here or one folder down, or a file logger's JSONL here or at <here>/<project>/ (deeper
+    # dump folders are read once the folder is known to be verl, not used to claim it);
+    # trainer.default_local_dir, by verl's checkpoint tracker file
+    return is_dump_dir(p) or any(is_dump_dir(d) for d in subdirs(p)) or bool(metrics_files_in(p)) or \
+        (p / "latest_checkpointed_iteration.txt").is_file()
 
 
 def has_candidates(p: Path) -> bool:
     if p.is_file():
         return p.suffix == ".jsonl"
-    return bool(_step_files(p)) or any(_step_files(d) for d in subdirs(p)) or \
-        any(f.suffix == ".jsonl" for f in visible_files(p))
+    return any(True for _ in p.glob("*.jsonl")) or any(True for _ in p.glob("*/*.jsonl")) or \
+        bool(find_layout(p).runs)
+
+
+def runs(p: Path) -> list[str]:
+    """Names of the verl runs at ``p`` (``<project>/<experiment>`` of each file-logger file,
+    else the dump folder), for ``--run``."""
+    if p.is_file():
+        return []
+    return [r.name for r in find_layout(p).runs]
 
 
 # ---- rollouts -----------------------------------------------------------------------
@@ -155,8 +131,7 @@ def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: 
     rows: list[tuple[int, str | None, str, float | None, dict[str, Any]]] = []
     nonfinite = NonFinite()
     for fstep, f in files:
-        n_good = 0
-        bad_step = missing_input = missing_score = 0
+        n_good = bad_step = missing_input = missing_score = 0
         other_steps: set[int] = set()
         for line_no, obj in iter_jsonl(f):
             if isinstance(obj, LineError):
@@ -204,8 +179,8 @@ def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: 
     nonfinite.flush(issues)
     if not rows:
         return empty_rollouts()
-
-    # ids within each step, in file/line order
+    # ids within each step, in file/line order; groups: identical decoded prompt (no uid is
+    # dumped, and trainer.balance_batch reorders the batch)
     by_step: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         by_step.setdefault(r[0], []).append(i)
@@ -214,16 +189,11 @@ def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: 
     for idx in by_step.values():
         gs = groups_by_key([rows[i][1] for i in idx])
         for k, i in enumerate(idx):
-            sample_ids[i] = k
-            group_ids[i] = gs[k]
+            sample_ids[i], group_ids[i] = k, gs[k]
     completions = [r[2] for r in rows]
     cols: dict[str, list[Any]] = {
-        "step": [r[0] for r in rows],
-        "sample_id": sample_ids,
-        "group_id": group_ids,
-        "prompt": [r[1] for r in rows],
-        "completion": completions,
-        "reward": [r[3] for r in rows],
+        "step": [r[0] for r in rows], "sample_id": sample_ids, "group_id": group_ids,
+        "prompt": [r[1] for r in rows], "completion": completions, "reward": [r[3] for r in rows],
     }
     keys: dict[str, None] = {}
     for r in rows:
@@ -242,10 +212,15 @@ def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: 
 
 
 def read_metrics(files: list[Path], issues: IssueLog) -> pl.DataFrame | None:
+    """The file logger's lines by step (several lines of a step merged, later wins). A ``null``
+    value is read as NaN: the logger writes NaN and ±inf as null (orjson), and verl's metrics
+    are numbers, so a null is a lost non-finite value."""
     if not files:
         return None
     records: dict[int, dict[str, Any]] = {}
+    from_null: set[str] = set()
     for f in files:
+        nulls: dict[str, list[int]] = {}
         for line_no, obj in iter_jsonl(f):
             if isinstance(obj, LineError):
                 issues.line_error(obj)
@@ -255,67 +230,158 @@ def read_metrics(files: list[Path], issues: IssueLog) -> pl.DataFrame | None:
             if step is None or not isinstance(data, dict):
                 issues.add(f, line_no, "not a {\"step\": N, \"data\": {...}} metrics line; line skipped")
                 continue
-            flat: dict[str, Any] = {}
-            flatten_metrics("", data, flat)
-            records.setdefault(step, {}).update(flat)
+            rec = records.setdefault(step, {})
+            for k, v in data.items():
+                if v is None:
+                    nulls.setdefault(str(k), []).append(line_no)
+                    v = float("nan")
+                rec[str(k)] = v
+        from_null.update(nulls)
+        for k, lines in nulls.items():
+            issues.add(f, lines[0], f"metric {k!r} is null on {len(lines)} line(s): verl's file logger (orjson) "
+                                    "writes NaN and +-inf as null; read as NaN")
     df = metrics_frame(records)
-    nonfinite_metric_issues(df, ", ".join(str(f) for f in files), issues)
+    # NaN/inf written as such (not by orjson): one issue per metric; nulls were reported above
+    nonfinite_metric_issues(df.select([c for c in df.columns if c not in from_null]),
+                            ", ".join(str(f) for f in files), issues)
     return map_names(df, NAME_MAP)
+
+
+def _merge(primary: pl.DataFrame, derived: pl.DataFrame) -> pl.DataFrame:
+    """Trainer metrics, with the rollout-derived ones added; where both have a name, the
+    trainer's value wins and the derived one fills the steps the trainer has none for (a
+    metrics file truncated on resume)."""
+    if derived.height == 0 or derived.width <= 1:
+        return primary
+    if primary.height == 0:
+        return derived
+    both = [c for c in derived.columns if c != "step" and c in primary.columns]
+    out = primary.join(derived, on="step", how="full", coalesce=True, suffix="__derived")
+    return out.with_columns([pl.coalesce(c, f"{c}__derived").alias(c) for c in both]).drop(
+        [f"{c}__derived" for c in both]).sort("step")
+
+
+def _training_steps(metrics: pl.DataFrame) -> list[int]:
+    """Steps with training metrics (a validation-only line, e.g. step 0, has only val-* keys)."""
+    train = [c for c in metrics.columns if c != "step" and not c.startswith("val-")]
+    if not train:
+        return []
+    return metrics.filter(pl.any_horizontal(pl.col(train).is_not_null())).get_column("step").to_list()
 
 
 # ---- load ---------------------------------------------------------------------------
 
 
-def load(p: Path) -> RunSource:
+def _pick(runs_: list[VerlRun], want: str | None, issues: IssueLog, p: Path, notes: list[str]) -> VerlRun | None:
+    if not runs_:
+        return None
+    names = ", ".join(r.name for r in runs_)
+    if want is not None:
+        hit = [r for r in runs_ if want in (r.name, r.experiment)]
+        if not hit:
+            issues.add(p, None, f"no verl run {want!r} here; runs: {names}")
+            return None
+        return hit[0]
+    if len(runs_) == 1:
+        return runs_[0]
+    run = max(runs_, key=lambda r: r.newest())
+    notes.append(f"{len(runs_)} verl runs here ({names}): read {run.name!r}, the newest; "
+                 "pass --run NAME for another (runs are never merged)")
+    return run
+
+
+def _resume_check(metrics: pl.DataFrame, dump_steps: list[int], mfile: Path, issues: IssueLog) -> None:
+    steps = _training_steps(metrics)
+    if not steps or not dump_steps:
+        return
+    first = min(steps)
+    lost = [s for s in dump_steps if s < first]
+    if first > 1 and lost:
+        issues.add(mfile, None, f"trainer metrics start at step {first}, but rollout dumps go back to step "
+                                f"{min(lost)}: verl opens this file with 'wb', so the restart (resume) truncated it and "
+                                f"the trainer metrics of {len(lost)} step(s) are lost; rewards and turn states of those "
+                                "steps come from the dumps")
+
+
+def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, **_options: Any) -> RunSource:
+    """The verl run at ``p`` (a launch/run folder, a dump folder, a dump file or a metrics file).
+    ``metrics``: the file logger's JSONL when it is not where verl puts it. ``run``: which run
+    of a folder holding several. Other options are ignored."""
     issues = IssueLog()
-    notes = ["verl rollout dumps carry decoded text only: no token probabilities, no control-token signals"]
-    classifier = TurnClassifier()
+    notes: list[str] = []
+    classifier = VerlTurnClassifier()
+    files: list[tuple[int, Path]] = []
+    mfiles: list[Path] = []
+    chosen: VerlRun | None = None
     if p.is_file():
-        m = STEP_FILE_RE.match(p.name)
-        kind = _kind(first_object(p))
-        files = [(int(m.group(1)) if m else 0, p)] if kind != "metrics" else []
-        dirs, ignored = [], []
-        mfiles = [p] if kind == "metrics" else []
+        if kind_of(first_object(p)) == "metrics":
+            mfiles = [p]
+        else:
+            m = STEP_FILE_RE.match(p.name)
+            files = [(int(m.group(1)) if m else 0, p)]
     else:
-        dirs, ignored = rollout_dirs(p, strict=False)
-        files = [x for d in dirs for x in _step_files(d)]
-        files.sort(key=lambda x: x[0])
-        mfiles = metrics_files(p)
-        if dirs and dirs[0] != p:
-            mfiles += [f for f in metrics_files(dirs[0]) if f not in mfiles]
-    for d in ignored:
-        notes.append(f"rollout dumps in {d} ignored (using {dirs[0]}; validation dumps?)")
+        layout = find_layout(p)
+        notes += layout.notes
+        chosen = _pick(layout.runs, run, issues, p, notes)
+        if chosen is not None:
+            if chosen.dumps is not None:
+                files = step_files(chosen.dumps)
+            if chosen.metrics is not None:
+                mfiles = [chosen.metrics]
+            for v in chosen.validation:
+                vsteps = [s for s, _ in step_files(v)]
+                notes.append(f"validation dumps in {v} (steps {', '.join(map(str, vsteps[:8]))}"
+                             f"{', ...' if len(vsteps) > 8 else ''}; trainer.validation_data_dir) kept apart: "
+                             "not read as training rollouts")
+        elif not layout.runs and is_dump_dir(p, strict=False):
+            files = step_files(p)
+    if metrics is not None:
+        mp = Path(metrics)
+        if mp.is_dir():
+            found = metrics_files_in(mp)
+            mp = found[0] if len(found) == 1 else mp
+        if not mp.is_file():
+            issues.add(mp, None, "--metrics: no such file (or a folder without exactly one verl metrics JSONL)")
+        else:
+            mfiles = [mp]
+    if chosen is not None and chosen.dumps is not None and is_validation_dir(chosen.dumps):
+        notes.append(f"{chosen.dumps} holds validation dumps (trainer.validation_data_dir: step 0, 'reward' key), "
+                     "the only dumps here: read as the rollouts")
     rollouts = _read_rollouts(files, issues, classifier)
     if not files:
         notes.append("no <step>.jsonl rollout dumps (trainer.rollout_data_dir unset?): no rollouts, no turn states")
-    elif rollouts.height and not rollouts.select(
-            pl.col("completion").str.contains(IM_START, literal=True).any()).item():
-        notes.append("verl decodes the dumps with special tokens skipped: ChatML markers are gone, so multi-turn "
-                     "outputs are split on bare user/assistant lines around <tool_response> blocks and stray "
-                     "<|im_start|>/<|im_end|> cannot be seen")
-    metrics = read_metrics(mfiles, issues)
-    derived = derived_metrics(rollouts)
-    if metrics is None:
-        notes.append("no verl file-logger metrics JSONL ({\"step\", \"data\"} lines): metrics derived from the "
-                     "rollout dumps; no entropy, KL, clip ratio or grad norm")
-        metrics = derived
     else:
-        metrics = merge_metrics(metrics, derived)
-        if "actor/ppo_kl" in metrics.columns:
-            notes.append("'kl' is verl's actor/ppo_kl (KL between the rollout and the updated policy), not the "
-                         "KL to the reference model (actor/kl_loss, kept under its own name)")
-    all_files = [f for _, f in files] + mfiles
-    return make_source(p, FORMAT, metrics=metrics, rollouts=rollouts, issues=issues, notes=notes, files=all_files)
-
-
-_STEP_FILE = re.compile(r"(?:^|/)(\d+)\.jsonl$")
+        notes.append("verl dumps text decoded with skip_special_tokens=True: <|im_start|>/<|im_end|> are gone, so stray "
+                     "control tokens cannot be seen; turns are split at the tool rounds the tool agent loop inserts "
+                     "(user\\n<tool_response>...</tool_response>\\nassistant\\n); no token probabilities")
+    mdf = read_metrics(mfiles, issues)
+    derived = derived_metrics(rollouts)
+    if mdf is None:
+        notes.append("no verl file-logger metrics found (verl writes them, with trainer.logger including 'file', to "
+                     "$VERL_FILE_LOGGER_ROOT, default the launch folder, /<project_name>/<experiment_name>.jsonl): "
+                     "metrics derived from the dumps, no entropy/KL/clip/grad norm; pass --metrics PATH")
+        out = derived
+    else:
+        out = _merge(mdf, derived)
+        notes.append(f"verl opens its metrics file {mfiles[0].name} with 'wb': every start, a resume included, "
+                     "truncates it, so it holds only the steps since the last start")
+        _resume_check(mdf, sorted({s for s, _ in files}), mfiles[0], issues)
+        if "actor/kl_loss" in out.columns:
+            notes.append("'kl' is verl's actor/kl_loss (KL to the reference policy); actor/ppo_kl (rollout vs "
+                         "updated policy) keeps its own name")
+        if "mismatch/abs_prob_diff" in out.columns:
+            notes.append("mismatch/abs_prob_diff is verl's training/rollout_probs_diff_mean: mean |p_actor - "
+                         "p_rollout| over response tokens, a probability difference, not a log-prob one")
+    return make_source(p, FORMAT, metrics=out, rollouts=rollouts, issues=issues, notes=notes,
+                       files=[f for _, f in files] + mfiles)
 
 
 def step_of_file(rel: str, single_file: bool) -> int | str:
-    """What a fingerprint file (``/``-separated path relative to the run) holds, for the scan
-    cache: its step (a ``<step>.jsonl`` rollout dump), ``"metrics"`` (any other ``.jsonl``: the
-    file logger's metrics) or ``"global"`` (any step may depend on it)."""
-    m = _STEP_FILE.search(rel)
+    """What a fingerprint file holds: a dump ``<step>.jsonl`` its step (the file's lines all
+    come from that ``global_steps``), the file logger's JSONL ``"metrics"``, anything else
+    ``"global"``. Validation dumps are not in the fingerprint (nothing reads them)."""
+    name = rel.replace("\\", "/").rsplit("/", 1)[-1]
+    m = STEP_FILE_RE.match(name)
     if m:
         return int(m.group(1))
-    return "metrics" if rel.endswith(".jsonl") else "global"
+    return "metrics" if name.endswith(".jsonl") else "global"

@@ -6,9 +6,10 @@ path to hand to `diagnose.adapters.load_run` and the ground truth of what it wro
 * `write_trl_run`: TRL GRPOTrainer ``<dir>/completions/completions_<step>.parquet``
   (``step, prompt, completion, accuracy_reward, format_reward, advantage``) and
   ``checkpoint-<k>/trainer_state.json`` (``log_history`` with TRL's metric names);
-* `write_verl_run`: verl ``<dir>/rollout_data/<step>.jsonl`` (``input, output, gts, score, step,
-  acc, pred``; decoded with special tokens skipped, as verl dumps them) and the file logger's
-  ``<dir>/<experiment>.jsonl`` (``{"step", "data"}`` lines with ``actor/entropy``, ...);
+* `write_verl_run`: a verl launch folder as verl writes it (`diagnose.synth.verl`):
+  ``rollout_data/<step>.jsonl`` dumps from step 1 (``input, output, gts, score, step, acc, pred``;
+  tool-agent episodes decoded with special tokens skipped), ``validation_data/<step>.jsonl`` (with
+  ``reward``, from step 0) and the file logger's ``<project>/<experiment>.jsonl``;
 * `write_open_instruct_run`: ``<dir>/<run>_rollouts_<step>.jsonl`` (``step, prompt_idx, prompt,
   response, response_tokens, logprobs, reward, advantage``; token ids from a toy tokenizer that
   gives the chat control strings their Qwen2.5 ids);
@@ -191,12 +192,6 @@ def _transcript(s: _Sample) -> str:
     return "".join(parts)
 
 
-def _strip_special(text: str) -> str:
-    for tok in (IM_START, IM_END, ENDOFTEXT):
-        text = text.replace(tok, "")
-    return text
-
-
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
@@ -320,65 +315,96 @@ def write_verl_run(
     collapse_rate: float = 0.8,
     metrics: bool = True,
     rollouts: bool = True,
+    validation: bool = True,
+    project: str = "verl_grpo_tooluse",
     experiment: str = "qwen2.5_grpo_tooluse",
+    test_freq: int = 5,
 ) -> ForeignRun:
-    """A verl run folder: ``rollout_data/<step>.jsonl`` dumps (multi-turn, special tokens
-    skipped) and the file logger's ``<experiment>.jsonl`` metrics."""
+    """A verl run launched in ``dir``, laid out as verl 0.8.0.dev writes it (`diagnose.synth.verl`
+    names the verl function behind each piece): ``rollout_data/<step>.jsonl`` dumps for steps
+    1..N (``trainer.rollout_data_dir=rollout_data``; multi-turn tool-agent episodes decoded with
+    special tokens skipped), ``validation_data/<step>.jsonl`` at step 0, every ``test_freq`` steps
+    and the last (with the ``reward`` key), and the file logger's
+    ``<project>/<experiment>.jsonl``. ``steps``: a count (steps 1..N) or the step numbers (>= 1:
+    verl's training starts at step 1; step 0 is the validation before training)."""
+    from diagnose.synth import verl as vs
+
     root = Path(dir)
-    step_list = _steps(steps)
+    step_list = list(range(1, steps + 1)) if isinstance(steps, int) else _steps(steps)
+    if any(s < 1 for s in step_list):
+        raise ValueError("verl training steps start at 1")
     plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=True)
     run = ForeignRun(root, "verl", step_list, collapse_at, group_size, prompts_per_step)
     rewards: dict[int, list[float]] = {}
     nrng = np.random.default_rng(seed)
-    metric_lines = []
     root.mkdir(parents=True, exist_ok=True)
+    logger = vs.FileLogger(project, experiment, root=root) if metrics else None
+
+    def dump(folder: Path, step: int, samples: list[_Sample], val: bool) -> list[float]:
+        texts = [vs.verl_dump_text(_verl_prompt(s), s.tools, s.turns, s.observations) for s in samples]
+        scores = [s.reward for s in samples]
+        extra: dict[str, list[Any]] = {"reward": scores} if val else {}
+        extra.update({"acc": [bool(s.success and not s.collapsed) for s in samples],
+                      "pred": [s.turns[-1][:80] for s in samples]})
+        run.files.append(vs.dump_generations(folder, step, [t[0] for t in texts], [t[1] for t in texts],
+                                             [s.gold_answer for s in samples], scores, extra))
+        return [float(t[2]) for t in texts]
+
+    def validate(step: int) -> None:
+        if validation:
+            first = [g[0] for g in plan[step_list[0] if step == 0 else step]]
+            dump(root / "validation_data", step, first, val=True)
+
+    validate(0)
+    if logger is not None:
+        logger.log({"val-core/tooluse/acc/mean@1": float(np.mean([g[0].success for g in plan[step_list[0]]]))}, 0)
     for step in step_list:
-        lines = []
-        for group in plan[step]:
-            for s in group:
-                prompt = render_chat(s.prompt_messages, add_generation_prompt=True)
-                lines.append({
-                    "input": _strip_special(prompt),
-                    "output": _strip_special(_transcript(s)),
-                    "gts": s.gold_answer,
-                    "score": s.reward,
-                    "step": step,
-                    "acc": bool(s.success and not s.collapsed),
-                    "pred": s.turns[-1][:80],
-                })
-        rewards[step] = [ln["score"] for ln in lines]
+        samples = [s for g in plan[step] for s in g]
+        rewards[step] = [s.reward for s in samples]
+        turns = [0.0]
         if rollouts:
-            path = root / "rollout_data" / f"{step}.jsonl"
-            _write_jsonl(path, lines)
-            run.files.append(path)
+            turns = dump(root / "rollout_data", step, samples, val=False)
+        if step == step_list[-1] or step % test_freq == 0:
+            validate(step)
         health = _health(plan[step])
-        lengths = [len(ln["output"]) / 3.5 for ln in lines]
+        lengths = [sum(len(t) for t in s.turns) / 3.5 for s in samples]
         score = float(np.mean(rewards[step]))
-        metric_lines.append({"step": step, "data": {
-            "actor/entropy": float(0.05 + 0.6 * health + nrng.random() * 0.02),
-            "actor/pg_clipfrac": float(0.001 + (1 - health) * 0.05),
-            "actor/ppo_kl": float(1e-4 + (1 - health) * 0.01),
-            "actor/kl_loss": float(0.001 * (step + 1)),
-            "actor/pg_loss": float(nrng.normal(0, 0.01)),
-            "actor/grad_norm": float(0.3 + (1 - health) * 4),
-            "actor/lr": 1e-6,
-            "critic/score/mean": score,
-            "critic/score/max": float(np.max(rewards[step])),
-            "critic/score/min": float(np.min(rewards[step])),
-            "critic/rewards/mean": score,
-            "critic/advantages/mean": 0.0,
-            "response_length/mean": float(np.mean(lengths)),
-            "response_length/max": float(np.max(lengths)),
-            "response_length/min": float(np.min(lengths)),
-            "response_length/clip_ratio": 0.0,
-            "training/rollout_probs_diff_mean": float(0.002 + (1 - health) * 0.03),
-            "timing_s/gen": float(10 + nrng.random()),
-        }})
-    if metrics:
-        path = root / f"{experiment}.jsonl"
-        _write_jsonl(path, metric_lines)
-        run.files.append(path)
+        if logger is not None:
+            logger.log({
+                "actor/entropy": float(0.05 + 0.6 * health + nrng.random() * 0.02),
+                "actor/pg_clipfrac": float(0.001 + (1 - health) * 0.05),
+                "actor/ppo_kl": float(1e-4 + (1 - health) * 0.01),
+                "actor/kl_loss": float(0.001 * (step + 1)),
+                "actor/pg_loss": float(nrng.normal(0, 0.01)),
+                "actor/grad_norm": float(0.3 + (1 - health) * 4),
+                "actor/lr": 1e-6,
+                "critic/score/mean": score,
+                "critic/score/max": float(np.max(rewards[step])),
+                "critic/score/min": float(np.min(rewards[step])),
+                "critic/rewards/mean": score,
+                "critic/advantages/mean": 0.0,
+                "response_length/mean": float(np.mean(lengths)),
+                "response_length/max": float(np.max(lengths)),
+                "response_length/min": float(np.min(lengths)),
+                "response_length/clip_ratio": 0.0,
+                "num_turns/mean": float(np.mean(turns)),
+                "training/rollout_probs_diff_mean": float(0.002 + (1 - health) * 0.03),
+                "timing_s/gen": float(10 + nrng.random()),
+                "training/global_step": step,
+            }, step)
+    if logger is not None:
+        logger.finish()
+        run.files.append(logger.filepath)
     return _truth(run, plan, rewards)
+
+
+def _verl_prompt(s: _Sample) -> list[dict[str, Any]]:
+    """The dataset's ``raw_prompt``: the system instruction without the tools block (verl passes
+    the tool schemas to the chat template) and the user turn."""
+    msgs = [dict(m) for m in s.prompt_messages]
+    if msgs and msgs[0].get("role") == "system":
+        msgs[0]["content"] = str(msgs[0].get("content", "")).split("\n\n# Tools")[0]
+    return msgs
 
 
 # ---- open-instruct ------------------------------------------------------------------
