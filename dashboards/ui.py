@@ -18,7 +18,7 @@ import polars as pl
 import streamlit as st
 
 from dashboards import data
-from dashboards.figures import ctrl_probs, token_values
+from diagnose.figures import ctrl_probs, token_values
 from diagnose.scan.html import highlight
 from diagnose.scan.report import token_label
 

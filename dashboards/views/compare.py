@@ -5,7 +5,7 @@ import streamlit as st
 
 from dashboards import data, ui
 from diagnose.scan.compare import compare_results
-from diagnose.scan.html import compare_figure
+from diagnose.figures import compare_figure
 from diagnose.scan.report import fmt_num, verdict_line
 
 st.title("Compare two runs")

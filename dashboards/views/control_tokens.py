@@ -4,8 +4,7 @@ import polars as pl
 import streamlit as st
 
 from dashboards import data, ui
-from dashboards.figures import attribution_figure, control_token_figure, control_token_names
-from diagnose.scan.html import token_figure
+from diagnose.figures import attribution_figure, control_token_figure, control_token_names, token_figure
 from diagnose.scan.report import fmt_prob, has_token_probabilities, token_label
 
 st.title("Control tokens")

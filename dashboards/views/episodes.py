@@ -6,7 +6,7 @@ import polars as pl
 import streamlit as st
 
 from dashboards import data, ui
-from diagnose.scan.html import onset_order_figure
+from diagnose.figures import onset_order_figure
 from diagnose.scan.report import fmt_num, fmt_pct, fmt_prob, implicated_texts, token_label
 
 st.title("Episode explorer")

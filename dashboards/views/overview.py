@@ -4,8 +4,7 @@ import polars as pl
 import streamlit as st
 
 from dashboards import data, ui
-from dashboards.figures import key_signals_figure
-from diagnose.scan.html import overview_figure
+from diagnose.figures import key_signals_figure, overview_figure
 from diagnose.scan.report import fmt_num, fmt_pct, level, smoothed_peak, table_presence, token_label, verdict_line
 
 st.title("Overview")

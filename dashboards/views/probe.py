@@ -5,7 +5,7 @@ import json
 import streamlit as st
 
 from dashboards import data, ui
-from dashboards.figures import capability_figure, capability_measures_figure
+from diagnose.figures import capability_figure, capability_measures_figure
 from diagnose.scan.report import fmt_num
 
 st.title("Probe: format vs capability")

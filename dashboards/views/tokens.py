@@ -5,7 +5,7 @@ read (a step-filtered lazy scan) and sent to the page."""
 import streamlit as st
 
 from dashboards import data, ui
-from dashboards.figures import token_strip_figure
+from diagnose.figures import token_strip_figure
 from diagnose.scan.html import highlight
 from diagnose.scan.report import implicated_texts
 

@@ -9,16 +9,16 @@ on the first figure), every figure is built with plotly's own API (``plotly.grap
 notes, issues) is HTML-escaped; control strings in rollout excerpts are highlighted after
 escaping. Plotly itself escapes ``<`` in the figure JSON. Files are written atomically.
 
-Figures of a scan: (1) reward / accuracy and the four turn-state rates (stacked area) over
-steps, episodes shaded from onset to recovery (or end); (2) control-token probabilities over
-steps, fixed probe ``probe/<ctx>/<tok>`` and rollout tokens ``ctx/<ctx>/<tok>``, log y axis
-(implicated ones shown, the rest one click away in the legend); (3) per episode, the onset
-ordering: each moved signal's change step relative to the onset.
+The figures come from `diagnose.figures` (`scan_figures`, `compare_figure`): (1) reward /
+accuracy and the four turn-state rates (stacked area) over steps, episodes shaded from onset to
+recovery (or end); (2) control-token probabilities over steps, fixed probe
+``probe/<ctx>/<tok>`` and rollout tokens ``ctx/<ctx>/<tok>``, log y axis (implicated ones
+shown, the rest one click away in the legend); (3) per episode, the onset ordering: each moved
+signal's change step relative to the onset.
 """
 
 from __future__ import annotations
 
-import html
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from diagnose import __version__
 from diagnose.atomic import atomic_write_text
+from diagnose.figures import compare_figure, esc, scan_figures
 from diagnose.scan.result import CollapseEpisode, RolloutExample, ScanResult
 from diagnose.scan.report import (
-    finite_series,
     fmt_num,
     fmt_pct,
     fmt_prob,
@@ -50,17 +49,8 @@ from diagnose.scan.report import (
 if TYPE_CHECKING:
     from diagnose.scan.compare import Comparison
 
-__all__ = ["scan_figures", "write_compare_html", "write_scan_html"]
+__all__ = ["highlight", "write_compare_html", "write_scan_html"]
 
-STATE_COLORS = {
-    "turn_state/healthy_call": "#2ca02c",
-    "turn_state/healthy_response": "#1f77b4",
-    "turn_state/polluted": "#ff7f0e",
-    "turn_state/collapsed": "#d62728",
-}
-RUN_COLORS = ("#1f77b4", "#d62728")
-MAX_TOKEN_TRACES = 80
-MAX_ORDER_SIGNALS = 40
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
 _CSS = """
@@ -87,10 +77,6 @@ span.ctl { background: #f3d9f7; color: #6a1b7a; font-weight: bold; border-radius
 # ---------------------------------------------------------------------------------------------
 
 
-def esc(v: Any) -> str:
-    return html.escape("" if v is None else str(v), quote=True)
-
-
 def highlight(text: str | None, extra: Iterable[str] = ()) -> str:
     """Escaped text with control strings wrapped in ``<span class="ctl">`` (after escaping,
     so nothing from the run is ever interpreted as HTML)."""
@@ -102,11 +88,6 @@ def highlight(text: str | None, extra: Iterable[str] = ()) -> str:
         return escaped
     pat = re.compile("|".join(re.escape(esc(s)) for s in strings))
     return pat.sub(lambda m: f'<span class="ctl">{m.group(0)}</span>', escaped)
-
-
-def _pl(s: str) -> str:
-    """Text for plotly labels: plotly renders a subset of HTML in names and titles, so escape."""
-    return html.escape(s, quote=False)
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
@@ -123,150 +104,6 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Seque
 
 class _Raw(str):
     """Already-escaped HTML for a table cell."""
-
-
-# ---------------------------------------------------------------------------------------------
-# figures
-# ---------------------------------------------------------------------------------------------
-
-
-def _bands(fig: go.Figure, episodes: Sequence[CollapseEpisode], last_step: int | None, *, color: str = "#d62728",
-           label: str = "episode", subplots: bool = True) -> None:
-    for i, e in enumerate(episodes, start=1):
-        x1 = (e.recovery_step - 0.5) if e.recovery_step is not None else (
-            (last_step if last_step is not None else e.end_step) + 0.5)
-        kw: dict[str, Any] = {"row": "all", "col": 1} if subplots else {}
-        fig.add_vrect(x0=e.onset_step - 0.5, x1=x1, fillcolor=color, opacity=0.10, line_width=0, layer="below", **kw)
-        fig.add_vline(x=e.onset_step, line_dash="dash", line_color=color, line_width=1, **kw)
-        fig.add_annotation(x=e.onset_step, y=1.0, yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
-                           text=_pl(f"{label} {i}: onset {e.onset_step}"), font={"color": color, "size": 11})
-
-
-def _last_step(result: ScanResult) -> int | None:
-    if "step" not in result.signals.columns or result.signals.height == 0:
-        return None
-    return int(result.signals.get_column("step").max())
-
-
-def overview_figure(result: ScanResult) -> go.Figure:
-    """Reward / accuracy (top) and the turn-state shares as a stacked area (bottom)."""
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.5, 0.5])
-    for name, color in (("reward", "#111111"), ("accuracy", "#9467bd")):
-        s, v = finite_series(result.signals, name)
-        if v.size:
-            fig.add_trace(go.Scatter(x=s, y=v, mode="lines+markers", name=name, line={"color": color},
-                                     marker={"size": 4}), row=1, col=1)
-    any_state = False
-    for name, color in STATE_COLORS.items():
-        s, v = finite_series(result.signals, name)
-        if v.size:
-            any_state = True
-            fig.add_trace(go.Scatter(x=s, y=v, mode="lines", stackgroup="states", name=name.split("/", 1)[1],
-                                     line={"color": color, "width": 0.5}, fillcolor=color), row=2, col=1)
-    if not any_state:
-        fig.add_annotation(text="no turn states in this run", xref="x2 domain", yref="y2 domain", x=0.5, y=0.5,
-                           showarrow=False)
-    _bands(fig, result.episodes, _last_step(result))
-    fig.update_yaxes(title_text="reward / accuracy", row=1, col=1)
-    fig.update_yaxes(title_text="turn states (share)", range=[0, 1.0], row=2, col=1)
-    fig.update_xaxes(title_text="step", row=2, col=1)
-    fig.update_layout(height=620, margin={"t": 60, "l": 60, "r": 20, "b": 50}, hovermode="x unified",
-                      legend={"orientation": "h", "y": -0.12})
-    return fig
-
-
-def _token_columns(result: ScanResult) -> list[str]:
-    out = []
-    for c in result.signals.columns:
-        parts = c.split("/")
-        if len(parts) == 3 and parts[0] in ("probe", "ctx") and parts[2] not in ("gold", "n"):
-            out.append(c)
-    return out
-
-
-def _token_trace_name(col: str, texts: dict[str, str]) -> str:
-    kind, ctx, tok = col.split("/")
-    label = token_label(tok, texts.get(tok))
-    return f"{'probe' if kind == 'probe' else 'rollouts'}: p({label} | {ctx})"
-
-
-def token_figure(result: ScanResult) -> go.Figure | None:
-    """Control-token probabilities at the key contexts over steps (log y), or None when the
-    run has none."""
-    cols = _token_columns(result)
-    if not cols:
-        return None
-    texts = {t.token: t.text for e in result.episodes for t in e.implicated if t.text}
-    implicated = [c.signal for e in result.episodes for t in e.implicated for c in t.contexts]
-    stats = []
-    for c in cols:
-        s, v = finite_series(result.signals, c)
-        pos = v[v > 0]
-        spread = float(pos.max() / max(pos.min(), 1e-12)) if pos.size else 0.0
-        stats.append((c, s, v, spread))
-    rank = {c: i for i, c in enumerate(implicated)}
-    stats.sort(key=lambda x: (x[0] not in rank, rank.get(x[0], 0), -x[3]))
-    if implicated:  # the implicated tokens, and what else is likely at their contexts (the expected token)
-        ctxs = {tuple(c.split("/")[:2]) for c in implicated}
-        visible = set(implicated) | {c for c, _, v, _ in stats
-                                     if tuple(c.split("/")[:2]) in ctxs and v.size and float(v.max()) >= 0.1}
-    else:
-        visible = {c for c, *_ in stats[:6]}
-    fig = go.Figure()
-    for c, s, v, _ in stats[:MAX_TOKEN_TRACES]:
-        y = [float(x) if x > 0 else None for x in v]
-        fig.add_trace(go.Scatter(
-            x=s, y=y, mode="lines+markers", marker={"size": 3}, name=_pl(_token_trace_name(c, texts)),
-            line={"dash": "solid" if c.startswith("probe/") else "dot"},
-            visible=True if c in visible else "legendonly",
-            hovertemplate=_pl(c) + "<br>step %{x}: %{y:.3g}<extra></extra>"))
-    _bands(fig, result.episodes, _last_step(result), subplots=False)
-    fig.update_yaxes(type="log", title_text="probability (log)")
-    fig.update_xaxes(title_text="step")
-    fig.update_layout(height=520, margin={"t": 40, "l": 60, "r": 20, "b": 50},
-                      legend={"font": {"size": 10}}, title=_pl("control-token probabilities at key contexts "
-                                                                "(solid: fixed probe, dotted: rollout tokens)"))
-    return fig
-
-
-def onset_order_figure(e: CollapseEpisode, index: int = 1) -> go.Figure | None:
-    """Each moved signal's change step relative to the onset (negative: before the drop)."""
-    moves = e.moves[:MAX_ORDER_SIGNALS]
-    if not moves:
-        return None
-    names = [_pl(m.signal) for m in moves]
-    rel = [m.step - e.onset_step for m in moves]
-    colors = ["#d62728" if m.concern and m.direction == "up" else "#1f77b4" if m.concern else "#999999" for m in moves]
-    hover = [_pl(f"{m.signal}: {m.direction} at step {m.step} (lead {m.lead}); {fmt_num(m.before, 3)} -> "
-                 f"{fmt_num(m.after, 3)}; {m.method}, {fmt_num(m.score, 1)} sigma") for m in moves]
-    fig = go.Figure()
-    fig.add_trace(go.Bar(x=rel, y=names, orientation="h", marker={"color": colors}, width=0.15, showlegend=False,
-                         hoverinfo="skip"))
-    fig.add_trace(go.Scatter(x=rel, y=names, mode="markers", marker={"color": colors, "size": 10,
-                             "symbol": ["triangle-up" if m.direction == "up" else "triangle-down" for m in moves]},
-                             text=hover, hovertemplate="%{text}<extra></extra>", showlegend=False))
-    fig.add_vline(x=0, line_dash="dash", line_color="#d62728")
-    fig.add_annotation(x=0, y=1.0, yref="paper", yanchor="bottom", showarrow=False,
-                       text=_pl(f"{e.signal} onset (step {e.onset_step})"), font={"color": "#d62728"})
-    fig.update_yaxes(autorange="reversed", automargin=True)
-    fig.update_xaxes(title_text="change step − onset step (negative: moved before the drop)", zeroline=False)
-    fig.update_layout(height=max(260, 26 * len(moves) + 120), margin={"t": 50, "l": 20, "r": 20, "b": 50},
-                      title=_pl(f"episode {index}: onset ordering (▲ up, ▼ down; red/blue: direction of concern, "
-                                "grey: not)"))
-    return fig
-
-
-def scan_figures(result: ScanResult) -> list[tuple[str, go.Figure]]:
-    """(section title, figure) of a scan report."""
-    out = [("Reward, accuracy and turn states", overview_figure(result))]
-    tf = token_figure(result)
-    if tf is not None:
-        out.append(("Control-token probabilities", tf))
-    for i, e in enumerate(result.episodes, start=1):
-        f = onset_order_figure(e, i)
-        if f is not None:
-            out.append((f"Episode {i}: what moved, in order", f))
-    return out
 
 
 class _FigureWriter:
@@ -429,38 +266,6 @@ def write_scan_html(result: ScanResult, path: str | os.PathLike[str], *, capabil
 # ---------------------------------------------------------------------------------------------
 # compare report
 # ---------------------------------------------------------------------------------------------
-
-
-def compare_figure(cmp: Comparison) -> go.Figure:
-    """Overlay of the two runs: primary signal, collapsed-turn share, collapse-token probability."""
-    tok_signal = cmp.token_signal
-    rows = 3 if tok_signal else 2
-    titles = ["reward" if cmp.primary == "reward" else cmp.primary, "collapsed turns (share)"]
-    if tok_signal:
-        titles.append(_pl(f"collapse token: {cmp.token_title}"))
-    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.07, subplot_titles=titles)
-    for k, (label, res) in enumerate(zip(cmp.labels, (cmp.a, cmp.b))):
-        color = RUN_COLORS[k]
-        series = [cmp.primary, "turn_state/collapsed"] + ([tok_signal] if tok_signal else [])
-        for r, name in enumerate(series, start=1):
-            s, v = finite_series(res.signals, name)
-            if name == tok_signal and not v.size and tok_signal.startswith("probe/"):
-                s, v = finite_series(res.signals, "ctx/" + tok_signal.split("/", 1)[1])
-            if not v.size:
-                continue
-            y = [float(x) if (name != tok_signal or x > 0) else None for x in v]
-            fig.add_trace(go.Scatter(x=s, y=y, mode="lines", name=_pl(label), legendgroup=label, showlegend=r == 1,
-                                     line={"color": color}), row=r, col=1)
-        for e in res.episodes:
-            x1 = (e.recovery_step - 0.5) if e.recovery_step is not None else (_last_step(res) or e.end_step) + 0.5
-            fig.add_vrect(x0=e.onset_step - 0.5, x1=x1, fillcolor=color, opacity=0.08, line_width=0, layer="below",
-                          row="all", col=1)
-            fig.add_vline(x=e.onset_step, line_dash="dash", line_color=color, line_width=1, row="all", col=1)
-    if tok_signal:
-        fig.update_yaxes(type="log", row=3, col=1)
-    fig.update_xaxes(title_text="step", row=rows, col=1)
-    fig.update_layout(height=300 * rows, margin={"t": 50, "l": 60, "r": 20, "b": 50}, hovermode="x unified")
-    return fig
 
 
 def compare_html(cmp: Comparison) -> str:
