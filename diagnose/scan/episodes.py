@@ -47,7 +47,7 @@ from diagnose.scan.result import (
     ScanResult,
     SignalMove,
 )
-from diagnose.scan.signals import signal_direction, signal_kind, step_signals
+from diagnose.scan.signals import generic_signals, signal_direction, signal_kind, step_signals
 from diagnose.source import RunSource
 
 __all__ = [
@@ -629,6 +629,11 @@ def scan_source(src: RunSource, cfg: DetectConfig | None = None, signals: pl.Dat
         notes.append(f"{len(issues)} unreadable input(s) skipped; first: {issues[0]}")
     if signals is None:
         signals = step_signals(src, low_prob=cfg.low_prob)
+    generic = generic_signals(signals.columns)
+    if generic:
+        shown = ", ".join(generic[:12]) + (f" and {len(generic) - 12} more" if len(generic) > 12 else "")
+        notes.append(f"{len(generic)} metric(s) of no known meaning reach only the generic change detection "
+                     f"(the episodes' moves), no dedicated detector: {shown}")
     primary = primary_signal(signals, cfg)
     if primary is None:
         notes.append(f"neither reward nor accuracy has {cfg.min_steps} finite, varying values: no collapse detection")

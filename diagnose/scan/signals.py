@@ -23,7 +23,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.control_tokens import KEY_CONTEXT_ROLES
-from diagnose.rundir.schema import CTRL_PREFIX, ctrl_names_from_columns
+from diagnose.rundir.schema import CTRL_PREFIX, CTRL_SEQ_PREFIX, ctrl_names_from_columns
 from diagnose.source import RunSource
 from diagnose.turns import TurnState
 
@@ -85,6 +85,10 @@ SIGNAL_SPECS: tuple[SignalSpec, ...] = (
     SignalSpec(r"num_turns/(mean|min|max)", "metrics", "both",
                "verl: turns per rollout (assistant turns + tool rounds + 1); falls when episodes end early"),
     SignalSpec(r"tool_call_counts/(mean|min|max)", "metrics", "down", "verl: tool calls per rollout"),
+    SignalSpec(r"tools/call_frequency", "metrics", "down", "tool calls per rollout (TRL tools/call_frequency; "
+               "open-instruct request_info num_calls)"),
+    SignalSpec(r"tools/failure_frequency", "metrics", "up", "share of tool calls that failed"),
+    SignalSpec(r"tools/timeout_frequency", "metrics", "up", "share of rollouts with a tool call that timed out"),
     SignalSpec(r"entropy", "tokens|metrics", "both", "mean entropy (nats) of the policy at generated positions"),
     SignalSpec(r"low_prob_share", "tokens", "up", "share of generated tokens sampled with p < low_prob (default 0.01)"),
     SignalSpec(r"nonfinite_logprob", "tokens", "up", "generated tokens whose logprob is NaN/inf (count)"),
@@ -112,7 +116,15 @@ SIGNAL_SPECS: tuple[SignalSpec, ...] = (
     SignalSpec(r"attribution/[^/]+/(self|other|total)", "metrics", "up", "advantage-weighted logit push on the control token"),
     SignalSpec(r"kl", "metrics", "up", "KL to the reference policy"),
     SignalSpec(r"clip_ratio", "metrics", "up", "share of clipped ratios"),
+    SignalSpec(r"clip_ratio/.+", "metrics", "up", "TRL: share of clipped ratios (region, low, high)"),
+    SignalSpec(r"completions/clipped_ratio", "metrics", "up", "share of completions cut at the length limit"),
+    SignalSpec(r"completions/(min|max|mean)_(terminated_)?length", "metrics", "both", "completion length statistics"),
+    SignalSpec(r"rewards/[^/]+/mean", "metrics", "down", "mean of one reward function (TRL rewards/<name>/mean)"),
+    SignalSpec(r"rewards/[^/]+/std", "metrics", "both", "std of one reward function (TRL rewards/<name>/std)"),
     SignalSpec(r"grad_norm", "metrics", "up", "gradient norm before clipping"),
+    SignalSpec(r"(learning_rate|lr|epoch|step_time|num_tokens|global_step|loss|total_flos|train_loss|train_runtime|"
+               r"train_samples_per_second|train_steps_per_second|rollouts/count)|(timing_s|timing_per_token_ms|perf|time|"
+               r"throughput)/.+", "metrics", "both", "trainer bookkeeping (schedule, timing, counters)"),
     SignalSpec(r".*", "metrics", "both", "any other numeric metric, passed through"),
 )
 _SPEC_RE = [(re.compile(s.pattern + r"\Z"), s) for s in SIGNAL_SPECS]
@@ -144,6 +156,14 @@ def signal_direction(name: str, control_tokens: Sequence[Mapping[str, Any]] = ()
         if roles is not None and role is not None and role == roles.get("expected"):
             return "down"
     return _spec(name).direction
+
+
+def generic_signals(names: Iterable[str]) -> list[str]:
+    """Signal names no `SignalSpec` gives a meaning (only the catch-all matches): they reach the
+    generic change detection (the episodes' moves) but no dedicated detector. The scan lists them
+    in its notes, so a signal a format carries is never silently ignored."""
+    catch_all = SIGNAL_SPECS[-1]
+    return sorted(n for n in names if n != "step" and _spec(n) is catch_all)
 
 
 def signal_kind(name: str) -> str:
@@ -299,6 +319,27 @@ def _ids_by_role(control_tokens: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return out
 
 
+def _seq_of(t: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """A control token's id sequence (``token_ids``; ``(token_id,)`` for a single token)."""
+    ids = t.get("token_ids") or [t.get("token_id")]
+    if not isinstance(ids, (list, tuple)) or not ids:
+        return None
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return None
+    return tuple(ids)
+
+
+def _seq_ends(rows: pl.DataFrame, seq: tuple[int, ...], packer: _Packer) -> pl.DataFrame:
+    """Rows of ``rows`` (step, sample_id, position, token_id) where ``seq`` ends: the last id,
+    preceded at the positions before it by the rest (a single id: its rows)."""
+    coded = rows.with_columns(packer.codes(rows).alias("_code"))
+    ends = coded.filter((pl.col("token_id") == seq[-1]) & (pl.col("position") >= len(seq) - 1))
+    for j in range(1, len(seq)):
+        before = coded.filter(pl.col("token_id") == seq[-1 - j]).select((pl.col("_code") + j).alias("_code"))
+        ends = ends.join(before, on="_code", how="semi")
+    return ends.drop("_code")
+
+
 @dataclass(frozen=True)
 class _Packer:
     """Packs (step, sample_id, position) into one Int64: ``(step * S + sample) * P + position``."""
@@ -337,7 +378,10 @@ def token_signals(tokens: pl.LazyFrame, control_tokens: Sequence[Mapping[str, An
                   low_prob: float = 0.01) -> pl.DataFrame:
     """Signals from the token table: entropy, low-probability share, non-finite log-probs,
     train/inference mismatch, completion length, per control token its mean probability and
-    sampling rate, and its mean probability at the key contexts :data:`TOKEN_CONTEXTS`.
+    sampling rate, and its mean probability at the key contexts :data:`TOKEN_CONTEXTS`. A
+    multi-token control string (``token_ids`` in run.json) counts as sampled where its whole
+    sequence starts, and anchors a key context where its whole sequence ends; its ``p`` is that of
+    its first token (what ``lp_ctrl_<name>`` holds).
 
     Passes over the table: turn structure (group_by step/sample/turn on 4 columns), anchors
     (filter on ``token_id``), newline check (filter + ``is_in``), then the main pass, which
@@ -347,6 +391,13 @@ def token_signals(tokens: pl.LazyFrame, control_tokens: Sequence[Mapping[str, An
     names = ctrl_names_from_columns(schema.names())
     roles = _ids_by_role(control_tokens)
     token_ids = {t.get("name"): t.get("token_id") for t in control_tokens}
+    seqs: dict[str, tuple[int, ...]] = {}
+    for t in control_tokens:
+        q = _seq_of(t)
+        if t.get("role") and q is not None and t["role"] not in seqs:
+            seqs[t["role"]] = q
+    multi = {t.get("name"): _seq_of(t) for t in control_tokens if (_seq_of(t) or ()) and len(_seq_of(t)) > 1}
+    seq_starts: dict[str, pl.Series] = {}  # multi-token name -> codes of the positions its sequence starts at
     gen = pl.col("is_generated").fill_null(False) if "is_generated" in schema else pl.lit(True)
     gtok = tokens.filter(gen)
     has_keys = all(c in schema for c in ("step", "sample_id", "position"))
@@ -362,13 +413,17 @@ def token_signals(tokens: pl.LazyFrame, control_tokens: Sequence[Mapping[str, An
     if packer is not None:
         if "turn" in schema:
             keys["turn_start"] = packer.codes(turns.rename({"_first": "position"}))
-        open_id, close_id, nl_id = roles.get("call_open"), roles.get("call_close"), roles.get("call_newline")
-        anchor_ids = [i for i in (open_id, close_id) if i is not None]
-        if anchor_ids and "token_id" in schema:
-            anchors = _collect(gtok.filter(pl.col("token_id").is_in(anchor_ids))
+        open_seq, close_seq, nl_id = seqs.get("call_open"), seqs.get("call_close"), roles.get("call_newline")
+        anchor_seqs = [q for q in (open_seq, close_seq) if q is not None] + list(multi.values())
+        if anchor_seqs and "token_id" in schema:
+            # a multi-token tag (SmolLM2's 5-token <tool_call>) is found where its whole sequence
+            # ends, never at its first token ('<' starts any tag)
+            anchors = _collect(gtok.filter(pl.col("token_id").is_in(sorted({i for q in anchor_seqs for i in q})))
                                .select("step", "sample_id", "position", "token_id"))
-            if open_id is not None:
-                opens = anchors.filter(pl.col("token_id") == open_id)
+            for n, q in multi.items():
+                seq_starts[n] = packer.codes(_seq_ends(anchors, q, packer), offset=1 - len(q))
+            if open_seq is not None:
+                opens = _seq_ends(anchors, open_seq, packer)
                 if nl_id is not None:
                     nl_codes = packer.codes(opens, offset=1)
                     nls = _collect(gtok.filter((pl.col("token_id") == nl_id)
@@ -377,8 +432,8 @@ def token_signals(tokens: pl.LazyFrame, control_tokens: Sequence[Mapping[str, An
                     keys["after_call_open"] = packer.codes(nls, offset=1)
                 else:
                     keys["after_call_open"] = packer.codes(opens, offset=1)
-            if close_id is not None:
-                keys["after_call_close"] = packer.codes(anchors.filter(pl.col("token_id") == close_id), offset=1)
+            if close_seq is not None:
+                keys["after_call_close"] = packer.codes(_seq_ends(anchors, close_seq, packer), offset=1)
 
     # ---- pass 2: everything else, by (step, context)
     ctx = pl.lit(0, dtype=pl.Int8)
@@ -401,11 +456,26 @@ def token_signals(tokens: pl.LazyFrame, control_tokens: Sequence[Mapping[str, An
         if "sampler_logprob" in schema:
             slp = _f64(pl.col("sampler_logprob"))
             means["mismatch/abs_logprob_diff"] = pl.when(lp.is_finite() & slp.is_finite()).then((lp - slp).abs())
+    # a token whose log-prob is known only where it was sampled ("lp_coverage": "sampled", e.g.
+    # open-instruct traces): averaging that column would average over the positions that drew it
+    # (near 1 whatever the policy); the sampling indicator estimates its probability without bias
+    # at each position, so its mean, overall or at a key context, is the mean probability there
+    sampled_only = {t.get("name") for t in control_tokens if t.get("lp_coverage") == "sampled"}
     for n in names:
-        means[f"ctrl/{n}/p"] = _finite_or_null(pl.col(CTRL_PREFIX + n).cast(pl.Float64).exp())
         tid = token_ids.get(n)
-        if isinstance(tid, int) and "token_id" in schema:
+        has_id = isinstance(tid, int) and "token_id" in schema
+        if n in sampled_only and has_id:
+            means[f"ctrl/{n}/p"] = (pl.col("token_id") == tid).cast(pl.Float64)
+        else:
+            means[f"ctrl/{n}/p"] = _finite_or_null(pl.col(CTRL_PREFIX + n).cast(pl.Float64).exp())
+        if has_id:
             means[f"ctrl/{n}/sampled"] = (pl.col("token_id") == tid).cast(pl.Float64)
+    for n, starts in seq_starts.items():  # a multi-token string is sampled where its whole sequence is
+        if n in names:
+            ind = packer.expr().is_in(starts.implode()).cast(pl.Float64)
+            means[f"ctrl/{n}/sampled"] = ind
+            if any(t.get("name") == n and t.get("lp_coverage") == "sampled" for t in control_tokens):
+                means[f"ctrl/{n}/p"] = ind
     cols = [f"_m{i}" for i in range(len(means))]
     pre = gtok.select(
         pl.col("step").cast(pl.Int64), ctx.alias("_ctx"),
@@ -459,8 +529,9 @@ def token_signals(tokens: pl.LazyFrame, control_tokens: Sequence[Mapping[str, An
 
 def probe_signals(probe: pl.LazyFrame) -> pl.DataFrame:
     """``probe/<context>/<token>`` and ``probe/<context>/gold`` (mean probabilities at each key
-    context of the fixed probe, as :func:`diagnose.model.ctrl_probe.probe_summary`), plus
-    ``probe/mean_gold_logprob`` over all probe positions."""
+    context of the fixed probe, as :func:`diagnose.model.ctrl_probe.probe_summary`; for a
+    multi-token control string, of its whole sequence where the probe has ``lpseq_ctrl_<name>``),
+    plus ``probe/mean_gold_logprob`` over all probe positions."""
     schema = probe.collect_schema()
     names = ctrl_names_from_columns(schema.names())
     queries = []
@@ -470,7 +541,9 @@ def probe_signals(probe: pl.LazyFrame) -> pl.DataFrame:
     has_ctx = "context" in schema
     if has_ctx:
         vals = ([_finite_or_null(pl.col("lp_gold").cast(pl.Float64).exp()).mean().alias("gold")] if "lp_gold" in schema else [])
-        vals += [_finite_or_null(pl.col(CTRL_PREFIX + n).cast(pl.Float64).exp()).mean().alias(n) for n in names]
+        # a multi-token string's probability is its whole sequence's (lpseq_ctrl_<name>) where the probe has it
+        vals += [_finite_or_null(pl.col((CTRL_SEQ_PREFIX if CTRL_SEQ_PREFIX + n in schema else CTRL_PREFIX) + n)
+                                 .cast(pl.Float64).exp()).mean().alias(n) for n in names]
         if vals:
             queries.append(probe.filter(pl.col("context").is_not_null() & (pl.col("context") != ""))
                            .group_by("step", "context").agg(vals))
