@@ -102,7 +102,8 @@ LOOKED_FOR: dict[str, str] = {
            "trainer_state.json with 'log_history' (also in checkpoint-*/)",
     "open_instruct": "*_rollouts_*.jsonl traces (open-instruct: step, prompt_idx, response_tokens, logprobs, reward)",
     "verl": "<step>.jsonl rollout dumps with input/output/score (verl trainer.rollout_data_dir, here or one "
-            "folder down), or a *.jsonl of {\"step\": N, \"data\": {...}} metrics lines (verl file logger)",
+            "folder down), a *.jsonl of {\"step\": N, \"data\": {...}} metrics lines here or at "
+            "<project>/<experiment>.jsonl (verl file logger), or latest_checkpointed_iteration.txt (a checkpoint folder)",
     "conversations": "conversation JSONL with 'messages' (one file, or <step>.jsonl / step_<step>.jsonl / "
                      "step-NNNNNN.jsonl files in a folder)",
 }
