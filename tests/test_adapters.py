@@ -23,7 +23,6 @@ from diagnose.adapters import (
 from diagnose.source import RunSource, SourceIssue
 from diagnose.synth.foreign import (
     ForeignRun,
-    toy_tokenize,
     write_conversation_run,
     write_open_instruct_run,
     write_trl_run,
@@ -301,76 +300,7 @@ def test_trl_empty_and_conversational(tmp_path):
 # ---- verl: tests/test_adapter_verl.py ------------------------------------------------
 
 
-# ---- open-instruct ------------------------------------------------------------------
-
-
-def test_open_instruct_run_with_collapse(tmp_path):
-    run = write_open_instruct_run(tmp_path / "oi", STEPS, collapse_at=COLLAPSE, seed=4)
-    src = load_run(run.path)
-    assert src.format == "open_instruct" and not src.issues, issues_text(src)
-    ro = check_truth(src, run)
-    assert src.has_token_probabilities
-    tok = src.tokens.collect()
-    assert tok.height == int(ro.get_column("n_tokens").sum())
-    assert (tok.get_column("logprob") == tok.get_column("sampler_logprob")).all()
-    assert tok.get_column("is_generated").all() and tok.get_column("entropy").null_count() == tok.height
-    assert (tok.get_column("turn") == 0).all()
-    assert tok.schema["token_id"] == pl.Int32 and tok.schema["logprob"] == pl.Float32
-    assert not any(c.startswith("lp_ctrl_") for c in tok.columns)
-    first = ro.sort("step", "sample_id").row(0, named=True)
-    ids = tok.filter((pl.col("step") == first["step"]) & (pl.col("sample_id") == first["sample_id"])).sort("position")
-    assert ids.get_column("token_id").to_list() == toy_tokenize(first["completion"])
-    assert ids.get_column("position").to_list() == list(range(ids.height))
-    # the collapse is confident: mean log-prob closer to 0 after it
-    lp = dict(tok.group_by("step").agg(pl.col("logprob").mean()).iter_rows())
-    assert max(lp[s] for s in run.steps if s >= COLLAPSE) > min(lp[s] for s in run.steps if s < COLLAPSE)
-    assert "prompt_idx" in ro.columns and "advantage" in ro.columns
-    assert any("tokenizer" in n for n in src.notes)
-    m = src.metrics.collect()
-    assert "completions/mean_length" in m.columns
-
-
-def test_open_instruct_without_text(tmp_path):
-    run = write_open_instruct_run(tmp_path / "oi", 3, with_text=False)
-    src = load_run(run.path)
-    ro = src.rollouts.collect()
-    assert ro.get_column("turn_states").null_count() == ro.height
-    assert src.tokens.collect().height > 0
-    assert any("no 'response' text" in n for n in src.notes)
-
-
-def test_open_instruct_bad_inputs(tmp_path):
-    run = write_open_instruct_run(tmp_path / "oi", STEPS, collapse_at=COLLAPSE)
-    f1, f2, f3, f4 = run.files[1], run.files[2], run.files[3], run.files[4]
-    lines = f1.read_text().splitlines()
-    a = json.loads(lines[0])
-    a["logprobs"] = a["logprobs"][:-2]
-    b = json.loads(lines[1])
-    b["response_tokens"] = "not tokens"
-    c = json.loads(lines[2])
-    c["logprobs"][0] = float("nan")
-    c["reward"] = float("-inf")
-    lines[:3] = [json.dumps(a), json.dumps(b), json.dumps(c)]
-    f1.write_text("\n".join(lines) + "\n")
-    cut = f2.read_bytes()
-    f2.write_bytes(cut[:-30])
-    garbage(f3)
-    f4.unlink()
-    src = load_run(run.path)
-    text = issues_text(src)
-    assert f"{f1}: 1 line(s) where 'logprobs' and 'response_tokens' differ" in text
-    assert f"{f1}:2: 'response_tokens' is not a list" in text
-    assert "non-finite" in text and "'logprobs'" in text and "'reward'" in text
-    assert f"{f2}:{run.samples_per_step}: truncated JSON" in text
-    assert str(f3) in text
-    ro = src.rollouts.collect()
-    assert sorted(ro.get_column("step").unique().to_list()) == [0, 1, 2, 5, 6, 7]
-    tok = src.tokens.collect()
-    r1 = ro.filter(pl.col("step") == 1).sort("sample_id")
-    t0 = tok.filter((pl.col("step") == 1) & (pl.col("sample_id") == 0)).sort("position")
-    assert t0.height == r1.get_column("n_tokens")[0] and t0.get_column("logprob").tail(2).null_count() == 2
-    assert tok.filter((pl.col("step") == 1) & (pl.col("sample_id") == 1)).height == 0
-    assert r1.get_column("reward")[2] == -math.inf
+# ---- open-instruct: tests/test_adapter_open_instruct.py --------------------------------
 
 
 # ---- conversations ------------------------------------------------------------------
@@ -505,14 +435,7 @@ def test_single_files(tmp_path):
     assert src.format == "open_instruct" and src.tokens.collect().height > 0
 
 
-def test_empty_open_instruct_and_conversations(tmp_path):
-    oi = tmp_path / "oi"
-    oi.mkdir()
-    (oi / "run_rollouts_000001.jsonl").write_bytes(b"")
-    assert detect_format(oi) == "open_instruct"  # the name is specific enough
-    src = load_run(oi)
-    assert src.rollouts.collect().height == 0 and src.tokens.collect().height == 0
-    assert "no readable rollout lines" in issues_text(src)
+def test_empty_conversations(tmp_path):
     conv = tmp_path / "conv"
     conv.mkdir()
     (conv / "step-000001.jsonl").write_bytes(b"\n\n")
@@ -520,27 +443,6 @@ def test_empty_open_instruct_and_conversations(tmp_path):
     src = load_run(conv, format="conversations")
     assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
     assert "no readable conversation" in issues_text(src)
-
-
-def test_open_instruct_null_and_odd_logprobs(tmp_path):
-    f = tmp_path / "x_rollouts_3.jsonl"
-    f.write_text("\n".join(json.dumps(r) for r in [
-        {"step": 3, "prompt_idx": 0, "response": "hi", "response_tokens": [5, 6, 7],
-         "logprobs": [-0.1, None, "x"], "reward": 1},
-        {"step": 3, "prompt_idx": 0, "response": "", "response_tokens": [5, 6],
-         "logprobs": [-0.5, 0.7], "reward": True},
-        {"step": 3, "prompt_idx": 1, "response_tokens": [1.5], "logprobs": [0.0], "reward": 0},
-        {"prompt_idx": 1, "response_tokens": [1], "logprobs": [0.0], "reward": 0},
-    ]) + "\n")
-    src = load_run(tmp_path)
-    tok = src.tokens.collect().sort("sample_id", "position")
-    assert tok.filter(pl.col("sample_id") == 0).get_column("logprob").to_list()[1:] == [None, None]
-    ro = src.rollouts.collect().sort("sample_id")
-    assert ro.get_column("group_id").to_list() == [0, 0, 1, 1]
-    assert ro.get_column("step").to_list() == [3, 3, 3, 3]  # the file name fills a missing step
-    assert ro.get_column("turn_states").to_list()[:3] == [["healthy_response"], ["collapsed"], None]
-    text = issues_text(src)
-    assert "> 0" in text and ":3: 'response_tokens' is not a list" in text and ":4: no valid 'step'" in text
 
 
 def test_trl_own_reward_column_and_output_dir_state(tmp_path):

@@ -197,7 +197,7 @@ def test_collapse_whose_first_steps_narrowly_miss_the_bar_is_still_found(tmp_pat
     from diagnose.synth.foreign import write_open_instruct_run
     from diagnose.synth.native import write_synthetic_run
 
-    write_open_instruct_run(tmp_path / "oi", steps=30, collapse_at=15, with_text=False)
+    write_open_instruct_run(tmp_path / "oi", steps=30, collapse_at=15)
     r = scan_source(load_run(tmp_path / "oi"))
     assert r.verdict == "collapse" and abs(r.episodes[0].onset_step - 15) <= 2
     truth = write_synthetic_run(tmp_path / "n", steps=36, collapse_at=20, samples_per_step=8, seed=9)

@@ -1,20 +1,24 @@
-"""open-instruct rollout traces as a `RunSource`.
+"""open-instruct rollout traces as a `RunSource`, read as open-instruct writes them.
 
-Reads ``*_rollouts_*.jsonl`` files (in ``path`` and one folder down): one line per sample with
-``step``, ``prompt_idx``, ``response_tokens`` (token ids), ``logprobs`` (aligned with the
-tokens), ``reward`` and optionally ``response`` / ``prompt`` text and ``advantage``.
+Source followed (allenai/open-instruct): ``open_instruct/rl_utils.py`` (``RolloutRecord``,
+``_save_rollouts``, ``save_rollouts_to_disk``, ``save_rollout_metadata``,
+``_get_request_info_for_sample``), ``open_instruct/data_loader.py``
+(``DataPreparationActor._data_preparation_loop``: ``--save_traces``, ``rollouts_save_path``,
+the 0-based step, the advantages) and ``open_instruct/vllm_utils.py`` (``process_request``: the
+response is the model turns with the tool outputs appended, log-prob 0.0 and no saved mask).
 
-* groups: same ``(step, prompt_idx)``; ``group_id`` numbers the prompts of a step in order of
-  first appearance (``prompt_idx`` is kept as a column);
-* tokens: one row per response token (``turn`` 0, ``is_generated`` true); the traced log-prob
-  is the sampler's, so it is both ``sampler_logprob`` and ``logprob``; no entropy; no
-  control-token columns (the tokenizer is unknown);
-* turn states need the ``response`` text: rows without it get null ``turn_states``.
+Layout: in ``rollouts_save_path`` (default shared by every run), per run
+``<run_name>_metadata.jsonl`` (``model_name``) and ``<run_name>_rollouts_<shard:06d>.jsonl``
+(shard = samples written so far // 10000, so one shard holds many steps), one JSON line per
+sample: ``step``, ``sample_idx``, ``prompt_idx``, ``prompt_tokens``, ``response_tokens``,
+``reward``, ``advantage``, ``finish_reason``, ``dataset``, ``ground_truth``, ``request_info``,
+``logprobs``. No text: turn states need the tokenizer (``tokenizer=`` option). Several runs in
+one folder are never merged: `runs` lists them, ``run=`` picks one. Trainer metrics go to wandb
+only (``grpo_fast.py``), so metrics are derived from the traces.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -22,45 +26,63 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diagnose.adapters._io import first_object, subdirs, visible_files
+from diagnose.adapters._io import first_object, visible_files
 from diagnose.adapters._issues import IssueLog, NonFinite
-from diagnose.adapters._metrics import derived_metrics
-from diagnose.adapters._rollouts import (
-    empty_rollouts,
-    groups_by_key,
-    json_scalar_column,
-    rollouts_frame,
-    turn_columns,
-)
+from diagnose.adapters._metrics import derived_metrics, merge_metrics
+from diagnose.adapters._oi_records import Record, TraceCounts, parse_record
+from diagnose.adapters._rollouts import ListColumn, empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame
 from diagnose.adapters._source import make_source
+from diagnose.adapters._tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer, tokenizer_hint
+from diagnose.adapters._tool_spans import ChatIds, segment_by_logprobs, segment_chatml
 from diagnose.adapters._turns import TurnClassifier
-from diagnose.adapters._values import as_float, as_step
+from diagnose.control_tokens import ControlTokenRegistry
 from diagnose.jsonl import LineError, iter_jsonl
-from diagnose.rundir.schema import TOKENS_SCHEMA
+from diagnose.rundir.schema import CTRL_PREFIX, TOKENS_SCHEMA
 from diagnose.source import RunSource
 
 FORMAT = "open_instruct"
-FILE_RE = re.compile(r"^.+_rollouts_.*\.jsonl$")
-_NAME_STEP = re.compile(r"_rollouts_(?:step[_-]?)?(\d+)")
-_CORE = ("step", "prompt_idx", "response_tokens", "logprobs", "reward", "response", "prompt")
-_I32 = 2**31 - 1
+SHARD_RE = re.compile(r"^(?P<run>.+)_rollouts_(?P<shard>\d+)\.jsonl$")
+META_RE = re.compile(r"^(?P<run>.+)_metadata\.jsonl$")
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+
+def _layout(p: Path) -> dict[str, dict[str, list[Path]]]:
+    """``{run_name: {"shards": [...], "meta": [...]}}`` in the folder ``p`` (open-instruct writes
+    every run flat into ``rollouts_save_path``; a sub-folder is another save path, not part of
+    this one); a shard path: its run only."""
+    if p.is_file():
+        m = SHARD_RE.match(p.name)
+        if not m:
+            return {}
+        meta = p.with_name(f"{m['run']}_metadata.jsonl")
+        return {m["run"]: {"shards": [p], "meta": [meta] if meta.is_file() else []}}
+    out: dict[str, dict[str, list[Path]]] = {}
+    for f in visible_files(p):
+        m = SHARD_RE.match(f.name)
+        kind = "shards"
+        if not m:
+            m, kind = META_RE.match(f.name), "meta"
+        if m:
+            out.setdefault(m["run"], {"shards": [], "meta": []})[kind].append(f)
+    return {r: v for r, v in sorted(out.items()) if v["shards"]}
+
+
+def runs(p: Path) -> list[str]:
+    """The run names with rollout shards at ``p`` (open-instruct's save path is shared)."""
+    return list(_layout(Path(p)))
 
 
 def trace_files(p: Path) -> list[Path]:
-    if p.is_file():
-        return [p] if FILE_RE.match(p.name) else []
-    out = [f for f in visible_files(p) if FILE_RE.match(f.name)]
-    for d in subdirs(p):
-        out.extend(f for f in visible_files(d) if FILE_RE.match(f.name))
-    return out
+    return [f for v in _layout(p).values() for f in v["shards"]]
 
 
 def detect(p: Path) -> bool:
     files = trace_files(p)
     if not files:
         return False
-    # the name is specific; content confirms when a first line is readable
-    for f in files[:3]:
+    for f in files[:3]:  # the name is specific; content confirms when a first line is readable
         obj = first_object(f)
         if obj is not None:
             return "response_tokens" in obj or "prompt_idx" in obj or "logprobs" in obj
@@ -71,228 +93,345 @@ def has_candidates(p: Path) -> bool:
     return bool(trace_files(p))
 
 
-def _file_step(f: Path) -> int | None:
-    m = _NAME_STEP.search(f.name)
-    return int(m.group(1)) if m else None
+def _shard_order(f: Path) -> tuple[int, str]:
+    m = SHARD_RE.match(f.name)
+    return (int(m["shard"]) if m else 0, str(f))
 
 
-def _token_ids(v: Any) -> np.ndarray | None:
-    """A list of token ids as an int64 array, or None if it is not one (floats, bools, negative
-    or > int32 ids, nesting)."""
-    if not isinstance(v, list):
-        return None
-    if not v:
-        return np.zeros(0, dtype=np.int64)
-    try:
-        a = np.asarray(v)
-    except (ValueError, TypeError, OverflowError):
-        return None
-    if a.ndim != 1 or a.dtype.kind not in "iu" or a.min() < 0 or a.max() > _I32:
-        return None
-    return a.astype(np.int64)
-
-
-def _logprobs(raw: list[Any], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(values, null mask)`` of length ``n``: numbers as float64 (NaN/inf kept), anything
-    else (null, strings, bools) and missing positions masked as null."""
-    part = raw[:n]
-    arr = None
-    if None not in part:
-        try:
-            a = np.asarray(part)
-            if a.ndim == 1 and a.dtype.kind in "fiu":
-                arr = a.astype(np.float64)
-                mask = np.zeros(len(arr), dtype=bool)
-        except (ValueError, TypeError, OverflowError):
-            arr = None
-    if arr is None:
-        vals = [None if isinstance(v, bool) else as_float(v) for v in part]
-        mask = np.array([v is None for v in vals], dtype=bool)
-        arr = np.array([math.nan if v is None else v for v in vals], dtype=np.float64)
-    if len(arr) < n:
-        arr = np.concatenate([arr, np.full(n - len(arr), math.nan)])
-        mask = np.concatenate([mask, np.ones(n - len(mask), dtype=bool)])
-    return arr, mask
-
-
-def load(p: Path) -> RunSource:
-    issues = IssueLog()
-    notes = [
-        "open-instruct traces carry token ids and the sampler's (vLLM) log-probs only: logprob = sampler_logprob "
-        "(no trainer-side log-probs, so no train/inference mismatch), no entropy",
-        "no tokenizer known: no control-token log-prob columns (lp_ctrl_*), control tokens cannot be named",
-        "no trainer metrics in the traces: metrics derived from the rollouts (reward, turn states, "
-        "completions/mean_length in tokens)",
-    ]
-    classifier = TurnClassifier()
-    files = trace_files(p)
-    nonfinite = NonFinite()
-    rows: list[dict[str, Any]] = []
-    token_rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (row, ids, logprobs, null mask)
-    for f in files:
-        fstep = _file_step(f)
-        n_good = 0
-        counts = {"mismatch": 0, "no_idx": 0, "no_tokens": 0, "bad_lp": 0, "pos_lp": 0, "no_reward": 0}
+def _model_name(meta: list[Path], issues: IssueLog) -> str | None:
+    for f in meta:
         for line_no, obj in iter_jsonl(f):
             if isinstance(obj, LineError):
                 issues.line_error(obj)
                 continue
-            step = as_step(obj.get("step"))
-            if step is None:
-                if fstep is None:
-                    issues.add(f, line_no, f"no valid 'step' ({obj.get('step')!r}); line skipped")
-                    continue
-                issues.add(f, line_no, f"no valid 'step' ({obj.get('step')!r}); the file name's step {fstep} used")
-                step = fstep
-            idx = obj.get("prompt_idx")
-            if isinstance(idx, bool) or not isinstance(idx, (int, str)):
-                counts["no_idx"] += 1
-                idx = None
-            reward_raw = obj.get("reward")
-            reward = as_float(reward_raw)
-            if reward is None:
-                if reward_raw is None:
-                    counts["no_reward"] += 1
-                else:
-                    issues.add(f, line_no, f"'reward' is not a number ({type(reward_raw).__name__}); set to null")
-            nonfinite.check(f, "reward", reward, line_no)
-            response = obj.get("response")
-            response = response if isinstance(response, str) else None
-            prompt = obj.get("prompt")
-            prompt = prompt if isinstance(prompt, str) else None
-            ids = _token_ids(obj.get("response_tokens"))
-            i = len(rows)
-            n_tokens = None
-            if ids is None:
-                if obj.get("response_tokens") is not None:
-                    issues.add(f, line_no, "'response_tokens' is not a list of token ids; no tokens for this sample")
-                else:
-                    counts["no_tokens"] += 1
-            else:
-                n_tokens = len(ids)
-                lps_raw = obj.get("logprobs")
-                if not isinstance(lps_raw, list):
-                    counts["bad_lp"] += 1
-                    lps, mask = np.full(len(ids), math.nan), np.ones(len(ids), dtype=bool)
-                else:
-                    if len(lps_raw) != len(ids):
-                        counts["mismatch"] += 1
-                    lps, mask = _logprobs(lps_raw, len(ids))
-                    bad = ~np.isfinite(lps) & ~mask
-                    if bad.any():
-                        nonfinite.add(f, "logprobs", int(bad.sum()), float(lps[bad][0]), line_no)
-                    counts["pos_lp"] += int((lps[~mask & ~bad] > 1e-6).sum())
-                token_rows.append((i, ids, lps, mask))
-            extra = {k: v for k, v in obj.items() if k not in _CORE}
-            for k, v in extra.items():
-                if isinstance(v, float):
-                    nonfinite.check(f, k, v, line_no)
-            rows.append({"step": step, "prompt_idx": idx, "reward": reward, "response": response,
-                         "prompt": prompt, "n_tokens": n_tokens, "extra": extra})
-            n_good += 1
-        if counts["mismatch"]:
-            issues.add(f, None, f"{counts['mismatch']} line(s) where 'logprobs' and 'response_tokens' differ in "
-                                "length: aligned on the tokens (missing log-probs are null)")
-        if counts["bad_lp"]:
-            issues.add(f, None, f"{counts['bad_lp']} line(s) without a 'logprobs' list: their log-probs are null")
-        if counts["pos_lp"]:
-            issues.add(f, None, f"{counts['pos_lp']} log-prob value(s) > 0 (not a log-probability); kept")
-        if counts["no_idx"]:
-            issues.add(f, None, f"{counts['no_idx']} line(s) without 'prompt_idx': each is its own group")
-        if counts["no_tokens"]:
-            issues.add(f, None, f"{counts['no_tokens']} line(s) without 'response_tokens': no tokens for them")
-        if counts["no_reward"]:
-            issues.add(f, None, f"{counts['no_reward']} line(s) without 'reward': reward is null")
-        if n_good == 0:
-            issues.add(f, None, "no readable rollout lines in this file")
-    nonfinite.flush(issues)
+            name = obj.get("model_name")
+            if isinstance(name, str) and name and name != "unknown":
+                return name
+            issues.add(f, line_no, "no 'model_name' in the metadata line")
+    return None
 
-    # ids within each step, in file/line order
-    by_step: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_step.setdefault(r["step"], []).append(i)
-    sample_ids = [0] * len(rows)
-    group_ids = [0] * len(rows)
-    for idx in by_step.values():
-        gs = groups_by_key([rows[i]["prompt_idx"] for i in idx])
-        for k, i in enumerate(idx):
-            sample_ids[i] = k
-            group_ids[i] = gs[k]
 
-    if rows:
-        completions = [r["response"] for r in rows]
-        cols: dict[str, list[Any]] = {
-            "step": [r["step"] for r in rows],
-            "sample_id": sample_ids,
-            "group_id": group_ids,
-            "prompt": [r["prompt"] for r in rows],
-            "completion": completions,
-            "reward": [r["reward"] for r in rows],
-        }
-        cols.update(turn_columns(classifier, completions))
-        extras: dict[str, Any] = {
-            "prompt_idx": json_scalar_column("prompt_idx", [r["prompt_idx"] for r in rows]),
-            "n_tokens": pl.Series("n_tokens", [r["n_tokens"] for r in rows], dtype=pl.Int64),
-        }
-        keys: dict[str, None] = {}
-        for r in rows:
-            for k in r["extra"]:
-                keys.setdefault(k, None)
-        for k in keys:
-            extras[k] = json_scalar_column(k, [r["extra"].get(k) for r in rows])
-        rollouts = rollouts_frame(cols, extras)
-        n_text = sum(c is None for c in completions)
-        if n_text:
-            notes.append(f"{n_text} of {len(rows)} rollouts have no 'response' text: their turn_states/error_types "
-                         "are null (turn states need the decoded text)")
-    else:
-        rollouts = empty_rollouts()
+def _resolve_tokenizer(option: Any, model: str | None, issues: IssueLog, where: Path,
+                       notes: list[str]) -> LoadedTokenizer | None:
+    """The ``tokenizer=`` option, else the metadata's ``model_name`` when it is a local folder."""
+    if option is not None:
+        try:
+            return load_tokenizer(option)
+        except TokenizerError as e:
+            issues.add(str(option), None, f"{e}; reading the traces without a tokenizer")
+            return None
+    if model:
+        try:
+            local = Path(model).expanduser().is_dir()
+        except OSError:
+            local = False
+        try:
+            tok = load_tokenizer(model)
+        except TokenizerError as e:
+            if local:
+                issues.add(model, None, f"the metadata's model_name is a folder but {e}")
+        else:
+            where = "folder" if local else "(in the local Hugging Face cache)"
+            notes.append(f"tokenizer: the model {where} named in the metadata ({model})")
+            return tok
+    what = f"model_name {model!r} in the metadata" if model else "no model named (metadata missing)"
+    issues.add(where, None, "token trace without a tokenizer: open-instruct saves token ids only, so turn "
+                            "states, tool-output spans and control-token statistics need the tokenizer ("
+                            f"{what}); {tokenizer_hint(model)}")
+    return None
 
-    tokens = _tokens_frame(rows, sample_ids, token_rows) if files else None
-    metrics = derived_metrics(rollouts)
-    if rollouts.height and metrics.height:
-        lengths = (rollouts.group_by("step").agg(pl.col("n_tokens").cast(pl.Float64).mean()
-                                                 .alias("completions/mean_length")))
-        metrics = metrics.join(lengths, on="step", how="left").sort("step")
-    if not files:
-        notes.append("no *_rollouts_*.jsonl files")
-    return make_source(p, FORMAT, metrics=metrics, rollouts=rollouts, tokens=tokens,
+
+# ---- load -----------------------------------------------------------------------------------
+
+
+def load(p: Path, **options: Any) -> RunSource:
+    """Options: ``tokenizer`` (path or tokenizer object), ``run`` (the run name when the folder
+    holds several); others are ignored."""
+    issues = IssueLog()
+    notes = [f"option {k}={v!s} is not used by the open_instruct adapter; ignored"
+             for k, v in sorted(options.items()) if k not in ("tokenizer", "run", "file_checks") and v is not None]
+    layout = _layout(p)
+    run = options.get("run")
+    if run is not None and str(run) not in layout:
+        issues.add(p, None, f"no run named {run!r} here; runs: {', '.join(layout) or 'none'}")
+        return _empty(p, issues, notes, [])
+    if run is None and len(layout) > 1:
+        issues.add(p, None, f"{len(layout)} open-instruct runs share this folder (runs are never merged): "
+                            f"{', '.join(layout)}; pick one with --run NAME (load_run(..., run=NAME))")
+        return _empty(p, issues, notes, [])
+    if not layout:
+        notes.append("no <run_name>_rollouts_<shard>.jsonl files")
+        return _empty(p, issues, notes, [])
+    name, found = next(iter(layout.items())) if run is None else (str(run), layout[str(run)])
+    shards = sorted(found["shards"], key=_shard_order)
+    meta = found["meta"]
+    model = _model_name(meta, issues)
+    notes.append(f"open-instruct run {name}" + (f" (model {model})" if model else ""))
+    tok = _resolve_tokenizer(options.get("tokenizer"), model, issues, meta[0] if meta else shards[0], notes)
+    records = _read(shards, issues)
+    built = _Builder(tok, issues, notes).build(records)
+    files = [*shards, *meta, *(tok.files if tok else [])]
+    _standard_notes(notes, tok)
+    return make_source(p, FORMAT, metrics=built["metrics"], rollouts=built["rollouts"], tokens=built["tokens"],
+                       control_tokens=built["control_tokens"], issues=issues, notes=notes, files=files)
+
+
+def _empty(p: Path, issues: IssueLog, notes: list[str], files: list[Path]) -> RunSource:
+    return make_source(p, FORMAT, metrics=pl.DataFrame(schema={"step": pl.Int64}), rollouts=empty_rollouts(),
                        issues=issues, notes=notes, files=files)
 
 
-def _tokens_frame(rows: list[dict[str, Any]], sample_ids: list[int],
-                  token_rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> pl.LazyFrame:
-    lengths = np.array([len(ids) for _, ids, _, _ in token_rows], dtype=np.int64)
-    total = int(lengths.sum()) if len(lengths) else 0
-    steps = np.repeat(np.array([rows[i]["step"] for i, *_ in token_rows], dtype=np.int64), lengths)
-    sids = np.repeat(np.array([sample_ids[i] for i, *_ in token_rows], dtype=np.int64), lengths)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths) if total else np.zeros(0, dtype=np.int64)
-    positions = (np.arange(total, dtype=np.int64) - starts).astype(np.int32)
-    if total:
-        ids = np.concatenate([t[1] for t in token_rows]).astype(np.int32)
-        lps = np.concatenate([t[2] for t in token_rows])
-        null = np.concatenate([t[3] for t in token_rows])
-    else:
-        ids, lps, null = np.zeros(0, np.int32), np.zeros(0), np.zeros(0, dtype=bool)
-    lp = pl.Series("logprob", lps.astype(np.float32), dtype=pl.Float32, nan_to_null=False)
-    if null.any():
-        lp = pl.select(pl.when(pl.lit(pl.Series(null))).then(None).otherwise(pl.lit(lp)).alias("logprob")).to_series()
-    df = pl.DataFrame({
-        "step": steps,
-        "sample_id": sids,
-        "turn": np.zeros(total, dtype=np.int32),
-        "position": positions,
-        "token_id": ids,
-        "logprob": lp,
-        "sampler_logprob": lp.alias("sampler_logprob"),
-        "entropy": pl.Series("entropy", [None] * total, dtype=pl.Float32),
-        "is_generated": np.ones(total, dtype=bool),
-    })
-    return df.cast(dict(TOKENS_SCHEMA)).lazy()
+def _standard_notes(notes: list[str], tok: LoadedTokenizer | None) -> None:
+    notes.append("open-instruct logs trainer metrics (loss, KL, entropy, clipfrac) to wandb only: metrics are "
+                 "derived from the traces (reward, turn states, tool use from request_info, generated length)")
+    notes.append("log-probs are vLLM's sampling log-probs (processed, after temperature): logprob is that, no "
+                 "trainer-side log-probs (no train/inference mismatch), no entropy")
+    if tok is not None:
+        notes.append("control-token log-probs (lp_ctrl_*) are known only where that token was sampled; the "
+                     "control-token probabilities (ctrl/*, ctx/*) are sampling rates, which estimate them")
+    notes.append("the traces' step is open-instruct's 0-based data step; wandb's training_step is step + 1")
 
+
+def _read(shards: list[Path], issues: IssueLog) -> list[Record]:
+    """Every readable record of the run, last write of a (step, sample_idx) winning (a resumed
+    run writes the steps it had prepared but not trained again)."""
+    nonfinite = NonFinite()
+    by_key: dict[tuple[int, int], int] = {}
+    out: list[Record] = []
+    dup_steps: dict[Path, set[int]] = {}
+    for f in shards:
+        counts = TraceCounts()
+        n_good = 0
+        for line_no, obj in iter_jsonl(f):
+            if isinstance(obj, LineError):
+                issues.line_error(obj)
+                continue
+            rec = parse_record(obj, f, line_no, issues, nonfinite, counts)
+            if rec is None:
+                continue
+            n_good += 1
+            if rec.sample_idx is not None:
+                key = (rec.step, rec.sample_idx)
+                if key in by_key:
+                    out[by_key[key]] = None  # type: ignore[call-overload]
+                    dup_steps.setdefault(f, set()).add(rec.step)
+                by_key[key] = len(out)
+            out.append(rec)
+        counts.report(f, issues)
+        if n_good == 0:
+            issues.add(f, None, "no readable rollout lines in this file")
+    for f, steps in dup_steps.items():
+        s = sorted(steps)
+        issues.add(f, None, f"step(s) {s[:5]}{'...' if len(s) > 5 else ''} written again (a resumed run re-writes "
+                            "the steps it had prepared): the last write of each sample is used")
+    nonfinite.flush(issues)
+    return [r for r in out if r is not None]
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+
+class _Builder:
+    """Records -> rollouts, tokens and metrics, decoding with the tokenizer when there is one."""
+
+    def __init__(self, tok: LoadedTokenizer | None, issues: IssueLog, notes: list[str]) -> None:
+        self.tok, self.issues, self.notes = tok, issues, notes
+        self.classifier = TurnClassifier()
+        self.chat = ChatIds.from_tokenizer(tok) if tok is not None else None
+        self.registry = ControlTokenRegistry.from_tokenizer(tok.backend) if tok is not None else None
+        self._prompts: dict[tuple[int, ...], str] = {}
+        self.vocab = tok.vocab_size if tok is not None else None
+        if tok is not None and self.chat is None:
+            notes.append(f"the tokenizer ({tok.source}) has no ChatML <|im_start|>/<|im_end|> tokens: tool outputs "
+                         "are found from their 0.0 log-probs only")
+
+    def _decode_prompt(self, ids: np.ndarray) -> str:
+        key = tuple(ids.tolist())
+        s = self._prompts.get(key)
+        if s is None:
+            s = self._prompts[key] = self.tok.decode(key)
+        return s
+
+    def build(self, records: list[Record]) -> dict[str, Any]:
+        sids, gids = _ids(records)
+        states, errors = ListColumn(), ListColumn()
+        n_turns: list[int | None] = []
+        prompts: list[str | None] = []
+        completions: list[str | None] = []
+        n_gen: list[int | None] = []
+        n_tool: list[int | None] = []
+        parts: list[tuple[Record, int, np.ndarray, np.ndarray]] = []  # record, sample id, is_tool, turn
+        suspect: dict[Path | None, int] = {}
+        beyond = 0
+        for r, sid in zip(records, sids):
+            if r.ids is None:
+                for col in (n_turns, prompts, completions, n_gen, n_tool):
+                    col.append(None)
+                states.append(None)
+                errors.append(None)
+                continue
+            if self.tok is not None and self.vocab and len(r.ids) and int(r.ids.max()) >= self.vocab:
+                beyond += 1
+            if self.chat is not None:
+                seg = segment_chatml(r.ids, r.lps, r.known, self.chat)
+                if seg.suspect:
+                    suspect[r.path] = suspect.get(r.path, 0) + seg.suspect
+            else:
+                seg = segment_by_logprobs(r.lps, r.known, r.called)
+            parts.append((r, sid, seg.is_tool, seg.turn))
+            n_tool.append(int(seg.is_tool.sum()))
+            n_gen.append(len(r.ids) - n_tool[-1])
+            if self.tok is None:
+                for col in (n_turns, prompts, completions):
+                    col.append(None)
+                states.append(None)
+                errors.append(None)
+                continue
+            texts = [self.tok.decode(r.ids[a:b].tolist()) for a, b in seg.turns]
+            st, er = self.classifier.turns(texts)
+            states.append(st)
+            errors.append(er)
+            n_turns.append(len(st))
+            completions.append(self.tok.decode(r.ids.tolist()))
+            prompts.append(self._decode_prompt(r.prompt) if r.prompt is not None else None)
+        for path, k in suspect.items():
+            self.issues.add(path or "", None, f"{k} tool-output block(s) hold log-probs other than 0.0: each ended "
+                                              "there (the tokens after it are read as generated)")
+        if beyond:
+            self.notes.append(f"{beyond} response(s) hold token ids beyond the tokenizer's vocabulary "
+                              f"({self.vocab}): is it the run's tokenizer?")
+        if not records:
+            return {"rollouts": empty_rollouts(), "tokens": pl.DataFrame(schema=TOKENS_SCHEMA).lazy(),
+                    "metrics": pl.DataFrame(schema={"step": pl.Int64}), "control_tokens": []}
+        cols: dict[str, Any] = {
+            "step": [r.step for r in records], "sample_id": sids, "group_id": gids,
+            "prompt": prompts, "completion": completions, "reward": [r.reward for r in records],
+            "n_turns": n_turns, "turn_states": states.series("turn_states"), "error_types": errors.series("error_types"),
+        }
+        extras = _extras(records, n_gen, n_tool)
+        rollouts = rollouts_frame(cols, extras)
+        if self.tok is None:
+            self.notes.append(f"{len(records)} rollouts without turn states (no tokenizer); tool outputs told apart "
+                              "by their 0.0 log-probs only (approximate)")
+        tokens = self._tokens(parts)
+        ctrl = [] if self.registry is None else [{**t, "lp_coverage": "sampled"} for t in self.registry.to_json()]
+        return {"rollouts": rollouts, "tokens": tokens, "metrics": _metrics(rollouts), "control_tokens": ctrl}
+
+    def _tokens(self, parts: list[tuple[Record, int, np.ndarray, np.ndarray]]) -> pl.LazyFrame:
+        if not parts:
+            return pl.DataFrame(schema=TOKENS_SCHEMA).lazy()
+        lengths = np.array([len(r.ids) for r, *_ in parts], dtype=np.int64)
+        total = int(lengths.sum())
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        ids = np.concatenate([r.ids for r, *_ in parts]) if total else np.zeros(0, np.int64)
+        is_tool = np.concatenate([t for _, _, t, _ in parts]) if total else np.zeros(0, bool)
+        lps = np.concatenate([r.lps for r, *_ in parts]) if total else np.zeros(0)
+        known = np.concatenate([r.known for r, *_ in parts]) if total else np.zeros(0, bool)
+        lp = pl.Series("logprob", lps.astype(np.float32), dtype=pl.Float32, nan_to_null=False)
+        null = ~known | is_tool  # a tool token's 0.0 is a placeholder, not a log-prob
+        df = pl.DataFrame({
+            "step": np.repeat(np.array([r.step for r, *_ in parts], dtype=np.int64), lengths),
+            "sample_id": np.repeat(np.array([s for _, s, *_ in parts], dtype=np.int64), lengths),
+            "turn": np.concatenate([t for *_, t in parts]).astype(np.int32) if total else np.zeros(0, np.int32),
+            "position": (np.arange(total, dtype=np.int64) - starts).astype(np.int32),
+            "token_id": ids.astype(np.int32),
+            "logprob": lp,
+            "_null": null,
+            "is_generated": ~is_tool,
+        })
+        lf = df.lazy().with_columns(
+            pl.when(pl.col("_null")).then(None).otherwise(pl.col("logprob")).alias("logprob"),
+            pl.lit(None, dtype=pl.Float32).alias("sampler_logprob"),
+            pl.lit(None, dtype=pl.Float32).alias("entropy"),
+        ).drop("_null")
+        lf = lf.select([pl.col(c).cast(t) for c, t in TOKENS_SCHEMA.items()])
+        ctrl = self.registry.to_json() if self.registry is not None else []
+        if ctrl:  # the sampled token's log-prob where it is (the start of) that control string
+            starts = [_seq_starts(ids, ~is_tool, lengths, t.get("token_ids") or [t["token_id"]]) for t in ctrl]
+            lf = lf.with_columns([
+                pl.when(pl.lit(pl.Series(st))).then(pl.col("logprob")).otherwise(None).cast(pl.Float32)
+                .alias(CTRL_PREFIX + t["name"])
+                for t, st in zip(ctrl, starts)
+            ])
+        return lf
+
+
+def _seq_starts(ids: np.ndarray, gen: np.ndarray, lengths: np.ndarray, seq: list[int]) -> np.ndarray:
+    """Where the generated ``seq`` starts, per token of the concatenated responses (a match
+    never runs across two responses)."""
+    n, k = len(ids), len(seq)
+    hit = gen & (ids == seq[0])
+    for j in range(1, k):
+        nxt = np.zeros(n, dtype=bool)
+        nxt[: n - j] = gen[j:] & (ids[j:] == seq[j])
+        hit &= nxt
+    if k > 1 and hit.any():
+        ends = np.repeat(np.cumsum(lengths), lengths)  # one past each token's response
+        hit &= np.arange(n) + k <= ends
+    return hit
+
+
+def _ids(records: list[Record]) -> tuple[list[int], list[int]]:
+    """``sample_id``: the record's ``sample_idx`` when the step's are unique, else the order;
+    ``group_id``: the step's prompts by first appearance of ``prompt_idx``."""
+    by_step: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
+        by_step.setdefault(r.step, []).append(i)
+    sids, gids = [0] * len(records), [0] * len(records)
+    for idx in by_step.values():
+        own = [records[i].sample_idx for i in idx]
+        unique = None not in own and len(set(own)) == len(own)
+        gs = groups_by_key([records[i].prompt_idx for i in idx])
+        for k, i in enumerate(idx):
+            sids[i] = own[k] if unique else k  # type: ignore[assignment]
+            gids[i] = gs[k]
+    return sids, gids
+
+
+def _extras(records: list[Record], n_gen: list[int | None], n_tool: list[int | None]) -> dict[str, Any]:
+    ex: dict[str, Any] = {
+        "prompt_idx": json_scalar_column("prompt_idx", [r.prompt_idx for r in records]),
+        "sample_idx": pl.Series("sample_idx", [r.sample_idx for r in records], dtype=pl.Int64),
+        "advantage": pl.Series("advantage", [r.advantage for r in records], dtype=pl.Float64),
+        "n_tokens": pl.Series("n_tokens", n_gen, dtype=pl.Int64),
+        "n_tool_tokens": pl.Series("n_tool_tokens", n_tool, dtype=pl.Int64),
+        "finish_reason": pl.Series("finish_reason", [r.finish_reason for r in records], dtype=pl.String),
+        "dataset": pl.Series("dataset", [r.dataset for r in records], dtype=pl.String),
+        "ground_truth": json_scalar_column("ground_truth", [r.ground_truth for r in records]),
+    }
+    for k in ("num_calls", "n_failed_calls"):
+        ex[k] = pl.Series(k, [getattr(r, k) for r in records], dtype=pl.Int64)
+    ex["tool_calleds"] = pl.Series("tool_calleds", [r.called for r in records], dtype=pl.Boolean)
+    ex["timeouts"] = pl.Series("timeouts", [r.timeout for r in records], dtype=pl.Boolean)
+    ex["tool_errors"] = pl.Series("tool_errors", [r.tool_errors for r in records], dtype=pl.String)
+    ex["tool_runtimes"] = pl.Series("tool_runtimes", [r.tool_runtime for r in records], dtype=pl.Float64)
+    ex["tool_outputs"] = pl.Series("tool_outputs", [r.tool_outputs for r in records], dtype=pl.String)
+    return ex
+
+
+def _metrics(rollouts: pl.DataFrame) -> pl.DataFrame:
+    """Derived metrics plus tool use from ``request_info`` (TRL's names: calls per rollout, failed
+    share of calls), the timeout share, the share cut at the length limit and the generated
+    length (tool-output tokens not counted)."""
+    base = derived_metrics(rollouts)
+    calls = pl.col("num_calls").cast(pl.Float64)
+    extra = rollouts.group_by("step").agg(
+        calls.mean().alias("tools/call_frequency"),
+        pl.when(calls.sum() > 0).then(pl.col("n_failed_calls").cast(pl.Float64).sum() / calls.sum())
+        .alias("tools/failure_frequency"),
+        pl.col("timeouts").cast(pl.Float64).mean().alias("tools/timeout_frequency"),
+        (pl.col("finish_reason") == "length").cast(pl.Float64).mean().alias("completions/clipped_ratio"),
+        pl.col("n_tokens").cast(pl.Float64).mean().alias("completions/mean_length"),
+    ).sort("step")
+    return merge_metrics(base, extra)
+
+
+# ---- which steps a file holds (scan cache) ---------------------------------------------------
 
 
 def step_of_file(rel: str, single_file: bool) -> int | str:
-    """For the scan cache: always ``"global"``, since a trace file's name does not bind the
-    steps of its lines (any step may depend on any file)."""
+    """What a fingerprint file holds, for the scan cache: ``"global"`` for every open-instruct
+    file. A shard (``<run>_rollouts_<shard>.jsonl``) is numbered by samples written, not by step,
+    and is appended to, so any step may live in it; the metadata and the tokenizer files change
+    how every step is read."""
     return "global"

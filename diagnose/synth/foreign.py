@@ -3,16 +3,18 @@
 Used by the adapter tests and by the scan tests. Each writer returns a `ForeignRun` with the
 path to hand to `diagnose.adapters.load_run` and the ground truth of what it wrote.
 
-* `write_trl_run`: TRL GRPOTrainer ``<dir>/completions/completions_<step>.parquet``
-  (``step, prompt, completion, accuracy_reward, format_reward, advantage``) and
-  ``checkpoint-<k>/trainer_state.json`` (``log_history`` with TRL's metric names);
+* `write_trl_run`: a TRL GRPOTrainer ``output_dir`` as TRL 1.16 writes it (`diagnose.synth.trl_run`,
+  `diagnose.synth.trl`): ``completions/completions_<step:05d>.parquet`` (``step, prompt,
+  completion, <reward function>..., <log_extra column>..., advantage``; prompts/completions as
+  message lists or decoded text) and ``checkpoint-<step>/trainer_state.json``;
 * `write_verl_run`: a verl launch folder as verl writes it (`diagnose.synth.verl`):
   ``rollout_data/<step>.jsonl`` dumps from step 1 (``input, output, gts, score, step, acc, pred``;
   tool-agent episodes decoded with special tokens skipped), ``validation_data/<step>.jsonl`` (with
   ``reward``, from step 0) and the file logger's ``<project>/<experiment>.jsonl``;
-* `write_open_instruct_run`: ``<dir>/<run>_rollouts_<step>.jsonl`` (``step, prompt_idx, prompt,
-  response, response_tokens, logprobs, reward, advantage``; token ids from a toy tokenizer that
-  gives the chat control strings their Qwen2.5 ids);
+* `write_open_instruct_run`: open-instruct's ``<dir>/<run_name>_rollouts_<shard>.jsonl`` traces
+  and ``<run_name>_metadata.jsonl`` as ``open_instruct/rl_utils.py`` writes them (token ids only,
+  tool outputs appended with log-prob 0.0, ``request_info``; see `diagnose.synth.open_instruct`),
+  ids from a given tokenizer or a toy one that gives the chat control strings their Qwen2.5 ids;
 * `write_conversation_run`: conversation JSONL, one file per step (``step-000010.jsonl`` or
   another name pattern) or one file with a ``step`` field per line.
 
@@ -21,13 +23,14 @@ of ``group_size`` samples per prompt. Healthy samples succeed with probability 0
 final answer is wrong, reward 0); 10% have text after the first call (a polluted turn, reward
 0). From ``collapse_at`` on, a ``collapse_rate`` share of samples (0.8) is one collapsed turn --
 a bare ``<tool_call>`` (60%) or an empty turn (40%) -- with reward 0. Before ``collapse_at``
-no turn is collapsed. TRL and open-instruct samples are single-turn (the first assistant turn);
-verl and conversation samples are whole multi-turn episodes.
+no turn is collapsed. TRL samples are single-turn (the first assistant turn); verl, open-instruct
+and conversation samples are whole multi-turn episodes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -77,6 +80,10 @@ class ForeignRun:
     #: step -> count of every assistant turn state written
     turn_states: dict[int, Counter] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    #: open-instruct: step -> the turn states written for each sample (in sample_idx order)
+    sample_states: dict[int, list[list[str]]] = field(default_factory=dict)
+    #: open-instruct: step -> sampled (not tool-output) tokens of each sample (sample_idx order)
+    sample_generated: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def samples_per_step(self) -> int:
@@ -212,93 +219,15 @@ def _health(plan_step: list[list[_Sample]]) -> float:
 # ---- TRL ----------------------------------------------------------------------------
 
 
-def write_trl_run(
-    dir: str | os.PathLike[str],  # noqa: A002
-    steps: int | Iterable[int] = 10,
-    collapse_at: int | None = None,
-    seed: int = 0,
-    *,
-    group_size: int = 4,
-    prompts_per_step: int = 4,
-    collapse_rate: float = 0.8,
-    pad: bool = True,
-    trainer_state: bool = True,
-    save_every: int | None = None,
-) -> ForeignRun:
-    """A TRL GRPOTrainer output directory: ``completions/completions_<step>.parquet`` (``pad``:
-    ``completions_00010.parquet``, else ``completions_10.parquet``) and, with ``trainer_state``,
-    ``checkpoint-<step>/trainer_state.json`` every ``save_every`` steps (default: half-way) and
-    at the last step; the newest holds the full ``log_history``."""
-    root = Path(dir)
-    step_list = _steps(steps)
-    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=False)
-    run = ForeignRun(root, "trl", step_list, collapse_at, group_size, prompts_per_step)
-    rewards: dict[int, list[float]] = {}
-    history: list[dict[str, Any]] = []
-    nrng = np.random.default_rng(seed)
-    (root / "completions").mkdir(parents=True, exist_ok=True)
-    for step in step_list:
-        rows: dict[str, list[Any]] = {k: [] for k in
-                                      ("step", "prompt", "completion", "accuracy_reward", "format_reward")}
-        for group in plan[step]:
-            for s in group:
-                rows["step"].append(step)
-                rows["prompt"].append(render_chat(s.prompt_messages, add_generation_prompt=True))
-                rows["completion"].append(s.turns[0])
-                rows["accuracy_reward"].append(float(s.success and not s.collapsed))
-                rows["format_reward"].append(1.0 if s.states[0].startswith("healthy") else 0.0)
-        total = [a + b for a, b in zip(rows["accuracy_reward"], rows["format_reward"])]
-        adv: list[float] = []
-        for g in range(prompts_per_step):
-            adv.extend(_advantages(total[g * group_size:(g + 1) * group_size]))
-        rewards[step] = total
-        df = pl.DataFrame({**rows, "advantage": adv},
-                          schema={"step": pl.Int64, "prompt": pl.String, "completion": pl.String,
-                                  "accuracy_reward": pl.Float64, "format_reward": pl.Float64,
-                                  "advantage": pl.Float64})
-        name = f"completions_{step:05d}.parquet" if pad else f"completions_{step}.parquet"
-        df.write_parquet(root / "completions" / name)
-        run.files.append(root / "completions" / name)
-        health = _health(plan[step])
-        lengths = [len(c) / 3.5 for c in rows["completion"]]
-        history.append({
-            "step": step,
-            "epoch": round(step / max(len(step_list), 1), 4),
-            "loss": float(nrng.normal(0.0, 0.01)),
-            "grad_norm": float(0.3 + (1 - health) * 4 + nrng.random() * 0.05),
-            "learning_rate": 1e-6,
-            "reward": float(np.mean(total)),
-            "reward_std": float(np.std(total)),
-            "rewards/accuracy_reward/mean": float(np.mean(rows["accuracy_reward"])),
-            "rewards/accuracy_reward/std": float(np.std(rows["accuracy_reward"])),
-            "rewards/format_reward/mean": float(np.mean(rows["format_reward"])),
-            "rewards/format_reward/std": float(np.std(rows["format_reward"])),
-            "entropy": float(0.05 + 0.55 * health + nrng.random() * 0.02),
-            "kl": float(0.001 * (step + 1) + (1 - health) * 0.2),
-            "clip_ratio/region_mean": float(0.001 + (1 - health) * 0.05),
-            "clip_ratio/low_mean": 0.0,
-            "clip_ratio/high_mean": float((1 - health) * 0.02),
-            "completions/mean_length": float(np.mean(lengths)),
-            "completions/min_length": float(np.min(lengths)),
-            "completions/max_length": float(np.max(lengths)),
-            "completions/clipped_ratio": 0.0,
-            "frac_reward_zero_std": 0.0,
-            "num_tokens": float(sum(lengths)),
-        })
-    if trainer_state and step_list:
-        every = save_every or max(len(step_list) // 2, 1)
-        saves = [s for i, s in enumerate(step_list, start=1) if i % every == 0]
-        if step_list[-1] not in saves:
-            saves.append(step_list[-1])
-        for save in saves:
-            hist = [h for h in history if h["step"] <= save]
-            state = {"best_metric": None, "epoch": hist[-1]["epoch"], "global_step": save,
-                     "log_history": hist, "logging_steps": 1, "max_steps": step_list[-1], "save_steps": every}
-            d = root / f"checkpoint-{save}"
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            run.files.append(d / "trainer_state.json")
-    return _truth(run, plan, rewards)
+def write_trl_run(dir: str | os.PathLike[str], steps: int = 10, collapse_at: int | None = None,  # noqa: A002
+                  seed: int = 0, **options: Any) -> ForeignRun:
+    """A TRL GRPOTrainer output directory as ``GRPOTrainer.train`` writes it (TRL 1.16
+    ``trl/trainer/grpo_trainer.py``): see `diagnose.synth.trl_run.write_trl_run` for the options
+    (message-list or decoded-text completions, ``logging_steps``, ``num_iterations``, eval,
+    ``log_extra`` columns). Global steps run from 1 to ``steps``."""
+    from diagnose.synth.trl_run import write_trl_run as write
+
+    return write(dir, steps, collapse_at, seed, **options)
 
 
 # ---- verl ---------------------------------------------------------------------------
@@ -416,6 +345,17 @@ def toy_tokenize(text: str) -> list[int]:
     return [QWEN_IDS.get(p, 1000 + zlib.crc32(p.encode()) % 150000) for p in _PIECES.findall(text)]
 
 
+def _turn_logprobs(rng: np.random.Generator, ids: Sequence[int], collapsed: bool) -> list[float]:
+    """Sampled-token log-probs: mostly small negatives, a quarter exactly 0.0 (vLLM gives 0.0
+    for a token sampled with probability 1 in float32, so 0.0 alone does not mark a tool
+    token); a collapsed turn's closing <|im_end|> has a sizeable probability."""
+    lps = -np.abs(rng.normal(0, 0.5, len(ids)))
+    lps[rng.random(len(ids)) < 0.25] = 0.0
+    if collapsed and len(ids):
+        lps[-1] = math.log(rng.uniform(0.3, 0.9))
+    return [round(float(x), 5) for x in lps]
+
+
 def write_open_instruct_run(
     dir: str | os.PathLike[str],  # noqa: A002
     steps: int | Iterable[int] = 10,
@@ -425,47 +365,66 @@ def write_open_instruct_run(
     group_size: int = 4,
     prompts_per_step: int = 4,
     collapse_rate: float = 0.8,
-    with_text: bool = True,
-    run_name: str = "grpo_tooluse",
+    run_name: str = "grpo_tooluse__1__1767225600",
+    tokenizer: Any = None,
+    model_name: str | None = "Qwen/Qwen2.5-7B-Instruct",
+    shard_size: int = 10000,
 ) -> ForeignRun:
-    """open-instruct rollout traces: ``<run_name>_rollouts_<step:06d>.jsonl``, one line per
-    sample. The response is the first assistant turn followed by ``<|im_end|>``; log-probs are
-    close to 0 for a collapsed turn (the collapse is confident). ``with_text=False`` leaves out
-    ``response``/``prompt`` (token ids only)."""
+    """open-instruct rollout traces as its own code writes them (`diagnose.synth.open_instruct`
+    names the source of each piece): ``<run_name>_metadata.jsonl`` and
+    ``<run_name>_rollouts_<shard:06d>.jsonl`` with token ids only (no text), multi-turn
+    responses with the tool outputs appended (log-prob 0.0), ``request_info``.
+
+    ``tokenizer``: encodes the text (``encode(text, add_special_tokens=False)``, e.g. the
+    offline Qwen2.5 tokenizer) so the ids are real; None: toy ids (`toy_tokenize`) that no
+    tokenizer decodes. A collapsed sample is one turn, ``<tool_call>\\n<|im_end|>`` or an empty
+    ``<|im_end|>``. ``ForeignRun.sample_states[step]`` lists each sample's written turn states."""
+    from diagnose.synth import open_instruct as oi
+
+    if tokenizer is None:
+        encode = toy_tokenize
+    else:
+        def encode(text: str) -> list[int]:
+            out = tokenizer.encode(text, add_special_tokens=False)
+            return [int(i) for i in getattr(out, "ids", out)]
     root = Path(dir)
     step_list = _steps(steps)
-    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=False)
+    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=True)
     run = ForeignRun(root, "open_instruct", step_list, collapse_at, group_size, prompts_per_step)
+    writer = oi.TraceWriter(root, run_name, model_name=model_name, shard_size=shard_size)
+    rng = np.random.default_rng(seed)
     rewards: dict[int, list[float]] = {}
-    nrng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
+    prompts: dict[int, list[int]] = {}
     for step in step_list:
-        lines = []
-        step_rewards = [s.reward for g in plan[step] for s in g]
-        advs: list[float] = []
-        for g in plan[step]:
-            advs.extend(_advantages([s.reward for s in g]))
-        k = 0
-        for group in plan[step]:
-            for s in group:
-                response = s.turns[0] + IM_END
-                ids = toy_tokenize(response)
-                if s.collapsed:
-                    lps = (-np.abs(nrng.normal(0, 0.02, len(ids)))).tolist()
-                else:
-                    lps = (-np.abs(nrng.normal(0, 0.5, len(ids)))).tolist()
-                line: dict[str, Any] = {"step": step, "prompt_idx": s.task}
-                if with_text:
-                    line["prompt"] = render_chat(s.prompt_messages, add_generation_prompt=True)
-                    line["response"] = response
-                line.update({"response_tokens": ids, "logprobs": [round(x, 5) for x in lps],
-                             "reward": s.reward, "advantage": advs[k]})
-                lines.append(line)
-                k += 1
-        rewards[step] = step_rewards
-        path = root / f"{run_name}_rollouts_{step:06d}.jsonl"
-        _write_jsonl(path, lines)
-        run.files.append(path)
+        samples = [s for g in plan[step] for s in g]
+        scores = [s.reward for s in samples]
+        advs = oi.advantages(scores, group_size)
+        records = []
+        run.sample_generated[step] = []
+        for i, s in enumerate(samples):
+            if s.task not in prompts:
+                prompts[s.task] = encode(render_chat(s.prompt_messages, add_generation_prompt=True))
+            resp = oi.Response()
+            outputs: list[str] = []
+            for k, (turn, obs) in enumerate(zip(s.turns, s.observations)):
+                text = turn + "\n" if s.collapsed and turn == TOOL_CALL_OPEN else turn
+                ids = encode(text + IM_END)
+                resp.add_model_turn(ids, _turn_logprobs(rng, ids, s.collapsed))
+                if k < len(s.turns) - 1:
+                    for o in obs:
+                        resp.add_observation(encode, o)
+                        outputs.append(o)
+            resp.finish(QWEN_IDS[IM_END])
+            run.sample_generated[step].append(sum(resp.masks))
+            records.append(oi.rollout_record(
+                step=step, sample_idx=i, num_samples_per_prompt=group_size, prompt_tokens=prompts[s.task],
+                response=resp, reward=s.reward, advantage=advs[i], dataset="tool_use",
+                ground_truth=s.gold_answer, info=oi.request_info(outputs, runtimes=[0.01] * len(outputs)),
+            ))
+        writer.write_batch(records)
+        rewards[step] = scores
+        run.sample_states[step] = [list(s.states) for s in samples]
+    run.files = [*writer.close(), root / oi.metadata_name(run_name)]
     return _truth(run, plan, rewards)
 
 

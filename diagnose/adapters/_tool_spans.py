@@ -1,0 +1,121 @@
+"""Where the tool outputs are in a response that open-instruct assembled from model turns and
+tool outputs (``open_instruct/vllm_utils.py`` ``process_request``), so that they are not read
+as generated text.
+
+open-instruct saves no mask. A tool output's tokens carry log-prob exactly ``0.0``, but so does
+any token the model sampled with probability 1 (in float32), so the 0.0 alone is not enough.
+With the tokenizer the structure decides: a Hermes/ChatML tool output (``VLLM_PARSERS`` in
+``environments/tools/parsers.py``) starts with ``<|im_start|>`` right after the model's
+``<|im_end|>`` (vLLM stops generating at that EOS, so nothing the model sampled follows it) and
+ends after the postfix ``<|im_start|>assistant\\n``; parallel calls repeat the whole block, and a
+block cut by the token budget runs to the end. A known log-prob other than 0.0 inside a block
+means the structure was misread: the block ends there (counted as suspect).
+
+Without a tokenizer only the log-probs are left: runs of at least `MIN_TOOL_RUN` exact 0.0
+values in a response whose ``request_info`` says a tool was called (an approximation: a
+confident generated token next to a tool output is counted with it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ChatIds", "MIN_TOOL_RUN", "Segmentation", "segment_by_logprobs", "segment_chatml"]
+
+#: shortest tool output without a tokenizer: ``<|im_start|>tool\n<tool_response>\n`` alone is 7
+#: Qwen2.5 tokens, and the postfix 3 more
+MIN_TOOL_RUN = 6
+
+
+@dataclass(frozen=True)
+class ChatIds:
+    """The ids that frame a ChatML tool output: ``<|im_start|>``, ``<|im_end|>`` and the
+    postfix that opens the next assistant turn (``<|im_start|>assistant\\n``)."""
+
+    im_start: int
+    im_end: int
+    postfix: tuple[int, ...]
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> ChatIds | None:
+        """None if the tokenizer has no single-token ``<|im_start|>`` / ``<|im_end|>``."""
+        s, e = tok.single_id("<|im_start|>"), tok.single_id("<|im_end|>")
+        if s is None or e is None:
+            return None
+        post = tuple(tok.encode("<|im_start|>assistant\n"))
+        if not post or post[0] != s:
+            return None
+        return cls(s, e, post)
+
+
+@dataclass
+class Segmentation:
+    """Per token: ``is_tool`` and ``turn`` (tool tokens belong to the turn they answer);
+    ``turns``: the ``(start, end)`` of each generated segment; ``suspect``: blocks cut short
+    because a log-prob inside was not 0.0."""
+
+    is_tool: np.ndarray
+    turn: np.ndarray
+    turns: list[tuple[int, int]]
+    suspect: int = 0
+
+
+def _finish(is_tool: np.ndarray, suspect: int = 0) -> Segmentation:
+    n = len(is_tool)
+    gen = ~is_tool
+    if n == 0:
+        return Segmentation(is_tool, np.zeros(0, np.int32), [], suspect)
+    prev_tool = np.r_[True, is_tool[:-1]]
+    starts = gen & prev_tool
+    turn = np.maximum(np.cumsum(starts) - 1, 0).astype(np.int32)
+    s_idx = np.flatnonzero(starts)
+    next_tool = np.r_[is_tool[1:], True]
+    e_idx = np.flatnonzero(gen & next_tool) + 1
+    return Segmentation(is_tool, turn, list(zip(s_idx.tolist(), e_idx.tolist())), suspect)
+
+
+def segment_chatml(ids: np.ndarray, lps: np.ndarray, known: np.ndarray, chat: ChatIds) -> Segmentation:
+    """Tool-output blocks by ChatML structure, confirmed by their 0.0 log-probs.
+
+    ``lps``: log-prob per token (float64), ``known``: whether it was saved (a trace written
+    without log-probs has none; then the structure alone decides)."""
+    n = len(ids)
+    is_tool = np.zeros(n, dtype=bool)
+    starts = np.flatnonzero(ids == chat.im_start)
+    if len(starts) == 0:
+        return _finish(is_tool)
+    L = len(chat.postfix)
+    post = np.array(chat.postfix, dtype=ids.dtype)
+    posts = np.array([s for s in starts.tolist() if s + L <= n and np.array_equal(ids[s:s + L], post)], dtype=np.int64)
+    zero_or_unknown = ~known | (lps == 0.0)
+    pos, suspect = 0, 0
+    for s in starts.tolist():
+        if s < pos or s == 0:
+            continue
+        if not (ids[s - 1] == chat.im_end or is_tool[s - 1]) or not zero_or_unknown[s]:
+            continue
+        k = int(np.searchsorted(posts, s + 1))
+        end = int(posts[k]) + L if k < len(posts) else n
+        bad = np.flatnonzero(~zero_or_unknown[s:end])
+        if len(bad):
+            end = s + int(bad[0])
+            suspect += 1
+        is_tool[s:end] = True
+        pos = end
+    return _finish(is_tool, suspect)
+
+
+def segment_by_logprobs(lps: np.ndarray, known: np.ndarray, called: bool | None) -> Segmentation:
+    """Tool outputs without a tokenizer: runs of >= `MIN_TOOL_RUN` exact 0.0 log-probs, only
+    when a tool was called (``called`` None: unknown, runs are taken)."""
+    n = len(lps)
+    is_tool = np.zeros(n, dtype=bool)
+    if n and called is not False:
+        z = known & (lps == 0.0)
+        edges = np.diff(np.r_[0, z.astype(np.int8), 0])
+        for a, b in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
+            if b - a >= MIN_TOOL_RUN and a > 0:
+                is_tool[a:b] = True
+    return _finish(is_tool)
