@@ -18,6 +18,7 @@ import polars as pl
 
 __all__ = [
     "CTRL_PREFIX",
+    "CTRL_SEQ_PREFIX",
     "Column",
     "KINDS",
     "PROBE_COLUMNS",
@@ -32,6 +33,7 @@ __all__ = [
     "columns_for",
     "conform",
     "ctrl_column",
+    "ctrl_seq_column",
     "ctrl_names_from_columns",
     "parse_step_filename",
     "probe_schema",
@@ -72,6 +74,17 @@ def ctrl_column(name: str) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"control token name must be a non-empty string, got {name!r}")
     return f"{CTRL_PREFIX}{name}"
+
+
+#: Prefix of the probe's whole-sequence log-prob columns of multi-token control strings.
+CTRL_SEQ_PREFIX = "lpseq_ctrl_"
+
+
+def ctrl_seq_column(name: str) -> str:
+    """Column holding the log-prob of multi-token control string ``name`` as a whole sequence
+    from this position (probe tables): ``lpseq_ctrl_<name>``; nullable, an extra column."""
+    ctrl_column(name)  # validates the name
+    return f"{CTRL_SEQ_PREFIX}{name}"
 
 
 def ctrl_names_from_columns(columns: Iterable[str]) -> list[str]:
