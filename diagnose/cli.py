@@ -377,6 +377,25 @@ def dashboard(
 app.command("probe", epilog=PROBE_EPILOG)(probe)
 
 
+@app.command(epilog="Exit codes: 0 = rescored (unusable checkpoints named on stderr, the others scored); 2 = usage "
+                    "error, unreadable run, no usable checkpoint, missing [model] extra; 3 = internal error.")
+def rescore(
+    run: Path = typer.Argument(..., help="Run directory (any layout `diagnose scan` reads) with HF checkpoints."),
+    checkpoints: str = typer.Option(None, help="Checkpoint dirs: a glob or a comma-separated list (default: found in RUN)."),
+    tokenizer: str = typer.Option(None, help="The run's tokenizer directory (default: the first checkpoint's)."),
+    samples: int = typer.Option(32, help="Early healthy rollouts in the fixed control-token probe."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cuda or cuda:1."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32."),
+    batch_tokens: int = typer.Option(8192, help="Padded tokens per forward pass."),
+    format: str = typer.Option(None, "--format", help="Force the run layout (as diagnose scan)."),  # noqa: A002
+) -> None:
+    """Recover the control-token signals of any trainer's run from its checkpoints: the fixed probe on
+    the run's early healthy rollouts, and the rollouts re-scored (docs/rescore.md)."""
+    from diagnose.rescore.cli import rescore_command
+
+    rescore_command(run, checkpoints, tokenizer, samples, device, dtype, batch_tokens, format)
+
+
 @app.command()
 def tokenizer(
     family: str = typer.Argument(..., help="qwen2.5 | qwen3 | qwen3.5 | qwen3.6"),
