@@ -45,7 +45,7 @@ class LoadedTokenizer:
         return [int(i) for i in getattr(out, "ids", out)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self.backend.decode(ids if isinstance(ids, list) else [int(i) for i in ids], skip_special_tokens=False)
 
     def single_id(self, text: str) -> int | None:
         """The id of ``text`` if it is exactly one token, else None."""

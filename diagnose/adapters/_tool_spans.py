@@ -67,12 +67,15 @@ def _finish(is_tool: np.ndarray, suspect: int = 0) -> Segmentation:
     gen = ~is_tool
     if n == 0:
         return Segmentation(is_tool, np.zeros(0, np.int32), [], suspect)
-    prev_tool = np.r_[True, is_tool[:-1]]
-    starts = gen & prev_tool
-    turn = np.maximum(np.cumsum(starts) - 1, 0).astype(np.int32)
+    starts = gen.copy()
+    starts[1:] &= is_tool[:-1]
+    turn = np.cumsum(starts, dtype=np.int32)
+    turn -= 1
+    np.maximum(turn, 0, out=turn)
     s_idx = np.flatnonzero(starts)
-    next_tool = np.r_[is_tool[1:], True]
-    e_idx = np.flatnonzero(gen & next_tool) + 1
+    ends = gen.copy()
+    ends[:-1] &= is_tool[1:]
+    e_idx = np.flatnonzero(ends) + 1
     return Segmentation(is_tool, turn, list(zip(s_idx.tolist(), e_idx.tolist())), suspect)
 
 
@@ -87,8 +90,11 @@ def segment_chatml(ids: np.ndarray, lps: np.ndarray, known: np.ndarray, chat: Ch
     if len(starts) == 0:
         return _finish(is_tool)
     L = len(chat.postfix)
-    post = np.array(chat.postfix, dtype=ids.dtype)
-    posts = np.array([s for s in starts.tolist() if s + L <= n and np.array_equal(ids[s:s + L], post)], dtype=np.int64)
+    ok = starts[starts + L <= n]
+    hit = np.ones(len(ok), dtype=bool)
+    for j in range(1, L):
+        hit &= ids[ok + j] == chat.postfix[j]
+    posts = ok[hit]
     zero_or_unknown = ~known | (lps == 0.0)
     pos, suspect = 0, 0
     for s in starts.tolist():

@@ -190,6 +190,8 @@ def _standard_notes(notes: list[str], tok: LoadedTokenizer | None) -> None:
         notes.append("control-token log-probs (lp_ctrl_*) are known only where that token was sampled; the "
                      "control-token probabilities (ctrl/*, ctx/*) are sampling rates, which estimate them")
     notes.append("the traces' step is open-instruct's 0-based data step; wandb's training_step is step + 1")
+    notes.append("kept as rollout columns but read by no detector: advantage, dataset, ground_truth, tool_runtimes, "
+                 "tool_outputs / tool_errors text")
 
 
 def _read(shards: list[Path], issues: IssueLog) -> list[Record]:
