@@ -34,6 +34,7 @@ from diagnose.model.resolve import load_model_and_tokenizer, resolve_model_path
 
 from train_minimal.batch import make_batch, micro_slices
 from train_minimal.config import TrainConfig
+from train_minimal.resume import load_latest_usable
 from train_minimal.instrument import Attribution, TraceCollector, rollout_metrics, rollout_rows
 from train_minimal.losses import grpo_loss, group_advantages, sft_loss
 from train_minimal.rollout import Kind, Sampling, Trajectory, rollout_episodes
@@ -289,9 +290,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
         ckpts = RunReader(out_dir).checkpoints() if (out_dir / "run.json").exists() else []
         if not ckpts:
             raise TrainingError(f"{out_dir}: nothing to resume (no checkpoint)")
-        ckpt = ckpts[-1][1]
+        ckpt, model, tokenizer = load_latest_usable(ckpts, dtype=dtype, device=device, console=console)
     model_path = str(ckpt) if ckpt else (init_from or cfg.model.path)
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
+    if ckpt is None:
+        model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
     sampling = Sampling(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p)
     engine = None  # rollouts by HF generate on `model`, unless vLLM is asked for
@@ -336,6 +338,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
         raw = json.loads((ckpt / "trainer_state.json").read_text())
         start_state = TrainState(step=int(raw["step"]), failed=dict(raw.get("failed", {})),
                                  nonfinite_streak=int(raw.get("nonfinite_streak", 0)))
+        writer.truncate_after(start_state.step)  # steps logged after the checkpoint are re-run: logged once
     state = start_state
     total = cfg.sft.steps + cfg.grpo.steps
     model.train()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,25 +73,46 @@ def _frame(rows: list[dict[str, Any]] | pl.DataFrame, schema: dict[str, pl.DataT
     return df.select([pl.col(c).cast(t) for c, t in schema.items()])
 
 
-def _parquet_bytes(df: pl.DataFrame) -> bytes:
+WRITE_ID = "collapse-diagnostics/capability_write"  # one id per write_capability call, in all three files
+
+
+def _parquet_bytes(df: pl.DataFrame, write_id: str | None = None) -> bytes:
     buf = io.BytesIO()
-    df.write_parquet(buf)
+    df.write_parquet(buf, metadata={WRITE_ID: write_id} if write_id else None)
     return buf.getvalue()
 
 
 def write_capability(run_dir: str | os.PathLike[str], results: list[dict[str, Any]] | pl.DataFrame,
                      summary: list[dict[str, Any]] | pl.DataFrame, meta: dict[str, Any] | None = None) -> Path:
-    """Write (replace) ``<run>/capability/``; each file atomically."""
+    """Write (replace) ``<run>/capability/``; each file atomically, all three stamped with one
+    write id, so a reader can tell a set cut short by a kill between the files (`read_capability`
+    refuses to mix two probes' tables)."""
     d = capability_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(d / "results.parquet", _parquet_bytes(_frame(results, RESULT_SCHEMA)))
-    atomic_write_bytes(d / "summary.parquet", _parquet_bytes(_frame(summary, SUMMARY_SCHEMA)))
-    atomic_write_json(d / "meta.json", meta or {})
+    write_id = secrets.token_hex(8)
+    atomic_write_bytes(d / "results.parquet", _parquet_bytes(_frame(results, RESULT_SCHEMA), write_id))
+    atomic_write_bytes(d / "summary.parquet", _parquet_bytes(_frame(summary, SUMMARY_SCHEMA), write_id))
+    atomic_write_json(d / "meta.json", {**(meta or {}), "write_id": write_id})
     return d
 
 
 class CapabilityReadError(Exception):
     """A capability file exists but cannot be read; the message names the file."""
+
+
+def _check_one_write(d: Path, meta: dict[str, Any]) -> None:
+    """The three files carry one write id (files from before ids existed carry none)."""
+    ids = {"meta.json": meta.get("write_id")}
+    for name in ("results.parquet", "summary.parquet"):
+        if (d / name).exists():
+            try:
+                ids[name] = pl.read_parquet_metadata(d / name).get(WRITE_ID)
+            except Exception as e:  # noqa: BLE001 - reported with the file
+                raise CapabilityReadError(f"{d / name}: unreadable ({type(e).__name__}: {e})") from None
+    if len(set(ids.values())) > 1:
+        raise CapabilityReadError(
+            f"{d}: results.parquet, summary.parquet and meta.json are from different probe runs (a probe killed "
+            "while writing them?); run diagnose probe again")
 
 
 def read_capability(run_dir: str | os.PathLike[str]) -> CapabilityResults | None:
@@ -111,6 +133,9 @@ def read_capability(run_dir: str | os.PathLike[str]) -> CapabilityResults | None
             meta = json.loads((d / "meta.json").read_text())
         except (OSError, ValueError) as e:
             raise CapabilityReadError(f"{d / 'meta.json'}: unreadable ({e})") from None
+        if not isinstance(meta, dict):
+            raise CapabilityReadError(f"{d / 'meta.json'}: expected a JSON object, got {type(meta).__name__}")
+    _check_one_write(d, meta)
     return CapabilityResults(Path(run_dir), frames["results"], frames["summary"], meta)
 
 
