@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import shutil
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,8 +45,6 @@ from diagnose.rundir.schema import (
     columns_for,
     conform,
     ctrl_column,
-    parse_step_dirname,
-    parse_step_filename,
     parse_step_dirname,
     parse_step_filename,
     step_dirname,
