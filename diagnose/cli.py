@@ -22,7 +22,7 @@ from rich.table import Table
 
 from diagnose.adapters import FORMATS
 from diagnose.capability.cli import PROBE_EPILOG, probe
-from diagnose.cli_errors import EXIT_USAGE, command_errors
+from diagnose.cli_errors import EXIT_USAGE, command_errors, require
 from diagnose.jsonl import LineError
 
 app = typer.Typer(
@@ -100,11 +100,13 @@ def build_model(
     size: str = typer.Option("tiny", help="tiny | small"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Build the embedded tiny Qwen2 model and tokenizer (no downloads)."""
-    from diagnose.model.build import build_tiny_model, ensure_default_model
+    """Build the embedded tiny Qwen2 model and tokenizer (no downloads; needs the model extra)."""
+    with command_errors("building the model", err_console, command="diagnose build-model"):
+        require("model", "diagnose build-model")
+        from diagnose.model.build import build_tiny_model, ensure_default_model
 
-    with console.status("training tokenizer and building model"):
-        path = ensure_default_model() if out is None else build_tiny_model(out, size=size, seed=seed)
+        with console.status("training tokenizer and building model"):
+            path = ensure_default_model() if out is None else build_tiny_model(out, size=size, seed=seed)
     console.print(f"model ready: {path}")
 
 
@@ -115,10 +117,12 @@ def demo(
     seed: int = typer.Option(0),
 ) -> None:
     """Main job on the embedded default: build the tiny model, roll it out on the tool-use
-    environment beside gold trajectories, and classify every turn."""
-    from diagnose.demo import run_demo
+    environment beside gold trajectories, and classify every turn (needs the model extra)."""
+    with command_errors("running the demo", err_console, command="diagnose demo"):
+        require("model", "diagnose demo")
+        from diagnose.demo import run_demo
 
-    run_demo(out, n_tasks=tasks, seed=seed, console=console)
+        run_demo(out, n_tasks=tasks, seed=seed, console=console)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from diagnose.cli_errors import extra_hint
+
 ROOT_ENV = "DIAGNOSE_RUNS_ROOT"  # read by dashboards/data.py
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 8501
@@ -128,7 +130,8 @@ def check_ready(root: Path) -> Path:
     if not root.is_dir():
         raise LaunchError(f"{root}: no such directory (the runs root holds run directories)")
     if importlib.util.find_spec("streamlit") is None:
-        raise LaunchError("streamlit is not installed: pip install -e . (it is a dependency of this package)")
+        raise LaunchError(f"diagnose dashboard needs the [dashboard] extra (streamlit is not installed): "
+                          f"{extra_hint('dashboard')}")
     return root
 
 

