@@ -205,6 +205,7 @@ def test_resume_truncates_the_metrics_file(tok, tmp_path):
     src = load_run(run.cwd)
     text = issues_text(src)
     assert "'wb'" in text and "5 step(s)" in text and "start at step 6" in text
+    assert any("launched 2 times" in n for n in src.notes)  # Hydra's outputs/ of each start
     m = src.metrics.collect()
     assert m.filter(pl.col("step") == 2).get_column("reward").item() == pytest.approx(run.reward[2])  # from dumps
     assert m.filter(pl.col("step") == 2).get_column("entropy").item() is None
@@ -371,3 +372,24 @@ def test_qwen3_ids_split_the_same(tmp_path):
         (_,), (o,) = decode_batch(tok3, [p], [r], 4096, 4096)
         states, _ = verl_adapter.VerlTurnClassifier().completion(o)
         assert states == ["healthy_call"] * (len(gold) - 1) + ["healthy_response"]
+
+
+def test_hydra_configs_attribute_dumps(tok, tmp_path):
+    """Dump folders that name no experiment: the Hydra config of each start says whose they are
+    (and where, also outside the launch folder); without it they are left out, never merged."""
+    cwd = tmp_path / "launch"
+    outside = tmp_path / "elsewhere" / "dumps"
+    a = write_verl_run(cwd, 8, 5, seed=7, tokenizer=tok, experiment="exp_a", rollout_dir="dumps_1",
+                       validation_dir="v1")
+    b = write_verl_run(cwd, 9, None, seed=8, tokenizer=tok, experiment="exp_b", rollout_dir=outside,
+                       validation_dir="v2")
+    assert verl_adapter.runs(cwd) == [a.name, b.name]
+    for run, n in ((a, 8), (b, 9)):
+        src = load_run(cwd, run=run.name)
+        ro = src.rollouts.collect()
+        assert ro.height == n * run.samples_per_step and ro.get_column("step").max() == n
+        val = cwd / ("v1" if run is a else "v2")
+        assert any(str(val) in x and "kept apart" in x for x in src.notes)
+    shutil.rmtree(cwd / "outputs")
+    src = load_run(cwd, run=a.name)
+    assert src.rollouts.collect().height == 0 and any("dumps_1" in n and "not read" in n for n in src.notes)

@@ -13,8 +13,11 @@ What verl 0.8.0.dev writes, relative to the directory training was launched from
   ``checkpoints/<project_name>/<experiment_name>/global_step_<N>/actor`` and
   ``latest_checkpointed_iteration.txt``.
 
-Both dump folders are free-form paths: they are recognised by content, at the given folder, up
-to two folders down, or in the experiment's checkpoint folder. Nothing in a dump names its
+Both dump folders are free-form paths. Each start of ``main_ppo`` (Hydra, no chdir) leaves its
+config in ``outputs/<date>/<time>/.hydra/config.yaml``, whose ``trainer`` section names them:
+those folders are used first (also outside the given folder), with the kind and experiment the
+config gives. Otherwise dump folders are recognised by content, at the given folder, up to two
+folders down, or in the experiment's checkpoint folder; nothing in a dump names its
 experiment, so with several experiments in one folder a dump folder belongs to the experiment
 whose name is one of its path components (else it is left out, with a note): runs are never
 merged.
@@ -174,6 +177,49 @@ def _metrics_above(p: Path, levels: int = 2) -> tuple[list[Path], Path | None]:
     return [], None
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One start of ``verl/trainer/main_ppo.py``, from its Hydra config."""
+
+    config: Path
+    run: str | None  # <project_name>/<experiment_name>
+    rollout_dir: Path | None
+    validation_dir: Path | None
+
+
+def hydra_launches(cwd: Path, limit: int = 500) -> tuple[list[Launch], list[str]]:
+    """verl's ``main_ppo`` runs under ``@hydra.main(version_base=None)``: no chdir, and every
+    start (a resume included) writes its composed config to
+    ``outputs/<date>/<time>/.hydra/config.yaml`` in the launch folder. Its ``trainer`` section
+    names the experiment and its dump folders (literal paths only; ``${...}`` is unresolved)."""
+    try:
+        import yaml
+    except ImportError:
+        return [], []
+    out: list[Launch] = []
+    notes: list[str] = []
+    for f in sorted(cwd.glob("outputs/*/*/.hydra/config.yaml"))[:limit]:
+        try:
+            cfg = yaml.safe_load(f.read_text(encoding="utf-8", errors="replace"))
+        except (OSError, yaml.YAMLError) as e:
+            notes.append(f"{f}: unreadable Hydra config ({type(e).__name__}); ignored")
+            continue
+        tr = cfg.get("trainer") if isinstance(cfg, dict) else None
+        if not isinstance(tr, dict):
+            continue
+
+        def where(v: Any) -> Path | None:
+            if not isinstance(v, str) or not v or "${" in v:
+                return None
+            q = Path(v).expanduser()
+            return (q if q.is_absolute() else cwd / q).resolve()
+
+        proj, exp = tr.get("project_name"), tr.get("experiment_name")
+        name = f"{proj}/{exp}" if isinstance(proj, str) and isinstance(exp, str) else None
+        out.append(Launch(f, name, where(tr.get("rollout_data_dir")), where(tr.get("validation_data_dir"))))
+    return out, notes
+
+
 def find_layout(p: Path, strict: bool = False) -> VerlLayout:
     """The verl runs at folder ``p`` (see the module docstring)."""
     notes: list[str] = []
@@ -198,13 +244,33 @@ def find_layout(p: Path, strict: bool = False) -> VerlLayout:
         name = f.stem if f.parent == mroot else f"{f.parent.name}/{f.stem}"
         ck = (mroot or p) / "checkpoints" / f.parent.name / f.stem
         runs.append(VerlRun(name, metrics=f, checkpoints=ck if ck.is_dir() else None))
-    train = [d for d in dumps if not is_validation_dir(d)]
-    val = [d for d in dumps if is_validation_dir(d)]
+    launches, hnotes = hydra_launches(mroot) if mroot is not None else ([], [])
+    notes += hnotes
+    # the dump folders the launches name (also outside p) are theirs, of the kind they name
+    conf_train = {x.rollout_dir: x.run for x in launches if x.rollout_dir is not None}
+    conf_val = {x.validation_dir: x.run for x in launches if x.validation_dir is not None}
+    known = {d.resolve() for d in dumps}
+    for d in list(conf_train) + list(conf_val):
+        if d not in known and d.is_dir() and is_dump_dir(d, strict) and (p.resolve() == mroot.resolve()):
+            dumps.append(d)
+            known.add(d)
+    train = [d for d in dumps if d.resolve() in conf_train or (d.resolve() not in conf_val and not is_validation_dir(d))]
+    val = [d for d in dumps if d not in train]
+    by_name = {r.name: r for r in runs}
+
+    def configured(d: Path, table: dict[Path, str | None]) -> VerlRun | None:
+        return by_name.get(table.get(d.resolve()) or "")
+
+    for r in runs:
+        n = sum(x.run == r.name for x in launches)
+        if n > 1:
+            notes.append(f"{r.name} was launched {n} times (Hydra outputs/*/*/.hydra/config.yaml): verl's file logger "
+                         "truncated its metrics file at each start, so it holds the last launch's steps only")
     if not train and val and p in val:  # pointed at a validation folder: read it, say so
         train, val = [p], []
     logged = list(runs)
     for d in sorted(train, key=lambda d: (0 if re.search(r"rollout|train", d.name, re.I) else 1, str(d))):
-        owner = _owner(d, p, logged) or (logged[0] if len(logged) == 1 else None)
+        owner = configured(d, conf_train) or _owner(d, p, logged) or (logged[0] if len(logged) == 1 else None)
         if owner is not None and owner.dumps is None:
             owner.dumps = d
         elif owner is None and logged:
@@ -214,7 +280,7 @@ def find_layout(p: Path, strict: bool = False) -> VerlLayout:
             name = "/".join(_rel_parts(d, p)) or "."
             runs.append(VerlRun(name, dumps=d))
     for d in val:
-        owner = _owner(d, p, runs) or (runs[0] if len(runs) == 1 else None)
+        owner = configured(d, conf_val) or _owner(d, p, runs) or (runs[0] if len(runs) == 1 else None)
         if owner is not None:
             owner.validation.append(d)
         else:
