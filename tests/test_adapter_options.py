@@ -68,7 +68,7 @@ def test_every_format_module_is_an_adapter():
     ("native", "metrics.jsonl", False, "metrics"),
     ("native", "run.json", False, "global"),
     ("trl", "out/completions/completions_00040.parquet", False, 40),
-    ("trl", "checkpoint-10/trainer_state.json", False, "metrics"),
+    ("trl", "checkpoint-10/trainer_state.json", False, "global"),  # names the reward columns (trl.py)
     ("trl", "README.md", False, "global"),
     ("verl", "rollout_data/7.jsonl", False, 7),
     ("verl", "logs/grpo.jsonl", False, "metrics"),
@@ -127,3 +127,29 @@ def test_the_cache_keys_on_the_options(run_dir, tmp_path):
     assert not r.cache.hit and "load options" in r.cache.reason and r.cache.signals == "full"
     assert scan_run(run, tokenizer="some/tokenizer").cache.hit
     assert not scan_run(run).cache.hit
+
+
+def test_a_step_mismatch_is_one_kind_of_issue(run_dir, tmp_path):
+    """Native: a step file holding another step's rows is a STEP_MISMATCH issue (not text the
+    cache must recognise), and the cache then recomputes every step."""
+    import shutil
+
+    from diagnose.adapters._issues import IssueLog
+    from diagnose.source import STEP_MISMATCH
+
+    log = IssueLog()
+    log.step_mismatch("f.jsonl", "lines", [3], 2, "the 'step' key")
+    (issue,) = log.finish()
+    assert issue.kind == STEP_MISMATCH and issue.message == (
+        "lines have step(s) [3] but the file name says 2; the 'step' key is authoritative")
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    scan_run(run)
+    tokens = run / "tokens"
+    (tokens / "step-000011.parquet").rename(tokens / "step-000012.parquet")  # step 11's rows, named 12
+    src = load_run(run)
+    assert src.has_step_mismatch
+    assert [i.kind for i in src.issues if "file name says 12" in i.message] == [STEP_MISMATCH]
+    r = scan_run(run)
+    assert r.cache.signals == "full" and "file/step mismatch" in r.cache.reason

@@ -168,8 +168,7 @@ def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: 
         if bad_step:
             issues.add(f, None, f"{bad_step} line(s) without a valid 'step'; the file name's step {fstep} used")
         if other_steps:
-            issues.add(f, None, f"lines have step(s) {sorted(other_steps)[:5]} but the file name says {fstep}; "
-                                "the 'step' key is authoritative")
+            issues.step_mismatch(f, "lines", sorted(other_steps)[:5], fstep, "the 'step' key")
         if missing_input:
             issues.add(f, None, f"{missing_input} line(s) without an 'input' string: each is its own group")
         if missing_score:
