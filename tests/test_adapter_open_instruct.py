@@ -369,3 +369,62 @@ def test_empty_shard(tmp_path):
     src = load_run(tmp_path)
     assert src.rollouts.collect().height == 0 and src.tokens.collect().height == 0
     assert "no readable rollout lines" in _issues(src)
+
+
+# ---- other response shapes --------------------------------------------------------------------
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _record(tok, turns, outputs, *, parser="vllm_hermes", lp=-0.3, with_logprobs=True):
+    """One record as `_save_rollouts` writes it: sampled ``turns`` (all log-prob ``lp``, the
+    first token of each turn after the first exactly 0.0), an observation after each but the last."""
+    from diagnose.synth import open_instruct as oi
+
+    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+    resp = oi.Response()
+    for k, turn in enumerate(turns):
+        ids = enc(turn)
+        resp.add_model_turn(ids, [0.0 if (k and i == 0) else lp for i in range(len(ids))])
+        if k < len(outputs):
+            resp.add_observation(enc, outputs[k], parser=parser)
+    rec = oi.rollout_record(step=0, sample_idx=0, num_samples_per_prompt=1, prompt_tokens=enc("<|im_start|>user\nhi"
+                            "<|im_end|>\n<|im_start|>assistant\n"), response=resp, reward=1.0, advantage=0.0,
+                            info=oi.request_info(outputs[: len(turns) - 1]), with_logprobs=with_logprobs)
+    return rec, sum(resp.masks)
+
+
+CALL = '<tool_call>\n{"name": "get_balance", "arguments": {"account_id": "a-1"}}\n</tool_call><|im_end|>'
+
+
+def test_structure_alone_without_saved_logprobs(tmp_path, tok, tok_dir):
+    """``logprobs`` is null when vLLM returned none: the ChatML structure alone finds the tool outputs."""
+    rec, gen = _record(tok, [CALL, "It is 5.<|im_end|>"], ['{"balance": 5}'], with_logprobs=False)
+    _write(tmp_path / "r__1__1_rollouts_000000.jsonl", [rec])
+    src = load_run(tmp_path, tokenizer=tok_dir)
+    assert src.tokens.collect()["is_generated"].sum() == gen
+    assert src.rollouts.collect()["turn_states"].to_list() == [["healthy_call", "healthy_response"]]
+
+
+def test_a_control_token_the_model_samples_stays_generated(tmp_path, tok, tok_dir):
+    """A stray ``<|im_start|>user`` the model wrote itself (real log-probs, no ``<|im_end|>``
+    before it) is not a tool output: it stays in the turn, which reads as not healthy."""
+    rec, gen = _record(tok, [CALL[: -len("<|im_end|>")] + "<|im_start|>user\nthanks<|im_end|>"], [])
+    _write(tmp_path / "r__1__1_rollouts_000000.jsonl", [rec])
+    src = load_run(tmp_path, tokenizer=tok_dir)
+    assert src.tokens.collect()["is_generated"].all()
+    assert src.rollouts.collect()["turn_states"].to_list()[0][0] not in HEALTHY
+
+
+def test_legacy_parser_outputs_are_not_generated(tmp_path, tok, tok_dir):
+    """open-instruct's default parser appends ``<output>\\n...\\n</output>\\n`` after the model's
+    ``</search>`` stop string (environments/tools/parsers.py OpenInstructLegacyToolParser)."""
+    rec, gen = _record(tok, ["<search>qwen tokenizer</search>", "Found it.<|im_end|>"], ["3 results\nok"],
+                       parser="legacy")
+    _write(tmp_path / "r__1__1_rollouts_000000.jsonl", [rec])
+    src = load_run(tmp_path, tokenizer=tok_dir)
+    tk = src.tokens.collect().sort("position")
+    assert tk["is_generated"].sum() == gen and tk.filter(~pl.col("is_generated")).height > 5
+    assert any("legacy parser" in n for n in src.notes)

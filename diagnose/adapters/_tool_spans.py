@@ -11,6 +11,9 @@ ends after the postfix ``<|im_start|>assistant\\n``; parallel calls repeat the w
 block cut by the token budget runs to the end. A known log-prob other than 0.0 inside a block
 means the structure was misread: the block ends there (counted as suspect).
 
+open-instruct's default parser (``legacy``) appends ``<output>\\n...\\n</output>\\n`` instead, after
+the model's ``</tool_name>`` stop string: with the tokenizer, a 0.0 run that decodes to that.
+
 Without a tokenizer only the log-probs are left: runs of at least `MIN_TOOL_RUN` exact 0.0
 values in a response whose ``request_info`` says a tool was called (an approximation: a
 confident generated token next to a tool output is counted with it).
@@ -18,11 +21,12 @@ confident generated token next to a tool output is counted with it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ChatIds", "MIN_TOOL_RUN", "Segmentation", "segment_by_logprobs", "segment_chatml"]
+__all__ = ["ChatIds", "MIN_TOOL_RUN", "Segmentation", "segment_by_logprobs", "segment_chatml", "segment_legacy"]
 
 #: shortest tool output without a tokenizer: ``<|im_start|>tool\n<tool_response>\n`` alone is 7
 #: Qwen2.5 tokens, and the postfix 3 more
@@ -111,6 +115,41 @@ def segment_chatml(ids: np.ndarray, lps: np.ndarray, known: np.ndarray, chat: Ch
         is_tool[s:end] = True
         pos = end
     return _finish(is_tool, suspect)
+
+
+def segment_legacy(ids: np.ndarray, lps: np.ndarray, known: np.ndarray, decode: Callable[[list[int]], str],
+                   wrap: str = "output") -> Segmentation:
+    """Tool outputs of open-instruct's default parser (``OpenInstructLegacyToolParser``: the
+    model's ``<tool_name>...</tool_name>`` stop string, then ``<output>\\n{output}\\n</output>\\n``
+    per observation, log-prob 0.0): a run of exact 0.0 log-probs whose text starts with
+    ``<output>``, up to its last ``</output>`` (a confident token sampled after it stays
+    generated); a run without one was cut by the token budget and is all tool output."""
+    n = len(ids)
+    is_tool = np.zeros(n, dtype=bool)
+    z = known & (lps == 0.0)
+    edges = np.diff(np.concatenate([[0], z.astype(np.int8), [0]]))
+    opener, closer = f"<{wrap}>", f"</{wrap}>"
+    for a, b in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
+        if a == 0 or b - a < 3:
+            continue
+        text = decode(ids[a:b].tolist())
+        if not text.lstrip("\n").startswith(opener):
+            continue
+        total = text.count(closer)
+        end = b
+        if total:
+            lo, hi = a + 1, b  # smallest end whose text holds every closing tag
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if decode(ids[a:mid].tolist()).count(closer) >= total:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            end = lo
+            if end < b and decode([int(ids[end])]).strip() == "":
+                end += 1  # the newline after the tag, when it is a token of its own
+        is_tool[a:end] = True
+    return _finish(is_tool)
 
 
 def segment_by_logprobs(lps: np.ndarray, known: np.ndarray, called: bool | None) -> Segmentation:

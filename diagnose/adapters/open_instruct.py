@@ -33,7 +33,7 @@ from diagnose.adapters._oi_records import Record, TraceCounts, parse_record
 from diagnose.adapters._rollouts import ListColumn, empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame
 from diagnose.adapters._source import make_source
 from diagnose.adapters._tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer, tokenizer_hint
-from diagnose.adapters._tool_spans import ChatIds, segment_by_logprobs, segment_chatml
+from diagnose.adapters._tool_spans import ChatIds, segment_by_logprobs, segment_chatml, segment_legacy
 from diagnose.adapters._turns import TurnClassifier
 from diagnose.control_tokens import ControlTokenRegistry
 from diagnose.jsonl import LineError, iter_jsonl
@@ -242,6 +242,7 @@ class _Builder:
         self.chat = ChatIds.from_tokenizer(tok) if tok is not None else None
         self.registry = ControlTokenRegistry.from_tokenizer(tok.backend) if tok is not None else None
         self._prompts: dict[tuple[int, ...], str] = {}
+        self.legacy = 0  # responses whose tool outputs are the legacy parser's <output> blocks
         self.vocab = tok.vocab_size if tok is not None else None
         if tok is not None and self.chat is None:
             notes.append(f"the tokenizer ({tok.source}) has no ChatML <|im_start|>/<|im_end|> tokens: tool outputs "
@@ -253,6 +254,22 @@ class _Builder:
         if s is None:
             s = self._prompts[key] = self.tok.decode(key)
         return s
+
+    def _segment(self, r: Record, suspect: dict[Path | None, int]):
+        """Tool outputs of one response: ChatML blocks (vllm_hermes and the other vLLM parsers),
+        else, when a tool was called, the legacy parser's ``<output>`` blocks; without a
+        tokenizer, 0.0 runs."""
+        if self.tok is None:
+            return segment_by_logprobs(r.lps, r.known, r.called)
+        seg = segment_chatml(r.ids, r.lps, r.known, self.chat) if self.chat is not None else None
+        if seg is not None and seg.suspect:
+            suspect[r.path] = suspect.get(r.path, 0) + seg.suspect
+        if (seg is None or not seg.is_tool.any()) and r.called is not False:
+            legacy = segment_legacy(r.ids, r.lps, r.known, self.tok.decode)
+            if legacy.is_tool.any():
+                self.legacy += 1
+                return legacy
+        return seg if seg is not None else segment_by_logprobs(r.lps, r.known, r.called)
 
     def build(self, records: list[Record]) -> dict[str, Any]:
         sids, gids = _ids(records)
@@ -274,12 +291,7 @@ class _Builder:
                 continue
             if self.tok is not None and self.vocab and len(r.ids) and int(r.ids.max()) >= self.vocab:
                 beyond += 1
-            if self.chat is not None:
-                seg = segment_chatml(r.ids, r.lps, r.known, self.chat)
-                if seg.suspect:
-                    suspect[r.path] = suspect.get(r.path, 0) + seg.suspect
-            else:
-                seg = segment_by_logprobs(r.lps, r.known, r.called)
+            seg = self._segment(r, suspect)
             parts.append((r, sid, seg.is_tool, seg.turn))
             n_tool.append(int(seg.is_tool.sum()))
             n_gen.append(len(r.ids) - n_tool[-1])
@@ -299,6 +311,10 @@ class _Builder:
         for path, k in suspect.items():
             self.issues.add(path or "", None, f"{k} tool-output block(s) hold log-probs other than 0.0: each ended "
                                               "there (the tokens after it are read as generated)")
+        if self.legacy:
+            self.notes.append(f"{self.legacy} response(s) hold tool outputs of open-instruct's legacy parser "
+                              "(<output>...</output> after a <tool_name>...</tool_name> call): their turn states "
+                              "read Hermes <tool_call> syntax, so those calls read as plain text")
         if beyond:
             self.notes.append(f"{beyond} response(s) hold token ids beyond the tokenizer's vocabulary "
                               f"({self.vocab}): is it the run's tokenizer?")

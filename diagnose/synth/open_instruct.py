@@ -56,6 +56,7 @@ __all__ = [
     "Response",
     "TraceWriter",
     "advantages",
+    "legacy_output_text",
     "metadata_name",
     "request_info",
     "rollout_record",
@@ -89,6 +90,12 @@ def metadata_name(run_name: str) -> str:
     return f"{run_name}_metadata.jsonl"
 
 
+def legacy_output_text(output: str, wrap: str = "output") -> str:
+    """One observation as the default parser formats it (``OpenInstructLegacyToolParser.
+    _format_tool_output``; ``process_tool_tokens`` calls it with one output at a time)."""
+    return f"<{wrap}>\n{str(output).replace(chr(0), '')}\n</{wrap}>\n"
+
+
 def tool_output_text(output: str, role: str = "tool") -> str:
     """One observation as ``process_tool_tokens`` formats it with the vllm_hermes parser
     (``format_tool_outputs([output], role)``: template, then the assistant postfix)."""
@@ -112,10 +119,10 @@ class Response:
         self.logprobs.extend(float(x) for x in logprobs)
         self.masks.extend([1] * len(ids))
 
-    def add_observation(self, encode: Encode, output: str, role: str = "tool") -> None:
+    def add_observation(self, encode: Encode, output: str, role: str = "tool", parser: str = "vllm_hermes") -> None:
         """``process_tool_tokens``: ``tokenizer.encode(formatted, add_special_tokens=False)``,
-        log-prob ``0.0`` per token."""
-        ids = encode(tool_output_text(output, role))
+        log-prob ``0.0`` per token; ``parser``: ``vllm_hermes`` or ``legacy``."""
+        ids = encode(legacy_output_text(output) if parser == "legacy" else tool_output_text(output, role))
         self.tokens.extend(ids)
         self.logprobs.extend([0.0] * len(ids))
         self.masks.extend([0] * len(ids))
