@@ -428,3 +428,17 @@ def test_legacy_parser_outputs_are_not_generated(tmp_path, tok, tok_dir):
     tk = src.tokens.collect().sort("position")
     assert tk["is_generated"].sum() == gen and tk.filter(~pl.col("is_generated")).height > 5
     assert any("legacy parser" in n for n in src.notes)
+
+
+def test_the_wrong_tokenizer_is_reported(collapse, tmp_path):
+    """A tokenizer whose vocabulary the ids overrun (not the run's): said in the notes, and
+    everything still reads."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    small = Tokenizer(WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    small.save(str(tmp_path / "tokenizer.json"))
+    src = load_run(collapse.save_path, tokenizer=tmp_path)
+    assert any("beyond the tokenizer's vocabulary (3)" in n for n in src.notes)
+    assert src.rollouts.collect().height == STEPS * 16
+    scan_source(src)

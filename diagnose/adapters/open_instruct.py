@@ -239,14 +239,24 @@ class _Builder:
     def __init__(self, tok: LoadedTokenizer | None, issues: IssueLog, notes: list[str]) -> None:
         self.tok, self.issues, self.notes = tok, issues, notes
         self.classifier = TurnClassifier()
-        self.chat = ChatIds.from_tokenizer(tok) if tok is not None else None
-        self.registry = ControlTokenRegistry.from_tokenizer(tok.backend) if tok is not None else None
+        self.chat = None
+        if tok is not None:
+            try:
+                self.chat = ChatIds.from_tokenizer(tok)
+            except Exception:  # noqa: BLE001 - a tokenizer object that cannot encode: no ChatML structure
+                self.chat = None
+        self.registry = None
+        if tok is not None:
+            try:
+                self.registry = ControlTokenRegistry.from_tokenizer(tok.backend)
+            except Exception as e:  # noqa: BLE001 - a tokenizer object of an unexpected kind
+                notes.append(f"no control tokens read from the tokenizer ({type(e).__name__}): no lp_ctrl_* columns")
         self._prompts: dict[tuple[int, ...], str] = {}
         self.legacy = 0  # responses whose tool outputs are the legacy parser's <output> blocks
         self.vocab = tok.vocab_size if tok is not None else None
         if tok is not None and self.chat is None:
             notes.append(f"the tokenizer ({tok.source}) has no ChatML <|im_start|>/<|im_end|> tokens: tool outputs "
-                         "are found from their 0.0 log-probs only")
+                         "are found as legacy <output> blocks, else from their 0.0 log-probs")
 
     def _decode_prompt(self, ids: np.ndarray) -> str:
         key = tuple(ids.tolist())
@@ -301,13 +311,24 @@ class _Builder:
                 states.append(None)
                 errors.append(None)
                 continue
-            texts = [self.tok.decode(r.ids[a:b].tolist()) for a, b in seg.turns]
+            try:
+                texts = [self.tok.decode(r.ids[a:b].tolist()) for a, b in seg.turns]
+                completion = self.tok.decode(r.ids.tolist())
+                prompt = self._decode_prompt(r.prompt) if r.prompt is not None else None
+            except Exception as e:  # noqa: BLE001 - a tokenizer that cannot decode these ids (wrong one)
+                self.issues.add(r.path or "", r.line, f"the tokenizer cannot decode these ids ({type(e).__name__}: "
+                                                      f"{str(e)[:120]}); no turn states for this sample")
+                for col in (n_turns, prompts, completions):
+                    col.append(None)
+                states.append(None)
+                errors.append(None)
+                continue
             st, er = self.classifier.turns(texts)
             states.append(st)
             errors.append(er)
             n_turns.append(len(st))
-            completions.append(self.tok.decode(r.ids.tolist()))
-            prompts.append(self._decode_prompt(r.prompt) if r.prompt is not None else None)
+            completions.append(completion)
+            prompts.append(prompt)
         for path, k in suspect.items():
             self.issues.add(path or "", None, f"{k} tool-output block(s) hold log-probs other than 0.0: each ended "
                                               "there (the tokens after it are read as generated)")
