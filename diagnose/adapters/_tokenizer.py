@@ -85,12 +85,11 @@ def load_tokenizer(spec: Any) -> LoadedTokenizer:
     tj = p / "tokenizer.json" if is_dir else p
     if tj.is_file() and tj.suffix == ".json":
         try:
-            from tokenizers import Tokenizer
+            st = tj.stat()
+            return LoadedTokenizer(_from_file(str(tj.resolve()), st.st_size, st.st_mtime_ns), str(tj), [tj])
         except ImportError:
             raise TokenizerError("reading a tokenizer needs the `tokenizers` package "
                                  "(pip install 'collapse-diagnostics[model]')") from None
-        try:
-            return LoadedTokenizer(Tokenizer.from_file(str(tj)), str(tj), [tj])
         except Exception as e:  # noqa: BLE001 - a corrupt tokenizer.json raises the Rust side's errors
             raise TokenizerError(f"tokenizer {tj}: not a readable tokenizer.json ({_short(e)})") from None
     if not is_dir:
@@ -106,6 +105,15 @@ def load_tokenizer(spec: Any) -> LoadedTokenizer:
         raise TokenizerError(f"tokenizer {p}: transformers cannot load it offline ({_short(e)})") from None
     files = [f for f in sorted(p.iterdir()) if f.is_file() and ("token" in f.name or f.suffix in (".model", ".txt"))]
     return LoadedTokenizer(tok, str(p), files)
+
+
+@functools.lru_cache(maxsize=4)
+def _from_file(path: str, size: int, mtime_ns: int) -> Any:
+    """A ``tokenizer.json`` read once per content (size and mtime in the key): a 151k-token BPE
+    takes a second or two to build, and a dashboard or a re-scan loads the same one again."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
 
 
 def _hub_cache(repo_id: str) -> Path | None:
