@@ -4,7 +4,6 @@ turn-state rates around an injected collapse), and bad input of every kind for e
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -201,100 +200,7 @@ def test_fingerprint_tracks_files(tmp_path):
     assert load_run(run.path).fingerprint() != fp
 
 
-# ---- TRL ----------------------------------------------------------------------------
-
-
-def test_trl_run_with_collapse(tmp_path):
-    run = write_trl_run(tmp_path / "out", STEPS, collapse_at=COLLAPSE, seed=1)
-    src = load_run(run.path)
-    assert src.format == "trl" and src.tokens is None and not src.has_token_probabilities
-    assert not src.issues, issues_text(src)
-    ro = check_truth(src, run)
-    assert {"accuracy_reward", "format_reward", "advantage", "accuracy"} <= set(ro.columns)
-    # reward is the sum of the reward-function columns
-    assert (ro.get_column("reward") == ro.get_column("accuracy_reward") + ro.get_column("format_reward")).all()
-    m = src.metrics.collect()
-    # from the newest trainer_state.json (checkpoint-7 holds every step; checkpoint-3 half)
-    assert m.height == STEPS
-    for ours in ("reward", "entropy", "kl", "clip_ratio", "grad_norm", "completions/mean_length", "lr", "accuracy"):
-        assert ours in m.columns, ours
-    assert "clip_ratio/region_mean" in m.columns and "learning_rate" in m.columns
-    assert m.get_column("accuracy").to_list() == m.get_column("rewards/accuracy_reward/mean").to_list()
-    ent = dict(m.select("step", "entropy").iter_rows())
-    assert max(ent[s] for s in run.steps if s >= COLLAPSE) < min(ent[s] for s in run.steps if s < COLLAPSE)
-    assert any("text only" in n for n in src.notes)
-    assert any("checkpoint-7" in n for n in src.notes)
-
-
-def test_trl_unpadded_names_and_no_trainer_state(tmp_path):
-    run = write_trl_run(tmp_path / "out", STEPS, collapse_at=COLLAPSE, pad=False, trainer_state=False)
-    assert (run.path / "completions" / "completions_3.parquet").is_file()
-    src = load_run(run.path)
-    assert src.format == "trl" and not src.issues
-    check_truth(src, run)
-    m = src.metrics.collect()
-    assert "entropy" not in m.columns
-    assert dict(m.select("step", "reward").iter_rows()) == pytest.approx(run.reward)
-    assert "rewards/accuracy_reward/mean" in m.columns and "accuracy" in m.columns
-    assert any("derived from the logged completions" in n for n in src.notes)
-
-
-def test_trl_bad_inputs(tmp_path):
-    run = write_trl_run(tmp_path / "out", STEPS, collapse_at=COLLAPSE)
-    comp = run.path / "completions"
-    cut_half(comp / "completions_00002.parquet")
-    garbage(comp / "completions_00003.parquet")
-    (comp / "completions_00004.parquet").unlink()  # a missing step is fine
-    (comp / ".completions_00009.parquet.tmp").write_bytes(b"partial")  # temp files are ignored
-    # NaN / inf in reward columns; a file without a completion column
-    df = pl.read_parquet(comp / "completions_00005.parquet")
-    rc = df.get_column("format_reward").to_list()
-    rc[0], rc[1] = float("nan"), float("inf")
-    df.with_columns(pl.Series("format_reward", rc)).write_parquet(comp / "completions_00005.parquet")
-    df.drop("completion").write_parquet(comp / "completions_00006.parquet")
-    # the newest trainer_state.json is corrupt: fall back to the older one
-    (run.path / "checkpoint-7" / "trainer_state.json").write_bytes(b'{"log_history": [{"step": 0,')
-    src = load_run(run.path)
-    text = issues_text(src)
-    assert "completions_00002.parquet" in text and "truncated" in text
-    assert "completions_00003.parquet" in text
-    assert "completions_00006.parquet" in text and "'completion'" in text
-    assert "completions_00005.parquet" in text and "NaN" in text
-    assert "checkpoint-7/trainer_state.json" in text
-    ro = src.rollouts.collect()
-    assert sorted(ro.get_column("step").unique().to_list()) == [0, 1, 5, 7]
-    r5 = ro.filter(pl.col("step") == 5).sort("sample_id").get_column("reward").to_list()
-    acc5 = ro.filter(pl.col("step") == 5).sort("sample_id").get_column("accuracy_reward").to_list()
-    assert r5[0] == acc5[0]  # NaN left out of the sum
-    assert math.isinf(r5[1])
-    m = src.metrics.collect()
-    assert "entropy" in m.columns and m.filter(pl.col("entropy").is_not_null()).height == 4  # checkpoint-3
-
-
-def test_trl_empty_and_conversational(tmp_path):
-    out = tmp_path / "empty_out"
-    (out / "completions").mkdir(parents=True)
-    assert detect_format(out) is None
-    src = load_run(out, format="trl")
-    assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
-    assert any("no completions" in n for n in src.notes)
-    # conversational prompt/completion columns
-    conv = tmp_path / "conv_out" / "completions"
-    conv.mkdir(parents=True)
-    pl.DataFrame({
-        "step": [3, 3],
-        "prompt": [[{"role": "user", "content": "hi"}]] * 2,
-        "completion": [[{"role": "assistant", "content": "<tool_call>"}],
-                       [{"role": "assistant", "content": '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'},
-                        {"role": "tool", "content": "ok"},
-                        {"role": "assistant", "content": "Done."}]],
-        "accuracy_reward": [0.0, 1.0],
-    }).write_parquet(conv / "completions_3.parquet")
-    src = load_run(conv.parent)
-    ro = src.rollouts.collect().sort("sample_id")
-    assert ro.get_column("turn_states").to_list() == [["collapsed"], ["healthy_call", "healthy_response"]]
-    assert ro.get_column("group_id").to_list() == [0, 0]
-    assert ro.get_column("prompt")[0].endswith("<|im_start|>assistant\n")
+# ---- TRL: tests/test_adapter_trl.py ----------------------------------------------------
 
 
 # ---- verl: tests/test_adapter_verl.py ------------------------------------------------
@@ -421,9 +327,6 @@ def test_native_unreadable(tmp_path):
 
 
 def test_single_files(tmp_path):
-    trl = write_trl_run(tmp_path / "trl", 3, trainer_state=False)
-    src = load_run(trl.files[1])
-    assert src.format == "trl" and src.rollouts.collect().get_column("step").unique().to_list() == [1]
     verl = write_verl_run(tmp_path / "verl", 3)
     src = load_run(verl.path / "rollout_data" / "2.jsonl")
     assert src.format == "verl" and src.rollouts.collect().height == verl.samples_per_step
@@ -443,27 +346,3 @@ def test_empty_conversations(tmp_path):
     src = load_run(conv, format="conversations")
     assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
     assert "no readable conversation" in issues_text(src)
-
-
-def test_trl_own_reward_column_and_output_dir_state(tmp_path):
-    out = tmp_path / "out"
-    (out / "completions").mkdir(parents=True)
-    pl.DataFrame({"step": [1, 1, 1, 1], "prompt": ["a", "a", "b", "b"], "completion": ["x", "y", "", "<tool_call>"],
-                  "reward": [0.5, 1.5, 0.0, 0.0], "format_reward": [1.0, 1.0, 0.0, 0.0]}
-                 ).write_parquet(out / "completions" / "completions_1.parquet")
-    (out / "checkpoint-1").mkdir()
-    (out / "checkpoint-1" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 1.0}]}))
-    (out / "trainer_state.json").write_text(json.dumps({"log_history": [
-        {"step": 1, "loss": 2.0, "clip_ratio": 0.1, "completion_length": 12.0},
-        {"step": 1, "eval_loss": 3.0}, "junk", {"loss": 1.0}]}))
-    src = load_run(out)
-    ro = src.rollouts.collect().sort("sample_id")
-    assert ro.get_column("reward").to_list() == [0.5, 1.5, 0.0, 0.0]
-    assert ro.get_column("group_id").to_list() == [0, 0, 1, 1]
-    m = src.metrics.collect()
-    assert m.get_column("loss").to_list() == [2.0] and m.get_column("eval_loss").to_list() == [3.0]
-    assert m.get_column("clip_ratio").to_list() == [0.1] and m.get_column("completions/mean_length").to_list() == [12.0]
-    assert m.get_column("turn_state/collapsed").to_list() == [0.5]
-    text = issues_text(src)
-    assert "log_history[2] is not an object" in text and "log_history[3] has no valid 'step'" in text
-    assert not any("unweighted sum" in n for n in src.notes)

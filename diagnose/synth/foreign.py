@@ -3,9 +3,10 @@
 Used by the adapter tests and by the scan tests. Each writer returns a `ForeignRun` with the
 path to hand to `diagnose.adapters.load_run` and the ground truth of what it wrote.
 
-* `write_trl_run`: TRL GRPOTrainer ``<dir>/completions/completions_<step>.parquet``
-  (``step, prompt, completion, accuracy_reward, format_reward, advantage``) and
-  ``checkpoint-<k>/trainer_state.json`` (``log_history`` with TRL's metric names);
+* `write_trl_run`: a TRL GRPOTrainer ``output_dir`` as TRL 1.16 writes it (`diagnose.synth.trl_run`,
+  `diagnose.synth.trl`): ``completions/completions_<step:05d>.parquet`` (``step, prompt,
+  completion, <reward function>..., <log_extra column>..., advantage``; prompts/completions as
+  message lists or decoded text) and ``checkpoint-<step>/trainer_state.json``;
 * `write_verl_run`: a verl launch folder as verl writes it (`diagnose.synth.verl`):
   ``rollout_data/<step>.jsonl`` dumps from step 1 (``input, output, gts, score, step, acc, pred``;
   tool-agent episodes decoded with special tokens skipped), ``validation_data/<step>.jsonl`` (with
@@ -41,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 
 from diagnose.chat import ENDOFTEXT, IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, render_chat
 
@@ -218,93 +218,15 @@ def _health(plan_step: list[list[_Sample]]) -> float:
 # ---- TRL ----------------------------------------------------------------------------
 
 
-def write_trl_run(
-    dir: str | os.PathLike[str],  # noqa: A002
-    steps: int | Iterable[int] = 10,
-    collapse_at: int | None = None,
-    seed: int = 0,
-    *,
-    group_size: int = 4,
-    prompts_per_step: int = 4,
-    collapse_rate: float = 0.8,
-    pad: bool = True,
-    trainer_state: bool = True,
-    save_every: int | None = None,
-) -> ForeignRun:
-    """A TRL GRPOTrainer output directory: ``completions/completions_<step>.parquet`` (``pad``:
-    ``completions_00010.parquet``, else ``completions_10.parquet``) and, with ``trainer_state``,
-    ``checkpoint-<step>/trainer_state.json`` every ``save_every`` steps (default: half-way) and
-    at the last step; the newest holds the full ``log_history``."""
-    root = Path(dir)
-    step_list = _steps(steps)
-    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=False)
-    run = ForeignRun(root, "trl", step_list, collapse_at, group_size, prompts_per_step)
-    rewards: dict[int, list[float]] = {}
-    history: list[dict[str, Any]] = []
-    nrng = np.random.default_rng(seed)
-    (root / "completions").mkdir(parents=True, exist_ok=True)
-    for step in step_list:
-        rows: dict[str, list[Any]] = {k: [] for k in
-                                      ("step", "prompt", "completion", "accuracy_reward", "format_reward")}
-        for group in plan[step]:
-            for s in group:
-                rows["step"].append(step)
-                rows["prompt"].append(render_chat(s.prompt_messages, add_generation_prompt=True))
-                rows["completion"].append(s.turns[0])
-                rows["accuracy_reward"].append(float(s.success and not s.collapsed))
-                rows["format_reward"].append(1.0 if s.states[0].startswith("healthy") else 0.0)
-        total = [a + b for a, b in zip(rows["accuracy_reward"], rows["format_reward"])]
-        adv: list[float] = []
-        for g in range(prompts_per_step):
-            adv.extend(_advantages(total[g * group_size:(g + 1) * group_size]))
-        rewards[step] = total
-        df = pl.DataFrame({**rows, "advantage": adv},
-                          schema={"step": pl.Int64, "prompt": pl.String, "completion": pl.String,
-                                  "accuracy_reward": pl.Float64, "format_reward": pl.Float64,
-                                  "advantage": pl.Float64})
-        name = f"completions_{step:05d}.parquet" if pad else f"completions_{step}.parquet"
-        df.write_parquet(root / "completions" / name)
-        run.files.append(root / "completions" / name)
-        health = _health(plan[step])
-        lengths = [len(c) / 3.5 for c in rows["completion"]]
-        history.append({
-            "step": step,
-            "epoch": round(step / max(len(step_list), 1), 4),
-            "loss": float(nrng.normal(0.0, 0.01)),
-            "grad_norm": float(0.3 + (1 - health) * 4 + nrng.random() * 0.05),
-            "learning_rate": 1e-6,
-            "reward": float(np.mean(total)),
-            "reward_std": float(np.std(total)),
-            "rewards/accuracy_reward/mean": float(np.mean(rows["accuracy_reward"])),
-            "rewards/accuracy_reward/std": float(np.std(rows["accuracy_reward"])),
-            "rewards/format_reward/mean": float(np.mean(rows["format_reward"])),
-            "rewards/format_reward/std": float(np.std(rows["format_reward"])),
-            "entropy": float(0.05 + 0.55 * health + nrng.random() * 0.02),
-            "kl": float(0.001 * (step + 1) + (1 - health) * 0.2),
-            "clip_ratio/region_mean": float(0.001 + (1 - health) * 0.05),
-            "clip_ratio/low_mean": 0.0,
-            "clip_ratio/high_mean": float((1 - health) * 0.02),
-            "completions/mean_length": float(np.mean(lengths)),
-            "completions/min_length": float(np.min(lengths)),
-            "completions/max_length": float(np.max(lengths)),
-            "completions/clipped_ratio": 0.0,
-            "frac_reward_zero_std": 0.0,
-            "num_tokens": float(sum(lengths)),
-        })
-    if trainer_state and step_list:
-        every = save_every or max(len(step_list) // 2, 1)
-        saves = [s for i, s in enumerate(step_list, start=1) if i % every == 0]
-        if step_list[-1] not in saves:
-            saves.append(step_list[-1])
-        for save in saves:
-            hist = [h for h in history if h["step"] <= save]
-            state = {"best_metric": None, "epoch": hist[-1]["epoch"], "global_step": save,
-                     "log_history": hist, "logging_steps": 1, "max_steps": step_list[-1], "save_steps": every}
-            d = root / f"checkpoint-{save}"
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            run.files.append(d / "trainer_state.json")
-    return _truth(run, plan, rewards)
+def write_trl_run(dir: str | os.PathLike[str], steps: int = 10, collapse_at: int | None = None,  # noqa: A002
+                  seed: int = 0, **options: Any) -> ForeignRun:
+    """A TRL GRPOTrainer output directory as ``GRPOTrainer.train`` writes it (TRL 1.16
+    ``trl/trainer/grpo_trainer.py``): see `diagnose.synth.trl_run.write_trl_run` for the options
+    (message-list or decoded-text completions, ``logging_steps``, ``num_iterations``, eval,
+    ``log_extra`` columns). Global steps run from 1 to ``steps``."""
+    from diagnose.synth.trl_run import write_trl_run as write
+
+    return write(dir, steps, collapse_at, seed, **options)
 
 
 # ---- verl ---------------------------------------------------------------------------
