@@ -100,7 +100,8 @@ LOOKED_FOR: dict[str, str] = {
     "native": "run.json (our run directory, docs/run-format.md)",
     "trl": "completions/completions_<step>.parquet (TRL GRPOTrainer log_completions) or "
            "trainer_state.json with 'log_history' (also in checkpoint-*/)",
-    "open_instruct": "*_rollouts_*.jsonl traces (open-instruct: step, prompt_idx, response_tokens, logprobs, reward)",
+    "open_instruct": "<run_name>_rollouts_<shard>.jsonl traces in the folder (open-instruct --save_traces, "
+                     "rollouts_save_path: step, prompt_idx, response_tokens, logprobs, reward)",
     "verl": "<step>.jsonl rollout dumps with input/output/score (verl trainer.rollout_data_dir, here or one "
             "folder down), a *.jsonl of {\"step\": N, \"data\": {...}} metrics lines here or at "
             "<project>/<experiment>.jsonl (verl file logger), or latest_checkpointed_iteration.txt (a checkpoint folder)",
