@@ -83,9 +83,13 @@ def test_fixture_is_open_instructs_layout(collapse):
                                          "tool_calleds", "tool_call_stats", "rollout_state"]
     assert rec["prompt_tokens"][-3:] == [151644, 77091, NL]  # <|im_start|>assistant\n
     assert rec["response_tokens"][:3] == [TOOL_CALL, NL, BODY]  # <tool_call>\n{"
-    # tool outputs carry exactly 0.0 and so do some sampled tokens: 0.0 alone marks nothing
-    zeros = sum(1 for x in rec["logprobs"] if x == 0.0)
-    assert zeros > rec["response_tokens"].count(151644) * 5
+    # the model's turn ends in <|im_end|>; the tool output follows at once, <|im_start|>tool\n...,
+    # every token of it with log-prob exactly 0.0, up to the <|im_start|>assistant\n postfix
+    ids, lps = rec["response_tokens"], rec["logprobs"]
+    end = ids.index(IM_END)
+    assert ids[end + 1:end + 3] == [151644, 14172]  # <|im_start|>tool
+    post = next(i for i in range(end + 1, len(ids) - 2) if ids[i:i + 3] == [151644, 77091, NL])
+    assert set(lps[end + 1:post + 3]) == {0.0} and len(lps) == len(ids)
 
 
 def test_detect_and_step_of_file(collapse):
