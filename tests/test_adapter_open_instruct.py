@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
@@ -446,3 +447,21 @@ def test_the_wrong_tokenizer_is_reported(collapse, tmp_path):
     assert any("beyond the tokenizer's vocabulary (3)" in n for n in src.notes)
     assert src.rollouts.collect().height == STEPS * 16
     scan_source(src)
+
+
+def test_qwen3_postfix_opens_thinking(tmp_path):
+    """``VLLM_PARSERS["vllm_qwen3_xml"]`` ends each tool output with ``<|im_start|>assistant\\n<think>\\n``
+    (0.0 like the rest): with Qwen3's tokenizer, where ``<think>`` is a token, all of it is tool output."""
+    from diagnose.adapters._tokenizer import load_tokenizer
+    from diagnose.adapters._tool_spans import ChatIds, segment_chatml
+    from diagnose.model.qwen_tokenizer import qwen3_tokenizer
+
+    tok = load_tokenizer(qwen3_tokenizer())
+    chat = ChatIds.from_tokenizer(tok)
+    turn = tok.encode("<tool_call>\n<function=f>\n</function>\n</tool_call><|im_end|>")
+    out = tok.encode("<|im_start|>user\n<tool_response>\nok\n</tool_response>\n<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    answer = tok.encode("Done.</think>\n\nok<|im_end|>")
+    ids = np.array(turn + out + answer)
+    lps = np.array([-0.2] * len(turn) + [0.0] * len(out) + [0.0] + [-0.1] * (len(answer) - 1))
+    seg = segment_chatml(ids, lps, np.ones(len(ids), bool), chat)
+    assert seg.is_tool.sum() == len(out) and seg.turns == [(0, len(turn)), (len(turn) + len(out), len(ids))]

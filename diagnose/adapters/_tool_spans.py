@@ -41,6 +41,8 @@ class ChatIds:
     im_start: int
     im_end: int
     postfix: tuple[int, ...]
+    #: ``<think>\\n``, which ``vllm_qwen3_xml`` adds to the postfix (when ``<think>`` is a token)
+    think: tuple[int, ...] = ()
 
     @classmethod
     def from_tokenizer(cls, tok) -> ChatIds | None:
@@ -51,7 +53,8 @@ class ChatIds:
         post = tuple(tok.encode("<|im_start|>assistant\n"))
         if not post or post[0] != s:
             return None
-        return cls(s, e, post)
+        think = tuple(tok.encode("<think>\n")) if tok.single_id("<think>") is not None else ()
+        return cls(s, e, post, think)
 
 
 @dataclass
@@ -108,6 +111,9 @@ def segment_chatml(ids: np.ndarray, lps: np.ndarray, known: np.ndarray, chat: Ch
             continue
         k = int(np.searchsorted(posts, s + 1))
         end = int(posts[k]) + L if k < len(posts) else n
+        T = len(chat.think)
+        if T and end + T <= n and tuple(ids[end:end + T].tolist()) == chat.think and zero_or_unknown[end:end + T].all():
+            end += T  # the thinking opener of the vllm_qwen3_xml postfix
         bad = np.flatnonzero(~zero_or_unknown[s:end])
         if len(bad):
             end = s + int(bad[0])
