@@ -216,6 +216,33 @@ def test_bad_input_is_named_with_results_for_the_rest(tmp_path):
     assert "completions_00002.parquet" in {Path(i["path"]).name for i in out["issues"]}
 
 
+def test_odd_cells_and_states_never_raise(tmp_path):
+    pd = pytest.importorskip("pandas")
+    c = tmp_path / "out" / "completions"
+    c.mkdir(parents=True)
+    pd.DataFrame({"step": [1, 1], "prompt": ["a", "a"], "completion": [1, 2], "f": [1.0, 0.0],
+                  "advantage": [0.0, 0.0]}).to_parquet(c / "completions_00001.parquet")
+    pd.DataFrame({"step": ["x"], "prompt": [[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]],
+                  "completion": [[{"role": "assistant", "content": "x" * 200_000,
+                                   "tool_calls": [{"type": "function", "function": {"name": None, "arguments": {"a": 1}}}]}]],
+                  "f": [None], "advantage": [0.0]}).to_parquet(c / "completions_00002.parquet")
+    (tmp_path / "out" / "trainer_state.json").write_text(json.dumps(
+        {"log_history": [{"step": "x"}, {"step": 2, "reward": None, "rewards/f/mean": float("nan")}, [1]]}))
+    (tmp_path / "out" / "checkpoint-5").mkdir()
+    (tmp_path / "out" / "checkpoint-5" / "trainer_state.json").write_text("[1, 2]")
+    src = load_run(tmp_path / "out")
+    text = issues_text(src)
+    for needle in ("'step' column has dtype String", "checkpoint-5/trainer_state.json: no 'log_history'",
+                   "log_history[0] has no valid 'step'", "log_history[2] is not an object", "null at some logged steps"):
+        assert needle in text, needle
+    ro = src.rollouts.collect().sort("step", "sample_id")
+    assert ro.get_column("step").to_list() == [1, 1, 2]
+    assert ro.get_column("turn_states").to_list()[2] == ["polluted"]  # text and a structured call without a name
+    assert "missing_name" in ro.get_column("error_types").to_list()[2]
+    assert math.isnan(ro.get_column("reward")[2])
+    scan_source(src)
+
+
 def test_log_history_entries(tmp_path):
     out = tmp_path / "out"
     (out / "completions").mkdir(parents=True)

@@ -99,7 +99,8 @@ class Adapter(Protocol):
 LOOKED_FOR: dict[str, str] = {
     "native": "run.json (our run directory, docs/run-format.md)",
     "trl": "completions/completions_<step>.parquet (TRL GRPOTrainer log_completions) or "
-           "trainer_state.json with 'log_history' (also in checkpoint-*/)",
+           "trainer_state.json with 'log_history' (also in checkpoint-*/), or several such output folders "
+           "one folder down (--run NAME)",
     "open_instruct": "<run_name>_rollouts_<shard>.jsonl traces in the folder (open-instruct --save_traces, "
                      "rollouts_save_path: step, prompt_idx, response_tokens, logprobs, reward)",
     "verl": "<step>.jsonl rollout dumps with input/output/score (verl trainer.rollout_data_dir, here or one "

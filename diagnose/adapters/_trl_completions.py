@@ -89,8 +89,9 @@ def assistant_turn(m: dict[str, Any]) -> tuple[str, bool, int]:
 
     try:
         return assistant_text({"content": text, "tool_calls": calls}), bool(text.strip()), dropped
-    except (ValueError, TypeError):  # not a call (a name that is no string ...): what TRL would fail on
-        return text + "\n" + json.dumps(calls, default=str), bool(text.strip()), dropped
+    except (ValueError, TypeError):  # not a call (a name that is no string ...): shown to the parser as is
+        blocks = "\n".join(f"<tool_call>\n{json.dumps(c, ensure_ascii=False, default=str)}\n</tool_call>" for c in calls)
+        return f"{text}\n{blocks}" if text else blocks, bool(text.strip()), dropped
 
 
 def message_turns(value: list[Any]) -> Turns:
