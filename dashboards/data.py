@@ -57,7 +57,10 @@ def runs_root(argv: Sequence[str] | None = None, environ: dict[str, str] | None 
         if args and not args[0].startswith("-"):
             root = args[0]
     root = root or environ.get(ROOT_ENV) or DEFAULT_ROOT
-    return Path(root).expanduser().resolve()
+    try:
+        return Path(root).expanduser().resolve()
+    except (OSError, RuntimeError):  # a symlink loop: kept as given, discovery finds no run in it
+        return Path(root).expanduser().absolute()
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,10 @@ def discover_runs(root: Path, max_depth: int = MAX_DEPTH, max_dirs: int = MAX_DI
     """Run directories under ``root`` (the root itself included), breadth first, at most
     ``max_depth`` levels down. A directory that is a run is not looked into further; dot
     directories, ``checkpoints`` and symlinks leading outside the root are skipped."""
-    root = root.resolve()
+    try:
+        root = root.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return []
     if not root.is_dir():
         return []
     found: list[RunEntry] = []
@@ -120,7 +126,7 @@ def discover_runs(root: Path, max_depth: int = MAX_DEPTH, max_dirs: int = MAX_DI
         visited += 1
         try:
             real = d.resolve()
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
             continue
         if not _inside(real, root):
             continue
@@ -155,10 +161,36 @@ def resolve_run(root: Path, rel: str) -> Path:
     root = root.resolve()
     if not rel or Path(rel).is_absolute():
         raise OutsideRoot(f"{rel!r}: not a run name under the runs root")
-    p = (root / rel).resolve()
+    try:
+        p = (root / rel).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL in the name
+        raise OutsideRoot(f"{rel!r}: not a run directory under the runs root ({e})") from None
     if not _inside(p, root) or not p.is_dir():
         raise OutsideRoot(f"{rel!r}: not a run directory under the runs root")
+    link = link_outside(p, root)
+    if link is not None:
+        raise OutsideRoot(f"{rel!r}: {link[0].relative_to(p).as_posix()} is a symlink leading outside the runs root; "
+                          "the run is not read")
     return p
+
+
+def link_outside(run: Path, root: Path) -> tuple[Path, Path] | None:
+    """The first symlink under ``run`` (not followed: directory entries only) whose target is
+    outside ``root``, as ``(link, target)``; None when there is none.
+    Why: a run's files are read by the adapters, which follow links; the check keeps the page
+    from showing a byte from outside the root through a link inside a run."""
+    for dirpath, dirnames, filenames in os.walk(run, followlinks=False):
+        for name in dirnames + filenames:
+            entry = Path(dirpath) / name
+            if not entry.is_symlink():
+                continue
+            try:
+                target = entry.resolve(strict=True)
+            except (OSError, RuntimeError):  # a loop or a dangling link: nothing to read (the scan names it)
+                continue
+            if not _inside(target, root):
+                return entry, target
+    return None
 
 
 def run_stamp(path: Path) -> tuple[tuple[str, int, int], ...]:

@@ -308,7 +308,9 @@ def scan(
     raise typer.Exit(code)
 
 
-@app.command(epilog="Exit codes: 0 = compared; 2 = usage error or unreadable run; 3 = internal error.")
+@app.command(epilog="Exit codes: 0 = compared; 2 = usage error, unreadable run, or a file of either run unreadable "
+                    "(each named on stderr; the comparison of what could be read is still printed); 3 = internal "
+                    "error.")
 def compare(
     run_a: Path = typer.Argument(..., help="First run (any layout `diagnose scan` reads).", show_default=False),
     run_b: Path = typer.Argument(..., help="Second run.", show_default=False),
@@ -346,6 +348,16 @@ def compare(
         sys.stdout.write(json.dumps(cmp.to_json(), allow_nan=False) + "\n")
     else:
         render_compare(cmp, console)
+    skipped = [(label, i) for label, r in ((label_a, a), (label_b, b)) for i in r.issues]
+    for label, issue in skipped[:MAX_ERRORS_SHOWN]:
+        err_console.print(f"[yellow]skipped[/] ({_esc(label)}) {_esc(issue)}", highlight=False, soft_wrap=True)
+    if len(skipped) > MAX_ERRORS_SHOWN:
+        err_console.print(f"[yellow]... and {len(skipped) - MAX_ERRORS_SHOWN} more unreadable inputs[/] (see "
+                          "diagnose scan --json)", highlight=False)
+    if skipped:  # compared on partial data: not a clean comparison for a script gating on it
+        err_console.print(f"[red]error:[/] {len(skipped)} input(s) could not be read; the comparison above leaves "
+                          "them out", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE)
 
 
 @app.command()

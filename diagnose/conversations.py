@@ -67,6 +67,11 @@ def _validate(obj: dict[str, Any]) -> str | None:
                 for tc in calls
             ):
                 return f"messages[{i}].tool_calls is malformed"
+            for j, tc in enumerate(calls):  # the same check assistant_text makes: never a raise later
+                try:
+                    ToolCall.from_dict(tc.get("function", tc))
+                except ValueError as e:
+                    return f"messages[{i}].tool_calls[{j}] is malformed ({e})"
     tools = obj.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         return "'tools' must be a list of objects"

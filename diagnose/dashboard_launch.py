@@ -126,7 +126,10 @@ def streamlit_command(root: Path, *, address: str = DEFAULT_ADDRESS, port: int =
 def check_ready(root: Path) -> Path:
     """The resolved runs root; raises `LaunchError` when it is no directory or streamlit is
     missing."""
-    root = root.expanduser().resolve()
+    try:
+        root = root.expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise LaunchError(f"{root}: cannot be resolved ({e})") from None
     if not root.is_dir():
         raise LaunchError(f"{root}: no such directory (the runs root holds run directories)")
     if importlib.util.find_spec("streamlit") is None:

@@ -67,7 +67,7 @@ def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Ite
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM (Windows editors) is no error
             except UnicodeDecodeError as exc:
                 yield line_no, LineError(name, line_no, f"not valid UTF-8 (byte {exc.start}): binary or corrupt data")
                 continue

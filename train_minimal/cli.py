@@ -1,11 +1,17 @@
-"""`train-minimal sft|grpo|run --preset NAME | --config FILE --out runs/NAME [--set key=value ...]`."""
+"""`train-minimal sft|grpo|run --preset NAME | --config FILE --out runs/NAME [--set key=value ...]`.
+
+Exit codes: 0 = trained (or stopped cleanly); 1 = the run failed (a message names why: a file, a
+checkpoint, non-finite losses); 2 = bad configuration or usage; 3 = internal error.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from train_minimal.config import ConfigError, TrainConfig, build_config, merge
 from train_minimal.presets import preset as get_preset
@@ -21,7 +27,7 @@ OutOpt = typer.Option(None, "--out", help="Run directory (default runs/<name>)."
 SetOpt = typer.Option([], "--set", help="Override, e.g. --set grpo.lr=3e-4 (repeatable).")
 ResumeOpt = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out.")
 InitOpt = typer.Option(None, "--init-from", help="Start from these weights (e.g. an SFT run's checkpoint).")
-StopOpt = typer.Option(None, "--stop-after", help="Stop cleanly (with a checkpoint) after this global step.")
+StopOpt = typer.Option(None, "--stop-after", min=1, help="Stop cleanly (with a checkpoint) after this global step.")
 
 
 def _config(preset: str | None, config: Path | None, overrides: list[str], phase: dict) -> TrainConfig:
@@ -29,19 +35,28 @@ def _config(preset: str | None, config: Path | None, overrides: list[str], phase
         base = merge(get_preset(preset), phase) if preset else phase
         return build_config(base, config, overrides)
     except (ConfigError, KeyError) as exc:
-        err.print(f"[red]config error:[/] {exc.args[0] if exc.args else exc}")
+        err.print(f"[red]config error:[/] {escape(str(exc.args[0] if exc.args else exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 
 def _run(cfg: TrainConfig, out: Path | None, resume: bool, init_from: str | None, stop_after: int | None) -> None:
+    if cfg.sft.steps + cfg.grpo.steps == 0:
+        err.print("[red]config error:[/] nothing to train: sft.steps + grpo.steps is 0", highlight=False)
+        raise typer.Exit(2)
     from train_minimal.trainer import TrainingError, train
 
     out_dir = out or Path("runs") / cfg.name
     try:
         train(cfg, out_dir, resume=resume, console=console, init_from=init_from, stop_after=stop_after)
     except (TrainingError, FileExistsError, ValueError, OSError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
+    except Exception as exc:  # noqa: BLE001 - never a traceback for users; DIAGNOSE_DEBUG=1 shows it
+        if os.environ.get("DIAGNOSE_DEBUG"):
+            raise
+        err.print(f"[red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))} "
+                  "(set DIAGNOSE_DEBUG=1 for the traceback)", highlight=False)
+        raise typer.Exit(3) from None
     console.print(f"run written to {out_dir}")
 
 

@@ -7,8 +7,10 @@ wrong types are one-line errors that name the key.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -129,7 +131,39 @@ class TrainConfig:
         for key, v in (("sft.lr", self.sft.lr), ("grpo.lr", self.grpo.lr), ("rollout.temperature", r.temperature)):
             if not v > 0:
                 raise ConfigError(f"{key}: must be > 0, got {v}")
+        check_bounds(self.to_dict())
         return self
+
+
+# Numeric bounds. Why: a negative step count trained nothing and exited 0, a zero interval
+# divided by zero a step into the run, an infinite temperature sampled garbage for hours.
+AT_LEAST_1 = ("data.train_tasks", "rollout.prompts_per_step", "rollout.max_turns", "rollout.max_new_tokens",
+              "sft.batch_size", "grpo.micro_batch_size", "supervision.interleave_rl_steps",
+              "supervision.sft_batch_size", "log.probe_tasks", "log.checkpoint_every")
+FRACTIONS = ("sft.system_prompt_rate", "sft.ood_rate", "sft.truncated_call_rate")  # in [0, 1]
+OPEN_FRACTIONS = ("rollout.top_p", "rollout.vllm_gpu_memory_utilization")  # in (0, 1]
+
+
+def check_bounds(data: dict[str, Any], prefix: str = "") -> None:
+    """Every number finite and >= 0, counts and intervals that divide >= 1, shares within [0, 1];
+    the first violation is a ConfigError naming the key."""
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            check_bounds(v, f"{key}.")
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, got {v}")
+        if key in OPEN_FRACTIONS and not 0 < v <= 1:
+            raise ConfigError(f"{key}: must be in (0, 1], got {v}")
+        if key in FRACTIONS and not 0 <= v <= 1:
+            raise ConfigError(f"{key}: must be in [0, 1], got {v}")
+        if key in AT_LEAST_1 and v < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {v}")
+        if v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v}")
 
 
 # ---------------------------------------------------------------- dict -> dataclass, strictly
@@ -205,9 +239,10 @@ def parse_override(item: str) -> dict[str, Any]:
 def load_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    text = decode_text(p, raw)
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml
@@ -220,6 +255,24 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a table of settings at top level")
     return data
+
+
+def decode_text(p: Path, raw: bytes) -> str:
+    """A config file's text: UTF-8 (a BOM allowed), or UTF-16 with its BOM (as some Windows
+    editors save it); anything else, a binary file included, is a ConfigError naming the file."""
+    for bom, enc in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if raw.startswith(bom):
+            break
+    else:
+        enc = "utf-8"
+    try:
+        text = raw.decode(enc)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a text config (invalid {exc.encoding} at byte {exc.start}): "
+                          "a binary file? save it as UTF-8 TOML or YAML") from None
+    if "\x00" in text:
+        raise ConfigError(f"{p}: not a text config (NUL characters): a binary file? save it as UTF-8 TOML or YAML")
+    return text
 
 
 def build_config(base: dict[str, Any] | None = None, file: str | Path | None = None,

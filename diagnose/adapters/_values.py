@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from diagnose.rundir.schema import step_value
+
 
 def as_float(v: Any) -> float | None:
     """A JSON scalar as float (bools as 0/1), else None."""
@@ -19,11 +21,6 @@ def as_float(v: Any) -> float | None:
 
 
 def as_step(v: Any) -> int | None:
-    """A JSON value as a step number (non-negative int; integral floats accepted), else None."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-        v = int(v)
-    if isinstance(v, int) and v >= 0:
-        return v
-    return None
+    """A JSON value as a step number (int or integral float in 0..2^63-1), else None
+    (`diagnose.rundir.schema.step_value`, the one check)."""
+    return step_value(v)

@@ -107,6 +107,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.Pa
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:  # a diverged checkpoint: any score of it would be noise, not a finding
+        where = weights[0] if len(weights) == 1 else p
+        raise ProbeInputError(f"{where}: non-finite weights (NaN/inf) in {len(bad)} tensor(s), e.g. {bad[0]}; "
+                              "not probed")
     model.eval()
     return model, tokenizer
 

@@ -42,6 +42,7 @@ from diagnose.rundir.schema import (
     ctrl_names_from_columns,
     parse_step_dirname,
     parse_step_filename,
+    step_value,
     validate_schema,
 )
 from diagnose.source import STEP_MISMATCH, step_mismatch_message
@@ -224,18 +225,23 @@ class RunReader:
         path = self.run_dir / METRICS_JSONL
         empty = pl.DataFrame(schema={"step": pl.Int64})
         if not path.exists():
-            self._issue(path, None, "missing")
+            self._issue(path, None, "broken symlink or symlink loop; not read" if path.is_symlink() else "missing")
             return empty
         try:
             data = path.read_bytes()
         except OSError as e:
             self._issue(path, None, f"unreadable: {e}")
             return empty
+        if not data.strip():
+            self._issue(path, None, "empty: no metrics line")
+            return empty
         lines = data.split(b"\n")
         last_unterminated = lines[-1] != b""
         if not last_unterminated:
             lines = lines[:-1]
         merged: dict[int, dict[str, Any]] = {}
+        first_line: dict[int, int] = {}
+        relogged: list[tuple[int, int, int]] = []  # (step, first line, line logging a key again)
         keys: dict[str, None] = {"step": None}
         n_lines = len(lines)
         for i, raw in enumerate(lines, start=1):
@@ -245,7 +251,15 @@ class RunReader:
             step = rec.pop("step")
             for k in rec:
                 keys.setdefault(k, None)
-            merged.setdefault(step, {}).update(rec)
+            into = merged.setdefault(step, {})
+            if step in first_line and not into.keys().isdisjoint(rec):
+                relogged.append((step, first_line[step], i))
+            first_line.setdefault(step, i)
+            into.update(rec)
+        if relogged:  # a step logged twice (re-run after a resume?): named, merged
+            s, a, b = relogged[0]
+            self._issue(path, b, f"step {s} logged again (first on line {a}); {len(relogged)} re-logged line(s) in "
+                                 "all, merged with later values winning")
         if not merged:
             return empty
         steps = sorted(merged)
@@ -274,11 +288,11 @@ class RunReader:
         if not isinstance(obj, dict):
             self._issue(path, lineno, f"expected a JSON object, got {type(obj).__name__}; line skipped")
             return None
-        step = obj.get("step")
-        if isinstance(step, float) and step.is_integer():
-            step = int(step)
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            self._issue(path, lineno, f"missing or invalid 'step' ({step!r}); line skipped")
+        raw_step = obj.get("step")
+        step = step_value(raw_step)
+        if step is None:
+            self._issue(path, lineno, f"missing or invalid 'step' ({raw_step!r}; expected an integer 0..2^63-1); "
+                                      "line skipped")
             return None
         nonfinite = obj.pop("nonfinite", None)
         rec: dict[str, Any] = {}
@@ -380,6 +394,8 @@ class RunReader:
             raise ValueError(f"unknown table kind {kind!r}; expected one of {KINDS}")
         directory = self.run_dir / kind
         if not directory.is_dir():
+            if directory.is_symlink():
+                self._issue(directory, None, "broken symlink or symlink loop; not read")
             return []
         out: list[_StepFile] = []
         try:
@@ -396,9 +412,12 @@ class RunReader:
                 continue
             try:
                 if not entry.is_file():
+                    if entry.is_symlink():
+                        self._issue(Path(entry.path), None, "broken symlink or symlink loop; file skipped")
                     continue
                 st = entry.stat()
-            except OSError:
+            except OSError as e:
+                self._issue(Path(entry.path), None, f"cannot stat ({e.strerror or e}); file skipped")
                 continue
             path = Path(entry.path)
             stamp = (st.st_mtime_ns, st.st_size)

@@ -9,6 +9,7 @@ against a spec with clear error messages.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ __all__ = [
     "schema_for",
     "step_dirname",
     "step_filename",
+    "step_value",
+    "MAX_STEP",
     "tokens_schema",
     "validate_schema",
 ]
@@ -113,12 +116,28 @@ def parse_step_dirname(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+#: Steps are Int64 everywhere (tables, metrics frames); a larger one is bad input, not a step.
+MAX_STEP = 2**63 - 1
+
+
+def step_value(v: Any) -> int | None:
+    """A JSON value as a step number: an int (or integral float) in 0..MAX_STEP, else None. The
+    one check every reader of steps uses, so ``1e30`` is skipped like ``-3``, never an overflow."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    return v if isinstance(v, int) and 0 <= v <= MAX_STEP else None
+
+
 def _check_step(step: Any) -> int:
     if isinstance(step, bool) or not hasattr(step, "__index__"):
         raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
     step = int(step.__index__())
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if step > MAX_STEP:
+        raise ValueError(f"step must be <= {MAX_STEP} (Int64), got {step}")
     return step
 
 
