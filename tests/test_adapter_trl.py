@@ -400,3 +400,46 @@ def test_real_grpo_trainer_output_is_read(tmp_path, monkeypatch):
         assert name in m.columns, name
     ts = ro.get_column("turn_states").explode()
     assert (ts == "healthy_call").sum() > 0  # the base model calls tools; TRL parsed them
+
+
+def text_reward(completions, **kwargs):
+    return [float("<tool_call>" in c) for c in completions]
+
+
+@pytest.mark.slow  # a second real trainer run (~20-40 s)
+def test_real_grpo_trainer_text_completions_and_sparse_logging(tmp_path, monkeypatch):
+    """Non-conversational prompts: TRL logs ``batch_decode(..., skip_special_tokens=True)`` text;
+    ``logging_steps=2`` writes every second step."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "home"))
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from diagnose.model.build import ensure_base_model
+    from diagnose.tasks import make_tasks
+
+    path = ensure_base_model()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tasks = make_tasks("train", 4, seed=1)
+    ds = Dataset.from_dict({"prompt": [tok.apply_chat_template(t.messages, tokenize=False, add_generation_prompt=True)
+                                       for t in tasks]})
+    out = tmp_path / "grpo"
+    args = GRPOConfig(output_dir=str(out), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=48, max_steps=4, logging_steps=2, log_completions=True, save_steps=4,
+                      report_to=[], learning_rate=1e-5, seed=0, bf16=False, save_only_model=True,
+                      num_completions_to_print=0, temperature=0.3)
+    GRPOTrainer(model=model, processing_class=tok, reward_funcs=[text_reward], args=args, train_dataset=ds).train()
+    assert sorted(f.name for f in (out / "completions").glob("*.parquet")) == [
+        "completions_00002.parquet", "completions_00004.parquet"]
+    src = load_run(out)
+    ro = src.rollouts.collect().sort("step", "sample_id")
+    assert ro.get_column("step").unique().to_list() == [2, 4]
+    raw = pl.concat([pl.read_parquet(f) for f in sorted((out / "completions").glob("*.parquet"))])
+    assert raw.schema["completion"] == pl.String and "<|im_end|>" not in "".join(raw.get_column("completion"))
+    for text, states in zip(raw.get_column("completion").to_list(), ro.get_column("turn_states").to_list()):
+        assert states == [classify_turn(text).state.value]
+    assert (ro.get_column("reward") == ro.get_column("text_reward")).all()
+    assert any("1 step in 2" in n for n in src.notes)
