@@ -210,3 +210,71 @@ def test_sft_pass_context_weight_and_dropped_system_prompt(tiny_model_dir):
     model.zero_grad(set_to_none=True)
     whole = sft_pass(model, tok, tasks, micro=8, scale=1.0, keep_system=[False, True, False], context_weight=0.3)
     assert whole == pytest.approx(one_loss, rel=1e-4)
+
+
+def test_lr_schedule_warms_up_then_decays_but_never_to_zero():
+    from train_minimal.trainer import lr_at
+
+    assert [lr_at(s, 1.0, 2) for s in (1, 2, 3, 20)] == [0.5, 1.0, 1.0, 1.0]  # constant (the default)
+    lin = [lr_at(s, 1.0, 2, 20, "linear") for s in range(1, 21)]
+    assert lin[:2] == [0.5, 1.0] and all(a > b for a, b in zip(lin[1:], lin[2:])) and 0 < lin[-1] < 0.1
+    cos = [lr_at(s, 1.0, 2, 20, "cosine") for s in range(1, 21)]
+    assert cos[1] == 1.0 and all(a >= b for a, b in zip(cos[1:], cos[2:])) and 0 < cos[-1] < 0.05
+
+
+def test_truncated_call_example_ends_the_turn_after_the_call_opener(tiny_model_dir):
+    """The base-mix lever: a conversation cut at a call turn trains `<tool_call>` `\\n` `<|im_end|>`
+    as that turn's assistant tokens, and nothing after it."""
+    from train_minimal.trainer import truncated_at_call
+
+    _, tok = load_model_and_tokenizer(tiny_model_dir)
+    task = make_tasks("train", 1, seed=3)[0]
+    full = gold_messages(task)
+    cut = truncated_at_call(full, 1)
+    n_calls = sum(m["role"] == "assistant" and "<tool_call>" in m["content"] for m in full)
+    assert n_calls >= 2 and cut[-1] == {"role": "assistant", "content": "<tool_call>\n"}
+    assert sum(m["role"] == "assistant" for m in cut) == 2 and cut[:-1] == full[: len(cut) - 1]
+    seq = encode_conversation(tok, cut, len(task.messages))
+    trained = [i for i, m in zip(seq.ids, seq.loss_mask) if m]
+    assert tok.convert_ids_to_tokens(trained[-3:]) == ["<tool_call>", "\u010a", "<|im_end|>"]
+    assert truncated_at_call(full[:2], 0) == full[:2]  # no call turn: unchanged
+
+
+def test_warm_start_mix_draws_ood_examples_apart_from_the_eval_sets(tiny_model_dir, tmp_path):
+    """sft.ood_rate draws content_ood / format_ood examples (format_ood keeps its system prompt,
+    its only syntax cue), none with an eval set's request; rate 0 keeps the v1 random stream."""
+    from train_minimal.trainer import setup, warm_start_batch
+
+    cfg = smoke_config(tiny_model_dir, "sft.ood_rate=0.5", "sft.truncated_call_rate=0.5", "sft.batch_size=16")
+    s = setup(cfg, tmp_path / "run", resume=False, console=QUIET, init_from=None)
+    try:
+        held = {t.user for ts in s.eval_sets.values() for t in ts}
+        assert s.ood_pool and not any(t.user in held for t in s.ood_pool)
+        tasks, keep, cut = warm_start_batch(s, 1)
+        splits = [t.split for t in tasks]
+        assert "train" in splits and {"content_ood", "format_ood"} & set(splits)
+        assert all(k for t, k in zip(tasks, keep) if t.split == "format_ood")
+        assert cut is not None and any(c is not None for c in cut) and any(c is None for c in cut)
+    finally:
+        s.writer.close()
+    plain = setup(smoke_config(tiny_model_dir), tmp_path / "plain", resume=False, console=QUIET, init_from=None)
+    try:
+        tasks, _, cut = warm_start_batch(plain, 1)
+        assert cut is None and all(t.split == "train" for t in tasks) and not plain.ood_pool
+    finally:
+        plain.writer.close()
+
+
+def test_seq_mean_aggregation_weighs_sequences_not_tokens():
+    """loss_agg: token-mean weighs a long sequence by its tokens; seq-mean-token-mean gives each
+    sequence the same weight (a 1-token sequence weighs as much as a 3-token one)."""
+    from train_minimal.losses import grpo_loss
+
+    lp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    for agg, want in (("token-mean", [[-0.25] * 3, [0.25, 0, 0]]),
+                      ("seq-mean-token-mean", [[-1 / 6] * 3, [0.5, 0, 0]])):
+        lp.grad = None
+        grpo_loss(lp, lp.detach(), adv, mask, epsilon=0.2, epsilon_high=0.2, agg=agg).loss.backward()
+        assert torch.allclose(lp.grad, torch.tensor(want)), (agg, lp.grad)

@@ -61,6 +61,12 @@ class SFTConfig:
     system_prompt_rate: float = 1.0  # share of examples that keep the system prompt (tool schemas);
     #   dropping it makes sequences ~2.4x shorter, so more steps fit in the same CPU time
     context_loss_weight: float = 0.0  # LM loss weight on non-assistant tokens (user, tool outputs)
+    # Mid-training mix (how the base v2 was made, docs/models.md):
+    ood_rate: float = 0.0  # share of examples from the content_ood families and the format_ood syntax
+    #   (half each; other instances than the eval sets'; format_ood always keeps its system prompt,
+    #   the only cue to its call syntax)
+    truncated_call_rate: float = 0.0  # share of examples cut at one call turn: the assistant writes
+    #   `<tool_call>\n` and ends the turn (the base's prior of a bare call, an issue-13 lever)
 
 
 @dataclass
@@ -68,12 +74,16 @@ class GRPOConfig:
     steps: int = 0
     lr: float = 1e-4
     warmup_steps: int = 5
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warm-up; linear/cosine decay towards 0
     beta: float = 0.0  # KL to the frozen reference (k3 estimator); 0 = no reference model
     epsilon: float = 0.2  # clip range low
     epsilon_high: float = 0.2  # clip range high (DAPO's clip-higher when > epsilon)
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     scale_rewards: bool = True  # divide advantages by the group std (Dr. GRPO: False)
+    # token-mean: every trained token of the step weighs the same (verl's default, TRL "dapo");
+    # seq-mean-token-mean: every sequence weighs the same (verl's mode of that name, TRL "grpo")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     micro_batch_size: int = 16
 
 
@@ -128,6 +138,9 @@ class TrainConfig:
             raise ConfigError("rollout.group_size: GRPO needs at least 2 rollouts per group")
         if s.off_policy_k + s.hint_k >= r.group_size:
             raise ConfigError("supervision.off_policy_k + hint_k must leave at least one plain rollout per group")
+        for key, v in (("sft.ood_rate", self.sft.ood_rate), ("sft.truncated_call_rate", self.sft.truncated_call_rate)):
+            if not 0 <= v <= 1:
+                raise ConfigError(f"{key}: must be in [0, 1], got {v}")
         for key, v in (("sft.lr", self.sft.lr), ("grpo.lr", self.grpo.lr), ("rollout.temperature", r.temperature)):
             if not v > 0:
                 raise ConfigError(f"{key}: must be > 0, got {v}")

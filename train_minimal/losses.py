@@ -1,7 +1,9 @@
 """GRPO and SFT losses, written out so each term is visible.
 
-All losses are token-means over the loss mask (assistant tokens only; prompts and tool outputs
-masked), which is what TRL calls ``loss_type="dapo"``/token-level normalisation.
+The GRPO loss is a token-mean over the loss mask (assistant tokens only; prompts and tool outputs
+masked) by default, which is what TRL calls ``loss_type="dapo"`` and verl ``token-mean``; with
+``agg="seq-mean-token-mean"`` (verl's mode of that name, TRL's ``"grpo"``) each sequence's tokens
+are averaged first, so a short sequence weighs as much as a long one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def grpo_loss(
     beta: float = 0.0,
     off_policy: torch.Tensor | None = None,  # [B] bool: rows that are gold trajectories
     gamma: float = 0.1,
+    agg: str = "token-mean",  # or "seq-mean-token-mean": the mean over rows of each row's token-mean
 ) -> LossStats:
     """Clipped-ratio policy gradient (PPO/GRPO) with optional k3 KL to a reference.
 
@@ -75,7 +78,10 @@ def grpo_loss(
         kl = torch.exp(d) - d - 1  # k3: unbiased, low variance, >= 0
         per_token = per_token + beta * kl
         kl_val = float(masked_mean(kl.detach(), mask))
-    loss = masked_mean(per_token, mask)
+    if agg == "seq-mean-token-mean":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:
+        loss = masked_mean(per_token, mask)
     return LossStats(
         loss=loss,
         pg_loss=float(loss.detach()),

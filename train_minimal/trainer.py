@@ -2,7 +2,8 @@
 supervisory signals of `SupervisionConfig`. Every step writes run-directory format v1 so that
 `diagnose scan` can say why a run collapsed.
 
-Read `train()` top to bottom; the helpers above it are one concern each.
+Read `train()` (the loop), `setup()` (what a run is built from) and `train_step()` (one global
+step); the helpers above them are one concern each.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from diagnose.atomic import atomic_write_json
+from diagnose.chat import TOOL_CALL_OPEN
 from diagnose.control_tokens import ControlTokenRegistry
 from diagnose.model.ctrl_probe import build_probe_set, probe_summary, run_probe
 from diagnose.model.logits import token_stats
@@ -60,9 +62,16 @@ def pick_device_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def lr_at(step_in_phase: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then constant (the usual choice for RL fine-tuning)."""
-    return base * min(1.0, step_in_phase / max(warmup, 1))
+def lr_at(step_in_phase: int, base: float, warmup: int, total: int = 0, schedule: str = "constant") -> float:
+    """Linear warm-up over ``warmup`` steps, then constant, or decaying towards 0 over the
+    phase's ``total`` steps (``linear``: TRL's default scheduler; ``cosine``). The last step's lr
+    is above 0 (a step at lr 0 would be wasted)."""
+    s = step_in_phase
+    f = min(1.0, s / max(warmup, 1))
+    if schedule != "constant" and total > warmup and s > warmup:
+        progress = (s - warmup) / (total - warmup + 1)
+        f = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base * f
 
 
 @dataclass
@@ -104,14 +113,28 @@ def supervision_tasks(cfg: TrainConfig, state: TrainState, pool: list[Task], ste
 # ------------------------------------------------------------------------------ model passes
 
 
+def truncated_at_call(msgs: list[dict], k: int) -> list[dict]:
+    """The conversation up to its ``k``-th assistant call turn (modulo their number), which is cut
+    to a bare ``<tool_call>\n`` that ends the turn; unchanged if it has no call turn."""
+    calls = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and TOOL_CALL_OPEN in m["content"]]
+    if not calls:
+        return msgs
+    i = calls[k % len(calls)]
+    return msgs[:i] + [{"role": "assistant", "content": f"{TOOL_CALL_OPEN}\n"}]
+
+
 def sft_pass(model: Any, tokenizer: Any, tasks: list[Task], micro: int, scale: float, *,
-             keep_system: list[bool] | None = None, context_weight: float = 0.0) -> float:
+             keep_system: list[bool] | None = None, context_weight: float = 0.0,
+             truncate: list[int | None] | None = None) -> float:
     """Backward the SFT loss on the tasks' gold trajectories: assistant tokens, plus the other
     tokens (user, tool outputs) at ``context_weight``; ``keep_system[i]`` False drops task i's
-    system prompt (pretraining-style warm start)."""
+    system prompt (pretraining-style warm start); ``truncate[i] = k`` cuts task i's conversation
+    at its k-th call turn (`truncated_at_call`)."""
     seqs = []
     for i, t in enumerate(tasks):
         msgs, n_prompt = gold_messages(t), len(t.messages)
+        if truncate is not None and truncate[i] is not None:
+            msgs = truncated_at_call(msgs, truncate[i])
         if keep_system is not None and not keep_system[i] and msgs and msgs[0]["role"] == "system":
             msgs, n_prompt = msgs[1:], n_prompt - 1
         seqs.append(encode_conversation(tokenizer, msgs, n_prompt))
@@ -181,11 +204,14 @@ def grpo_pass(model: Any, ref: Any, tokenizer: Any, trajs: list[Trajectory], cfg
                 ref_logits = ref(input_ids=mb.ids, attention_mask=mb.attention).logits[:, :-1]
                 ref_lp = token_stats(ref_logits, mb.ids[:, 1:], with_entropy=False).logprob
         mask = mb.loss_mask
-        frac = float(mask.sum()) / n_tokens
+        # the micro-batch's share of the step: its tokens (token-mean) or its rows (seq-mean), so the
+        # mean is over the whole step, not per micro-batch
+        frac = float(mask.sum()) / n_tokens if g.loss_agg == "token-mean" else len(mb) / len(batch)
         ls = grpo_loss(st.logprob, old, adv[sl].to(model.device), mask, epsilon=g.epsilon,
                        epsilon_high=g.epsilon_high, ref_logprob=ref_lp, beta=g.beta,
-                       off_policy=is_gold[sl].to(model.device), gamma=cfg.supervision.off_policy_gamma)
-        (ls.loss * frac).backward()  # token-mean over the whole step, not per micro-batch
+                       off_policy=is_gold[sl].to(model.device), gamma=cfg.supervision.off_policy_gamma,
+                       agg=g.loss_agg)
+        (ls.loss * frac).backward()
         sums["loss"] += ls.pg_loss * frac
         sums["kl"] += ls.kl * frac
         sums["clip_ratio"] += ls.clip_ratio * frac
@@ -271,20 +297,36 @@ class GracefulStop:
 # ------------------------------------------------------------------------------ the loop
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, console: Console | None = None,
-          init_from: str | None = None, stop_after: int | None = None) -> Path:
-    """Train per ``cfg`` into run directory ``out_dir``; returns it.
+@dataclass
+class Session:
+    """Everything a training step needs, built once by `setup`."""
 
-    ``resume`` continues from the latest checkpoint in ``out_dir`` with the same results as an
-    uninterrupted run (rollouts and batches are seeded by step, not by a running RNG).
-    ``stop_after`` stops (with a checkpoint) after that global step, as an interruption would.
-    """
-    console = console or Console()
-    out_dir = Path(out_dir)
+    cfg: TrainConfig
+    model: Any
+    tokenizer: Any
+    ref: Any  # frozen reference for the KL term, or None
+    registry: ControlTokenRegistry
+    engine: Any  # the vLLM engine, or None (HF generate on `model`)
+    sampling: Sampling
+    pool: list[Task]
+    eval_sets: dict[str, list[Task]]
+    probe_set: Any
+    writer: RunWriter
+    opt: torch.optim.Optimizer
+    state: TrainState
+    ood_pool: list[Task] = field(default_factory=list)  # warm-start OOD examples (sft.ood_rate)
+
+    @property
+    def total(self) -> int:
+        return self.cfg.sft.steps + self.cfg.grpo.steps
+
+
+def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool, console: Console, init_from: str | None) -> Session:
+    """Model, tokenizer, control tokens, tasks, run directory and optimizer; on ``resume``, the
+    latest checkpoint's weights, optimizer and trainer state."""
     device, dtype = pick_device_dtype(cfg)
     torch.manual_seed(cfg.seed)
     # ---- model, tokenizer, control tokens
-    start_state = TrainState()
     ckpt = None
     if resume:
         ckpts = RunReader(out_dir).checkpoints() if (out_dir / "run.json").exists() else []
@@ -322,6 +364,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
     else:
         pool = make_tasks("train", cfg.data.train_tasks, seed=cfg.data.seed)
     eval_sets = {s: make_tasks(s, cfg.data.eval_tasks, seed=cfg.data.seed + 1000) for s in EVAL_SPLITS}
+    ood_pool = []
+    if cfg.sft.ood_rate > 0:  # other instances than the eval sets' and the probe's (`diagnose probe
+        # --split S`, seed 0): another seed, and any request they share dropped
+        held_out = {t.user for ts in eval_sets.values() for t in ts}
+        held_out |= {t.user for split in ("content_ood", "format_ood") for t in make_tasks(split, 200, seed=0)}
+        n = max(cfg.data.train_tasks // 4, 1)
+        ood_pool = [t for split in ("content_ood", "format_ood")
+                    for t in make_tasks(split, n, seed=cfg.data.seed + 7000) if t.user not in held_out]
     probe_set = build_probe_set(tokenizer, make_tasks("test", cfg.log.probe_tasks, seed=cfg.data.seed + 2000))
     # ---- run directory
     writer = RunWriter(
@@ -333,94 +383,145 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
         control_tokens=registry.to_json(), seeds={"seed": cfg.seed, "data_seed": cfg.data.seed}, resume=resume)
     # ---- optimizer (one AdamW; the lr follows the phase)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.grpo.weight_decay)
+    state = TrainState()
     if ckpt is not None:
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        raw = json.loads((ckpt / "trainer_state.json").read_text())
-        start_state = TrainState(step=int(raw["step"]), failed=dict(raw.get("failed", {})),
-                                 nonfinite_streak=int(raw.get("nonfinite_streak", 0)))
-        writer.truncate_after(start_state.step)  # steps logged after the checkpoint are re-run: logged once
-    state = start_state
-    total = cfg.sft.steps + cfg.grpo.steps
-    model.train()
+        try:
+            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            raw = json.loads((ckpt / "trainer_state.json").read_text())
+            state = TrainState(step=int(raw["step"]), failed=dict(raw.get("failed", {})),
+                               nonfinite_streak=int(raw.get("nonfinite_streak", 0)))
+            writer.truncate_after(state.step)  # steps logged after the checkpoint are re-run: logged once
+        except BaseException:
+            writer.close()
+            raise
+    return Session(cfg, model, tokenizer, ref, registry, engine, sampling, pool, eval_sets, probe_set, writer,
+                   opt, state, ood_pool)
+
+
+def warm_start_batch(s: Session, step: int) -> tuple[list[Task], list[bool], list[int | None] | None]:
+    """The warm start's examples for ``step``: random training tasks (a share ``sft.ood_rate`` of
+    them from the OOD pool), whether each keeps its system prompt, and where each is cut
+    (``sft.truncated_call_rate``; None: not cut)."""
+    c = s.cfg.sft
+    rng = random.Random(seed_for(s.cfg.seed, step, "warm"))
+    tasks = rng.sample(s.pool, min(len(s.pool), c.batch_size))
+    keep = [rng.random() < c.system_prompt_rate for _ in tasks]
+    if c.ood_rate == 0 and c.truncated_call_rate == 0:  # the v1 recipe: same random stream as before
+        return tasks, keep, None
+    mix = random.Random(seed_for(s.cfg.seed, step, "warm-mix"))
+    for i in range(len(tasks)):
+        if s.ood_pool and mix.random() < c.ood_rate:
+            tasks[i] = mix.choice(s.ood_pool)
+            keep[i] = keep[i] or tasks[i].split == "format_ood"
+    cut = [mix.randrange(8) if mix.random() < c.truncated_call_rate else None for _ in tasks]
+    return tasks, keep, cut
+
+
+def rl_step(s: Session, step: int, m: dict[str, Any]) -> None:
+    """Rollouts, the GRPO loss (plus the synchronous SFT loss) backwarded; rollouts and token
+    traces written. Fills ``m``."""
+    cfg, state, t0 = s.cfg, s.state, time.perf_counter()
+    rng = random.Random(seed_for(cfg.seed, step, "prompts"))
+    tasks = rng.sample(s.pool, min(len(s.pool), cfg.rollout.prompts_per_step))
+    torch.manual_seed(seed_for(cfg.seed, step, "sample"))
+    s.model.eval()
+    if s.engine is not None:
+        s.engine.sync_weights(s.model)
+    trajs = rollout_episodes(s.model, s.tokenizer, group_items(tasks, cfg), max_turns=cfg.rollout.max_turns,
+                             sampling=s.sampling, generate=s.engine.generate if s.engine else None)
+    s.model.train()
+    t_roll = time.perf_counter()
+    for t in trajs:
+        if t.kind == "policy" and t.reward < 1:
+            state.failed[t.task.id] = step
+    m.update(rollout_metrics(trajs, cfg.rollout.group_size))
+    res = grpo_pass(s.model, s.ref, s.tokenizer, trajs, cfg, s.registry, step, cfg.log.traces, cfg.log.attribution)
+    tokens = res.pop("_tokens")
+    m.update(res)
+    if cfg.supervision.sft_schedule == "synchronous" and cfg.supervision.sft_weight > 0:
+        sup = supervision_tasks(cfg, state, s.pool, step)
+        m["sft_examples"] = len(sup)
+        if sup:
+            m["sft_loss"] = sft_pass(s.model, s.tokenizer, sup, cfg.grpo.micro_batch_size, cfg.supervision.sft_weight)
+    s.writer.write_rollouts(step, rollout_rows(trajs, step))
+    if tokens is not None:
+        s.writer.write_tokens(step, tokens)
+    m["time/rollout"] = t_roll - t0
+
+
+def train_step(s: Session, step: int) -> dict[str, Any]:
+    """Global step ``step`` (1-based): its phase's loss, the optimizer step, the probe and the
+    evaluation when due; the metrics are logged and returned."""
+    cfg, model, t0 = s.cfg, s.model, time.perf_counter()
+    phase = phase_of(step, cfg)
+    m: dict[str, Any] = {"phase": phase}
+    if phase == "sft":  # warm start: gold trajectories of random training tasks
+        lr = lr_at(step, cfg.sft.lr, cfg.sft.warmup_steps)
+        tasks, keep, cut = warm_start_batch(s, step)
+        m["sft_loss"] = sft_pass(model, s.tokenizer, tasks, cfg.grpo.micro_batch_size, 1.0,
+                                 keep_system=keep, context_weight=cfg.sft.context_loss_weight, truncate=cut)
+    elif phase == "sft_supervision":  # interleaved SFT phase
+        lr = lr_at(step - cfg.sft.steps, cfg.grpo.lr, cfg.grpo.warmup_steps, cfg.grpo.steps, cfg.grpo.lr_schedule)
+        tasks = supervision_tasks(cfg, s.state, s.pool, step)
+        m["sft_loss"] = sft_pass(model, s.tokenizer, tasks, cfg.grpo.micro_batch_size, 1.0) if tasks else 0.0
+        m["sft_examples"] = len(tasks)
+    else:  # GRPO
+        lr = lr_at(step - cfg.sft.steps, cfg.grpo.lr, cfg.grpo.warmup_steps, cfg.grpo.steps, cfg.grpo.lr_schedule)
+        rl_step(s, step, m)
+    for group in s.opt.param_groups:
+        group["lr"] = lr
+    norm, ok = clip_and_step(model, s.opt, cfg.grpo.max_grad_norm)
+    m.update({"lr": lr, "grad_norm": norm, "skipped_update": not ok})
+    s.state.nonfinite_streak = 0 if ok else s.state.nonfinite_streak + 1
+    if cfg.log.probe_every and (step % cfg.log.probe_every == 0 or step == 1):
+        frame = run_probe(model, s.probe_set, s.registry, step)
+        s.writer.write_probe(step, frame)
+        m.update(probe_summary(frame, s.registry.names))
+    if cfg.log.eval_every and (step % cfg.log.eval_every == 0 or step == s.total):
+        model.eval()
+        m.update(evaluate(model, s.tokenizer, s.eval_sets, cfg))
+        model.train()
+    m["time/step"] = time.perf_counter() - t0
+    s.writer.log_metrics(step, m)
+    s.state.step = step
+    return m
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, console: Console | None = None,
+          init_from: str | None = None, stop_after: int | None = None) -> Path:
+    """Train per ``cfg`` into run directory ``out_dir``; returns it.
+
+    ``resume`` continues from the latest checkpoint in ``out_dir`` with the same results as an
+    uninterrupted run (rollouts and batches are seeded by step, not by a running RNG).
+    ``stop_after`` stops (with a checkpoint) after that global step, as an interruption would.
+    """
+    console = console or Console()
+    out_dir = Path(out_dir)
+    s = setup(cfg, out_dir, resume=resume, console=console, init_from=init_from)
+    state = s.state
+    s.model.train()
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
-    with GracefulStop() as stop, Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task(cfg.name, total=total, completed=state.step, info="")
-        while state.step < total and not stop.requested:
-            step = state.step + 1
-            phase = phase_of(step, cfg)
-            t0 = time.perf_counter()
-            m: dict[str, Any] = {"phase": phase}
-            if phase == "sft":  # warm start: gold trajectories of random training tasks
-                lr = lr_at(step, cfg.sft.lr, cfg.sft.warmup_steps)
-                rng = random.Random(seed_for(cfg.seed, step, "warm"))
-                tasks = rng.sample(pool, min(len(pool), cfg.sft.batch_size))
-                keep = [rng.random() < cfg.sft.system_prompt_rate for _ in tasks]
-                m["sft_loss"] = sft_pass(model, tokenizer, tasks, cfg.grpo.micro_batch_size, 1.0,
-                                         keep_system=keep, context_weight=cfg.sft.context_loss_weight)
-            elif phase == "sft_supervision":  # interleaved SFT phase
-                lr = lr_at(step - cfg.sft.steps, cfg.grpo.lr, cfg.grpo.warmup_steps)
-                tasks = supervision_tasks(cfg, state, pool, step)
-                m["sft_loss"] = sft_pass(model, tokenizer, tasks, cfg.grpo.micro_batch_size, 1.0) if tasks else 0.0
-                m["sft_examples"] = len(tasks)
-            else:  # GRPO
-                lr = lr_at(step - cfg.sft.steps, cfg.grpo.lr, cfg.grpo.warmup_steps)
-                rng = random.Random(seed_for(cfg.seed, step, "prompts"))
-                tasks = rng.sample(pool, min(len(pool), cfg.rollout.prompts_per_step))
-                torch.manual_seed(seed_for(cfg.seed, step, "sample"))
-                model.eval()
-                if engine is not None:
-                    engine.sync_weights(model)
-                trajs = rollout_episodes(model, tokenizer, group_items(tasks, cfg), max_turns=cfg.rollout.max_turns,
-                                         sampling=sampling, generate=engine.generate if engine else None)
-                model.train()
-                t_roll = time.perf_counter()
-                for t in trajs:
-                    if t.kind == "policy" and t.reward < 1:
-                        state.failed[t.task.id] = step
-                m.update(rollout_metrics(trajs, cfg.rollout.group_size))
-                res = grpo_pass(model, ref, tokenizer, trajs, cfg, registry, step, cfg.log.traces, cfg.log.attribution)
-                tokens = res.pop("_tokens")
-                m.update(res)
-                if cfg.supervision.sft_schedule == "synchronous" and cfg.supervision.sft_weight > 0:
-                    sup = supervision_tasks(cfg, state, pool, step)
-                    m["sft_examples"] = len(sup)
-                    if sup:
-                        m["sft_loss"] = sft_pass(model, tokenizer, sup, cfg.grpo.micro_batch_size,
-                                                 cfg.supervision.sft_weight)
-                writer.write_rollouts(step, rollout_rows(trajs, step))
-                if tokens is not None:
-                    writer.write_tokens(step, tokens)
-                m["time/rollout"] = t_roll - t0
-            for group in opt.param_groups:
-                group["lr"] = lr
-            norm, ok = clip_and_step(model, opt, cfg.grpo.max_grad_norm)
-            m.update({"lr": lr, "grad_norm": norm, "skipped_update": not ok})
-            state.nonfinite_streak = 0 if ok else state.nonfinite_streak + 1
-            if cfg.log.probe_every and (step % cfg.log.probe_every == 0 or step == 1):
-                frame = run_probe(model, probe_set, registry, step)
-                writer.write_probe(step, frame)
-                m.update(probe_summary(frame, registry.names))
-            if cfg.log.eval_every and (step % cfg.log.eval_every == 0 or step == total):
-                model.eval()
-                m.update(evaluate(model, tokenizer, eval_sets, cfg))
-                model.train()
-            m["time/step"] = time.perf_counter() - t0
-            writer.log_metrics(step, m)
-            state.step = step
-            info = f"{phase} " + (f"reward {m['reward']:.2f} collapsed {m['turn_state/collapsed']:.0%}"
-                                  if "reward" in m else f"sft_loss {m.get('sft_loss', 0):.3f}")
-            progress.update(bar, completed=step, info=info)
-            if state.nonfinite_streak >= 3:
-                save_checkpoint(writer, step, model, tokenizer, opt, state, cfg.log.keep_checkpoints)
-                raise TrainingError(f"step {step}: non-finite gradients 3 steps in a row; stopped "
-                                    f"(checkpoint saved; lower the learning rate?)")
-            if stop_after is not None and step >= stop_after:
-                stop.requested = True
-            if step % cfg.log.checkpoint_every == 0 or step == total or stop.requested:
-                save_checkpoint(writer, step, model, tokenizer, opt, state, cfg.log.keep_checkpoints)
-    if stop.requested:
-        console.print(f"[yellow]interrupted[/]: stopped cleanly after step {state.step}; "
-                      f"resume with --resume")
-    writer.close()
+    try:
+        with GracefulStop() as stop, Progress(*columns, console=console, transient=False) as progress:
+            bar = progress.add_task(cfg.name, total=s.total, completed=state.step, info="")
+            while state.step < s.total and not stop.requested:
+                step = state.step + 1
+                m = train_step(s, step)
+                info = f"{m['phase']} " + (f"reward {m['reward']:.2f} collapsed {m['turn_state/collapsed']:.0%}"
+                                           if "reward" in m else f"sft_loss {m.get('sft_loss', 0):.3f}")
+                progress.update(bar, completed=step, info=info)
+                if state.nonfinite_streak >= 3:
+                    save_checkpoint(s.writer, step, s.model, s.tokenizer, s.opt, state, cfg.log.keep_checkpoints)
+                    raise TrainingError(f"step {step}: non-finite gradients 3 steps in a row; stopped "
+                                        f"(checkpoint saved; lower the learning rate?)")
+                if stop_after is not None and step >= stop_after:
+                    stop.requested = True
+                if step % cfg.log.checkpoint_every == 0 or step == s.total or stop.requested:
+                    save_checkpoint(s.writer, step, s.model, s.tokenizer, s.opt, state, cfg.log.keep_checkpoints)
+        if stop.requested:
+            console.print(f"[yellow]interrupted[/]: stopped cleanly after step {state.step}; "
+                          f"resume with --resume")
+    finally:
+        s.writer.close()
     return out_dir
