@@ -215,3 +215,50 @@ def test_imports_stay_torch_free():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_sigkill_midway_keeps_finished_checkpoints_only(runs, tmp_path):
+    import signal
+    import time
+
+    _, trl = runs
+    trl = _copy(trl, tmp_path)
+    code = ("import sys; from diagnose.rescore.pipeline import rescore_run, RescoreConfig; "
+            "rescore_run(sys.argv[1], RescoreConfig(samples=4))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(trl)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    man = trl / ".diagnose" / "rescore" / "manifest.json"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if json.loads(man.read_text()).get("checkpoints"):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    store = RescoreStore(trl)
+    done = [e["name"] for e in store.entries()]
+    assert 1 <= len(done) < 5  # killed after the first finished checkpoint, before the last
+    for rel in {r for e in store.entries() for r in e["tables"].values() if r}:
+        pl.read_parquet(store.dir / rel)  # every listed table is whole
+    rep = rescore_run(trl, RescoreConfig(samples=4))
+    assert sorted(rep.cached) == sorted(done) and len(rep.computed) + len(done) == 5
+
+
+def test_missing_model_extra_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    res = CliRunner().invoke(app, ["rescore", "."])
+    assert res.exit_code == 2
+    assert "[model] extra" in res.output and "pip install" in res.output and "Traceback" not in res.output
+
+
+def test_bad_device_is_one_line(runs):
+    _, trl = runs
+    res = CliRunner().invoke(app, ["rescore", str(trl), "--dtype", "fp8"])
+    assert res.exit_code == 2 and "--dtype fp8" in res.output and "Traceback" not in res.output

@@ -163,6 +163,21 @@ def _assign(ckpts: list[Checkpoint], logged: list[int]) -> dict[str, int | None]
 # ---- the run ----------------------------------------------------------------------------------
 
 
+def _check_device(cfg: RescoreConfig) -> None:
+    """--device and --dtype, before anything is loaded."""
+    import torch
+
+    from diagnose.rescore.score import ScoreConfig
+
+    try:
+        dev = torch.device(cfg.device)
+        ScoreConfig(device=cfg.device, dtype=cfg.dtype).torch_dtype()
+    except (RuntimeError, ValueError) as e:
+        raise RescoreError(f"--device {cfg.device} / --dtype {cfg.dtype}: {str(e).splitlines()[0]}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RescoreError(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
+
+
 Progress = Callable[[str, int, int], None]  # (description, done tokens, total tokens)
 
 
@@ -174,6 +189,7 @@ def rescore_run(run: str | os.PathLike[str], cfg: RescoreConfig | None = None, *
     from diagnose.rescore.render import RenderError, Renderer
 
     cfg = cfg or RescoreConfig()
+    _check_device(cfg)
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
     src = load_run(run, format=cfg.format)
