@@ -443,3 +443,28 @@ def test_real_grpo_trainer_text_completions_and_sparse_logging(tmp_path, monkeyp
         assert states == [classify_turn(text).state.value]
     assert (ro.get_column("reward") == ro.get_column("text_reward")).all()
     assert any("1 step in 2" in n for n in src.notes)
+
+
+def test_weighted_metric_reward_is_noted(tmp_path):
+    run = collapse_run(tmp_path / "c")
+    assert not any("differs from the rollouts" in n for n in load_run(run.path).notes)
+    f = run.path / "checkpoint-30" / "trainer_state.json"
+    state = json.loads(f.read_text())
+    for e in state["log_history"]:
+        if isinstance(e.get("reward"), float):
+            e["reward"] *= 0.5  # as reward_weights=[0.5, 0.5] would log it
+    f.write_text(json.dumps(state, indent=2, sort_keys=True))
+    assert any("differs from the rollouts" in n and "reward_weights" in n for n in load_run(run.path).notes)
+
+
+def test_writer_without_pandas_writes_the_same_arrow_types(tmp_path, monkeypatch):
+    pytest.importorskip("pandas")
+    import sys
+
+    with_pandas = collapse_run(tmp_path / "a")
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas -> ImportError
+    without = collapse_run(tmp_path / "b")
+    for s in (1, 17, 30):
+        name = f"completions/completions_{s:05d}.parquet"
+        a, b = pl.read_parquet(with_pandas.path / name), pl.read_parquet(without.path / name)
+        assert a.schema == b.schema and a.equals(b)

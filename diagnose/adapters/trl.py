@@ -257,18 +257,29 @@ def _sampling_note(files: list[FileRows], state: dict[str, Any] | None, metrics:
     if not isinstance(n, int) or isinstance(n, bool):
         gaps = [b - a for a, b in zip(steps, steps[1:])]
         n = int(statistics.median(gaps)) if gaps else 1
+    diff = _reward_gap(metrics, rollouts)
     if n <= 1:
+        if diff is not None and diff[0] > 1e-6:
+            notes.append(f"the trainer's reward metric differs from the rollouts' (mean |difference| {diff[0]:.3g} over "
+                         f"{diff[1]} steps): reward_weights or a multi_objective_aggregation other than sum_then_normalize "
+                         "weigh the columns; the scan reads the rollouts' unweighted sum")
         return
     text = (f"logging_steps={n}: the rollouts sample 1 step in {n} (each completions file holds only the last "
             f"generation batch before its step), while the metrics at that step (reward, rewards/<f>/mean, ...) "
             f"average the {n} steps since the previous log; the scan's reward is the rollouts' (the last batch), so "
             "a drop shows fully at the first logged step after it and diluted in the metric")
-    if metrics is not None and "reward" in metrics.columns and rollouts.height:
-        ro = rollouts.group_by("step").agg(pl.col("reward").filter(pl.col("reward").is_finite()).mean().alias("_r"))
-        j = ro.join(metrics.select("step", pl.col("reward").alias("_m")), on="step").drop_nulls()
-        if j.height:
-            text += f" (here mean |metric - rollout reward| = {(j['_r'] - j['_m']).abs().mean():.3g} over {j.height} steps)"
+    if diff is not None:
+        text += f" (here mean |metric - rollout reward| = {diff[0]:.3g} over {diff[1]} steps)"
     notes.append(text)
+
+
+def _reward_gap(metrics: pl.DataFrame | None, rollouts: pl.DataFrame) -> tuple[float, int] | None:
+    """Mean |trainer reward metric - mean rollout reward| over the steps that have both."""
+    if metrics is None or "reward" not in metrics.columns or not rollouts.height:
+        return None
+    ro = rollouts.group_by("step").agg(pl.col("reward").filter(pl.col("reward").is_finite()).mean().alias("_r"))
+    j = ro.join(metrics.select("step", pl.col("reward").alias("_m")), on="step").drop_nulls().drop_nans()
+    return (float((j["_r"] - j["_m"]).abs().mean()), j.height) if j.height else None
 
 
 def load(p: Path, *, run: str | None = None, **_ignored: Any) -> RunSource:
