@@ -247,8 +247,10 @@ def scan(path: Path) -> Loaded:
 
 
 def source(path: Path) -> Loaded:
+    from diagnose.rescore.tables import attach_rescored
+
     try:
-        return Loaded(load_run(path))
+        return Loaded(attach_rescored(load_run(path)))
     except Exception as e:  # noqa: BLE001
         return Loaded(error=_error_line(e))
 

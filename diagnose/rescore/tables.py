@@ -205,7 +205,9 @@ def attach_rescored(src: RunSource) -> RunSource:
             if not src.control_tokens:
                 changes["control_tokens"] = list(store.manifest.get("control_tokens") or [])
             steps = [e["step"] for e in entries if e.get("step") is not None]
-            notes = [n for n in src.notes if "no control-token signals" not in n]
+            # the adapter's "no token probabilities / no control-token signals" is no longer true
+            stale = ("no control-token signals", "no token probabilities")
+            notes = [n for n in src.notes if not any(x in n for x in stale)] if "tokens" in changes else list(src.notes)
             notes.append(f"control-token signals rescored from checkpoints ({len(entries)} checkpoints, steps "
                          f"{_steps_text(steps)}; `diagnose rescore`, tables in {store.dir}): " + "; ".join(used))
             changes["notes"] = notes
