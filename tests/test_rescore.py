@@ -262,3 +262,35 @@ def test_bad_device_is_one_line(runs):
     _, trl = runs
     res = CliRunner().invoke(app, ["rescore", str(trl), "--dtype", "fp8"])
     assert res.exit_code == 2 and "--dtype fp8" in res.output and "Traceback" not in res.output
+
+
+def test_discovery_of_each_layout(tmp_path):
+    def hf(d: Path) -> Path:
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"")
+        return d
+
+    trl = tmp_path / "trl"
+    hf(trl / "checkpoint-10"), hf(trl / "checkpoint-2")
+    (trl / "checkpoint-2" / "training_args.bin").write_bytes(b"")
+    assert [(c.name, c.step, c.problem) for c in discover_checkpoints(trl)] == [
+        ("checkpoint-2", 2, None), ("checkpoint-10", 10, None)]
+    ours = tmp_path / "ours"
+    hf(ours / "checkpoints" / "step-000005")
+    (ours / "checkpoints" / "step-000005" / "trainer_state.json").write_text('{"step": 5}')
+    hf(ours / "checkpoints" / "step-000010")  # no trainer_state.json: still being written
+    got = discover_checkpoints(ours)
+    assert [(c.step, c.problem is None) for c in got] == [(5, True), (10, False)]
+    assert "incomplete" in got[1].problem
+    verl = tmp_path / "verl"
+    hf(verl / "checkpoints" / "p" / "e" / "global_step_3" / "actor" / "huggingface")
+    [c] = discover_checkpoints(verl)
+    assert c.step == 3 and c.problem is None and c.path.name == "huggingface"
+    folder = tmp_path / "folder"
+    hf(folder / "ckpt_7"), hf(folder / "final")
+    got = discover_checkpoints(folder)
+    assert [(c.step, c.problem is None) for c in got] == [(7, True), (None, False)]
+    assert [c.step for c in discover_checkpoints(folder, "ckpt_*")] == [7]
+    [missing] = discover_checkpoints(folder, "nope")
+    assert missing.problem == "no such directory"
