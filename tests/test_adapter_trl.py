@@ -294,6 +294,7 @@ def test_step_of_file_and_options(tmp_path):
     run = collapse_run(tmp_path / "c")
     src = trl_adapter.load(run.path, metrics="/nowhere.jsonl", tokenizer="x", run=None, other=1)
     assert src.rollouts.collect().height > 0
+    assert any("option tokenizer=x is not used" in n for n in src.notes)
     assert set(src.fingerprint()["files"]) >= {"completions/completions_00001.parquet", "checkpoint-30/trainer_state.json"}
 
 

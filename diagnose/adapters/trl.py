@@ -289,7 +289,8 @@ def load(p: Path, *, run: str | None = None, **_ignored: Any) -> RunSource:
     if names and (run is not None or len(names) == 1):
         p = p / (run if run is not None else names[0])
     issues = IssueLog()
-    notes = [SPECIAL_NOTE]
+    notes = [SPECIAL_NOTE] + [f"option {k}={v!s} is not used by the trl adapter; ignored"
+                              for k, v in sorted(_ignored.items()) if v is not None]
     classifier = TurnClassifier()
     files = completion_files(p)
     read: list[FileRows] = []
