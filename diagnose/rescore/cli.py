@@ -17,11 +17,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from diagnose.cli_errors import EXIT_USAGE, command_errors, require
 
-EPILOG = ("Exit codes: 0 = rescored (unusable checkpoints are named on stderr, the others are scored); "
-          "2 = usage error, unreadable run, no usable checkpoint or missing [model] extra; 3 = internal error. "
-          "Tables go to RUN/.diagnose/rescore/ (docs/rescore.md); `diagnose scan RUN` then uses them.")
-
-
 def rescore_command(run: Path, checkpoints: str | None, tokenizer: str | None, samples: int, device: str,
                     dtype: str, batch_tokens: int, fmt: str | None) -> None:
     err = Console(stderr=True, soft_wrap=True)
@@ -30,6 +25,7 @@ def rescore_command(run: Path, checkpoints: str | None, tokenizer: str | None, s
         require("model", "diagnose rescore")
         from diagnose.adapters import UnknownRunLayout
         from diagnose.rescore.pipeline import RescoreConfig, RescoreError, rescore_run
+        from diagnose.rundir import RunFormatError
 
         cfg = RescoreConfig(checkpoints=checkpoints, tokenizer=tokenizer, samples=samples, device=device,
                             dtype=dtype, batch_tokens=batch_tokens, format=fmt)
@@ -49,7 +45,7 @@ def rescore_command(run: Path, checkpoints: str | None, tokenizer: str | None, s
         try:
             with bar:
                 rep = rescore_run(run, cfg, progress=progress, log=log)
-        except (RescoreError, UnknownRunLayout, ValueError) as e:
+        except (RescoreError, UnknownRunLayout, RunFormatError) as e:
             err.print(f"[red]error:[/] {escape(str(e).splitlines()[0])}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USAGE) from None
         for name, why in rep.skipped_early:

@@ -250,8 +250,9 @@ def _probe_set(renderer: Any, df: pl.DataFrame, samples: int, store: RescoreStor
         fixed = {tuple(x) for x in man.get("probe_set") or []}
     cands = _probe_candidates(df)
     if fixed:
-        cands = df.filter(pl.struct("step", "sample_id").map_elements(
-            lambda s: (s["step"], s["sample_id"]) in fixed, return_dtype=pl.Boolean))
+        keys = pl.DataFrame(sorted(fixed), schema={"step": df.schema["step"], "sample_id": df.schema["sample_id"]},
+                            orient="row")
+        cands = df.join(keys, on=["step", "sample_id"], how="semi", maintain_order="left")
     rendered, tried = [], 0
     for row in cands.iter_rows(named=True):
         if len(rendered) >= samples:
