@@ -6,6 +6,7 @@ import streamlit as st
 from dashboards import data, ui
 from diagnose.figures import key_signals_figure, overview_figure
 from diagnose.scan.report import fmt_num, fmt_pct, level, smoothed_peak, table_presence, token_label, verdict_line
+from diagnose.scan.result import issues_summary
 
 st.title("Overview")
 entry, result = ui.run_and_scan_or_stop()
@@ -69,6 +70,6 @@ if result.notes:
         for n in result.notes:
             st.text(n)
 if issues:
-    with st.expander(f"unreadable inputs, skipped ({len(issues)})", expanded=False):
+    with st.expander(f"issues: {issues_summary(len(issues))}", expanded=False):
         for i in issues[:200]:
             st.text(str(i))

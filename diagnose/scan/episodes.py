@@ -46,6 +46,7 @@ from diagnose.scan.result import (
     RolloutExample,
     ScanResult,
     SignalMove,
+    issues_summary,
 )
 from diagnose.scan.signals import generic_signals, signal_direction, signal_kind, step_signals
 from diagnose.source import RunSource
@@ -626,7 +627,7 @@ def scan_source(src: RunSource, cfg: DetectConfig | None = None, signals: pl.Dat
     notes: list[str] = list(getattr(src, "notes", []) or [])
     issues = list(getattr(src, "issues", []) or [])
     if issues:
-        notes.append(f"{len(issues)} unreadable input(s) skipped; first: {issues[0]}")
+        notes.append(f"{issues_summary(len(issues))}; first: {issues[0]}")
     if signals is None:
         signals = step_signals(src, low_prob=cfg.low_prob)
     generic = generic_signals(signals.columns)

@@ -31,7 +31,7 @@ import plotly.graph_objects as go
 from diagnose import __version__
 from diagnose.atomic import atomic_write_text
 from diagnose.figures import compare_figure, esc, scan_figures
-from diagnose.scan.result import CollapseEpisode, RolloutExample, ScanResult
+from diagnose.scan.result import CollapseEpisode, RolloutExample, ScanResult, issues_summary
 from diagnose.scan.report import (
     fmt_num,
     fmt_pct,
@@ -214,7 +214,7 @@ def _notes_issues(result: ScanResult) -> str:
         out.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in result.notes) + "</ul>")
     issues = list(getattr(result, "issues", []) or [])
     if issues:
-        out.append(f"<h2>Issues ({len(issues)} unreadable input(s), skipped)</h2><ul class=\"issues\">"
+        out.append(f"<h2>Issues ({esc(issues_summary(len(issues)))})</h2><ul class=\"issues\">"
                    + "".join(f"<li>{esc(i)}</li>" for i in issues) + "</ul>")
     return "".join(out)
 

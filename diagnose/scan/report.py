@@ -24,7 +24,7 @@ from rich.text import Text
 
 from diagnose.chat import CONTROL_STRINGS
 from diagnose.control_tokens import STRUCTURAL_TOKENS
-from diagnose.scan.result import CollapseEpisode, ImplicatedToken, RolloutExample, ScanResult
+from diagnose.scan.result import CollapseEpisode, ImplicatedToken, RolloutExample, ScanResult, issues_summary
 
 __all__ = [
     "control_pattern",
@@ -389,7 +389,7 @@ def render_scan(result: ScanResult, console: Console, *, capability_hint: str | 
     issues = list(getattr(result, "issues", []) or [])
     if issues:
         console.print()
-        console.print(Text(f"issues ({len(issues)} unreadable input(s), skipped)", style="bold yellow"))
+        console.print(Text(f"issues ({issues_summary(len(issues))})", style="bold yellow"))
         for i in issues[:MAX_ISSUES]:
             console.print(Text(f"  {i}", style="yellow"), soft_wrap=True)  # never split a path
         if len(issues) > MAX_ISSUES:

@@ -43,6 +43,7 @@ __all__ = [
     "ScanResult",
     "SignalMove",
     "issue_to_dict",
+    "issues_summary",
     "result_from_json",
 ]
 
@@ -408,6 +409,13 @@ class RunScanResult(ScanResult):
                 out["issues"] = [issue_to_dict(i) for i in self.issues]
         out.setdefault("issues", [issue_to_dict(i) for i in self.issues])
         return out
+
+
+def issues_summary(n: int) -> str:
+    """The one wording of a run's `SourceIssue` count (notes, terminal, HTML, dashboard). Not
+    "unreadable": an issue may be a skipped file or line, but also a file read only in part,
+    e.g. open-instruct token traces without a tokenizer, or a step file holding other steps."""
+    return f"{n} input problem(s) (files or lines skipped or partly read)"
 
 
 def issue_to_dict(i: SourceIssue) -> dict[str, Any]:
