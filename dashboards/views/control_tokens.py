@@ -5,7 +5,7 @@ import streamlit as st
 
 from dashboards import data, ui
 from diagnose.figures import attribution_figure, control_token_figure, control_token_names, token_figure
-from diagnose.scan.report import fmt_prob, has_token_probabilities, token_label
+from diagnose.scan.report import fmt_prob, fmt_rise, has_token_probabilities, token_label
 
 st.title("Control tokens")
 entry, result = ui.run_and_scan_or_stop()
@@ -47,7 +47,7 @@ with ui.section("The implicated-token table"):
             for c in t.contexts:
                 rows.append({"episode": i, "token": token_label(t.token, t.text), "context": c.context,
                              "source": c.source, "before": fmt_prob(c.before), "after": fmt_prob(c.after),
-                             "ratio": round(c.ratio, 1) if c.ratio == c.ratio else None,
+                             "rise": fmt_rise(c.before, c.after),
                              "moved at": c.step, "lead": c.lead, "collapse signature": c.signature})
     if rows:
         st.subheader("Implicated tokens (per episode)")

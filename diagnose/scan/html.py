@@ -36,6 +36,7 @@ from diagnose.scan.report import (
     fmt_num,
     fmt_pct,
     fmt_prob,
+    fmt_rise,
     has_token_probabilities,
     highlight_strings,
     implicated_texts,
@@ -173,10 +174,10 @@ def _tokens_html(e: CollapseEpisode, result: ScanResult) -> str:
     for t in e.implicated:
         for c in t.contexts:
             rows.append((_Raw(f'<span class="ctl">{esc(token_label(t.token, t.text))}</span> ({esc(t.token)})'),
-                         c.context, c.source, fmt_prob(c.before), fmt_prob(c.after), fmt_num(c.ratio, 1),
+                         c.context, c.source, fmt_prob(c.before), fmt_prob(c.after), fmt_rise(c.before, c.after),
                          "—" if c.step is None else c.step, "—" if c.lead is None else c.lead,
                          "yes" if c.signature else ""))
-    table = _table(("token", "context", "source", "p before", "p after", "ratio", "moved at", "lead", "signature"),
+    table = _table(("token", "context", "source", "p before", "p after", "rise", "moved at", "lead", "signature"),
                    rows, numeric=(3, 4, 5, 6, 7))
     attr = [f"{esc(t.token)}: {fmt_num(t.attribution_before, 4)} -> {fmt_num(t.attribution_after, 4)}"
             for t in e.implicated if t.attribution_before is not None or t.attribution_after is not None]

@@ -31,6 +31,7 @@ __all__ = [
     "highlight_strings",
     "fmt_num",
     "fmt_prob",
+    "fmt_rise",
     "has_token_probabilities",
     "render_scan",
     "token_label",
@@ -82,6 +83,17 @@ def fmt_prob(p: Any) -> str:
     if p >= 0.00095:
         return f"{p:.3f}"
     return f"{p:.1e}" if p > 0 else "0"
+
+
+def fmt_rise(before: Any, after: Any) -> str:
+    """How much a probability rose: ``×830``, or ``from 0, +0.66`` when it was 0 before (a
+    token never sampled before the onset): a ratio to 0 has no meaning, the absolute change has."""
+    if not (_finite(before) and _finite(after)):
+        return "—"
+    if before <= 0:
+        return f"from 0, +{fmt_prob(after - before)}"
+    ratio = after / before
+    return f"×{ratio:.1f}" if ratio < 10 else f"×{ratio:,.0f}" if ratio < 1e6 else f"×{ratio:.1e}"
 
 
 def fmt_pct(v: Any) -> str:
@@ -256,7 +268,7 @@ def _rise_line(tok: ImplicatedToken, c: Any) -> Text:
     line.append(label, style="bold magenta")
     line.append(f" | {ctx}) ")
     line.append(f"{fmt_prob(c.before)} -> {fmt_prob(c.after)}", style="bold")
-    extra = [f"×{fmt_num(c.ratio, 1) if c.ratio < 1000 else f'{c.ratio:.0f}'}", "probe" if c.source == "probe" else "rollout tokens"]
+    extra = [fmt_rise(c.before, c.after), "probe" if c.source == "probe" else "rollout tokens"]
     if c.step is not None:
         extra.append(f"moved at step {c.step}" + (f", {c.lead} step(s) before the onset" if c.lead and c.lead > 0 else ""))
     if c.signature:
