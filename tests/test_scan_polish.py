@@ -99,3 +99,63 @@ def test_a_rise_from_zero_is_shown_as_an_absolute_change(tmp_path):
     assert re.search(r"×\d", _terminal(res))  # an ordinary rise keeps its ratio
 
 
+# ---- 3. one cache per named run in a shared folder ---------------------------------------------
+
+
+def test_named_runs_in_one_folder_keep_their_own_caches(tmp_path, tok):
+    from diagnose.model.qwen_tokenizer import save_qwen_tokenizer
+    from diagnose.scan.cache import CACHE_SUBDIR, load_cached_scan
+
+    tok_dir = save_qwen_tokenizer(tmp_path / "tok" / "qwen2.5")
+    path = tmp_path / "deletable_rollouts"
+    runs = shared_save_path(path, tok)
+    a, b = sorted(runs)
+    ra = scan_run(path, run=a, tokenizer=str(tok_dir))
+    rb = scan_run(path, run=b, tokenizer=str(tok_dir))
+    assert not ra.cache.hit and not rb.cache.hit and ra.cache.dir != rb.cache.dir
+    assert ra.cache.dir.is_relative_to(path / ".diagnose") and rb.cache.dir.is_relative_to(path / ".diagnose")
+    assert not (path / CACHE_SUBDIR).exists()  # the single-run place stays free for a single run
+    again_a = scan_run(path, run=a, tokenizer=str(tok_dir))
+    assert again_a.cache.hit and again_a.cache.dir == ra.cache.dir
+    assert again_a.to_json() == ra.to_json()
+    assert scan_run(path, run=b, tokenizer=str(tok_dir)).cache.hit
+    assert (len(ra.episodes) == 1) == (runs[a].truth.collapse_at is not None)
+    assert (len(rb.episodes) == 1) == (runs[b].truth.collapse_at is not None)
+    cached_b = load_cached_scan(path, run=b)
+    assert cached_b is not None and cached_b.to_json() == rb.to_json()
+    assert load_cached_scan(path) is None  # no single-run cache was written
+
+
+def test_named_runs_of_a_read_only_folder_keep_their_own_home_caches(tmp_path, tok, monkeypatch):
+    """Where the folder cannot be written, the home cache is keyed by the path and the run name."""
+    from diagnose.model.qwen_tokenizer import save_qwen_tokenizer
+    from diagnose.scan import cache
+
+    tok_dir = save_qwen_tokenizer(tmp_path / "tok" / "qwen2.5")
+    path = tmp_path / "deletable_rollouts"
+    a, b = sorted(shared_save_path(path, tok))
+    real = cache.cache_dir_candidates
+    monkeypatch.setattr(cache, "cache_dir_candidates", lambda p, run=None: real(p, run)[1:])  # home only
+    ra = scan_run(path, run=a, tokenizer=str(tok_dir))
+    rb = scan_run(path, run=b, tokenizer=str(tok_dir))
+    home = tmp_path / "diagnose_home"
+    assert ra.cache.dir.is_relative_to(home) and rb.cache.dir.is_relative_to(home) and ra.cache.dir != rb.cache.dir
+    assert scan_run(path, run=a, tokenizer=str(tok_dir)).cache.hit
+
+
+def test_run_names_become_safe_folder_names(tmp_path):
+    from diagnose.scan.cache import cache_dir_candidates
+
+    (tmp_path / "r").mkdir()
+    single = cache_dir_candidates(tmp_path / "r")
+    assert single[0] == tmp_path / "r" / ".diagnose" / "scan"
+    names = ["proj/exp", "../x", ".hidden", "a b", "x" * 300, "proj_exp"]
+    dirs = [cache_dir_candidates(tmp_path / "r", run=n) for n in names]
+    inside = [d[0] for d in dirs]
+    assert len(set(inside)) == len(names)  # distinct names never share a folder
+    for d in inside:
+        assert d.parent.parent == tmp_path / "r" / ".diagnose" / "runs" and d.name == "scan"
+        assert not d.parent.name.startswith(".") and len(d.parent.name) <= 120
+    assert len({d[1] for d in dirs} | {single[1]}) == len(names) + 1  # home caches too
+
+

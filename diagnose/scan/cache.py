@@ -7,7 +7,10 @@
 
 Where: ``<run>/.diagnose/scan/`` when the run is a directory we may write to (any format),
 else ``$DIAGNOSE_HOME/scan/<hash>/`` or ``~/.cache/collapse-diagnostics/scan/<hash>/`` (``hash``:
-of the run's absolute path; e.g. a single conversation JSONL file, or a read-only run). The cache
+of the run's absolute path; e.g. a single conversation JSONL file, or a read-only run). A run
+chosen by name in a folder of several (``run=``, ``--run NAME``: open-instruct's shared save
+path, a TRL root, verl experiments) has its own: ``<folder>/.diagnose/runs/<name>/scan/``, or a
+home cache whose hash covers the name too, so switching between runs never evicts one. The cache
 directory is replaced as a whole (`diagnose.atomic.atomic_dir`): a reader sees the complete
 old cache, the complete new one, or none.
 
@@ -37,6 +40,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +70,8 @@ CACHE_VERSION = 1
 SIGNALS_VERSION = 1
 
 CACHE_SUBDIR = Path(".diagnose") / "scan"
+#: Caches of runs chosen by name (``run=``) inside their folder: ``RUNS_SUBDIR / <name> / "scan"``.
+RUNS_SUBDIR = Path(".diagnose") / "runs"
 MANIFEST = "manifest.json"
 DERIVED = "derived.parquet"
 SIGNALS = "signals.parquet"
@@ -95,21 +102,42 @@ def run_root(path: Path) -> Path:
     return path
 
 
-def home_cache_dir(root: Path) -> Path:
+def home_cache_dir(root: Path, run: str | None = None) -> Path:
     base = os.environ.get("DIAGNOSE_HOME")
     home = Path(base).expanduser() if base else Path.home() / ".cache" / "collapse-diagnostics"
-    digest = hashlib.sha256(str(root).encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    key = str(root) if run is None else f"{root}\0run={run}"
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:20]
     return home / "scan" / digest
 
 
-def cache_dir_candidates(path: str | os.PathLike[str]) -> list[Path]:
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
+
+
+def run_dirname(run: str) -> str:
+    """A run name as one safe folder name, distinct for distinct names: the name itself when
+    plain, else percent-encoded (verl's ``project/experiment`` -> ``project%2Fexperiment``; a
+    leading dot encoded too, so it is never hidden, ``.`` or ``..``); a long one is cut and
+    given a hash suffix."""
+    if _PLAIN_NAME.fullmatch(run):
+        return run
+    q = urllib.parse.quote(run, safe="")
+    if q.startswith("."):
+        q = "%2E" + q[1:]
+    if len(q) > 100:
+        q = q[:80] + "-" + hashlib.sha256(run.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return q
+
+
+def cache_dir_candidates(path: str | os.PathLike[str], run: str | None = None) -> list[Path]:
     """Where the cache of the run at ``path`` may live, in lookup order: inside the run
-    (directories only), then under ``$DIAGNOSE_HOME`` / ``~/.cache/collapse-diagnostics``."""
+    (directories only), then under ``$DIAGNOSE_HOME`` / ``~/.cache/collapse-diagnostics``.
+    ``run``: the name of one run of several in the folder (the ``run`` load option), whose
+    cache is its own (``<path>/.diagnose/runs/<name>/scan``)."""
     root = run_root(abs_path(path))
     out = []
     if root.is_dir():
-        out.append(root / CACHE_SUBDIR)
-    out.append(home_cache_dir(root))
+        out.append(root / CACHE_SUBDIR if run is None else root / RUNS_SUBDIR / run_dirname(run) / "scan")
+    out.append(home_cache_dir(root, run))
     return out
 
 
@@ -246,18 +274,20 @@ def _read_manifest(d: Path) -> Cached | None:
     return Cached(d, m)
 
 
-def find_cache(root: Path) -> tuple[Cached | None, str]:
-    """The first readable cache of the run; with a reason when one exists but is unusable."""
+def find_cache(root: Path, run: str | None = None) -> tuple[Cached | None, str]:
+    """The first readable cache of the run (``run``: its name in a folder of several); with a
+    reason when one exists but is unusable."""
     reason = ""
-    for d in cache_dir_candidates(root):
+    for d in cache_dir_candidates(root, run):
         if not (d / MANIFEST).exists():
             continue
         c = _read_manifest(d)
         if c is None:
             reason = f"cache in {d} unreadable or of another version: rebuilt"
             continue
-        if d.parent.parent != root and c.manifest.get("root") != str(root):
-            continue  # a home cache of another path (hash collision)
+        if not d.is_relative_to(root / ".diagnose") and (
+                c.manifest.get("root") != str(root) or (c.manifest.get("options") or {}).get("run") != run):
+            continue  # a home cache of another path or run (hash collision)
         return c, ""
     return None, reason
 
@@ -269,13 +299,13 @@ def _read_parquet(path: Path) -> pl.DataFrame:
     return df
 
 
-def load_cached_scan(run_dir: str | os.PathLike[str]) -> RunScanResult | None:
-    """The last cached scan of the run at ``run_dir`` (a directory or a single-file run), read
-    from the cache only: nothing is recomputed and the run's files are not checked, so the
-    result may be stale (`diagnose.scan.run.scan_run` brings it up to date). None when there is
-    no readable cache."""
+def load_cached_scan(run_dir: str | os.PathLike[str], run: str | None = None) -> RunScanResult | None:
+    """The last cached scan of the run at ``run_dir`` (a directory or a single-file run; ``run``:
+    the name of one run of several there, as given to ``scan_run``), read from the cache only:
+    nothing is recomputed and the run's files are not checked, so the result may be stale
+    (`diagnose.scan.run.scan_run` brings it up to date). None when there is no readable cache."""
     root = run_root(abs_path(run_dir))
-    c, _ = find_cache(root)
+    c, _ = find_cache(root, run)
     if c is None:
         return None
     try:

@@ -133,7 +133,7 @@ def _start(path: str | os.PathLike[str], fmt: str | None, cfg: DetectConfig, use
     scan = _Scan(arg=arg, root=cache.run_root(arg), format=fmt, cfg=cfg, options=options, use_cache=use_cache,
                  progress=progress, info=CacheInfo(enabled=use_cache), rkey=cache.result_key(cfg))
     if use_cache:
-        scan.cached, scan.info.reason = cache.find_cache(scan.root)
+        scan.cached, scan.info.reason = cache.find_cache(scan.root, options.get("run"))
     return scan
 
 
@@ -283,7 +283,7 @@ def _store(scan: _Scan, src: RunSource, derived: pl.DataFrame, result: RunScanRe
         "files": {"derived": cache.DERIVED, "signals": cache.SIGNALS, "result": cache.RESULT,
                   **({"file_checks": cache.FILE_CHECKS} if src.file_checks else {})},
     }
-    dirs = cache.cache_dir_candidates(scan.root)
+    dirs = cache.cache_dir_candidates(scan.root, scan.options.get("run"))
     if scan.cached is not None and scan.cached.dir in dirs:  # keep writing where it was found
         dirs.remove(scan.cached.dir)
         dirs.insert(0, scan.cached.dir)
