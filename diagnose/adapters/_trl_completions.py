@@ -174,7 +174,7 @@ def _steps(df: pl.DataFrame, step: int, f: Path, issues: IssueLog) -> list[int]:
         issues.add(f, None, f"{bad} row(s) with a missing or invalid 'step'; the file name's step {step} used")
     other = sorted(set(steps) - {step})
     if other:
-        issues.add(f, None, f"rows have step(s) {other[:5]} but the file name says {step}; the step column is authoritative")
+        issues.step_mismatch(f, "rows", other[:5], step, "the step column")
     return steps
 
 

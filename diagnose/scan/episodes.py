@@ -535,15 +535,21 @@ def find_episodes(signals: pl.DataFrame, src_meta: RunSource | Any | None = None
 # ---------------------------------------------------------------------------------------------
 
 
-def _sustained(mask: np.ndarray, min_len: int) -> tuple[int, int] | None:
-    runs = [r for r in _runs(mask) if r[1] - r[0] >= min_len]
+def _sustained(mask: np.ndarray, min_len: int, start: int = 0) -> tuple[int, int] | None:
+    """The first run of ``min_len`` or more True values that begins at index ``start`` or later."""
+    runs = [r for r in _runs(mask) if r[1] - r[0] >= min_len and r[0] >= start]
     return runs[0] if runs else None
 
 
-def _early_level(v: np.ndarray, cfg: DetectConfig) -> float:
-    """Median of the first half of the series, between ``min_periods`` and ``window`` points: a
-    short run's 'early' level must not already hold the change it is compared against."""
-    return float(np.median(v[: max(cfg.min_periods, min(cfg.window, v.size // 2))]))
+def _early_level(v: np.ndarray, cfg: DetectConfig) -> tuple[float, int]:
+    """Median of the first half of the series, between ``min_periods`` and ``window`` points (a
+    short run's 'early' level must not already hold the change it is compared against), and
+    the first index a departure from it may begin at: after at least half of that window, so
+    the level was seen before the departure. Otherwise a series that starts late, e.g. a resumed verl
+    run's metrics (its file logger truncates them), whose first points are healthy and the rest
+    collapsed, would show its first points as a 'blow-up' from a level made of the later ones."""
+    k = max(cfg.min_periods, min(cfg.window, v.size // 2))
+    return float(np.median(v[:k])), (min(k, v.size) + 1) // 2
 
 
 def find_pathologies(signals: pl.DataFrame, cfg: DetectConfig | None = None) -> list[Pathology]:
@@ -574,16 +580,16 @@ def find_pathologies(signals: pl.DataFrame, cfg: DetectConfig | None = None) -> 
                                  f"{name} is NaN/inf at {int(k)} step(s), first at step {int(st.min())}"))
     v, s = _series(signals, "entropy")
     if v.size >= cfg.min_periods:
-        early = _early_level(v, cfg)
+        early, start = _early_level(v, cfg)
         if early > 0:
-            run = _sustained(v < cfg.entropy_collapse_frac * early, L)
+            run = _sustained(v < cfg.entropy_collapse_frac * early, L, start)
             if run:
                 seg = v[run[0]:]
                 out.append(Pathology(
                     "entropy_collapse", "entropy", int(s[run[0]]), int(s[run[1] - 1]), run[1] - run[0], early,
                     float(seg.min()), f"entropy fell below {cfg.entropy_collapse_frac:.0%} of its early level "
                     f"{early:.3g} from step {int(s[run[0]])} (min {seg.min():.3g})"))
-            run = _sustained(v > cfg.entropy_blowup_factor * early, L)
+            run = _sustained(v > cfg.entropy_blowup_factor * early, L, start)
             if run:
                 seg = v[run[0]:]
                 out.append(Pathology(
@@ -596,9 +602,9 @@ def find_pathologies(signals: pl.DataFrame, cfg: DetectConfig | None = None) -> 
         v, s = _series(signals, name)
         if v.size < cfg.min_periods:
             continue
-        early = _early_level(v, cfg)
+        early, start = _early_level(v, cfg)
         limit = max(cfg.mismatch_growth_factor * early, cfg.mismatch_min)
-        run = _sustained(v > limit, L)
+        run = _sustained(v > limit, L, start)
         if run:
             out.append(Pathology(
                 "mismatch_growth", name, int(s[run[0]]), int(s[run[1] - 1]), run[1] - run[0],
