@@ -224,34 +224,6 @@ def _drop_metrics_after(path: Path, step: int, fsync: bool) -> int:
     return dropped
 
 
-def _line_step(line: bytes) -> int | None:
-    """The ``step`` of one metrics line, None when the line is no JSON object with an int step."""
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    step = obj.get("step") if isinstance(obj, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
-
-
-def _drop_metrics_after(path: Path, step: int, fsync: bool) -> int:
-    """Rewrite ``path`` atomically without the lines of steps > ``step``; returns how many."""
-    if not path.exists():
-        return 0
-    kept: list[bytes] = []
-    dropped = 0
-    with open(path, "rb") as f:
-        for line in f:
-            s = _line_step(line)
-            if s is not None and s > step:
-                dropped += 1
-            else:
-                kept.append(line if line.endswith(b"\n") else line + b"\n")
-    if dropped:
-        atomic_write_bytes(path, b"".join(kept), fsync=fsync)
-    return dropped
-
-
 # --------------------------------------------------------------------------------------
 # table helpers
 # --------------------------------------------------------------------------------------
@@ -569,43 +541,6 @@ class RunWriter:
             yield tmp
             if not (tmp / TRAINER_STATE_JSON).exists():
                 atomic_write_json(tmp / TRAINER_STATE_JSON, {"step": step}, fsync=False)
-
-    # ---- resume --------------------------------------------------------------------
-
-    def truncate_after(self, step: int) -> dict[str, int]:
-        """Drop everything logged after ``step`` (the checkpoint a resume starts from), so the
-        steps re-run after it are logged once, not twice.
-
-        ``metrics.jsonl`` is rewritten atomically without the lines of steps > ``step`` (lines
-        that do not parse are kept: the reader reports them, nothing unknown is lost); every
-        ``<dir>/step-NNNNNN.parquet`` of a step > ``step`` in a top-level directory (rollouts,
-        tokens, probe, and any other per-step table) is removed, as is every checkpoint after
-        ``step``.  A kill in the middle leaves a state this call repairs when run again.
-        Returns what was dropped: ``{"metrics_lines", "step_files", "checkpoints"}``.
-        """
-        step = _check_step(step)
-        dropped = {"metrics_lines": 0, "step_files": 0, "checkpoints": 0}
-        reopen = self._fd is not None
-        self.close()
-        try:
-            dropped["metrics_lines"] = _drop_metrics_after(self._metrics_path, step, self.fsync)
-            for entry in sorted(self.run_dir.iterdir()):
-                if entry.name.startswith(".") or not entry.is_dir() or entry.is_symlink():
-                    continue
-                for f in entry.iterdir():
-                    s = parse_step_dirname(f.name) if entry.name == CHECKPOINTS_DIR else parse_step_filename(f.name)
-                    if s is None or s <= step:
-                        continue
-                    if f.is_dir() and not f.is_symlink():
-                        shutil.rmtree(f)
-                        dropped["checkpoints"] += 1
-                    else:
-                        f.unlink()
-                        dropped["step_files"] += 1
-        finally:
-            if reopen:
-                self._fd = os.open(self._metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        return dropped
 
     # ---- resume --------------------------------------------------------------------
 
