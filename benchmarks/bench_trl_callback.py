@@ -10,7 +10,6 @@ which is the less noisy figure. Target: at most 3 % at probe_every=10.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import sys
@@ -21,22 +20,18 @@ from pathlib import Path
 import typer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # examples/ is not installed with the package
+from examples.trl_grpo_tool_use import build_trainer  # noqa: E402
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("trl_grpo_tool_use", ROOT / "examples" / "trl_grpo_tool_use.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-def _run(ex, steps: int, probe_every: int | None, seed: int) -> tuple[float, float]:
+def _run(steps: int, probe_every: int | None, seed: int) -> tuple[float, float]:
     from diagnose.integrations.trl import DiagnoseCallback
 
     cb = DiagnoseCallback(probe_every=probe_every) if probe_every else None
     with tempfile.TemporaryDirectory() as d:
-        trainer = ex.build_trainer(Path(d) / "run", steps, seed=seed, callbacks=[cb] if cb else [])
+        trainer = build_trainer(Path(d) / "run", steps, seed=seed, callbacks=[cb] if cb else [])
         t0 = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - t0
@@ -46,13 +41,12 @@ def _run(ex, steps: int, probe_every: int | None, seed: int) -> tuple[float, flo
 def main(steps: int = typer.Option(20, min=2), repeats: int = typer.Option(2, min=1),
          probe_every: int = typer.Option(10, min=1), seed: int = 0) -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    ex = _example()
     ratios, shares = [], []
     for r in range(repeats):
         order = [None, probe_every] if r % 2 == 0 else [probe_every, None]
         times = {}
         for arm in order:
-            times[arm] = _run(ex, steps, arm, seed)
+            times[arm] = _run(steps, arm, seed)
         base, (with_cb, inside) = times[None][0], times[probe_every]
         ratios.append(with_cb / base)
         shares.append(inside / with_cb)

@@ -3,7 +3,6 @@ stop-on-collapse rule."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,21 +15,17 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # examples/ is not installed with the package
+from examples.trl_grpo_tool_use import build_trainer  # noqa: E402
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("trl_grpo_tool_use", ROOT / "examples" / "trl_grpo_tool_use.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def trl_run(tmp_path_factory):
     """4 real GRPO steps on the embedded tiny model with the callback probing every 2 steps."""
     out = tmp_path_factory.mktemp("trl") / "run"
-    trainer = _example().build_trainer(out, max_steps=4, n_tasks=16, probe_every=2)
+    trainer = build_trainer(out, max_steps=4, n_tasks=16, probe_every=2)
     trainer.train()
     return out, trainer
 
