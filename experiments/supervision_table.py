@@ -5,7 +5,8 @@
 Trains every (preset, seed) run that is not already complete under --out, scans it, then
 prints per run and, per preset, the mean over seeds of: peak and final on-policy accuracy,
 final collapsed-turn rate, held-out test / content-OOD / format-OOD greedy accuracy at the end;
-the scan's verdict and onset; which control-token probe signal the scan saw move first, and
+the scan's verdict, onset and collapsed-turn share at the trough; the first signal the scan saw
+move (lead over the onset), the first control-token probability at a call context to move, and
 the probe column with the largest rise over the RL phase. ``--markdown`` prints the tables as
 Markdown for the docs.
 """
@@ -19,6 +20,7 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from diagnose.control_tokens import KEY_CONTEXT_ROLES
 from diagnose.rundir import RunReader
 from diagnose.scan.run import scan_run
 from train_minimal.config import build_config
@@ -49,17 +51,38 @@ def largest_probe_rise(m: pl.DataFrame) -> str:
     return best
 
 
+CALL_CONTEXTS = ("probe/after_call_open/", "probe/after_call_body/", "probe/turn_start/")
+
+
+def is_expected(signal: str, roles: dict[str, str]) -> bool:
+    """``probe/<context>/<token>`` is the gold probability or the healthy next token of its context
+    (``<tool_call>`` at turn start): its rise is not a collapse signature."""
+    _, context, token = signal.split("/", 2)
+    return token == "gold" or roles.get(token) == KEY_CONTEXT_ROLES.get(context, {}).get("expected")
+
+
 def scan_summary(path: Path) -> dict[str, float | str]:
-    """The scan's verdict, onset, first-moving probe signal and top implicated token."""
+    """The scan's verdict, onset, collapsed share at the trough, the first signal to move (with
+    its lead over the onset), the first control-token probability at a call context to rise (not
+    the context's healthy next token),
+    and the top implicated token."""
     r = scan_run(path)
-    out: dict[str, float | str] = {"scan": r.verdict, "onset": float("nan"), "probe_moved_first": "",
-                                   "implicated": ""}
+    roles = {t["name"]: t["role"] for t in RunReader(path).info.get("control_tokens", [])}
+    out: dict[str, float | str] = {"scan": r.verdict, "onset": float("nan"), "collapsed_at_trough": float("nan"),
+                                   "first_mover": "", "ctrl_mover": "", "ctrl_lead": float("nan"), "implicated": ""}
     if r.episodes:
         ep = r.episodes[0]
         out["onset"] = float(ep.onset_step)
-        probe = [m for m in ep.moves if m.signal.startswith("probe/") and m.signal != "probe/mean_gold_logprob"]
-        if probe:
-            out["probe_moved_first"] = f"{probe[0].signal.removeprefix('probe/')} ({probe[0].direction}, lead {probe[0].lead})"
+        if ep.collapsed_share_at_trough is not None:
+            out["collapsed_at_trough"] = float(ep.collapsed_share_at_trough)
+        if ep.moves:
+            m = ep.moves[0]
+            out["first_mover"] = f"{m.signal.removeprefix('probe/')} ({m.direction}, lead {m.lead})"
+        ctrl = [m for m in ep.moves if m.signal.startswith(CALL_CONTEXTS) and m.direction == "up"
+                and not is_expected(m.signal, roles)]
+        if ctrl:
+            out["ctrl_mover"] = f"{ctrl[0].signal.removeprefix('probe/')} ({ctrl[0].direction})"
+            out["ctrl_lead"] = float(ctrl[0].lead)
         if ep.implicated:
             t = ep.implicated[0]
             out["implicated"] = f"{t.token} @ {t.context}"
@@ -110,7 +133,7 @@ def main() -> None:
             rows.append({"preset": name, "seed": seed, **summarize(path)})
     df = pl.DataFrame(rows)
     agg = df.group_by("preset", maintain_order=True).agg(
-        pl.col(pl.Float64).exclude("onset").mean(), (pl.col("scan") == "collapse").sum().alias("collapsed_runs"),
+        pl.col(pl.Float64).exclude("onset", "ctrl_lead").mean(), (pl.col("scan") == "collapse").sum().alias("collapsed_runs"),
         pl.len().alias("seeds"))
     if a.markdown:
         print_markdown(df, agg)
