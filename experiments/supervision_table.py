@@ -95,7 +95,9 @@ def summarize(path: Path) -> dict[str, float | str]:
     last = m.tail(1)
     acc = rl["accuracy"].drop_nulls()
     out: dict[str, float | str] = {
-        "peak_accuracy": float(acc.rolling_mean(5, min_samples=1).max()),
+        # full 5-step windows only: with min_samples=1 a single noisy first step (4 prompts) was a "peak"
+        "peak_accuracy": float(acc.rolling_mean(min(5, acc.len()), min_samples=min(5, acc.len())).max()),
+        "peak_any_window": float(acc.rolling_mean(5, min_samples=1).max()),
         "final_accuracy": float(acc.tail(5).mean()),
         "final_collapsed": float(rl["turn_state/collapsed"].tail(5).mean()),
         "largest_probe_rise": largest_probe_rise(m),
