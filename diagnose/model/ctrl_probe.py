@@ -9,8 +9,8 @@ can be followed step by step, and its rise can be dated.
 Multi-token control strings (SmolLM2's ``<tool_call>``) get a second column,
 ``lpseq_ctrl_<name>``: the log-prob of the whole sequence from the predicting position. Where the
 gold text continues with the sequence it is the sum of the gold tokens' log-probs along it; at the
-key contexts, where it does not, the sequence is scored as a continuation from the pass's own KV
-cache (:mod:`diagnose.model.continuation`); elsewhere it is null. ``lp_ctrl_<name>`` stays the
+key contexts, where it does not, the call tags (:func:`scored_roles`) are scored as a continuation
+from the pass's own KV cache (:mod:`diagnose.model.continuation`); elsewhere it is null. ``lp_ctrl_<name>`` stays the
 first token's log-prob at every position.
 """
 
@@ -142,7 +142,8 @@ def run_probe(model: Any, probe: ProbeSet, registry: ControlTokenRegistry, step:
         ctrl = st.ctrl_logprob.cpu().numpy()
         seq = st.ctrl_seq_logprob.cpu().numpy() if multi else None
         if multi:
-            _score_at_key_contexts(model, ids, output_cache(out), probe, multi, first, ctrl, seq)
+            _score_at_key_contexts(model, ids, output_cache(out), probe, multi, first, ctrl, seq,
+                                   scored_roles(registry))
     model.train(was_training)
     lp = st.logprob.cpu().numpy()
     rows_idx = np.concatenate([np.full(n - 1 - s, i) for i, (s, n) in enumerate(zip(probe.start, probe.length))])
@@ -167,19 +168,29 @@ def run_probe(model: Any, probe: ProbeSet, registry: ControlTokenRegistry, step:
     return frame
 
 
+def scored_roles(registry: ControlTokenRegistry) -> set[str]:
+    """Roles whose multi-token strings the probe scores as continuations at the key contexts: the
+    call tags and the family's expected / collapse roles there. A tool-response tag is written by
+    the environment, not the policy: its sequence is recorded only where it is the gold text."""
+    ctx_roles = registry.chat_family.key_context_roles.values()
+    return {"call_open", "call_close"} | {r for c in ctx_roles for r in c.values() if r}
+
+
 def _score_at_key_contexts(model: Any, ids: Any, cache: Any, probe: ProbeSet, multi: list, first: int,
-                           ctrl: np.ndarray, seq: np.ndarray) -> None:
+                           ctrl: np.ndarray, seq: np.ndarray, roles: set[str]) -> None:
     """Fill ``seq`` (in place) at the key-context positions where the gold text does not continue
     with the sequence: first token's log-prob (``ctrl``) + the rest, scored as a continuation."""
     from diagnose.model.continuation import Continuation, rest_logprobs_cached, rest_logprobs_full
 
+    todo = [m for m, (_, t) in enumerate(multi) if t.role in roles]
     reqs, where = [], []
     for i, (s, labels) in enumerate(zip(probe.start, probe.contexts)):
         for j, label in enumerate(labels):
             if not label:
                 continue
             pos = s + j
-            for m, (_, t) in enumerate(multi):
+            for m in todo:
+                t = multi[m][1]
                 if np.isnan(seq[i, pos - first, m]):
                     reqs.append(Continuation(i, pos, t.token_ids))
                     where.append((i, pos - first, m))
@@ -208,5 +219,6 @@ def probe_summary(frame: pl.DataFrame, names: Sequence[str]) -> dict[str, float]
     for row in agg.iter_rows(named=True):
         ctx = row.pop("context")
         for name, v in row.items():
-            out[f"probe/{ctx}/{name}"] = float(v)
+            if v is not None:  # a multi-token string not scored at this context
+                out[f"probe/{ctx}/{name}"] = float(v)
     return out
