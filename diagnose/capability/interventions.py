@@ -40,7 +40,9 @@ REPAIR_ROLES = ("call_open", "call_close", "turn_end", "eos")
 
 
 def _ids(registry: ControlTokenRegistry, roles: tuple[str, ...]) -> list[int]:
-    return sorted({t.token_id for r in roles for t in registry.by_role(r)})
+    # single tokens only: a multi-token string's first id (SmolLM2's '<' of <tool_call>, Qwen2.5's
+    # of <tool_response>) is ordinary text, never to be forbidden as if it were the string
+    return sorted({t.token_id for r in roles for t in registry.by_role(r) if not t.multi})
 
 
 class _RowState:
@@ -201,7 +203,8 @@ class Repairs:
     def __init__(self, tokenizer: Any, registry: ControlTokenRegistry, stop_ids: list[int]):
         self.registry = registry
         self.stop_ids = stop_ids
-        have = set(registry.roles)
+        # the repairs act on single token ids: a role held by a multi-token string counts as missing
+        have = {r for r in registry.roles if any(not t.multi for t in registry.by_role(r))}
         self.missing = [r for r in REPAIR_ROLES if r not in have]
         self.prefix_ids = None
         if not self.missing:
