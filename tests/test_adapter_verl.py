@@ -152,12 +152,14 @@ def test_metrics_found_from_the_run_folder_and_mapped(collapse):
         assert path == collapse.cwd or any(str(collapse.metrics_path) in n for n in src.notes)
     m = load_run(collapse.cwd).metrics.collect()
     pairs = {"actor/entropy": "entropy", "actor/pg_clipfrac": "clip_ratio", "actor/kl_loss": "kl",
-             "actor/grad_norm": "grad_norm", "actor/lr": "lr", "response_length/mean": "completions/mean_length",
+             "actor/grad_norm": "grad_norm", "actor/lr": "lr", "response_length/clip_ratio": "completions/clipped_ratio",
              "critic/score/mean": "reward", "training/rollout_probs_diff_mean": "mismatch/abs_prob_diff"}
     for src_name, ours in pairs.items():
         assert m.get_column(src_name).to_list() == m.get_column(ours).to_list(), src_name
     assert m.filter(pl.col("step") == 3).get_column("reward").item() == pytest.approx(collapse.reward[3])
     assert "num_turns/mean" in m.columns and "rollout_corr/kl" in m.columns
+    # multi-turn: response_length/* include the tool responses, so they are not the generated length
+    assert "completions/mean_length" not in m.columns
     sig = step_signals(load_run(collapse.cwd))
     for name in ("mismatch/abs_prob_diff", "num_turns/mean", "rollout_corr/k3_kl", "actor/ppo_kl", "kl"):
         assert name in sig.columns

@@ -249,6 +249,17 @@ def find_layout(p: Path, strict: bool = False) -> VerlLayout:
     # the dump folders the launches name (also outside p) are theirs, of the kind they name
     conf_train = {x.rollout_dir: x.run for x in launches if x.rollout_dir is not None}
     conf_val = {x.validation_dir: x.run for x in launches if x.validation_dir is not None}
+    for kind, attr, table in (("rollout", "rollout_dir", conf_train), ("validation", "validation_dir", conf_val)):
+        sharing: dict[Path, list[str]] = {}
+        for x in launches:
+            d = getattr(x, attr)
+            if d is not None and x.run is not None and x.run not in sharing.setdefault(d, []):
+                sharing[d].append(x.run)
+        for d, names in sharing.items():
+            if len(names) > 1:
+                notes.append(f"{d} is the trainer.{kind}_data_dir of {len(names)} experiments ({', '.join(names)}): "
+                             f"verl overwrites its <step>.jsonl files, so they are read as the last launched one's "
+                             f"({table[d]}); the others' dumps there were overwritten and are not read")
     known = {d.resolve() for d in dumps}
     for d in list(conf_train) + list(conf_val):
         if d not in known and d.is_dir() and is_dump_dir(d, strict) and (p.resolve() == mroot.resolve()):

@@ -70,29 +70,64 @@ _CORE = ("input", "output", "score", "step")
 _ACCURACY_KEYS = ("acc", "accuracy")
 
 # the tool messages of one round, as decoded: "user\n<tool_response>\n...\n</tool_response>" (one
-# block per executed call) then the generation prompt "\nassistant\n"
-_TOOL_ROUND = re.compile(r"\n?(?:user|tool)\n<tool_response>\n.*?\n</tool_response>"
-                         r"(?:\n<tool_response>\n.*?\n</tool_response>)*\nassistant\n", re.DOTALL)
+# block per executed call) then the generation prompt "\nassistant\n"; or an interaction's user
+# message (ToolAgentLoop._handle_interacting_state): "user\n<feedback>\nassistant\n", right after
+# the turn (its <|im_end|> stripped, so no whitespace before "user") or at the very start
+_ROUND = re.compile(r"(\n?(?:user|tool)\n<tool_response>\n.*?\n</tool_response>"
+                    r"(?:\n<tool_response>\n.*?\n</tool_response>)*\nassistant\n)"
+                    r"|(?:\A|(?<![ \t]))user\n(?!<tool_response>\n).*?\nassistant\n", re.DOTALL)
+# an interaction round cut by response_length (run() keeps response_ids[:response_length]; the
+# user message is appended without a length check), at the end of the response
+_CUT_ROUND = re.compile(r"(?<!\s)user\n(?:(?!\nassistant\n).)*\Z", re.DOTALL)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def split_turns(text: str | None) -> list[str]:
     """Assistant turns of a verl response (see the module docstring); text that still has
-    ChatML markers (dumped with special tokens kept) is split as ChatML."""
+    ChatML markers (dumped with special tokens kept) is split as ChatML. An interaction round
+    that ends the response (the episode terminated after the feedback, or the cut) is no turn;
+    a tool round is always followed by a generated turn (an empty one if the model stopped)."""
     if not text:
         return [""]
     if IM_START in text or IM_END in text:
         return split_assistant_turns(text)
-    return _TOOL_ROUND.split(text)
+    turns: list[str] = []
+    pos = 0
+    trailing_user = False
+    for m in _ROUND.finditer(text):
+        turns.append(text[pos:m.start()])
+        pos = m.end()
+        trailing_user = m.group(1) is None and pos == len(text)
+    if trailing_user:
+        return turns
+    tail = text[pos:]
+    cut = _CUT_ROUND.search(tail)
+    turns.append(tail[:cut.start()] if cut else tail)
+    return turns
+
+
+def answer_part(turn: str) -> str:
+    """What a turn says once its reasoning is set aside, as Qwen3's chat template reads an
+    assistant message: the text after the last ``</think>`` (``<think>``/``</think>`` are added,
+    non-special tokens, so they survive ``skip_special_tokens``). Reasoning that is never closed
+    (cut at ``response_length``) leaves nothing. Reasoning is not output: a turn of reasoning and
+    a bare ``<tool_call>`` is collapsed, and call tags mentioned while reasoning are no error."""
+    if THINK_CLOSE in turn:
+        return turn.rsplit(THINK_CLOSE, 1)[1].lstrip("\n")
+    if turn.lstrip().startswith(THINK_OPEN):
+        return ""
+    return turn
 
 
 class VerlTurnClassifier(TurnClassifier):
-    """`TurnClassifier` splitting completions with `split_turns`."""
+    """`TurnClassifier` splitting completions with `split_turns` and classifying each turn's
+    `answer_part`."""
 
     def completion(self, text: str | None) -> tuple[list[str], list[str]]:
         key = text or ""
         hit = self._completions.get(key)
         if hit is None:
-            hit = self._completions[key] = self.turns(split_turns(key))
+            hit = self._completions[key] = self.turns([answer_part(t) for t in split_turns(key)])
         return hit
 
 
@@ -243,7 +278,35 @@ def read_metrics(files: list[Path], issues: IssueLog) -> pl.DataFrame | None:
     # NaN/inf written as such (not by orjson): one issue per metric; nulls were reported above
     nonfinite_metric_issues(df.select([c for c in df.columns if c not in from_null]),
                             ", ".join(str(f) for f in files), issues)
-    return map_names(df, NAME_MAP)
+    return map_names(df, {k: v for k, v in NAME_MAP.items() if k not in _GENERATED_LENGTH})
+
+
+#: verl's response_length/* are the response's attention mask (``metric_utils.py``
+#: ``_compute_response_info``), tool-response tokens included: the generated length only when
+#: there are no tool or interaction rounds.
+_GENERATED_LENGTH = ("response_length/mean", "response_length/max", "response_length/min")
+_LENGTH_NOTE = ("response_length/* count every response token, the tool responses and role headers the agent loop "
+                "inserts included (verl takes them from the attention mask): in this multi-turn run they are not "
+                "the generated length and are not mapped to completions/*_length (response_length/clip_ratio, the "
+                "share cut at rollout.response_length, is completions/clipped_ratio)")
+
+
+def _multi_turn(df: pl.DataFrame, rollouts: pl.DataFrame) -> bool:
+    """Whether a run had tool or interaction rounds: ``num_turns`` (user + assistant turns + 1,
+    ``ToolAgentLoop.run``) above 2 at some step, or a dumped response of several turns."""
+    for c in ("num_turns/max", "val-aux/num_turns/max"):
+        if c in df.columns and (df.get_column(c).fill_nan(None).drop_nulls() > 2).any():
+            return True
+    return rollouts.height > 0 and "turn_states" in rollouts.columns and \
+        bool((rollouts.get_column("turn_states").list.len() > 1).any())
+
+
+def _map_lengths(df: pl.DataFrame, rollouts: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
+    if _multi_turn(df, rollouts):
+        if any(c in df.columns for c in _GENERATED_LENGTH):
+            notes.append(_LENGTH_NOTE)
+        return df
+    return map_names(df, {k: NAME_MAP[k] for k in _GENERATED_LENGTH})
 
 
 def _merge(primary: pl.DataFrame, derived: pl.DataFrame) -> pl.DataFrame:
@@ -287,6 +350,42 @@ def _pick(runs_: list[VerlRun], want: str | None, issues: IssueLog, p: Path, not
     notes.append(f"{len(runs_)} verl runs here ({names}): read {run.name!r}, the newest; "
                  "pass --run NAME for another (runs are never merged)")
     return run
+
+
+def _own_dumps(files: list[tuple[int, Path]], metrics: pl.DataFrame, mfile: Path,
+               issues: IssueLog) -> list[tuple[int, Path]]:
+    """The dumps that can be this experiment's: none past its last logged step, but the one
+    after it when that file is newer than the metrics file (``fit`` dumps a step's rollouts
+    before it logs the step, so a run stopped in between has one dump more). verl's file logger
+    writes each line at once (``"wb"``, unbuffered) and only ever loses the steps *before* a
+    restart, so later dumps were written by another launch: another experiment with the same
+    ``trainer.rollout_data_dir`` (``_dump_generations`` overwrites ``<step>.jsonl`` with "w") or
+    the abandoned steps of a run resumed from an earlier checkpoint. They are never merged."""
+    steps = _training_steps(metrics)
+    if not steps:
+        return files
+    last = max(steps)
+    try:
+        m_time = mfile.stat().st_mtime
+    except OSError:
+        m_time = None
+
+    def newer(f: Path) -> bool:
+        try:
+            return m_time is None or f.stat().st_mtime >= m_time
+        except OSError:
+            return False
+
+    keep = [(s, f) for s, f in files if s <= last or (s == last + 1 and newer(f))]
+    dropped = [(s, f) for s, f in files if (s, f) not in keep]
+    if dropped:
+        names = ", ".join(f.name for _, f in dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+        issues.add(dropped[0][1].parent, None,
+                   f"{len(dropped)} rollout dump(s) ({names}; steps {dropped[0][0]}..{dropped[-1][0]}) lie past the last "
+                   f"step ({last}) of this experiment's metrics {mfile.name}: written by another launch (another "
+                   "experiment with the same trainer.rollout_data_dir, whose <step>.jsonl files verl overwrites, or the "
+                   "abandoned steps of a resumed run); not read, never merged")
+    return keep
 
 
 def _resume_check(metrics: pl.DataFrame, dump_steps: list[int], mfile: Path, issues: IssueLog) -> None:
@@ -346,6 +445,9 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
     if chosen is not None and chosen.dumps is not None and is_validation_dir(chosen.dumps):
         notes.append(f"{chosen.dumps} holds validation dumps (trainer.validation_data_dir: step 0, 'reward' key), "
                      "the only dumps here: read as the rollouts")
+    mdf = read_metrics(mfiles, issues)
+    if mdf is not None and len(files) > 1:
+        files = _own_dumps(files, mdf, mfiles[0], issues)
     rollouts = _read_rollouts(files, issues, classifier)
     if not files:
         notes.append("no <step>.jsonl rollout dumps (trainer.rollout_data_dir unset?): no rollouts, no turn states")
@@ -353,7 +455,8 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
         notes.append("verl dumps text decoded with skip_special_tokens=True: <|im_start|>/<|im_end|> are gone, so stray "
                      "control tokens cannot be seen; turns are split at the tool rounds the tool agent loop inserts "
                      "(user\\n<tool_response>...</tool_response>\\nassistant\\n); no token probabilities")
-    mdf = read_metrics(mfiles, issues)
+    if mdf is not None:
+        mdf = _map_lengths(mdf, rollouts, notes)
     derived = derived_metrics(rollouts)
     for k in sorted(_options):
         notes.append(f"option {k} is not used by the verl adapter; ignored")
