@@ -199,6 +199,9 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     if runs is not None:
         names = list(runs(p))
         asked = given.get("run")
+        alias = getattr(mod, "run_alias", None)  # another name of a run (open-instruct: a resumed start)
+        if asked is not None and alias is not None:
+            asked = given["run"] = alias(p, str(asked))
         if (asked is None and len(names) > 1) or (asked is not None and names and asked not in names):
             raise AmbiguousRun(p, fmt, names, asked)
     takes = _keywords(mod.load)

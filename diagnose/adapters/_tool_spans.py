@@ -6,7 +6,8 @@ open-instruct saves no mask. A tool output's tokens carry log-prob exactly ``0.0
 any token the model sampled with probability 1 (in float32), so the 0.0 alone is not enough.
 With the tokenizer the structure decides: a Hermes/ChatML tool output (``VLLM_PARSERS`` in
 ``environments/tools/parsers.py``) starts with ``<|im_start|>`` right after the model's
-``<|im_end|>`` (vLLM stops generating at that EOS, so nothing the model sampled follows it) and
+``<|im_end|>`` (vLLM stops generating at that EOS, so nothing the model sampled follows it; or
+after another EOS id of the model, `ChatIds.other_eos`) and
 ends after the postfix ``<|im_start|>assistant\\n``; parallel calls repeat the whole block, and a
 block cut by the token budget runs to the end. A known log-prob other than 0.0 inside a block
 means the structure was misread: the block ends there (counted as suspect).
@@ -43,6 +44,10 @@ class ChatIds:
     postfix: tuple[int, ...]
     #: ``<think>\\n``, which ``vllm_qwen3_xml`` adds to the postfix (when ``<think>`` is a token)
     think: tuple[int, ...] = ()
+    #: other EOS ids a model turn may end with before a tool output: vLLM stops at any id of the
+    #: model's ``generation_config`` ``eos_token_id`` (Qwen2.5-Instruct: ``<|im_end|>`` and
+    #: ``<|endoftext|>``; a base model: ``<|endoftext|>`` only)
+    other_eos: tuple[int, ...] = ()
 
     @classmethod
     def from_tokenizer(cls, tok) -> ChatIds | None:
@@ -54,7 +59,8 @@ class ChatIds:
         if not post or post[0] != s:
             return None
         think = tuple(tok.encode("<think>\n")) if tok.single_id("<think>") is not None else ()
-        return cls(s, e, post, think)
+        eot = tok.single_id("<|endoftext|>")
+        return cls(s, e, post, think, () if eot is None or eot == e else (eot,))
 
 
 @dataclass
@@ -107,7 +113,8 @@ def segment_chatml(ids: np.ndarray, lps: np.ndarray, known: np.ndarray, chat: Ch
     for s in starts.tolist():
         if s < pos or s == 0:
             continue
-        if not (ids[s - 1] == chat.im_end or is_tool[s - 1]) or not zero_or_unknown[s]:
+        after_eos = ids[s - 1] == chat.im_end or ids[s - 1] in chat.other_eos
+        if not (after_eos or is_tool[s - 1]) or not zero_or_unknown[s]:
             continue
         k = int(np.searchsorted(posts, s + 1))
         end = int(posts[k]) + L if k < len(posts) else n

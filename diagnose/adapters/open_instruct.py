@@ -13,22 +13,23 @@ Layout: in ``rollouts_save_path`` (default shared by every run), per run
 sample: ``step``, ``sample_idx``, ``prompt_idx``, ``prompt_tokens``, ``response_tokens``,
 ``reward``, ``advantage``, ``finish_reason``, ``dataset``, ``ground_truth``, ``request_info``,
 ``logprobs``. No text: turn states need the tokenizer (``tokenizer=`` option). Several runs in
-one folder are never merged: `runs` lists them, ``run=`` picks one. Trainer metrics go to wandb
+one folder are never merged: `runs` lists them, ``run=`` picks one; a run resumed under a new
+run name is one run (``_oi_layout``). Trainer metrics go to wandb
 only (``grpo_fast.py``), so metrics are derived from the traces.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from diagnose.adapters._io import first_object, visible_files
+from diagnose.adapters._io import first_object
 from diagnose.adapters._issues import IssueLog, NonFinite
-from diagnose.adapters._metrics import derived_metrics, merge_metrics
+from diagnose.adapters._oi_layout import RunFiles, layout, resolve
+from diagnose.adapters._oi_metrics import filtered_groups_note, trace_metrics
 from diagnose.adapters._oi_records import Record, TraceCounts, parse_record
 from diagnose.adapters._rollouts import ListColumn, empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame
 from diagnose.adapters._source import make_source
@@ -41,41 +42,19 @@ from diagnose.rundir.schema import CTRL_PREFIX, TOKENS_SCHEMA
 from diagnose.source import RunSource
 
 FORMAT = "open_instruct"
-SHARD_RE = re.compile(r"^(?P<run>.+)_rollouts_(?P<shard>\d+)\.jsonl$")
-META_RE = re.compile(r"^(?P<run>.+)_metadata\.jsonl$")
 
 
 # ---- layout ---------------------------------------------------------------------------------
 
 
-def _layout(p: Path) -> dict[str, dict[str, list[Path]]]:
-    """``{run_name: {"shards": [...], "meta": [...]}}`` in the folder ``p`` (open-instruct writes
-    every run flat into ``rollouts_save_path``; a sub-folder is another save path, not part of
-    this one); a shard path: its run only."""
-    if p.is_file():
-        m = SHARD_RE.match(p.name)
-        if not m:
-            return {}
-        meta = p.with_name(f"{m['run']}_metadata.jsonl")
-        return {m["run"]: {"shards": [p], "meta": [meta] if meta.is_file() else []}}
-    out: dict[str, dict[str, list[Path]]] = {}
-    for f in visible_files(p):
-        m = SHARD_RE.match(f.name)
-        kind = "shards"
-        if not m:
-            m, kind = META_RE.match(f.name), "meta"
-        if m:
-            out.setdefault(m["run"], {"shards": [], "meta": []})[kind].append(f)
-    return {r: v for r, v in sorted(out.items()) if v["shards"]}
-
-
 def runs(p: Path) -> list[str]:
-    """The run names with rollout shards at ``p`` (open-instruct's save path is shared)."""
-    return list(_layout(Path(p)))
+    """The run names with rollout shards at ``p`` (open-instruct's save path is shared); a run
+    resumed under a new run name is one run, named by its first start."""
+    return list(layout(Path(p)))
 
 
 def trace_files(p: Path) -> list[Path]:
-    return [f for v in _layout(p).values() for f in v["shards"]]
+    return [f for r in layout(p).values() for f in r.shards]
 
 
 def detect(p: Path) -> bool:
@@ -91,11 +70,6 @@ def detect(p: Path) -> bool:
 
 def has_candidates(p: Path) -> bool:
     return bool(trace_files(p))
-
-
-def _shard_order(f: Path) -> tuple[int, str]:
-    m = SHARD_RE.match(f.name)
-    return (int(m["shard"]) if m else 0, str(f))
 
 
 def _model_name(meta: list[Path], issues: IssueLog) -> str | None:
@@ -150,23 +124,24 @@ def load(p: Path, **options: Any) -> RunSource:
     issues = IssueLog()
     notes = [f"option {k}={v!s} is not used by the open_instruct adapter; ignored"
              for k, v in sorted(options.items()) if k not in ("tokenizer", "run", "file_checks") and v is not None]
-    layout = _layout(p)
+    found = layout(p)
     run = options.get("run")
-    if run is not None and str(run) not in layout:
-        issues.add(p, None, f"no run named {run!r} here; runs: {', '.join(layout) or 'none'}")
+    chosen = resolve(found, str(run)) if run is not None else None
+    if run is not None and chosen is None:
+        issues.add(p, None, f"no run named {run!r} here; runs: {', '.join(found) or 'none'}")
         return _empty(p, issues, notes, [])
-    if run is None and len(layout) > 1:
-        issues.add(p, None, f"{len(layout)} open-instruct runs share this folder (runs are never merged): "
-                            f"{', '.join(layout)}; pick one with --run NAME (load_run(..., run=NAME))")
+    if run is None and len(found) > 1:
+        issues.add(p, None, f"{len(found)} open-instruct runs share this folder (runs are never merged): "
+                            f"{', '.join(found)}; pick one with --run NAME (load_run(..., run=NAME))")
         return _empty(p, issues, notes, [])
-    if not layout:
+    if not found:
         notes.append("no <run_name>_rollouts_<shard>.jsonl files")
         return _empty(p, issues, notes, [])
-    name, found = next(iter(layout.items())) if run is None else (str(run), layout[str(run)])
-    shards = sorted(found["shards"], key=_shard_order)
-    meta = found["meta"]
+    chosen = chosen or next(iter(found.values()))
+    name, shards, meta = chosen.name, chosen.shards, chosen.meta
     model = _model_name(meta, issues)
     notes.append(f"open-instruct run {name}" + (f" (model {model})" if model else ""))
+    _resume_notes(chosen, notes)
     tok = _resolve_tokenizer(options.get("tokenizer"), model, issues, meta[0] if meta else shards[0], notes)
     records = _read(shards, issues)
     built = _Builder(tok, issues, notes).build(records)
@@ -174,6 +149,13 @@ def load(p: Path, **options: Any) -> RunSource:
     _standard_notes(notes, tok)
     return make_source(p, FORMAT, metrics=built["metrics"], rollouts=built["rollouts"], tokens=built["tokens"],
                        control_tokens=built["control_tokens"], issues=issues, notes=notes, files=files)
+
+
+def _resume_notes(run: RunFiles, notes: list[str]) -> None:
+    for start, first in run.starts[1:]:
+        notes.append(f"run {run.name} resumed as {start} from step {first} (open-instruct names every start "
+                     "<exp_name>__<seed>__<unix time>): read as one run; steps written by both starts are read "
+                     "from the later one (the one trained on)")
 
 
 def _empty(p: Path, issues: IssueLog, notes: list[str], files: list[Path]) -> RunSource:
@@ -191,7 +173,10 @@ def _standard_notes(notes: list[str], tok: LoadedTokenizer | None) -> None:
                      "control-token probabilities (ctrl/*, ctx/*) are sampling rates, which estimate them")
     notes.append("the traces' step is open-instruct's 0-based data step; wandb's training_step is step + 1")
     notes.append("kept as rollout columns but read by no detector: advantage, dataset, ground_truth, tool_runtimes, "
-                 "tool_outputs / tool_errors text")
+                 "tool_outputs / tool_errors text; metric read by no detector: batch/filtered_prompts_pct")
+    notes.append("a trace's step is the data step it was prepared for; with async_steps > 1 (default 8) its "
+                 "samples may come from a policy up to async_steps updates older (not saved), so a change in the "
+                 "traces can show up to that many steps after the update that caused it")
 
 
 def _read(shards: list[Path], issues: IssueLog) -> list[Record]:
@@ -253,6 +238,7 @@ class _Builder:
                 notes.append(f"no control tokens read from the tokenizer ({type(e).__name__}): no lp_ctrl_* columns")
         self._prompts: dict[tuple[int, ...], str] = {}
         self.legacy = 0  # responses whose tool outputs are the legacy parser's <output> blocks
+        self.answered = 0  # non-Hermes turns read as calls because a tool output follows them
         self.vocab = tok.vocab_size if tok is not None else None
         if tok is not None and self.chat is None:
             notes.append(f"the tokenizer ({tok.source}) has no ChatML <|im_start|>/<|im_end|> tokens: tool outputs "
@@ -275,10 +261,11 @@ class _Builder:
         if seg is not None and seg.suspect:
             suspect[r.path] = suspect.get(r.path, 0) + seg.suspect
         if (seg is None or not seg.is_tool.any()) and r.called is not False:
-            legacy = segment_legacy(r.ids, r.lps, r.known, self.tok.decode)
-            if legacy.is_tool.any():
-                self.legacy += 1
-                return legacy
+            for wrap in ("output", "tool_output"):  # the legacy and the dr_tulu parser
+                legacy = segment_legacy(r.ids, r.lps, r.known, self.tok.decode, wrap)
+                if legacy.is_tool.any():
+                    self.legacy += 1
+                    return legacy
         return seg if seg is not None else segment_by_logprobs(r.lps, r.known, r.called)
 
     def build(self, records: list[Record]) -> dict[str, Any]:
@@ -324,6 +311,7 @@ class _Builder:
                 errors.append(None)
                 continue
             st, er = self.classifier.turns(texts)
+            self.answered += _answered_calls(st, texts, seg.turns, len(r.ids))
             states.append(st)
             errors.append(er)
             n_turns.append(len(st))
@@ -334,8 +322,14 @@ class _Builder:
                                               "there (the tokens after it are read as generated)")
         if self.legacy:
             self.notes.append(f"{self.legacy} response(s) hold tool outputs of open-instruct's legacy parser "
-                              "(<output>...</output> after a <tool_name>...</tool_name> call): their turn states "
-                              "read Hermes <tool_call> syntax, so those calls read as plain text")
+                              "(<output>...</output> after a <tool_name>...</tool_name> call) or dr_tulu parser "
+                              "(<tool_output>...</tool_output>): their turn states read Hermes <tool_call> syntax, "
+                              "so those calls read as plain text")
+        if self.answered:
+            self.notes.append(f"{self.answered} turn(s) without a Hermes <tool_call> are followed by a tool output "
+                              "(open-instruct's parser found a call there: legacy <tool_name>, dr_tulu, OLMo 3 "
+                              "<function_calls>, Llama 3 JSON): read as healthy_call; their syntax is not checked, "
+                              "and a broken call of those syntaxes that got no output reads as text")
         if beyond:
             self.notes.append(f"{beyond} response(s) hold token ids beyond the tokenizer's vocabulary "
                               f"({self.vocab}): is it the run's tokenizer?")
@@ -352,9 +346,10 @@ class _Builder:
         if self.tok is None:
             self.notes.append(f"{len(records)} rollouts without turn states (no tokenizer); tool outputs told apart "
                               "by their 0.0 log-probs only (approximate)")
+        filtered_groups_note(rollouts, self.notes)
         tokens = self._tokens(parts)
         ctrl = [] if self.registry is None else [{**t, "lp_coverage": "sampled"} for t in self.registry.to_json()]
-        return {"rollouts": rollouts, "tokens": tokens, "metrics": _metrics(rollouts), "control_tokens": ctrl}
+        return {"rollouts": rollouts, "tokens": tokens, "metrics": trace_metrics(rollouts), "control_tokens": ctrl}
 
     def _tokens(self, parts: list[tuple[Record, int, np.ndarray, np.ndarray]]) -> pl.LazyFrame:
         if not parts:
@@ -393,6 +388,18 @@ class _Builder:
                 for t, st in zip(ctrl, starts)
             ])
         return lf
+
+
+def _answered_calls(states: list[str], texts: list[str], turns: list[tuple[int, int]], n: int) -> int:
+    """Turns that the Hermes reading calls a plain response but after which open-instruct appended
+    a tool output (``vllm_utils.py`` ``process_request`` does only when its parser found a call):
+    set to ``healthy_call`` in place; returns how many."""
+    k = 0
+    for i, (_, end) in enumerate(turns):
+        if end < n and states[i] == "healthy_response" and "<tool_call>" not in texts[i]:
+            states[i] = "healthy_call"
+            k += 1
+    return k
 
 
 def _seq_starts(ids: np.ndarray, gen: np.ndarray, lengths: np.ndarray, seq: list[int]) -> np.ndarray:
@@ -448,23 +455,6 @@ def _extras(records: list[Record], n_gen: list[int | None], n_tool: list[int | N
     return ex
 
 
-def _metrics(rollouts: pl.DataFrame) -> pl.DataFrame:
-    """Derived metrics plus tool use from ``request_info`` (TRL's names: calls per rollout, failed
-    share of calls), the timeout share, the share cut at the length limit and the generated
-    length (tool-output tokens not counted)."""
-    base = derived_metrics(rollouts)
-    calls = pl.col("num_calls").cast(pl.Float64)
-    extra = rollouts.group_by("step").agg(
-        calls.mean().alias("tools/call_frequency"),
-        pl.when(calls.sum() > 0).then(pl.col("n_failed_calls").cast(pl.Float64).sum() / calls.sum())
-        .alias("tools/failure_frequency"),
-        pl.col("timeouts").cast(pl.Float64).mean().alias("tools/timeout_frequency"),
-        (pl.col("finish_reason") == "length").cast(pl.Float64).mean().alias("completions/clipped_ratio"),
-        pl.col("n_tokens").cast(pl.Float64).mean().alias("completions/mean_length"),
-    ).sort("step")
-    return merge_metrics(base, extra)
-
-
 # ---- which steps a file holds (scan cache) ---------------------------------------------------
 
 
@@ -474,3 +464,9 @@ def step_of_file(rel: str, single_file: bool) -> int | str:
     and is appended to, so any step may live in it; the metadata and the tokenizer files change
     how every step is read."""
     return "global"
+
+
+def run_alias(p: Path, name: str) -> str:
+    """The run that ``name`` names: itself, or the first start of the run it resumed."""
+    run = resolve(layout(Path(p)), name)
+    return run.name if run is not None else name

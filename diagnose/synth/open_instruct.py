@@ -22,9 +22,10 @@ What each piece follows (allenai/open-instruct, ``open_instruct/``):
 * `Response`: ``vllm_utils.py`` ``process_request``: each model turn's sampled ids (ending in
   the EOS ``<|im_end|>``, which vLLM keeps) with their log-probs, then the tool-output tokens,
   appended into one response; an empty generation is saved as ``[eos_token_id]`` with log-prob
-  NaN.
-* `advantages`: ``data_loader.py`` ``DataPreparationActor._data_preparation_loop``
-  (``advantage_normalization_type="standard"``: ``(score - group mean) / (group std + 1e-8)``).
+  NaN (there, and again in ``data_loader.py`` ``process_group`` when ``finish_reason == "stop"``).
+* `advantages`: ``data_loader.py`` ``DataPreparationActor._data_preparation_loop`` with
+  ``advantage_normalization_type="standard"``: ``(score - group mean) / (group std + 1e-8)``
+  (the default, ``"centered"``, is ``score - group mean``).
 * `TraceWriter`: ``rl_utils.py`` ``save_rollout_metadata`` (``<run_name>_metadata.jsonl``, one
   line ``run_name, git_commit, model_name, timestamp``) and ``save_rollouts_to_disk`` (shard
   ``<run_name>_rollouts_<total_samples_written // 10000:06d>.jsonl``, one JSON line per
