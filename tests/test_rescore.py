@@ -320,3 +320,18 @@ def test_real_qwen25_stripped_transcript_renders_to_the_sampled_ids():
     assert r is not None
     assert r.ids[r.prompt_len:] == completion_ids
     assert r.turn[-1] == 2 and sum(r.generated) < len(r.generated)
+
+
+def test_tokenizer_not_of_the_run_is_named_per_checkpoint(runs, tmp_path):
+    _, trl = runs
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other_tok"
+    tok = AutoTokenizer.from_pretrained(trl / "checkpoint-1")
+    tok.add_tokens([f"<extra_{i}>" for i in range(3)])
+    tok.save_pretrained(other)
+    res = CliRunner().invoke(app, ["rescore", str(_copy(trl, tmp_path)), "--tokenizer", str(other),
+                                   "--samples", "4"])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if "not the run's tokenizer" in ln]
+    assert len(lines) == 5 and "no checkpoint could be used" in res.output and "Traceback" not in res.output
