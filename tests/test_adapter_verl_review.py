@@ -290,3 +290,22 @@ def test_response_length_counts_tool_tokens_in_multi_turn_runs(tmp_path):
                                              "num_turns/mean": 2.0} for i in range(4)])
     assert load_run(single, format="verl").metrics.collect().get_column("completions/mean_length").to_list() == \
         [300.0, 301.0, 302.0, 303.0]
+
+
+def test_validation_and_rollout_dir_the_same_folder(tmp_path):
+    """``trainer.validation_data_dir`` = ``trainer.rollout_data_dir``: in ``RayPPOTrainer.fit`` a
+    step's ``_log_rollout_data`` dump comes first and ``_validate`` then writes the same
+    ``<global_steps>.jsonl`` ("w"), so steps 0, test_freq, 2*test_freq, ... and the last hold
+    validation generations (``reward`` right after ``step``: ``_validate`` puts it first into
+    ``reward_extra_infos_dict``). Those are not training rollouts; the other steps are. Before
+    the fix the folder read as validation dumps only: no training rollouts at all."""
+    tok = _tok("qwen2.5")
+    run = write_verl_run(tmp_path / "launch", 12, 7, seed=31, tokenizer=tok, rollout_dir="dumps",
+                         validation_dir="dumps", test_freq=5, prompts_per_step=2, n=2)
+    first = json.loads((run.rollout_dir / "5.jsonl").read_text().splitlines()[0])
+    assert list(first)[4:6] == ["step", "reward"]
+    for path in (run.cwd, run.rollout_dir):
+        src = load_run(path)
+        steps = sorted(set(src.rollouts.collect().get_column("step").to_list()))
+        assert steps == [s for s in range(1, 13) if s not in (5, 10, 12)], path
+        assert any("validation" in n and "5, 10, 12" in n for n in src.notes), src.notes

@@ -70,12 +70,24 @@ def is_dump_dir(d: Path, strict: bool = True) -> bool:
     return "dump" in kinds or (not strict and not kinds)
 
 
+def is_validation_line(obj: dict[str, Any] | None) -> bool:
+    """A validation dump line: ``RayPPOTrainer._validate`` puts ``reward`` first into the extra
+    keys, so it follows ``step`` (``_dump_generations`` keeps the key order)."""
+    if not obj:
+        return False
+    keys = list(obj)
+    return "step" in keys and keys[keys.index("step") + 1:keys.index("step") + 2] == ["reward"]
+
+
 def is_validation_dir(d: Path) -> bool:
     """Validation dumps: a step-0 file (training dumps start at step 1), lines with the
-    ``reward`` key ``_validate`` adds, or else a folder named like ``val``/``test``/``eval``."""
+    ``reward`` key ``_validate`` adds, or else a folder named like ``val``/``test``/``eval``. A
+    folder with a step-0 file whose later files hold training lines is both
+    (``validation_data_dir`` = ``rollout_data_dir``): a training folder."""
     files = step_files(d)
     if files and files[0][0] == 0:
-        return True
+        later = _sniff(files[1:])
+        return not any(not is_validation_line(o) for o in later)
     objs = _sniff(files)
     if objs and all("reward" in o for o in objs):
         return True

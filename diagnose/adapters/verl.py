@@ -39,6 +39,7 @@ from diagnose.adapters._verl_layout import (
     find_layout,
     is_dump_dir,
     is_validation_dir,
+    is_validation_line,
     kind_of,
     metrics_files_in,
     step_files,
@@ -352,6 +353,22 @@ def _pick(runs_: list[VerlRun], want: str | None, issues: IssueLog, p: Path, not
     return run
 
 
+def _without_validation(files: list[tuple[int, Path]], notes: list[str]) -> list[tuple[int, Path]]:
+    """Training dumps without the validation files among them: with ``validation_data_dir`` =
+    ``rollout_data_dir``, ``_validate`` (called after ``_log_rollout_data`` in ``fit``) writes the
+    same ``<step>.jsonl`` at step 0, every ``test_freq`` steps and the last, replacing that step's
+    training dump. A folder of validation dumps only is left as it is (read, with a note)."""
+    val = [(s, f) for s, f in files if is_validation_line(first_object(f))]
+    if not val or len(val) == len(files):
+        return files
+    steps = [s for s, _ in val]
+    notes.append(f"{len(val)} dump file(s) in {val[0][1].parent} hold validation generations (steps "
+                 f"{', '.join(map(str, steps[:10]))}{', ...' if len(steps) > 10 else ''}: trainer.validation_data_dir is "
+                 "the rollout_data_dir, and _validate overwrote those steps' training dumps): kept apart, so those steps "
+                 "have no training rollouts")
+    return [x for x in files if x not in val]
+
+
 def _own_dumps(files: list[tuple[int, Path]], metrics: pl.DataFrame, mfile: Path,
                issues: IssueLog) -> list[tuple[int, Path]]:
     """The dumps that can be this experiment's: none past its last logged step, but the one
@@ -442,6 +459,7 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
             issues.add(mp, None, "--metrics: no such file (or a folder without exactly one verl metrics JSONL)")
         else:
             mfiles = [mp]
+    files = _without_validation(files, notes)
     if chosen is not None and chosen.dumps is not None and is_validation_dir(chosen.dumps):
         notes.append(f"{chosen.dumps} holds validation dumps (trainer.validation_data_dir: step 0, 'reward' key), "
                      "the only dumps here: read as the rollouts")
