@@ -215,3 +215,36 @@ def test_non_hermes_calls_answered_by_a_tool_read_as_calls(tmp_path, tok, tok_di
     src, _, ro = _read_one(tmp_path, tok_dir, rec)
     assert ro["turn_states"].to_list() == [["healthy_call", "healthy_response"]]
     assert any("read as healthy_call" in n for n in src.notes)
+
+
+# ---- TRL's decoded-text completions (checked against the real TRL code; read right) ----------
+
+
+def test_trl_text_completion_with_parallel_tool_results_splits_into_its_turns():
+    """TRL ``trl/trainer/grpo_trainer.py`` (1.10.0.dev and 1.16): ``_tool_call_loop`` appends
+    ``_get_tool_suffix_ids(tool_messages)`` (run here, unbound, on the real Qwen2.5 tokenizer and
+    template) after the model's ``<|im_end|>``, and ``_generate_and_score_completions`` logs
+    ``batch_decode(completion_ids, skip_special_tokens=True)``; the TRL adapter's
+    ``_trl_completions.cell_turns`` gets back the two assistant turns."""
+    import types
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    from diagnose.adapters._trl_completions import cell_turns
+    from diagnose.adapters._turns import TurnClassifier
+    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
+
+    tok = qwen25_tokenizer()
+    me = types.SimpleNamespace(processing_class=tok, chat_template=None, chat_template_kwargs={}, _is_vlm=False,
+                               _tokenizer=tok)
+    results = [{"role": "tool", "name": "get_balance", "content": '{"balance": 5}'},
+               {"role": "tool", "name": "get_balance", "content": ""}]
+    suffix = GRPOTrainer._get_tool_suffix_ids(me, results)
+    t1 = CALL + "\n" + CALL.replace("a-1", "a-2")
+    ids = tok(t1 + "<|im_end|>", add_special_tokens=False)["input_ids"] + suffix
+    ids += tok("Both are 5.<|im_end|>", add_special_tokens=False)["input_ids"]
+    text = tok.batch_decode([ids], skip_special_tokens=True)[0]
+    assert "</tool_call>\nuser\n<tool_response>" in text and "<|im_end|>" not in text
+    turns = cell_turns(text).texts
+    assert turns == [t1, "Both are 5."]
+    assert TurnClassifier().turns(turns)[0] == ["healthy_call", "healthy_response"]

@@ -166,8 +166,8 @@ def _empty(p: Path, issues: IssueLog, notes: list[str], files: list[Path]) -> Ru
 def _standard_notes(notes: list[str], tok: LoadedTokenizer | None) -> None:
     notes.append("open-instruct logs trainer metrics (loss, KL, entropy, clipfrac) to wandb only: metrics are "
                  "derived from the traces (reward, turn states, tool use from request_info, generated length)")
-    notes.append("log-probs are vLLM's sampling log-probs (processed, after temperature): logprob is that, no "
-                 "trainer-side log-probs (no train/inference mismatch), no entropy")
+    notes.append("log-probs are vLLM's sampling log-probs (processed: after temperature and top-p/top-k): logprob "
+                 "is that, no trainer-side log-probs (no train/inference mismatch), no entropy")
     if tok is not None:
         notes.append("control-token log-probs (lp_ctrl_*) are known only where that token was sampled; the "
                      "control-token probabilities (ctrl/*, ctx/*) are sampling rates, which estimate them")
