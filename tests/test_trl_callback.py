@@ -96,3 +96,20 @@ def test_config_rejects_bad_intervals():
 
     with pytest.raises(ValueError, match="probe_every"):
         DiagnoseCallback(probe_every=0)
+
+
+def test_probe_on_the_runs_own_completions(tmp_path):
+    """``probe_on="completions"``: from the first probe step after TRL logged completions, the
+    probe runs on the run's own early healthy completions, re-rendered, and stays fixed."""
+    from diagnose.integrations.trl import DiagnoseCallback
+
+    cb = DiagnoseCallback(probe_every=2, probe_tasks=6, probe_on="completions")
+    out = tmp_path / "run"
+    build_trainer(out, max_steps=4, n_tasks=16, probe_every=2, callbacks=[cb]).train()
+    steps = sorted(int(p.stem.split("-")[1]) for p in (out / "diagnose" / "probe").glob("step-*.parquet"))
+    assert steps == [2, 4]  # step 1: nothing logged yet
+    rendered, _ = cb._probe_set
+    assert 0 < len(rendered) <= 6 and {r.step for r in rendered} == {1}
+    frames = [pl.read_parquet(out / "diagnose" / "probe" / f"step-{s:06d}.parquet") for s in steps]
+    assert frames[0].select("probe_id", "position").equals(frames[1].select("probe_id", "position"))
+    assert frames[0].filter(pl.col("context") != "").height > 0

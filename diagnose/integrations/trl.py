@@ -46,10 +46,12 @@ STOP_FILE = "stopped.json"
 class DiagnoseCallbackConfig:
     """What the callback probes and when.
 
-    ``probe_every``: probe every K optimizer steps (and at step 1); ``probe_tasks``: number of
-    held-out gold trajectories of the embedded environment (``make_tasks("test", n)``) when no
-    ``tasks`` / ``task_file`` is given; ``scan_every``: with ``stop_on_collapse``, scan every
-    K steps (default: at every probe)."""
+    ``probe_every``: probe every K optimizer steps (and at step 1); ``probe_on``: ``"tasks"`` (gold
+    trajectories: ``tasks`` / ``task_file``, else ``probe_tasks`` held-out tasks of the embedded
+    environment, ``make_tasks("test", n)``) or ``"completions"`` (the run's own early healthy
+    completions, ``probe_tasks`` of them, taken from TRL's ``completions/`` at the first probe
+    step where some are logged and kept fixed from then on; needs ``log_completions=True``);
+    ``scan_every``: with ``stop_on_collapse``, scan every K steps (default: at every probe)."""
 
     run_dir: str | None = None
     probe_every: int = 10
@@ -58,8 +60,11 @@ class DiagnoseCallbackConfig:
     stop_on_collapse: bool = False
     scan_every: int | None = None
     seed: int = 0
+    probe_on: str = "tasks"
 
     def __post_init__(self) -> None:
+        if self.probe_on not in ("tasks", "completions"):
+            raise ValueError(f"probe_on must be 'tasks' or 'completions', got {self.probe_on!r}")
         if self.probe_every < 1:
             raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
         if self.probe_tasks < 1:
@@ -76,12 +81,14 @@ class DiagnoseCallback(TrainerCallback):
 
     def __init__(self, run_dir: str | None = None, probe_every: int = 10, *, probe_tasks: int = 16,
                  tasks: list[Task] | None = None, task_file: str | None = None,
-                 stop_on_collapse: bool = False, scan_every: int | None = None, seed: int = 0) -> None:
+                 stop_on_collapse: bool = False, scan_every: int | None = None, seed: int = 0,
+                 probe_on: str = "tasks") -> None:
         self.config = DiagnoseCallbackConfig(run_dir, probe_every, probe_tasks, task_file, stop_on_collapse,
-                                             scan_every, seed)
+                                             scan_every, seed, probe_on)
         self._tasks = tasks
         self._writer: RunWriter | None = None
-        self._probe_set: Any = None
+        self._probe_set: Any = None  # a ProbeSet (tasks) or (rendered rollouts, their contexts)
+        self._tokenizer: Any = None
         self._registry: ControlTokenRegistry | None = None
         self._output_dir: Path | None = None
         self.probe_seconds = 0.0  # time spent probing (and scanning), for overhead measurements
@@ -111,7 +118,9 @@ class DiagnoseCallback(TrainerCallback):
         self._output_dir = Path(args.output_dir)
         run_dir = Path(self.config.run_dir) if self.config.run_dir else self._output_dir / SIDECAR_DIR
         self._registry = ControlTokenRegistry.from_tokenizer(tokenizer)
-        self._probe_set = build_probe_set(tokenizer, self._probe_tasks())
+        self._tokenizer = tokenizer
+        if self.config.probe_on == "tasks":
+            self._probe_set = build_probe_set(tokenizer, self._probe_tasks())
         resume = (run_dir / "run.json").exists()
         self._writer = RunWriter(
             run_dir, config={"writer": "diagnose.integrations.trl.DiagnoseCallback", **vars(self.config)},
@@ -140,14 +149,56 @@ class DiagnoseCallback(TrainerCallback):
             return control
         t0 = time.perf_counter()
         if step % cfg.probe_every == 0 or step == 1:
-            frame = run_probe(model, self._probe_set, self._registry, step)
-            self._writer.write_probe(step, frame)
-            self._writer.log_metrics(step, probe_summary(frame, self._registry.names))
+            frame = self._probe(model, step)
+            if frame is not None:
+                self._writer.write_probe(step, frame)
+                self._writer.log_metrics(step, probe_summary(frame, self._registry.names))
         every = cfg.scan_every or cfg.probe_every
         if cfg.stop_on_collapse and step % every == 0:
             self._maybe_stop(step, control)
         self.probe_seconds += time.perf_counter() - t0
         return control
+
+    def _probe(self, model: Any, step: int) -> Any:
+        """The probe table at ``step``; None while ``probe_on="completions"`` has nothing logged yet."""
+        if self.config.probe_on == "tasks":
+            return run_probe(model, self._probe_set, self._registry, step)
+        if self._probe_set is None:
+            self._probe_set = self._completions_probe_set()
+            if self._probe_set is None:
+                return None
+        from diagnose.rescore.score import ScoreConfig, probe_table
+
+        rendered, contexts = self._probe_set
+        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        return probe_table(model, rendered, contexts, self._registry, step, ScoreConfig(device=str(model.device)), pad)
+
+    def _completions_probe_set(self) -> tuple[list, list] | None:
+        """The run's earliest healthy logged completions, re-rendered to ids through the tokenizer's
+        chat template (`diagnose.rescore.render`, as `diagnose rescore` does), or None if none yet."""
+        from diagnose.adapters import load_run
+        from diagnose.rescore.pipeline import RescoreError, logged_rollouts, probe_candidates
+        from diagnose.rescore.render import Renderer
+
+        if not (self._output_dir / "completions").is_dir():
+            return None
+        try:
+            cands = probe_candidates(logged_rollouts(load_run(self._output_dir, format="trl")))
+        except RescoreError:
+            return None
+        renderer = Renderer(self._tokenizer)
+        rendered = []
+        for row in cands.iter_rows(named=True):
+            r = renderer.render(row["step"], row["sample_id"], row["prompt"], row["completion"] or "")
+            if r is not None:
+                rendered.append(r)
+            if len(rendered) >= self.config.probe_tasks:
+                break
+        if not rendered:
+            return None
+        log.info("diagnose: probing on %d early healthy completions of steps %s", len(rendered),
+                 sorted({r.step for r in rendered}))
+        return rendered, [renderer.contexts(r) for r in rendered]
 
     def _maybe_stop(self, step: int, control: Any) -> None:
         from diagnose.scan import scan_run

@@ -115,7 +115,7 @@ def _same_tokenizer(run_tok: Any, d: Path, registry: Any) -> str | None:
 # ---- rollouts ---------------------------------------------------------------------------------
 
 
-def _rollouts(src: Any) -> pl.DataFrame:
+def logged_rollouts(src: Any) -> pl.DataFrame:
     if src.rollouts is None:
         raise RescoreError(f"{src.path}: the run logs no rollouts (prompt/completion text), nothing to rescore")
     cols = src.rollouts.collect_schema().names()
@@ -127,7 +127,9 @@ def _rollouts(src: Any) -> pl.DataFrame:
     return df.sort("step", "sample_id")
 
 
-def _probe_candidates(df: pl.DataFrame) -> pl.DataFrame:
+def probe_candidates(df: pl.DataFrame) -> pl.DataFrame:
+    """Early healthy on-policy rollouts, at most ``PER_GROUP`` per group, in step order: what the
+    fixed probe on a run's own data is built from (here and in the TRL callback)."""
     on_policy = pl.lit(True)
     for c in ("is_hint", "is_off_policy"):
         if c in df.columns:
@@ -210,7 +212,7 @@ def rescore_run(run: str | os.PathLike[str], cfg: RescoreConfig | None = None, *
         if diff:
             raise RescoreError(f"{tok_dir}: the tokenizer does not match the run: control token ids differ from "
                                f"run.json ({', '.join(diff)})")
-    df = _rollouts(src)
+    df = logged_rollouts(src)
     store = RescoreStore(run)
     report = RescoreReport(store=store.dir, tokenizer=str(tok_dir))
 
@@ -248,7 +250,7 @@ def _probe_set(renderer: Any, df: pl.DataFrame, samples: int, store: RescoreStor
     fixed = None
     if man.get("tokenizer") == _tokenizer_key(tok_dir) and man.get("samples") == samples:
         fixed = {tuple(x) for x in man.get("probe_set") or []}
-    cands = _probe_candidates(df)
+    cands = probe_candidates(df)
     if fixed:
         keys = pl.DataFrame(sorted(fixed), schema={"step": df.schema["step"], "sample_id": df.schema["sample_id"]},
                             orient="row")
