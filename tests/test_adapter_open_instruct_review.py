@@ -43,7 +43,8 @@ def _issues(src) -> str:
 # ---- a resumed run writes under a new run name -------------------------------------------------
 
 
-def resumed_under_new_name(save_path, tok, *, killed_after: int, resumed_from: int, fresh: bool = False):
+def resumed_under_new_name(save_path, tok, *, killed_after: int, resumed_from: int, fresh: bool = False,
+                           groups_again: int = 4):
     """A run killed and resumed from its checkpoint, as open-instruct lays it out.
 
     * ``grpo_fast.py`` ``setup_runtime_variables``: ``run_name = f"{exp_name}__{seed}__{int(time.time())}"``
@@ -55,12 +56,15 @@ def resumed_under_new_name(save_path, tok, *, killed_after: int, resumed_from: i
       one trained, so both starts hold steps ``resumed_from .. killed_after``.
 
     The first start holds steps ``0 .. killed_after``, the second ``resumed_from ..`` the end
-    (``fresh``: the second start is a new run from step 0 with the same exp_name and seed)."""
+    (``fresh``: the second start is a new run from step 0 with the same exp_name and seed), with
+    ``groups_again`` groups in the steps both wrote (``filter_zero_std_samples`` keeps a varying
+    number of groups per step)."""
     full = collapse_run(save_path.parent / "_full", tok)
     lines = [json.loads(ln) for ln in full.shards[0].read_text().splitlines()]
     a, b = oi.run_name_of(EXP, SEED, T1), oi.run_name_of(EXP, SEED, T2)
     first = [r for r in lines if r["step"] <= killed_after]
-    second = [r for r in lines if r["step"] >= (0 if fresh else resumed_from)]
+    second = [r for r in lines if r["step"] >= (0 if fresh else resumed_from)
+              and (r["step"] > killed_after or r["prompt_idx"] < groups_again)]
     for r in second:
         if r["step"] <= killed_after:
             r["advantage"] = 0.125  # regenerated: other samples, same step numbers
@@ -248,3 +252,14 @@ def test_trl_text_completion_with_parallel_tool_results_splits_into_its_turns():
     turns = cell_turns(text).texts
     assert turns == [t1, "Both are 5."]
     assert TurnClassifier().turns(turns)[0] == ["healthy_call", "healthy_response"]
+
+
+def test_a_step_written_by_both_starts_is_read_from_the_later_one_only(tmp_path, tok, tok_dir):
+    """The regenerated step kept fewer groups (``process_group`` filtered more): none of the first
+    start's samples of that step may stay beside them."""
+    path = tmp_path / "deletable_rollouts"
+    resumed_under_new_name(path, tok, killed_after=9, resumed_from=8, groups_again=2)
+    ro = load_run(path, tokenizer=tok_dir).rollouts.collect()
+    both = ro.filter(pl.col("step").is_in([8, 9]))
+    assert both.height == 2 * 8 and both["advantage"].to_list() == [0.125] * 16
+    assert ro.filter(pl.col("step") == 10).height == 16

@@ -28,7 +28,7 @@ import polars as pl
 
 from diagnose.adapters._io import first_object
 from diagnose.adapters._issues import IssueLog, NonFinite
-from diagnose.adapters._oi_layout import RunFiles, layout, resolve
+from diagnose.adapters._oi_layout import SHARD_RE, RunFiles, layout, resolve
 from diagnose.adapters._oi_metrics import filtered_groups_note, trace_metrics
 from diagnose.adapters._oi_records import Record, TraceCounts, parse_record
 from diagnose.adapters._rollouts import ListColumn, empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame
@@ -143,7 +143,7 @@ def load(p: Path, **options: Any) -> RunSource:
     notes.append(f"open-instruct run {name}" + (f" (model {model})" if model else ""))
     _resume_notes(chosen, notes)
     tok = _resolve_tokenizer(options.get("tokenizer"), model, issues, meta[0] if meta else shards[0], notes)
-    records = _read(shards, issues)
+    records = _read(chosen, issues)
     built = _Builder(tok, issues, notes).build(records)
     files = [*shards, *meta, *(tok.files if tok else [])]
     _standard_notes(notes, tok)
@@ -179,14 +179,21 @@ def _standard_notes(notes: list[str], tok: LoadedTokenizer | None) -> None:
                  "traces can show up to that many steps after the update that caused it")
 
 
-def _read(shards: list[Path], issues: IssueLog) -> list[Record]:
-    """Every readable record of the run, last write of a (step, sample_idx) winning (a resumed
-    run writes the steps it had prepared but not trained again)."""
+def _read(run: RunFiles, issues: IssueLog) -> list[Record]:
+    """Every readable record of the run. A step written by several starts of a resumed run is
+    read from the last of them only (the one trained on; it may hold another number of
+    groups); within one start, the last write of a ``(step, sample_idx)`` wins."""
     nonfinite = NonFinite()
-    by_key: dict[tuple[int, int], int] = {}
-    out: list[Record] = []
+    start_of = {name: k for k, (name, _) in enumerate(run.starts)}
+    by_key: dict[tuple[int, int, int], int] = {}
+    out: list[Record | None] = []
+    starts: list[int] = []
+    last: dict[int, int] = {}  # step -> the last start that wrote it
+    first_file: dict[tuple[int, int], Path] = {}  # (start, step) -> a file of it
     dup_steps: dict[Path, set[int]] = {}
-    for f in shards:
+    for f in run.shards:
+        m = SHARD_RE.match(f.name)
+        k = start_of.get(m["run"], 0) if m else 0
         counts = TraceCounts()
         n_good = 0
         for line_no, obj in iter_jsonl(f):
@@ -198,21 +205,27 @@ def _read(shards: list[Path], issues: IssueLog) -> list[Record]:
                 continue
             n_good += 1
             if rec.sample_idx is not None:
-                key = (rec.step, rec.sample_idx)
+                key = (k, rec.step, rec.sample_idx)
                 if key in by_key:
-                    out[by_key[key]] = None  # type: ignore[call-overload]
+                    out[by_key[key]] = None
                     dup_steps.setdefault(f, set()).add(rec.step)
                 by_key[key] = len(out)
+            last[rec.step] = max(last.get(rec.step, k), k)
+            first_file.setdefault((k, rec.step), f)
             out.append(rec)
+            starts.append(k)
         counts.report(f, issues)
         if n_good == 0:
             issues.add(f, None, "no readable rollout lines in this file")
+    for (k, step), f in first_file.items():
+        if last[step] > k:
+            dup_steps.setdefault(first_file[(last[step], step)], set()).add(step)
     for f, steps in dup_steps.items():
         s = sorted(steps)
         issues.add(f, None, f"step(s) {s[:5]}{'...' if len(s) > 5 else ''} written again (a resumed run re-writes "
-                            "the steps it had prepared): the last write of each sample is used")
+                            "the steps it had prepared): the last start's samples of each are used")
     nonfinite.flush(issues)
-    return [r for r in out if r is not None]
+    return [r for r, k in zip(out, starts) if r is not None and k == last[r.step]]
 
 
 # ---- tables ---------------------------------------------------------------------------------
