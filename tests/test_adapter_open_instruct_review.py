@@ -263,3 +263,20 @@ def test_a_step_written_by_both_starts_is_read_from_the_later_one_only(tmp_path,
     both = ro.filter(pl.col("step").is_in([8, 9]))
     assert both.height == 2 * 8 and both["advantage"].to_list() == [0.125] * 16
     assert ro.filter(pl.col("step") == 10).height == 16
+
+
+def test_the_early_writer_one_postfix_after_all_outputs(tmp_path, tok, tok_dir):
+    """open-instruct d3db709 .. fac7d14 (2026-01-23 .. 02-22): ``vllm_utils.py`` ``process_request``
+    called ``process_tool_tokens(tool_outputs=outputs)`` once per turn, so ``VllmToolParser.
+    format_tool_outputs`` wrote every block, then one postfix; ``_get_request_info_for_sample``
+    had ``excess_tool_calls`` where ``rollout_state`` is now."""
+    two = lambda outs: "".join(oi.HERMES_TOOL_TEMPLATE.format(output=o) for o in outs) + oi.HERMES_POSTFIX  # noqa: E731
+    rec, gen = _one_record(tok, [CALL + "\n" + CALL.replace("a-1", "a-2") + "<|im_end|>", "Both 5.<|im_end|>"],
+                           ["5|5"], lambda o: two(o.split("|")))
+    info = rec["request_info"]
+    info.pop("rollout_state")
+    info["excess_tool_calls"] = {}
+    info["num_calls"], info["tool_calleds"] = 2, True
+    src, tk, ro = _read_one(tmp_path, tok_dir, rec)
+    assert tk["is_generated"].sum() == gen
+    assert ro["turn_states"].to_list() == [["healthy_call", "healthy_response"]] and ro["num_calls"].to_list() == [2]
