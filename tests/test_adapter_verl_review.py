@@ -309,3 +309,43 @@ def test_validation_and_rollout_dir_the_same_folder(tmp_path):
         steps = sorted(set(src.rollouts.collect().get_column("step").to_list()))
         assert steps == [s for s in range(1, 13) if s not in (5, 10, 12)], path
         assert any("validation" in n and "5, 10, 12" in n for n in src.notes), src.notes
+
+
+def _dapo_run(tmp_path, dict_score: bool) -> tuple[Path, dict[int, list[float]]]:
+    """``verl/workers/reward_manager/dapo.py`` ``DAPORewardManager.__call__`` with
+    ``overlong_buffer.enable`` and ``log``: ``reward = score + overlong_reward`` goes into
+    ``token_level_scores``; a dict-returning ``compute_score`` (``math_dapo.compute_score``:
+    ``score``, ``acc``, ``pred``) puts its *pre-penalty* ``score`` into ``reward_extra_info``,
+    which replaces the dumped ``score`` in ``_dump_generations`` (same key); a float one leaves the
+    dumped score = ``token_level_scores.sum(-1)`` and logs ``acc`` = the pre-penalty score.
+    ``critic/score/mean`` (``compute_data_metrics``) is the mean of ``token_level_scores``."""
+    from diagnose.synth.verl import FileLogger, dump_generations
+
+    lg = FileLogger("dapo", "exp", root=tmp_path)
+    trained: dict[int, list[float]] = {}
+    for step in range(1, 5):
+        pre = [1.0, 1.0, -1.0, 1.0]
+        over = [0.0, -0.25 * step, 0.0, -0.5]
+        rew = [a + b for a, b in zip(pre, over)]
+        trained[step] = rew
+        extra: dict[str, list[Any]] = {"score": pre, "acc": [p > 0 for p in pre], "pred": ["42"] * 4} if dict_score \
+            else {"acc": pre}
+        extra |= {"overlong_reward": over, "overlong": [o < 0 for o in over]}
+        dump_generations(tmp_path / "rollout_data", step, ["system\nS\nuser\nq\nassistant\n"] * 4,
+                         ["#### 42"] * 4, ["42"] * 4, rew, extra)
+        lg.log({"critic/score/mean": sum(rew) / 4, "actor/entropy": 0.5}, step)
+    lg.finish()
+    return tmp_path, trained
+
+
+@pytest.mark.parametrize("dict_score", [True, False])
+def test_dapo_overlong_penalty_in_the_reward(tmp_path, dict_score):
+    """The rollouts' reward is what was trained on (``token_level_scores``), so group statistics
+    (``frac_reward_zero_std``) see the overlong penalty. Before the fix, with a dict-returning
+    ``compute_score`` the dumped pre-penalty ``score`` was read as the reward."""
+    cwd, trained = _dapo_run(tmp_path, dict_score)
+    src = load_run(cwd)
+    ro = src.rollouts.collect().sort("step", "sample_id")
+    for step, want in trained.items():
+        assert ro.filter(ro["step"] == step).get_column("reward").to_list() == pytest.approx(want), step
+    assert any("overlong_reward" in n for n in src.notes) == dict_score

@@ -369,6 +369,36 @@ def _without_validation(files: list[tuple[int, Path]], notes: list[str]) -> list
     return [x for x in files if x not in val]
 
 
+def _with_overlong_penalty(rollouts: pl.DataFrame, metrics: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
+    """The reward trained on, when the dump's ``score`` lacks DAPO's overlong penalty.
+
+    ``DAPORewardManager`` (``verl/workers/reward_manager/dapo.py``) trains on ``score +
+    overlong_reward``; with a dict-returning ``compute_score`` its pre-penalty ``score`` key
+    replaces the dumped ``score`` (``_dump_generations``: same key). Which case a run is, the
+    dump does not say; the trainer's ``critic/score/mean`` (the mean of ``token_level_scores``)
+    does: the penalty is added only where the dumped scores miss it and the sum matches."""
+    if "overlong_reward" not in rollouts.columns or "critic/score/mean" not in metrics.columns or \
+            rollouts.schema["overlong_reward"] not in (pl.Float64, pl.Int64):
+        return rollouts
+    with_pen = pl.col("reward") + pl.col("overlong_reward").cast(pl.Float64)
+    per = rollouts.group_by("step").agg(pl.col("reward").mean().alias("dumped"), with_pen.mean().alias("penalised")) \
+        .join(metrics.select("step", pl.col("critic/score/mean").alias("trained")), on="step").drop_nulls() \
+        .filter(pl.col("trained").is_finite())
+    if per.height == 0:
+        return rollouts
+
+    def matches(c: str) -> bool:
+        tol = 1e-3 * pl.max_horizontal(pl.lit(1.0), pl.col("trained").abs())
+        return bool(per.select(((pl.col(c) - pl.col("trained")).abs() <= tol).all()).item())
+
+    if matches("penalised") and not matches("dumped"):
+        notes.append("the dumped 'score' is the reward function's own score, before DAPO's overlong penalty (a "
+                     "dict-returning compute_score replaces verl's score key); reward = score + overlong_reward, as "
+                     "trained (it matches critic/score/mean)")
+        return rollouts.with_columns(with_pen.alias("reward"))
+    return rollouts
+
+
 def _own_dumps(files: list[tuple[int, Path]], metrics: pl.DataFrame, mfile: Path,
                issues: IssueLog) -> list[tuple[int, Path]]:
     """The dumps that can be this experiment's: none past its last logged step, but the one
@@ -475,6 +505,7 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
                      "(user\\n<tool_response>...</tool_response>\\nassistant\\n); no token probabilities")
     if mdf is not None:
         mdf = _map_lengths(mdf, rollouts, notes)
+        rollouts = _with_overlong_penalty(rollouts, mdf, notes)
     derived = derived_metrics(rollouts)
     for k in sorted(_options):
         notes.append(f"option {k} is not used by the verl adapter; ignored")
