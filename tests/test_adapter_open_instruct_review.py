@@ -280,3 +280,15 @@ def test_the_early_writer_one_postfix_after_all_outputs(tmp_path, tok, tok_dir):
     src, tk, ro = _read_one(tmp_path, tok_dir, rec)
     assert tk["is_generated"].sum() == gen
     assert ro["turn_states"].to_list() == [["healthy_call", "healthy_response"]] and ro["num_calls"].to_list() == [2]
+
+
+def test_a_step_skipped_by_the_old_loop_reads_as_all_filtered(tmp_path):
+    """open-instruct before 9c98253 (2026-05-07): ``data_loader.py`` ``_data_preparation_loop`` ran
+    ``for step in range(...)`` and, when ``accumulate_inference_batches`` returned None (every
+    group filtered), handed the trainer empty data and went on: no traces for that step."""
+    filtered_batches(tmp_path, [4, 4, 2, 0, 0, 1, 4])
+    src = load_run(tmp_path)
+    m = src.metrics.collect().sort("step")
+    assert m["step"].to_list() == list(range(7))
+    assert m["batch/filtered_prompts_pct"].to_list() == pytest.approx([0, 0, 0.5, 1, 1, 0.75, 0])
+    assert any("[3, 4] have no traces" in n for n in src.notes)

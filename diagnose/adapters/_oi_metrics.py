@@ -19,15 +19,31 @@ def _group_table(rollouts: pl.DataFrame) -> pl.DataFrame:
 def filtered_groups_note(rollouts: pl.DataFrame, notes: list[str]) -> None:
     """``data_loader.py``: ``filter_zero_std_samples`` (default True) drops every group whose
     rewards are all equal in ``process_group``, before ``_save_rollouts``; a step whose groups
-    are all dropped is sampled again, not saved. Traces in which no group of several samples
+    are all dropped is sampled again (since 9c98253; before, it was skipped: a gap). Traces in which no group of several samples
     has equal rewards were most likely written so."""
-    g = _group_table(rollouts).filter(pl.col("n") > 1)
-    if g.height >= 8 and (g["spread"] > 0).all():
+    if looks_filtered(rollouts):
         notes.append("every saved group has rewards that differ: open-instruct drops groups whose rewards are all "
                      "equal before saving them (filter_zero_std_samples, on by default), so all-fail and all-pass "
                      "groups are missing; reward, frac_reward_zero_std (0) and turn states describe the kept groups "
                      "only; batch/filtered_prompts_pct estimates the share dropped (1 - groups saved / the most "
                      "saved at any step; 0 throughout with active_sampling, which refills the batch)")
+    gaps = missing_steps(rollouts) if looks_filtered(rollouts) else []
+    if gaps:
+        notes.append(f"step(s) {gaps[:8]}{'...' if len(gaps) > 8 else ''} have no traces: open-instruct before "
+                     "9c98253 (2026-05-07) moved on to the next step when every group of a step was filtered out, "
+                     "saving nothing (later versions sample the step again); batch/filtered_prompts_pct is 1 there")
+
+
+def looks_filtered(rollouts: pl.DataFrame) -> bool:
+    """No saved group of several samples (8 at least) has equal rewards."""
+    g = _group_table(rollouts).filter(pl.col("n") > 1)
+    return g.height >= 8 and bool((g["spread"] > 0).all())
+
+
+def missing_steps(rollouts: pl.DataFrame) -> list[int]:
+    """Steps between the first and last traced one that have no traces."""
+    steps = rollouts.get_column("step").unique().sort().to_list() if rollouts.height else []
+    return sorted(set(range(steps[0], steps[-1] + 1)) - set(steps)) if steps else []
 
 
 def trace_metrics(rollouts: pl.DataFrame) -> pl.DataFrame:
@@ -49,4 +65,9 @@ def trace_metrics(rollouts: pl.DataFrame) -> pl.DataFrame:
     if most:
         extra = extra.join(groups.select("step", (1.0 - pl.col("_g") / most).alias("batch/filtered_prompts_pct")),
                            on="step", how="left")
+        gaps = missing_steps(rollouts) if looks_filtered(rollouts) else []
+        if gaps:  # a step whose groups were all filtered (open-instruct before 9c98253)
+            extra = pl.concat([extra, pl.DataFrame({"step": gaps, "batch/filtered_prompts_pct": [1.0] * len(gaps)},
+                                                   schema_overrides={"step": extra.schema["step"]})],
+                              how="diagonal_relaxed").sort("step")
     return merge_metrics(base, extra)
