@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,9 @@ from diagnose.adapters._issues import IssueLog, NonFinite
 from diagnose.adapters._metrics import derived_metrics, map_names, metrics_frame, nonfinite_metric_issues
 from diagnose.adapters._rollouts import empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame, turn_columns
 from diagnose.adapters._source import make_source
-from diagnose.adapters._turns import TurnClassifier, split_assistant_turns
+from diagnose.adapters._turns import TurnClassifier
 from diagnose.adapters._values import as_float, as_step
+from diagnose.adapters._verl_turns import VerlTurnClassifier, answer_part, split_turns  # noqa: F401 (re-exported)
 from diagnose.adapters._verl_layout import (
     STEP_FILE_RE,
     VerlRun,
@@ -44,7 +44,6 @@ from diagnose.adapters._verl_layout import (
     metrics_files_in,
     step_files,
 )
-from diagnose.chat import IM_END, IM_START
 from diagnose.jsonl import LineError, iter_jsonl
 from diagnose.source import RunSource
 
@@ -69,68 +68,6 @@ NAME_MAP: dict[str, str] = {
 
 _CORE = ("input", "output", "score", "step")
 _ACCURACY_KEYS = ("acc", "accuracy")
-
-# the tool messages of one round, as decoded: "user\n<tool_response>\n...\n</tool_response>" (one
-# block per executed call) then the generation prompt "\nassistant\n"; or an interaction's user
-# message (ToolAgentLoop._handle_interacting_state): "user\n<feedback>\nassistant\n", right after
-# the turn (its <|im_end|> stripped, so no whitespace before "user") or at the very start
-_ROUND = re.compile(r"(\n?(?:user|tool)\n<tool_response>\n.*?\n</tool_response>"
-                    r"(?:\n<tool_response>\n.*?\n</tool_response>)*\nassistant\n)"
-                    r"|(?:\A|(?<![ \t]))user\n(?!<tool_response>\n).*?\nassistant\n", re.DOTALL)
-# an interaction round cut by response_length (run() keeps response_ids[:response_length]; the
-# user message is appended without a length check), at the end of the response
-_CUT_ROUND = re.compile(r"(?<!\s)user\n(?:(?!\nassistant\n).)*\Z", re.DOTALL)
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def split_turns(text: str | None) -> list[str]:
-    """Assistant turns of a verl response (see the module docstring); text that still has
-    ChatML markers (dumped with special tokens kept) is split as ChatML. An interaction round
-    that ends the response (the episode terminated after the feedback, or the cut) is no turn;
-    a tool round is always followed by a generated turn (an empty one if the model stopped)."""
-    if not text:
-        return [""]
-    if IM_START in text or IM_END in text:
-        return split_assistant_turns(text)
-    turns: list[str] = []
-    pos = 0
-    trailing_user = False
-    for m in _ROUND.finditer(text):
-        turns.append(text[pos:m.start()])
-        pos = m.end()
-        trailing_user = m.group(1) is None and pos == len(text)
-    if trailing_user:
-        return turns
-    tail = text[pos:]
-    cut = _CUT_ROUND.search(tail)
-    turns.append(tail[:cut.start()] if cut else tail)
-    return turns
-
-
-def answer_part(turn: str) -> str:
-    """What a turn says once its reasoning is set aside, as Qwen3's chat template reads an
-    assistant message: the text after the last ``</think>`` (``<think>``/``</think>`` are added,
-    non-special tokens, so they survive ``skip_special_tokens``). Reasoning that is never closed
-    (cut at ``response_length``) leaves nothing. Reasoning is not output: a turn of reasoning and
-    a bare ``<tool_call>`` is collapsed, and call tags mentioned while reasoning are no error."""
-    if THINK_CLOSE in turn:
-        return turn.rsplit(THINK_CLOSE, 1)[1].lstrip("\n")
-    if turn.lstrip().startswith(THINK_OPEN):
-        return ""
-    return turn
-
-
-class VerlTurnClassifier(TurnClassifier):
-    """`TurnClassifier` splitting completions with `split_turns` and classifying each turn's
-    `answer_part`."""
-
-    def completion(self, text: str | None) -> tuple[list[str], list[str]]:
-        key = text or ""
-        hit = self._completions.get(key)
-        if hit is None:
-            hit = self._completions[key] = self.turns([answer_part(t) for t in split_turns(key)])
-        return hit
-
 
 # ---- detection ----------------------------------------------------------------------
 
