@@ -292,3 +292,17 @@ def test_a_step_skipped_by_the_old_loop_reads_as_all_filtered(tmp_path):
     assert m["step"].to_list() == list(range(7))
     assert m["batch/filtered_prompts_pct"].to_list() == pytest.approx([0, 0, 0.5, 1, 1, 0.75, 0])
     assert any("[3, 4] have no traces" in n for n in src.notes)
+
+
+def test_scan_command_on_a_resumed_run(tmp_path, tok, tok_dir):
+    from typer.testing import CliRunner
+
+    from diagnose.cli import app
+
+    path = tmp_path / "deletable_rollouts"
+    a, b, _ = resumed_under_new_name(path, tok, killed_after=9, resumed_from=8)
+    for extra in ([], ["--run", b]):
+        out = CliRunner().invoke(app, ["scan", str(path), "--tokenizer", str(tok_dir), "--json", "--no-cache", *extra])
+        assert out.exit_code == 1 and "Traceback" not in out.output  # 1: a collapse was found
+        data = json.loads(out.stdout)
+        assert len(data["episodes"]) == 1 and abs(data["episodes"][0]["onset_step"] - COLLAPSE_AT) <= 1

@@ -174,9 +174,9 @@ def _standard_notes(notes: list[str], tok: LoadedTokenizer | None) -> None:
     notes.append("the traces' step is open-instruct's 0-based data step; wandb's training_step is step + 1")
     notes.append("kept as rollout columns but read by no detector: advantage, dataset, ground_truth, tool_runtimes, "
                  "tool_outputs / tool_errors text; metric read by no detector: batch/filtered_prompts_pct")
-    notes.append("a trace's step is the data step it was prepared for; with async_steps > 1 (default 8) its "
-                 "samples may come from a policy up to async_steps updates older (not saved), so a change in the "
-                 "traces can show up to that many steps after the update that caused it")
+    notes.append("with async_steps > 1 (default 8) a step's samples may come from a policy up to async_steps "
+                 "updates older (model_step is not saved), so a change in the traces can show up to that many "
+                 "steps after the update that caused it")
 
 
 def _read(run: RunFiles, issues: IssueLog) -> list[Record]:
