@@ -349,3 +349,24 @@ def test_dapo_overlong_penalty_in_the_reward(tmp_path, dict_score):
     for step, want in trained.items():
         assert ro.filter(ro["step"] == step).get_column("reward").to_list() == pytest.approx(want), step
     assert any("overlong_reward" in n for n in src.notes) == dict_score
+
+
+def test_calls_to_tools_the_prompt_does_not_offer(tmp_path):
+    """``ToolAgentLoop._call_tool``: a call whose name is not in the tool config fails
+    (``self.tools[tool_name]`` raises KeyError) and the tool round says ``Error when executing
+    tool: 'name'``. The tools are rendered into the prompt by the chat template
+    (``<tools>\\n{schema}\\n...</tools>``, decoded into the dump's ``input``), so such a call is an
+    ``unknown_tool`` error, not a healthy call. Before the fix it read as healthy_call."""
+    from diagnose.synth.verl import dump_generations
+
+    tok = _tok("qwen2.5")
+    task, gold, obs = _trajectories(1, 41)[0]
+    bad = '<tool_call>\n{"name": "search_web", "arguments": {"q": "stock"}}\n</tool_call>'
+    inp, out = tool_episode(tok, task, [bad, gold[-1]], [["Error when executing tool: 'search_web'"]])
+    inp2, out2 = tool_episode(tok, task, gold, obs)
+    assert "<tools>\n" in inp and "</tool_call>user\n<tool_response>\nError when executing tool" in out
+    dump_generations(tmp_path / "rollout_data", 1, [inp, inp2], [out, out2], ["x", "x"], [0.0, 1.0])
+    ro = load_run(tmp_path / "rollout_data").rollouts.collect().sort("sample_id")
+    assert ro.get_column("turn_states").to_list() == [
+        ["polluted", "healthy_response"], ["healthy_call"] * (len(gold) - 1) + ["healthy_response"]]
+    assert "unknown_tool" in ro.get_column("error_types")[0].to_list()

@@ -6,12 +6,14 @@ decodes the ids: ``verl/experimental/agent_loop/tool_agent_loop.py`` (``ToolAgen
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
-from diagnose.adapters._turns import TurnClassifier, split_assistant_turns
+from diagnose.adapters._turns import TurnClassifier, split_assistant_turns, tool_names_of
 from diagnose.chat import IM_END, IM_START
 
-__all__ = ["THINK_CLOSE", "THINK_OPEN", "VerlTurnClassifier", "answer_part", "split_turns"]
+__all__ = ["THINK_CLOSE", "THINK_OPEN", "VerlTurnClassifier", "answer_part", "prompt_tool_names", "split_turns"]
 
 # the tool messages of one round, as decoded: "user\n<tool_response>\n...\n</tool_response>" (one
 # block per executed call) then the generation prompt "\nassistant\n"; or an interaction's user
@@ -63,13 +65,49 @@ def answer_part(turn: str) -> str:
     return turn
 
 
+_TOOLS_BLOCK = re.compile(r"<tools>\n(.*?)\n</tools>", re.DOTALL)
+
+
+def prompt_tool_names(prompt: str | None) -> tuple[str, ...] | None:
+    """Names of the tools a dumped ``input`` offers: Qwen's templates render each schema as one
+    JSON line inside ``<tools>...</tools>`` of the system turn (text, so it survives
+    ``skip_special_tokens``). None when there is no such block or a line does not parse (the
+    unknown-tool check is then skipped)."""
+    if not prompt or "<tools>" not in prompt:
+        return None
+    m = _TOOLS_BLOCK.search(prompt)
+    if m is None:
+        return None
+    try:
+        schemas = [json.loads(line) for line in m.group(1).split("\n") if line.strip()]
+    except ValueError:
+        return None
+    return tool_names_of(schemas)
+
+
 class VerlTurnClassifier(TurnClassifier):
     """`TurnClassifier` splitting completions with `split_turns` and classifying each turn's
-    `answer_part`."""
+    `answer_part`; with the prompt's tool names, a call to another tool is ``unknown_tool``
+    (``ToolAgentLoop._call_tool`` answers it with an error)."""
 
-    def completion(self, text: str | None) -> tuple[list[str], list[str]]:
-        key = text or ""
-        hit = self._completions.get(key)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._verl: dict[tuple[str, tuple[str, ...] | None], tuple[list[str], list[str]]] = {}
+
+    def completion(self, text: str | None, tool_names: tuple[str, ...] | None = None) -> tuple[list[str], list[str]]:
+        key = (text or "", tool_names)
+        hit = self._verl.get(key)
         if hit is None:
-            hit = self._completions[key] = self.turns([answer_part(t) for t in split_turns(key)])
+            hit = self._verl[key] = self.turns([answer_part(t) for t in split_turns(key[0])], tool_names)
         return hit
+
+
+class WithPromptTools:
+    """`turn_columns` takes one completion per row; this feeds it ``(completion, tool names)``
+    pairs and classifies each with its prompt's tools."""
+
+    def __init__(self, classifier: VerlTurnClassifier) -> None:
+        self.classifier = classifier
+
+    def completion(self, pair: tuple[str, tuple[str, ...] | None]) -> tuple[list[str], list[str]]:
+        return self.classifier.completion(*pair)

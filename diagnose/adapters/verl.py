@@ -30,9 +30,9 @@ from diagnose.adapters._issues import IssueLog, NonFinite
 from diagnose.adapters._metrics import derived_metrics, map_names, metrics_frame, nonfinite_metric_issues
 from diagnose.adapters._rollouts import empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame, turn_columns
 from diagnose.adapters._source import make_source
-from diagnose.adapters._turns import TurnClassifier
 from diagnose.adapters._values import as_float, as_step
-from diagnose.adapters._verl_turns import VerlTurnClassifier, answer_part, split_turns  # noqa: F401 (re-exported)
+from diagnose.adapters._verl_turns import (  # noqa: F401 (answer_part, split_turns re-exported)
+    VerlTurnClassifier, WithPromptTools, answer_part, prompt_tool_names, split_turns)
 from diagnose.adapters._verl_layout import (
     STEP_FILE_RE,
     VerlRun,
@@ -100,7 +100,7 @@ def runs(p: Path) -> list[str]:
 # ---- rollouts -----------------------------------------------------------------------
 
 
-def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: TurnClassifier) -> pl.DataFrame:
+def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: VerlTurnClassifier) -> pl.DataFrame:
     rows: list[tuple[int, str | None, str, float | None, dict[str, Any]]] = []
     nonfinite = NonFinite()
     for fstep, f in files:
@@ -176,7 +176,12 @@ def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: 
         if k in extras and extras[k].dtype in (pl.Float64, pl.Int64, pl.Boolean):
             cols["accuracy"] = extras[k].cast(pl.Float64).to_list()
             break
-    cols.update(turn_columns(classifier, completions))
+    tools: dict[str | None, tuple[str, ...] | None] = {}
+    for r in rows:
+        if r[1] not in tools:
+            tools[r[1]] = prompt_tool_names(r[1])
+    pairs = [(r[2], tools[r[1]]) for r in rows]
+    cols.update(turn_columns(WithPromptTools(classifier), pairs))  # type: ignore[arg-type]
     return rollouts_frame(cols, extras)
 
 
