@@ -86,8 +86,8 @@ def layout(p: Path) -> dict[str, RunFiles]:
         shards = sorted(found[name]["shards"], key=_shard_order)
         m = RUN_NAME_RE.match(name)
         key = (m["exp"], m["seed"]) if m else None
-        first = _first_step(shards)
         chain = chains.get(key) if key else None
+        first = _first_step(shards) if chain is not None else None  # read only where it decides
         if chain is not None and first is not None and first > 0:
             chain.shards += shards
             chain.meta += found[name]["meta"]
