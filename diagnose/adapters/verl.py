@@ -5,12 +5,15 @@
   sample with ``input``, ``output``, ``gts``, ``score``, ``step`` and the reward function's
   extra keys (e.g. ``acc``, ``pred``). ``input``/``output`` are the prompt and response ids
   decoded with ``skip_special_tokens=True`` (``_log_rollout_data``).
-* Turns: the tool agent loop (``verl/experimental/agent_loop/tool_agent_loop.py``) appends the
+* Turns (`diagnose.adapters._verl_turns`): the tool agent loop
+  (``verl/experimental/agent_loop/tool_agent_loop.py``) appends the
   tool messages' ids from ``apply_chat_template(..., remove_system_prompt=True)``; with Qwen's
   template they start at ``<|im_start|>user`` and end with the ``<|im_start|>assistant\\n``
   generation prompt. Decoded without special tokens, a response reads
   ``<call></tool_call>user\\n<tool_response>\\n...\\n</tool_response>\\nassistant\\n<next turn>``
-  (no newline before ``user``: the turn's ``<|im_end|>`` is gone). `split_turns` cuts there.
+  (no newline before ``user``: the turn's ``<|im_end|>`` is gone). `split_turns` cuts there, and
+  at an interaction's ``user\\n...\\nassistant\\n`` rounds; each turn is classified by its text
+  after Qwen3's ``</think>`` (`answer_part`), with the tools the prompt offers.
 * Metrics: the file logger (``verl/utils/tracking.py`` ``FileLogger``), ``{"step": N, "data":
   {...}}`` orjson lines (NaN and ±inf become ``null``), found where verl puts it
   (`diagnose.adapters._verl_layout`) or given with ``metrics=``.
@@ -444,7 +447,9 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
     else:
         notes.append("verl dumps text decoded with skip_special_tokens=True: <|im_start|>/<|im_end|> are gone, so stray "
                      "control tokens cannot be seen; turns are split at the tool rounds the tool agent loop inserts "
-                     "(user\\n<tool_response>...</tool_response>\\nassistant\\n); no token probabilities")
+                     "(user\\n<tool_response>...</tool_response>\\nassistant\\n) and at interaction rounds "
+                     "(user\\n...\\nassistant\\n); a turn is classified by its text after </think> (Qwen3 reasoning); "
+                     "no token probabilities")
     if mdf is not None:
         mdf = _map_lengths(mdf, rollouts, notes)
         rollouts = _with_overlong_penalty(rollouts, mdf, notes)
