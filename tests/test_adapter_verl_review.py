@@ -298,7 +298,8 @@ def test_validation_and_rollout_dir_the_same_folder(tmp_path):
     ``<global_steps>.jsonl`` ("w"), so steps 0, test_freq, 2*test_freq, ... and the last hold
     validation generations (``reward`` right after ``step``: ``_validate`` puts it first into
     ``reward_extra_infos_dict``). Those are not training rollouts; the other steps are. Before
-    the fix the folder read as validation dumps only: no training rollouts at all."""
+    the fix the validation files (steps 0, 5, 10, 12) were read as training rollouts, from the
+    launch folder and from the dump folder alike."""
     tok = _tok("qwen2.5")
     run = write_verl_run(tmp_path / "launch", 12, 7, seed=31, tokenizer=tok, rollout_dir="dumps",
                          validation_dir="dumps", test_freq=5, prompts_per_step=2, n=2)
