@@ -31,6 +31,7 @@ from diagnose.chat import (
     TOOL_RESPONSE_CLOSE,
     TOOL_RESPONSE_OPEN,
 )
+from diagnose.control_families import END_OF_TEXT, EOM_ID, EOT_ID, THINK_CLOSE, THINK_OPEN
 from diagnose.format_errors import FormatError
 from diagnose.toolcall import CallSyntax, ParsedTurn, ToolCall, has_repeated_call, parse_calls
 
@@ -60,16 +61,39 @@ _TAGS = re.compile(r"</?tool_(?:call|response|result|output)>", re.IGNORECASE)
 _BLOCK_ONLY_ERRORS = {FormatError.OPEN_TAG_ONLY, FormatError.NESTED_TAG, FormatError.UNCLOSED_TAG}
 
 
+#: Llama 3.1's turn ends (``<|eot_id|>``; ``<|eom_id|>`` after a ``<|python_tag|>`` call) and end
+#: of text, which a decoder keeping special tokens leaves at the end of a turn like ``<|im_end|>``
+_OTHER_TERMINATORS = (EOT_ID, EOM_ID, END_OF_TEXT)
+
+
 def _strip_terminator(text: str) -> str:
     """Drop one trailing turn terminator (``<|im_end|>``, optionally followed by
-    ``<|endoftext|>``): decoders that keep special tokens leave it there, and it ends the turn
-    rather than polluting it. Anything else control-like stays and is reported."""
+    ``<|endoftext|>``; Llama 3.1's ``<|eot_id|>`` / ``<|eom_id|>`` / ``<|end_of_text|>``): decoders
+    that keep special tokens leave it there, and it ends the turn rather than polluting it.
+    Anything else control-like stays and is reported."""
     s = text.rstrip()
     if s.endswith(ENDOFTEXT):
         s = s[: -len(ENDOFTEXT)].rstrip()
     if s.endswith(IM_END):
-        s = s[: -len(IM_END)]
+        return s[: -len(IM_END)]
+    for term in _OTHER_TERMINATORS:
+        if s.endswith(term):
+            return s[: -len(term)]
     return s
+
+
+def answer_part(turn: str) -> str:
+    """What a turn says once its reasoning is set aside, as Qwen3's chat template reads an
+    assistant message: the text after the last ``</think>`` (``<think>``/``</think>`` are added,
+    non-special tokens, so they survive ``skip_special_tokens``). Reasoning that is never closed
+    (cut at a length limit) leaves nothing. Reasoning is not output: a turn of reasoning and a
+    bare ``<tool_call>`` is collapsed, and call tags mentioned while reasoning are no error.
+    Text without ``<think>`` comes back unchanged."""
+    if THINK_CLOSE in turn:
+        return turn.rsplit(THINK_CLOSE, 1)[1].lstrip("\n")
+    if turn.lstrip().startswith(THINK_OPEN):
+        return ""
+    return turn
 
 
 def _drop_sections(s: str, open_tag: str, close_tag: str) -> str:
@@ -136,7 +160,7 @@ def classify_turn(
         text = "" if text is None else (
             text.decode("utf-8", "surrogateescape") if isinstance(text, (bytes, bytearray)) else str(text)
         )
-    body = _strip_terminator(text)
+    body = answer_part(_strip_terminator(text))
     if not body.strip():
         return TurnClassification(TurnState.COLLAPSED, (FormatError.EMPTY_TURN,), ())
 

@@ -300,3 +300,28 @@ def test_one_megabyte_turn_is_fast(text):
         t = time.perf_counter()
         check_classification(classify_turn(text, TOOLS, syntax))
         assert time.perf_counter() - t < 5.0, syntax  # typically well under 1 s
+
+
+# ---- reasoning blocks and other families' terminators ------------------------------------------
+
+F_CALL = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("text, state", [
+    ("<think>\nI should call f.\n</think>\n\n" + F_CALL, TurnState.HEALTHY_CALL),
+    ("<think>\n\n</think>\n\n<tool_call>", TurnState.COLLAPSED),          # empty reasoning, bare tag
+    ("<think>\nlet me think about <tool_call> tags\n</think>\n\nDone: 42.", TurnState.HEALTHY_RESPONSE),
+    ("<think>\nreasoning cut at the length limit", TurnState.COLLAPSED),     # never closed: no output
+    ("<think>\n</think>\n\n", TurnState.COLLAPSED),
+])
+def test_qwen3_reasoning_is_set_aside(text, state):
+    """Qwen3 turns open with a <think> block (added, non-special tokens: kept by
+    skip_special_tokens); the format is that of the text after </think>, as Qwen3's template reads it."""
+    assert classify_turn(text).state == state
+
+
+@pytest.mark.parametrize("end", ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"])
+def test_llama3_terminators_end_the_turn(end):
+    """A decoder keeping special tokens leaves Llama 3.1's turn end on the turn, like <|im_end|>."""
+    assert classify_turn(F_CALL + end).state == TurnState.HEALTHY_CALL
+    assert classify_turn("The balance is 12." + end).state == TurnState.HEALTHY_RESPONSE

@@ -12,6 +12,8 @@ from typing import Any
 
 from diagnose.adapters._turns import TurnClassifier, split_assistant_turns, tool_names_of
 from diagnose.chat import IM_END, IM_START
+from diagnose.control_families import THINK_CLOSE, THINK_OPEN  # noqa: F401 (re-exported)
+from diagnose.turns import answer_part  # noqa: F401 (re-exported for verl.py)
 
 __all__ = ["THINK_CLOSE", "THINK_OPEN", "VerlTurnClassifier", "answer_part", "prompt_tool_names", "split_turns"]
 
@@ -25,7 +27,6 @@ _ROUND = re.compile(r"(\n?(?:user|tool)\n<tool_response>\n.*?\n</tool_response>"
 # an interaction round cut by response_length (run() keeps response_ids[:response_length]; the
 # user message is appended without a length check), at the end of the response
 _CUT_ROUND = re.compile(r"(?<!\s)user\n(?:(?!\nassistant\n).)*\Z", re.DOTALL)
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def split_turns(text: str | None) -> list[str]:
@@ -50,19 +51,6 @@ def split_turns(text: str | None) -> list[str]:
     cut = _CUT_ROUND.search(tail)
     turns.append(tail[:cut.start()] if cut else tail)
     return turns
-
-
-def answer_part(turn: str) -> str:
-    """What a turn says once its reasoning is set aside, as Qwen3's chat template reads an
-    assistant message: the text after the last ``</think>`` (``<think>``/``</think>`` are added,
-    non-special tokens, so they survive ``skip_special_tokens``). Reasoning that is never closed
-    (cut at ``response_length``) leaves nothing. Reasoning is not output: a turn of reasoning and
-    a bare ``<tool_call>`` is collapsed, and call tags mentioned while reasoning are no error."""
-    if THINK_CLOSE in turn:
-        return turn.rsplit(THINK_CLOSE, 1)[1].lstrip("\n")
-    if turn.lstrip().startswith(THINK_OPEN):
-        return ""
-    return turn
 
 
 _TOOLS_BLOCK = re.compile(r"<tools>\n(.*?)\n</tools>", re.DOTALL)
@@ -98,7 +86,7 @@ class VerlTurnClassifier(TurnClassifier):
         key = (text or "", tool_names)
         hit = self._verl.get(key)
         if hit is None:
-            hit = self._verl[key] = self.turns([answer_part(t) for t in split_turns(key[0])], tool_names)
+            hit = self._verl[key] = self.turns(split_turns(key[0]), tool_names)  # classify_turn sets reasoning aside (answer_part)
         return hit
 
 
