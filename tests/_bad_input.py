@@ -39,6 +39,8 @@ class Case:
     absent: Sequence[str] = ()
     note: str = ""
     marks: list = field(default_factory=list)
+    #: with `run_case_both`: the scan's --json must report at least this many steps (partial results)
+    min_steps: int | None = None
 
     def param(self):
         return pytest.param(self, id=self.id, marks=self.marks)
@@ -99,6 +101,55 @@ def run_case(app, case: Case, tmp: Path, env: dict[str, str] | None = None) -> O
     check(case, outcome)
     assert tree_hashes(tmp) == before, "an input was modified"
     return outcome
+
+
+def issues_text(data: dict) -> str:
+    """A scan's --json issues and notes as the terminal names them (``path:line: message``)."""
+    lines = [f"{i['path']}:{i['line']}: {i['message']}" if i.get("line") else f"{i['path']}: {i['message']}"
+             for i in data.get("issues", [])]
+    return "\n".join(lines + [str(n) for n in data.get("notes", [])])
+
+
+def run_case_both(app, case: Case, tmp: Path, env: dict[str, str] | None = None) -> tuple[Outcome, dict | None]:
+    """`run_case` for a scan, in both forms: the terminal output, then ``--json`` (the same exit
+    code, the same names in its ``issues``, a JSON object on stdout when the scan ran, at least
+    ``case.min_steps`` steps). Returns the terminal outcome and the JSON (None on exit 2)."""
+    argv = case.build(tmp)
+    before = tree_hashes(tmp)
+    term = invoke(app, argv, env)
+    check(case, term)
+    js = invoke(app, [*argv, "--json"], env)
+    data = json.loads(js.out) if js.code in (0, 1) else None
+    as_text = Outcome(js.code, issues_text(data) if data else js.out, js.err)
+    check(case, as_text)
+    assert js.code == term.code, f"--json exit {js.code}, terminal {term.code}"
+    if case.min_steps is not None and data is not None:
+        assert data["n_steps"] >= case.min_steps, f"{data['n_steps']} steps scanned, expected >= {case.min_steps}"
+    assert tree_hashes(tmp) == before, "an input was modified"
+    record_row(case, "scan", term, data, tmp)
+    return term, data
+
+
+def record_row(case: Case, command: str, outcome: Outcome, data: dict | None, tmp: Path) -> None:
+    """Append the case's docs/reliability.md row to ``$BAD_INPUT_TABLE`` when set (the table is
+    regenerated from the cases: ``BAD_INPUT_TABLE=rows.md pytest tests/test_bad_input_foreign.py``)."""
+    out = os.environ.get("BAD_INPUT_TABLE")
+    if not out:
+        return
+    short = lambda s: " ".join(str(s).replace(str(tmp) + "/", "").split()).replace("|", "\\|")  # noqa: E731
+    if data is not None:
+        seen = f"scanned ({data['verdict']}, {data['n_steps']} steps)"
+        issues = [i for i in data.get("issues", [])]
+        if issues:
+            first = "; ".join(short(f"{Path(i['path']).name}:{i['line']}: {i['message']}" if i.get("line")
+                                    else f"{Path(i['path']).name}: {i['message']}")[:220] for i in issues[:2])
+            seen += f"; skipped: {first}" + (f" (+{len(issues) - 2} more)" if len(issues) > 2 else "")
+        else:
+            seen += ", nothing skipped"
+    else:
+        seen = short(next((ln for ln in outcome.err.splitlines() if ln.strip()), outcome.out))[:300]
+    with open(out, "a") as f:
+        f.write(f"| {case.id} | `{command}` | {outcome.code} | {seen} |\n")
 
 
 # ------------------------------------------------------------------ inputs

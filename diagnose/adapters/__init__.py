@@ -209,6 +209,12 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     if file_checks and (takes is None or "file_checks" in takes):
         kwargs["file_checks"] = file_checks
     src = mod.load(p, **kwargs)
+    if fmt != "native" and p.is_dir():  # the native reader names its own
+        from diagnose.adapters._io import unreachable
+        from diagnose.source import SourceIssue
+
+        named = {i.path for i in src.issues}
+        src.issues += [SourceIssue(str(f), None, why) for f, why in unreachable(p) if str(f) not in named]
     for k in sorted(set(given) - set(kwargs)):
         src.notes.append(f"option {k}={given[k]!s} is not used by the {fmt} adapter; ignored")
     return attach_sidecar(src)  # the live probe's tables beside a foreign trainer's output

@@ -43,6 +43,40 @@ def subdirs(directory: Path) -> list[Path]:
     return _entries(directory, dirs=True)
 
 
+def unreachable(root: Path, depth: int = 3, limit: int = 20_000) -> list[tuple[Path, str]]:
+    """``(path, why)`` of what under ``root`` cannot be read (``depth`` levels, dot entries
+    skipped, at most ``limit`` entries looked at): symlinks that lead nowhere (broken, a loop),
+    regular files and folders the user may not read. The listings above skip them silently, so
+    the adapters' sources name them through this (``load_run``). Files are opened, never read."""
+    out: list[tuple[Path, str]] = []
+    todo, seen = [(root, 0)], 0
+    while todo and seen < limit:
+        d, level = todo.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            if d != root:
+                out.append((d, f"unreadable folder: {e.strerror or e}; not read"))
+            continue
+        for e in entries:
+            seen += 1
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_symlink():
+                    if not os.path.exists(e.path):
+                        out.append((Path(e.path), "broken symlink or symlink loop; not read"))
+                elif e.is_dir(follow_symlinks=False):
+                    if level + 1 < depth:
+                        todo.append((Path(e.path), level + 1))
+                elif e.is_file(follow_symlinks=False):
+                    with open(e.path, "rb"):
+                        pass
+            except OSError as err:
+                out.append((Path(e.path), f"unreadable: {err.strerror or err}; not read"))
+    return sorted(out)
+
+
 def first_object(path: Path, max_lines: int = 20) -> dict[str, Any] | None:
     """The first good JSON-object line of a JSONL file (looking at ``max_lines`` lines at most)."""
     try:

@@ -32,6 +32,20 @@ def metrics_frame(records: Mapping[int, Mapping[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(cols) if steps else pl.DataFrame(schema={"step": pl.Int64})
 
 
+def non_numeric_metric_issues(records: Mapping[int, Mapping[str, Any]], path: str, issues: IssueLog) -> None:
+    """One issue per metric with values that are no number, bool or null (a string, a list, an
+    object): `metrics_frame` drops those values, and the user should know which."""
+    bad: dict[str, list[Any]] = {}
+    for s in sorted(records):
+        for k, v in records[s].items():
+            if k != "step" and v is not None and as_float(v) is None:
+                entry = bad.setdefault(str(k), [0, s, type(v).__name__])
+                entry[0] += 1
+    for k, (n, first, kind) in bad.items():
+        issues.add(path, None, f"metric {k!r} is not a number at {n} step(s) (first: step {first}, a {kind}); "
+                               "those values dropped")
+
+
 def map_names(df: pl.DataFrame, mapping: Mapping[str, str]) -> pl.DataFrame:
     """Add our name for each mapped column (originals are kept). The first source present wins
     when several map to one name; a name already present is never overwritten."""

@@ -51,9 +51,14 @@ class TraceCounts:
     """Per-file counts of recurring problems (one issue each, not one per line)."""
 
     n: dict[str, int] = field(default_factory=dict)
+    #: the line being read (set by `parse_record`) and the first line of each problem, for the issue
+    line: int = 0
+    first: dict[str, int] = field(default_factory=dict)
 
     def bump(self, key: str, k: int = 1) -> None:
         self.n[key] = self.n.get(key, 0) + k
+        if k:
+            self.first.setdefault(key, self.line)
 
     def report(self, f: Path, issues: IssueLog) -> None:
         msgs = {
@@ -68,10 +73,14 @@ class TraceCounts:
             "empty_gen": "empty generation(s) (open-instruct saves [eos_token_id] with log-prob NaN, vllm_utils."
                          "process_request): read as an empty turn, the NaN not counted as a bad log-prob",
             "bad_info": "line(s) whose 'request_info' is not an object: no tool-use data for them",
+            "bad_info_field": "line(s) whose 'request_info' holds values of the wrong type (num_calls, timeouts, "
+                              "tool_errors, tool_outputs, tool_runtimes or tool_calleds): those read as null",
+            "bad_lp": "'logprobs' value(s) that are not numbers (strings, lists, bools): read as null",
         }
         for key, msg in msgs.items():
             if self.n.get(key):
-                issues.add(f, None, f"{self.n[key]} {msg}")
+                first = f" (first at line {self.first[key]})" if self.first.get(key) else ""
+                issues.add(f, None, f"{self.n[key]} {msg}{first}")
 
 
 def token_ids(v: Any) -> np.ndarray | None:
@@ -137,6 +146,11 @@ def _request_info(rec: Record, info: Any, counts: TraceCounts) -> None:
     rec.tool_outputs = _str(info.get("tool_outputs"))
     rt = as_float(info.get("tool_runtimes"))
     rec.tool_runtime = rt
+    parsed = {"num_calls": rec.num_calls, "timeouts": rec.timeout, "tool_errors": rec.tool_errors,
+              "tool_outputs": rec.tool_outputs, "tool_runtimes": rt, "tool_calleds": called if isinstance(called, bool)
+              else None}
+    if any(info.get(k) is not None and v is None for k, v in parsed.items()):
+        counts.bump("bad_info_field")
     stats = info.get("tool_call_stats")
     if isinstance(stats, list) and all(isinstance(s, dict) for s in stats):
         rec.n_failed_calls = sum(1 for s in stats if s.get("success") is False)
@@ -149,6 +163,7 @@ def _request_info(rec: Record, info: Any, counts: TraceCounts) -> None:
 def parse_record(obj: dict[str, Any], f: Path, line_no: int, issues: IssueLog, nonfinite: NonFinite,
                  counts: TraceCounts) -> Record | None:
     """The record of one line, or None (line skipped, issue added) when it has no valid step."""
+    counts.line = line_no
     step = as_step(obj.get("step"))
     if step is None:
         issues.add(f, line_no, f"no valid 'step' ({_short(obj.get('step'))}); line skipped")
@@ -190,11 +205,16 @@ def _read_logprobs(raw: Any, ids: np.ndarray, f: Path, line_no: int, nonfinite: 
                    counts: TraceCounts) -> tuple[np.ndarray, np.ndarray]:
     n = len(ids)
     if not isinstance(raw, list):
-        counts.bump("no_lp")
+        if raw is None:
+            counts.bump("no_lp")
+        else:
+            counts.bump("bad_lp", n)
         return np.full(n, math.nan), np.zeros(n, dtype=bool)
     if len(raw) != n:
         counts.bump("mismatch")
     lps, known = _logprobs(raw, n)
+    if not known[: len(raw)].all():
+        counts.bump("bad_lp", sum(1 for v, k in zip(raw, known) if not k and v is not None))
     if n == 1 and known[0] and math.isnan(lps[0]):
         counts.bump("empty_gen")  # the placeholder for an empty generation: no log-prob
         known[0] = False

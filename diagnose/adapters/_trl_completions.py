@@ -178,6 +178,27 @@ def _steps(df: pl.DataFrame, step: int, f: Path, issues: IssueLog) -> list[int]:
     return steps
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_shapes(df: pl.DataFrame, f: Path, issues: IssueLog) -> None:
+    """Name prompt / completion columns that are neither text nor message lists (TRL writes one
+    of the two), and messages of a role TRL never writes: they are read anyway, as best as can be."""
+    for col in ("prompt", "completion"):
+        dt = df.schema.get(col)
+        if dt is None or dt == pl.String or dt == pl.Null or isinstance(dt, pl.Struct) or (
+                isinstance(dt, pl.List) and isinstance(dt.inner, pl.Struct)):
+            continue
+        issues.add(f, None, f"{col!r} column is {dt}, not text or a list of messages; read as text")
+    dt = df.schema.get("completion")
+    if isinstance(dt, pl.List) and isinstance(dt.inner, pl.Struct) and "role" in dt.inner.to_schema():
+        roles = df.get_column("completion").explode().struct.field("role")
+        bad = roles.filter(roles.is_not_null() & ~roles.is_in(ROLES))
+        if bad.len():
+            issues.add(f, None, f"{bad.len()} message(s) with a role TRL does not write (e.g. {bad[0]!r}); "
+                                "not read as model turns")
+
+
 def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) -> FileRows | None:
     """The rows of ``completions_<step>.parquet`` (None: unreadable, reported)."""
     schema, err = check_parquet(f)
@@ -195,6 +216,7 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) 
         issues.add(f, None, "no rows; file skipped")
         return None
     steps = _steps(df, step, f, issues)
+    _check_shapes(df, f, issues)
     raw = df.get_column("completion").to_list()
     cells = [cell_turns(v) for v in raw]
     if any(c is None for c in cells):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,7 @@ def hydra_launches(cwd: Path, limit: int = 500) -> tuple[list[Launch], list[str]
             if not isinstance(v, str) or not v or "${" in v:
                 return None
             q = Path(v).expanduser()
-            return (q if q.is_absolute() else cwd / q).resolve()
+            return Path(os.path.realpath(q if q.is_absolute() else cwd / q))  # a symlink loop: no RuntimeError
 
         proj, exp = tr.get("project_name"), tr.get("experiment_name")
         name = f"{proj}/{exp}" if isinstance(proj, str) and isinstance(exp, str) else None

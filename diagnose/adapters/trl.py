@@ -34,7 +34,8 @@ import polars as pl
 
 from diagnose.adapters._io import subdirs, visible_files
 from diagnose.adapters._issues import IssueLog
-from diagnose.adapters._metrics import derived_metrics, map_names, merge_metrics, metrics_frame, nonfinite_metric_issues
+from diagnose.adapters._metrics import (derived_metrics, map_names, merge_metrics, metrics_frame,
+                                       non_numeric_metric_issues, nonfinite_metric_issues)
 from diagnose.adapters._rollouts import concat_frames, empty_rollouts
 from diagnose.adapters._source import make_source
 from diagnose.adapters._trl_completions import FileRows, read_file, reward_sum
@@ -177,6 +178,7 @@ def metrics_table(f: Path, entries: dict[int, list[dict[str, Any]]], issues: Iss
     records = {s: {k: v for e in es for k, v in e.items() if k != "step" and not isinstance(v, (dict, list))}
                for s, es in entries.items()}
     df = metrics_frame(records)
+    non_numeric_metric_issues({s: {k: v for e in es for k, v in e.items()} for s, es in entries.items()}, str(f), issues)
     nonfinite_metric_issues(df, str(f), issues)
     nulls = sorted({k for es in entries.values() for e in es for k, v in e.items() if v is None})
     if nulls:  # GRPOTrainer.log writes None when every value of a logging window was NaN
@@ -315,6 +317,14 @@ def load(p: Path, *, run: str | None = None, **_ignored: Any) -> RunSource:
     metric_names = {m.group(1) for c in (metrics.columns if metrics is not None else []) if (m := REWARD_METRIC.match(c))}
     kept = _keep_files(read, entries, notes)
     rewards, _extras = _reward_columns(kept, metric_names, notes)
+    for r in kept:  # a reward column of another type in one file (strings, lists): named, read as null
+        for c in rewards:
+            dt = r.frame.schema.get(c)
+            if dt is not None and not (dt.is_numeric() or dt == pl.Boolean):
+                issues.add(files_by_step(files, min(r.steps)), None, f"reward column {c!r} holds {dt}, not numbers; "
+                           "its values are read as null")
+                r.frame = r.frame.with_columns(pl.col(c).cast(pl.Float64, strict=False) if dt == pl.String
+                                               else pl.lit(None, dtype=pl.Float64).alias(c))
     frames = [r.frame.with_columns(pl.Series("reward", reward_sum(r.frame, [c for c in rewards if c in r.frame.columns]),
                                              dtype=pl.Float64)) for r in kept]
     for r in kept:

@@ -30,7 +30,8 @@ import polars as pl
 
 from diagnose.adapters._io import first_object, subdirs
 from diagnose.adapters._issues import IssueLog, NonFinite
-from diagnose.adapters._metrics import derived_metrics, map_names, metrics_frame, nonfinite_metric_issues
+from diagnose.adapters._metrics import (derived_metrics, map_names, metrics_frame, non_numeric_metric_issues,
+                                       nonfinite_metric_issues)
 from diagnose.adapters._rollouts import empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame, turn_columns
 from diagnose.adapters._source import make_source
 from diagnose.adapters._values import as_float, as_step
@@ -108,6 +109,7 @@ def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: 
     nonfinite = NonFinite()
     for fstep, f in files:
         n_good = bad_step = missing_input = missing_score = 0
+        first: dict[str, int] = {}  # the first line of each counted problem: the issue names it
         other_steps: set[int] = set()
         for line_no, obj in iter_jsonl(f):
             if isinstance(obj, LineError):
@@ -120,12 +122,14 @@ def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: 
             step = as_step(obj.get("step"))
             if step is None:
                 bad_step += 1
+                first.setdefault("step", line_no)
                 step = fstep
             elif step != fstep:
                 other_steps.add(step)
             inp = obj.get("input")
             if not isinstance(inp, str):
                 missing_input += 1
+                first.setdefault("input", line_no)
                 inp = None
             score = obj.get("score")
             reward = as_float(score)
@@ -142,11 +146,13 @@ def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: 
             rows.append((step, inp, output, reward, extra))
             n_good += 1
         if bad_step:
-            issues.add(f, None, f"{bad_step} line(s) without a valid 'step'; the file name's step {fstep} used")
+            issues.add(f, first["step"], f"{bad_step} line(s) without a valid 'step' (this the first); the file "
+                       f"name's step {fstep} used")
         if other_steps:
             issues.step_mismatch(f, "lines", sorted(other_steps)[:5], fstep, "the 'step' key")
         if missing_input:
-            issues.add(f, None, f"{missing_input} line(s) without an 'input' string: each is its own group")
+            issues.add(f, first["input"], f"{missing_input} line(s) without an 'input' string (this the first): each "
+                       "is its own group")
         if missing_score:
             issues.add(f, None, f"{missing_score} line(s) without 'score': reward is null")
         if n_good == 0:
@@ -208,7 +214,9 @@ def read_metrics(files: list[Path], issues: IssueLog) -> pl.DataFrame | None:
             step = as_step(obj.get("step"))
             data = obj.get("data")
             if step is None or not isinstance(data, dict):
-                issues.add(f, line_no, "not a {\"step\": N, \"data\": {...}} metrics line; line skipped")
+                why = (f"invalid 'step' ({repr(obj.get('step'))[:60]}; expected an integer 0..2^63-1)" if step is None
+                       else f"'data' is {type(data).__name__}, not an object")
+                issues.add(f, line_no, "not a {\"step\": N, \"data\": {...}} metrics line: " + why + "; line skipped")
                 continue
             rec = records.setdefault(step, {})
             for k, v in data.items():
@@ -221,6 +229,7 @@ def read_metrics(files: list[Path], issues: IssueLog) -> pl.DataFrame | None:
             issues.add(f, lines[0], f"metric {k!r} is null on {len(lines)} line(s): verl's file logger (orjson) "
                                     "writes NaN and +-inf as null; read as NaN")
     df = metrics_frame(records)
+    non_numeric_metric_issues(records, ", ".join(str(f) for f in files), issues)
     # NaN/inf written as such (not by orjson): one issue per metric; nulls were reported above
     nonfinite_metric_issues(df.select([c for c in df.columns if c not in from_null]),
                             ", ".join(str(f) for f in files), issues)
