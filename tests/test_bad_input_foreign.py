@@ -342,7 +342,7 @@ VERL_CASES = [
          min_steps=VERL_STEPS),
     Case("verl-hydra-config-garbage", verl(lambda r: [f.write_bytes(garbage(500)) for f in
                                                       r.glob("outputs/*/*/.hydra/config.yaml")]), SCANNED,
-         min_steps=VERL_STEPS),
+         ["config.yaml", "ignored"], min_steps=VERL_STEPS),
     Case("verl-two-experiments-without-run", _two_runs("verl"), 2, ["qwen2.5_collapse", "qwen2.5_other", "--run"]),
 ]
 

@@ -219,6 +219,7 @@ def hydra_launches(cwd: Path, limit: int = 500) -> tuple[list[Launch], list[str]
             continue
         tr = cfg.get("trainer") if isinstance(cfg, dict) else None
         if not isinstance(tr, dict):
+            notes.append(f"{f}: no 'trainer' section (not a Hydra config of verl?); ignored")
             continue
 
         def where(v: Any) -> Path | None:
