@@ -124,7 +124,8 @@ def test_classifier_classifies_each_unique_turn_once(tmp_path, monkeypatch):
     real = adapter_turns.classify_turn
 
     def counting(text, tools=None, syntax=None):
-        calls.append(text)
+        # memoised per (turn text, tool names): verl turns are checked against their prompt's tools
+        calls.append((text, None if tools is None else tuple(sorted(t["name"] for t in tools))))
         return real(text, tools, syntax)
 
     monkeypatch.setattr(adapter_turns, "classify_turn", counting)
