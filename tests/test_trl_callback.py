@@ -39,6 +39,8 @@ def test_example_run_writes_trl_layout_and_probe_tables(trl_run):
     lines = [json.loads(x) for x in (out / "diagnose" / "metrics.jsonl").read_text().splitlines()]
     assert any(k.startswith("probe/") for row in lines for k in row)
     assert any("reward" in row for row in lines)  # TRL's own logs, via on_log
+    steps = [row["step"] for row in lines]
+    assert steps == sorted(set(steps))  # one line per step: probe, TRL's log and its summary merged
 
 
 def test_scan_of_the_example_has_control_token_probe_signals(trl_run):
@@ -53,6 +55,7 @@ def test_scan_of_the_example_has_control_token_probe_signals(trl_run):
     ctx = [c for c in probe_cols if "im_end" in c]
     assert ctx and res.signals.filter(pl.col(ctx[0]).is_not_null()).height == 3
     assert any("live probe (DiagnoseCallback)" in n for n in res.notes)
+    assert not res.issues, res.issues
 
 
 def _synth_collapse(path: Path) -> Path:

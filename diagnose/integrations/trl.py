@@ -89,6 +89,7 @@ class DiagnoseCallback(TrainerCallback):
         self._writer: RunWriter | None = None
         self._probe_set: Any = None  # a ProbeSet (tasks) or (rendered rollouts, their contexts)
         self._tokenizer: Any = None
+        self._pending: tuple[int, dict] | None = None  # the current step's metrics row, see `_log`
         self._registry: ControlTokenRegistry | None = None
         self._output_dir: Path | None = None
         self.probe_seconds = 0.0  # time spent probing (and scanning), for overhead measurements
@@ -140,7 +141,24 @@ class DiagnoseCallback(TrainerCallback):
             return
         numeric = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if numeric:
-            self._writer.log_metrics(int(state.global_step), numeric)
+            self._log(int(state.global_step), numeric)
+
+    def _log(self, step: int, metrics: dict) -> None:
+        """One ``metrics.jsonl`` line per step: the probe (on_step_end), TRL's log of the step and its
+        end-of-training summary (on_log) arrive separately, so a step's row is written once the
+        trainer has moved past it (or at the end of training)."""
+        if self._pending is not None and self._pending[0] != step:
+            self._flush()
+        if self._pending is None:
+            self._pending = (step, {})
+        self._pending[1].update(metrics)
+
+    def _flush(self) -> None:
+        if self._pending is not None and self._writer is not None:
+            step, metrics = self._pending
+            if metrics:
+                self._writer.log_metrics(step, metrics)
+        self._pending = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         step = int(state.global_step)
@@ -152,7 +170,7 @@ class DiagnoseCallback(TrainerCallback):
             frame = self._probe(model, step)
             if frame is not None:
                 self._writer.write_probe(step, frame)
-                self._writer.log_metrics(step, probe_summary(frame, self._registry.names))
+                self._log(step, probe_summary(frame, self._registry.names))
         every = cfg.scan_every or cfg.probe_every
         if cfg.stop_on_collapse and step % every == 0:
             self._maybe_stop(step, control)
@@ -218,5 +236,6 @@ class DiagnoseCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._writer is not None:
+            self._flush()
             self._writer.close()
             self._writer = None
