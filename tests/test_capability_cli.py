@@ -152,18 +152,43 @@ def test_model_dir_with_task_file(probe_models, task_file, tmp_path):
     assert read_capability(model).meta["kind"] == "model"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
 def test_read_only_model_dir(probe_models, tmp_path):
-    model = tmp_path / "ro"
+    """A model directory the user cannot write: the probe says so and names --out. Root writes
+    anywhere, so as root the command runs without the rights that bypass file modes
+    (tests/_bad_input.py `as_nobody_cmd`)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from _bad_input import as_nobody_cmd
+
+    prefix = as_nobody_cmd()
+    if prefix is None:
+        pytest.skip("running as root with no way to drop the rights that bypass file modes (setpriv missing)")
+    world = Path(tempfile.mkdtemp(prefix="ro-probe-", dir="/tmp"))
+    world.chmod(0o755)
+    model, out, home = world / "ro", world / "elsewhere", world / "home"
     shutil.copytree(probe_models["healthy"], model)
+    for d in (out, home):
+        d.mkdir(mode=0o777)
+        d.chmod(0o777)
     model.chmod(0o555)
+    env = {**os.environ, "HOME": str(home), "DIAGNOSE_HOME": str(home)}
+
+    def probe(*extra):
+        return subprocess.run([*prefix, sys.executable, "-m", "diagnose.cli", "probe", "--model", str(model),
+                               "--tasks", "1", *extra], capture_output=True, text=True, env=env, timeout=300, cwd="/")
+
     try:
-        res = invoke("probe", "--model", model, "--tasks", "1")
-        assert res.exit_code == 0 and "not writable" in res.stderr and "--out" in res.stderr
-        res = invoke("probe", "--model", model, "--tasks", "1", "--out", tmp_path / "elsewhere")
-        assert res.exit_code == 0 and read_capability(tmp_path / "elsewhere") is not None
+        res = probe()
+        assert res.returncode == 0 and "not writable" in res.stderr and "--out" in res.stderr, res.stderr
+        assert not (model / "capability").exists()
+        res = probe("--out", str(out))
+        assert res.returncode == 0, res.stderr
+        assert read_capability(out) is not None
     finally:
         model.chmod(0o755)
+        shutil.rmtree(world, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("args", "message"), [
