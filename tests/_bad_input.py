@@ -223,13 +223,23 @@ def as_nobody_cmd() -> list[str] | None:
     return None
 
 
-def world_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+def world_dir(name: str) -> Path:
     """A directory ``nobody`` can reach (pytest's tmp dirs are mode 700 for root)."""
     import tempfile
 
     d = Path(tempfile.mkdtemp(prefix=f"bad-input-{name}-", dir="/tmp"))
     d.chmod(0o755)
     return d
+
+
+def remove_world_dir(root: Path) -> None:
+    """Give back the modes a permission case took away, then remove ``root`` (`world_dir`)."""
+    for p in [root, *root.rglob("*")]:
+        try:
+            p.chmod(0o755)
+        except OSError:
+            pass
+    shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ task files (diagnose/tasks/taskfile.py)

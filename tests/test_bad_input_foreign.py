@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from _bad_input import Case, append, as_nobody_cmd, cut_half, garbage, run_case_both, world_dir
+from _bad_input import Case, append, as_nobody_cmd, cut_half, garbage, remove_world_dir, run_case_both, world_dir
 
 from diagnose.cli import app
 
@@ -62,28 +62,25 @@ def _copy(bases, kind: str, tmp: Path) -> Path:
     return d
 
 
-def trl(edit):
+def _case(kind: str, edit, tokenizer: bool = False):
+    """A case's builder: a copy of the ``kind`` fixture run, damaged by ``edit``, and its scan command."""
     def build(tmp, bases):
-        r = _copy(bases, "trl", tmp)
-        edit(r)
-        return ["scan", str(r), "--no-cache"]
-    return build
-
-
-def verl(edit):
-    def build(tmp, bases):
-        r = _copy(bases, "verl", tmp)
-        edit(r)
-        return ["scan", str(r), "--no-cache"]
-    return build
-
-
-def oi(edit, tokenizer: bool = True):
-    def build(tmp, bases):
-        r = _copy(bases, "oi", tmp)
+        r = _copy(bases, kind, tmp)
         edit(r)
         return ["scan", str(r), "--no-cache", *(["--tokenizer", str(bases["tok"])] if tokenizer else [])]
     return build
+
+
+def trl(edit):
+    return _case("trl", edit)
+
+
+def verl(edit):
+    return _case("verl", edit)
+
+
+def oi(edit, tokenizer: bool = True):
+    return _case("oi", edit, tokenizer)
 
 
 # ---- editing helpers ----------------------------------------------------------------------------
@@ -453,7 +450,7 @@ def nobody():
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory, bases, nobody) -> dict[str, Path]:
     """One copy per layout with one file mode 000, in a folder ``nobody`` can reach."""
-    root = world_dir(tmp_path_factory, "foreign-perm")
+    root = world_dir("foreign-perm")
     (root / "home").mkdir(mode=0o777)
     (root / "home").chmod(0o777)
     shutil.copytree(bases["tok"], root / "tok")
@@ -468,12 +465,7 @@ def locked(tmp_path_factory, bases, nobody) -> dict[str, Path]:
         (r / rel).chmod(0)
         runs[name] = r
     yield runs
-    for p in [root, *root.rglob("*")]:
-        try:
-            p.chmod(0o755)
-        except OSError:
-            pass
-    shutil.rmtree(root, ignore_errors=True)
+    remove_world_dir(root)
 
 
 LOCKED = [("trl-completions", C5), ("trl-state", "trainer_state.json"), ("verl-dump", "3.jsonl"),

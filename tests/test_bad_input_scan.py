@@ -28,6 +28,7 @@ from _bad_input import (
     run_case,
     step_file,
     tree_hashes,
+    remove_world_dir,
     world_dir,
 )
 
@@ -280,7 +281,7 @@ def _as_user(prefix: list[str], args: list[str], home: Path) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory, base_run: Path, nobody) -> dict[str, Path]:
-    root = world_dir(tmp_path_factory, "perm")
+    root = world_dir("perm")
     (root / "home").mkdir(mode=0o777)
     (root / "home").chmod(0o777)
     runs = {}
@@ -297,12 +298,7 @@ def locked(tmp_path_factory, base_run: Path, nobody) -> dict[str, Path]:
     runs["conv"] = root / "conv.jsonl"
     runs["home"] = root / "home"
     yield runs
-    for p in [root, *root.rglob("*")]:
-        try:
-            p.chmod(0o755)
-        except OSError:
-            pass
-    shutil.rmtree(root, ignore_errors=True)
+    remove_world_dir(root)
 
 
 def test_unreadable_metrics_named(nobody, locked) -> None:

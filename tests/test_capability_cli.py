@@ -158,15 +158,13 @@ def test_read_only_model_dir(probe_models, tmp_path):
     (tests/_bad_input.py `as_nobody_cmd`)."""
     import subprocess
     import sys
-    import tempfile
 
-    from _bad_input import as_nobody_cmd
+    from _bad_input import as_nobody_cmd, remove_world_dir, world_dir
 
     prefix = as_nobody_cmd()
     if prefix is None:
         pytest.skip("running as root with no way to drop the rights that bypass file modes (setpriv missing)")
-    world = Path(tempfile.mkdtemp(prefix="ro-probe-", dir="/tmp"))
-    world.chmod(0o755)
+    world = world_dir("ro-probe")
     model, out, home = world / "ro", world / "elsewhere", world / "home"
     shutil.copytree(probe_models["healthy"], model)
     for d in (out, home):
@@ -187,8 +185,7 @@ def test_read_only_model_dir(probe_models, tmp_path):
         assert res.returncode == 0, res.stderr
         assert read_capability(out) is not None
     finally:
-        model.chmod(0o755)
-        shutil.rmtree(world, ignore_errors=True)
+        remove_world_dir(world)
 
 
 @pytest.mark.parametrize(("args", "message"), [
