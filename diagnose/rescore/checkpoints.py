@@ -24,10 +24,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from diagnose.adapters.trl import CHECKPOINT_RE as _TRL
+from diagnose.rundir.schema import CHECKPOINTS_DIR, STEP_DIR_RE as _NATIVE, TRAINER_STATE_JSON
+
 __all__ = ["Checkpoint", "discover_checkpoints", "merge_hint", "weight_files"]
 
-_NATIVE = re.compile(r"^step-(\d+)$")
-_TRL = re.compile(r"^checkpoint-(\d+)$")
 _VERL = re.compile(r"^global_step_(\d+)$")
 _TRAILING = re.compile(r"(\d+)$")
 _FSDP_SHARD = re.compile(r"^model_world_size_\d+_rank_\d+\.pt$")
@@ -78,7 +79,7 @@ def _name(path: Path, root: Path) -> str:
 
 def _native_step(d: Path) -> int | None:
     try:
-        v = json.loads((d / "trainer_state.json").read_text()).get("step")
+        v = json.loads((d / TRAINER_STATE_JSON).read_text()).get("step")
     except (OSError, ValueError, AttributeError):
         return None
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
@@ -107,7 +108,7 @@ def _one(d: Path, root: Path) -> Checkpoint:
     if m:
         step = _native_step(d)
         if step is None:
-            if not (d / "trainer_state.json").is_file():
+            if not (d / TRAINER_STATE_JSON).is_file():
                 return Checkpoint(_name(d, root), int(m.group(1)), d,
                                   "incomplete checkpoint (no trainer_state.json: still being written, or crashed)")
             step = int(m.group(1))
@@ -144,7 +145,7 @@ def _found(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     dirs: list[Path] = []
-    native = root / "checkpoints"
+    native = root / CHECKPOINTS_DIR
     if native.is_dir():
         dirs += [p for p in native.iterdir() if p.is_dir() and _NATIVE.match(p.name)]
     dirs += [p for p in root.iterdir() if p.is_dir() and _TRL.match(p.name)]

@@ -69,7 +69,7 @@ class RunFormatError(ValueError):
 
 
 _STEP_FILE_RE = re.compile(r"^step-(\d+)\.parquet$")
-_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 
 
 def ctrl_column(name: str) -> str:
@@ -112,7 +112,7 @@ def parse_step_filename(name: str) -> int | None:
 
 
 def parse_step_dirname(name: str) -> int | None:
-    m = _STEP_DIR_RE.match(name)
+    m = STEP_DIR_RE.match(name)
     return int(m.group(1)) if m else None
 
 
