@@ -195,7 +195,7 @@ class DiagnoseCallback(TrainerCallback):
         """The run's earliest healthy logged completions, re-rendered to ids through the tokenizer's
         chat template (`diagnose.rescore.render`, as `diagnose rescore` does), or None if none yet."""
         from diagnose.adapters import load_run
-        from diagnose.rescore.pipeline import RescoreError, logged_rollouts, probe_candidates
+        from diagnose.rescore.pipeline import RescoreError, logged_rollouts, probe_candidates, render_first
         from diagnose.rescore.render import Renderer
 
         if not (self._output_dir / "completions").is_dir():
@@ -205,13 +205,7 @@ class DiagnoseCallback(TrainerCallback):
         except RescoreError:
             return None
         renderer = Renderer(self._tokenizer)
-        rendered = []
-        for row in cands.iter_rows(named=True):
-            r = renderer.render(row["step"], row["sample_id"], row["prompt"], row["completion"] or "")
-            if r is not None:
-                rendered.append(r)
-            if len(rendered) >= self.config.probe_tasks:
-                break
+        rendered, _ = render_first(renderer, cands, self.config.probe_tasks)
         if not rendered:
             return None
         log.info("diagnose: probing on %d early healthy completions of steps %s", len(rendered),

@@ -142,6 +142,19 @@ def probe_candidates(df: pl.DataFrame) -> pl.DataFrame:
             .filter(pl.col("_k") < PER_GROUP).drop("_k"))
 
 
+def render_first(renderer: Any, cands: pl.DataFrame, n: int) -> tuple[list[Any], int]:
+    """The first ``n`` candidate rollouts that re-render to their logged text, and how many were tried."""
+    rendered, tried = [], 0
+    for row in cands.iter_rows(named=True):
+        if len(rendered) >= n:
+            break
+        tried += 1
+        r = renderer.render(row["step"], row["sample_id"], row["prompt"], row["completion"] or "")
+        if r is not None:
+            rendered.append(r)
+    return rendered, tried
+
+
 def _assign(ckpts: list[Checkpoint], logged: list[int]) -> dict[str, int | None]:
     """Checkpoint -> the rollout step its weights sampled: the first logged step in (N, N_next].
     The last checkpoint, with no logged step after it, gets the last logged step not taken (the
@@ -255,14 +268,7 @@ def _probe_set(renderer: Any, df: pl.DataFrame, samples: int, store: RescoreStor
         keys = pl.DataFrame(sorted(fixed), schema={"step": df.schema["step"], "sample_id": df.schema["sample_id"]},
                             orient="row")
         cands = df.join(keys, on=["step", "sample_id"], how="semi", maintain_order="left")
-    rendered, tried = [], 0
-    for row in cands.iter_rows(named=True):
-        if len(rendered) >= samples:
-            break
-        tried += 1
-        r = renderer.render(row["step"], row["sample_id"], row["prompt"], row["completion"] or "")
-        if r is not None:
-            rendered.append(r)
+    rendered, tried = render_first(renderer, cands, samples)
     if tried and len(rendered) < max(1, tried // 2):
         raise RescoreError(f"{tok_dir}: the tokenizer does not match the run: only {len(rendered)} of {tried} "
                            "logged completions re-render to their logged text")
