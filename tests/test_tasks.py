@@ -247,6 +247,31 @@ def test_max_turns_and_malformed_blocks():
         r.step("more")
 
 
+def test_on_malformed_continue_feeds_errors_back():
+    """``on_malformed="continue"``: a turn of only malformed call attempts gets error outputs and
+    the episode goes on (the model may retry); a call-free turn still ends it; "end" is unchanged."""
+    task = _bank_task("transfer_id")
+    gold = gold_assistant_texts(task)
+    r = Rollout(task, on_malformed="continue")
+    out = r.step("<tool_call>\n")  # the bare call of the Qwen2.5 collapse
+    assert not r.done and [json.loads(m["content"]) for m in out] == [{"error": "malformed tool call"}]
+    out = r.step("<tool_call>\n{broken\n</tool_call>\n<tool_call>\n")
+    assert not r.done and len(out) == 2 and r.env.state_key() == make_env(task).state_key()
+    for text in gold:
+        r.step(text)
+    s = r.score()
+    assert r.done and s.reward == 1.0 and s.n_turns == 2 + len(gold) and s.well_formed_calls == 3
+    assert s.n_calls == 6 and s.tool_errors == 3
+    r = Rollout(task, on_malformed="continue")
+    r.step("")  # an empty turn attempts no call: it is the (wrong) final answer
+    assert r.done and r.score().finished and r.score().reward == 0.0
+    end = Rollout(task)
+    end.step("<tool_call>\n")
+    assert end.done and end.score().finished
+    with pytest.raises(ValueError):
+        Rollout(task, on_malformed="retry")
+
+
 def test_trailing_terminator_and_episode_dict():
     task = _bank_task("transfer_id")
     texts = [t + "<|im_end|>\n" for t in gold_assistant_texts(task)]

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from diagnose.chat import IM_END
 from diagnose.model.generation import Sampling, generate_batch
 from diagnose.tasks import Episode, Rollout, Task, gold_messages, with_hint
+from diagnose.tasks.episode import OnMalformed
 
 from diagnose.model.sequences import Sequence, encode, encode_conversation, observation_text, prompt_text
 
@@ -38,13 +39,16 @@ class Trajectory:
 
 def rollout_episodes(
     model: Any, tokenizer: Any, items: list[tuple[Task, int, Kind]], *, max_turns: int, sampling: Sampling,
+    on_malformed: OnMalformed = "end",
     generate: Callable[[list[list[int]], Sampling], list[tuple[list[int], list[float], bool]]] | None = None,
 ) -> list[Trajectory]:
     """Roll out ``(task, group, kind)`` items. ``hint`` items are sampled with the hint in the
     system prompt but their training sequence uses the plain prompt; ``gold`` items are the
     ground-truth trajectory (off-policy, no sampler log-probs). ``generate``: the rollout
     engine, ``(contexts, sampling) -> [(ids, sampler log-probs, stopped)]`` (default: HF
-    ``generate`` on ``model``; `train_minimal.vllm_rollout.VLLMEngine.generate` for vLLM)."""
+    ``generate`` on ``model``; `train_minimal.vllm_rollout.VLLMEngine.generate` for vLLM).
+    ``on_malformed``: what the environment does with a turn whose call attempts are all malformed
+    (`diagnose.tasks.Rollout`)."""
     if generate is None:
         def generate(contexts: list[list[int]], s: Sampling) -> list[tuple[list[int], list[float], bool]]:
             return generate_batch(model, tokenizer, contexts, s)
@@ -65,7 +69,7 @@ def rollout_episodes(
         ctx = encode(tokenizer, prompt_text(with_hint(task).messages)) if kind == "hint" else list(plain)
         seq = Sequence()
         seq.add(plain, train=False, turn=-1)
-        live.append((i, Rollout(task, max_turns=max_turns), ctx, seq))
+        live.append((i, Rollout(task, max_turns=max_turns, on_malformed=on_malformed), ctx, seq))
 
     truncated: set[int] = set()
     turn = 0

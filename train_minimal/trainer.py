@@ -244,7 +244,7 @@ def evaluate(model: Any, tokenizer: Any, sets: dict[str, list[Task]], cfg: Train
     s = Sampling(max_new_tokens=cfg.rollout.max_new_tokens, greedy=True)
     for split, tasks in sets.items():
         trajs = rollout_episodes(model, tokenizer, [(t, i, "policy") for i, t in enumerate(tasks)],
-                                 max_turns=cfg.rollout.max_turns, sampling=s)
+                                 max_turns=cfg.rollout.max_turns, sampling=s, on_malformed=cfg.rollout.on_malformed)
         m = rollout_metrics(trajs, 1)
         out[f"eval/{split}/accuracy"] = m["accuracy"]
         out[f"eval/{split}/turn_state/collapsed"] = m["turn_state/collapsed"]
@@ -428,7 +428,8 @@ def rl_step(s: Session, step: int, m: dict[str, Any]) -> None:
     if s.engine is not None:
         s.engine.sync_weights(s.model)
     trajs = rollout_episodes(s.model, s.tokenizer, group_items(tasks, cfg), max_turns=cfg.rollout.max_turns,
-                             sampling=s.sampling, generate=s.engine.generate if s.engine else None)
+                             sampling=s.sampling, generate=s.engine.generate if s.engine else None,
+                             on_malformed=cfg.rollout.on_malformed)
     s.model.train()
     t_roll = time.perf_counter()
     for t in trajs:

@@ -5,7 +5,10 @@ Protocol, per assistant turn:
 1. ``text = policy(messages)``; appended as ``{"role": "assistant", "content": text}`` (one
    trailing ``<|im_end|>`` / ``<|endoftext|>`` is dropped first).
 2. The turn is classified (`classify_turn`) and parsed (`parse_calls`) in the task's syntax.
-3. No well-formed call: the episode ends; the turn is the final answer.
+3. No well-formed call: the episode ends; the turn is the final answer. With
+   ``on_malformed="continue"`` a turn that attempted calls but got none well-formed (a bare
+   ``<tool_call>``, a broken JSON body) gets one error object per attempt instead and the episode
+   goes on, as in agent loops that feed parse errors back (the long failing episodes of real runs).
 4. Otherwise each well-formed call is executed in order and its result appended as
    ``{"role": "tool", "content": json.dumps(result)}``; after them, one error object per
    malformed call attempt of the turn. Bad calls get ``{"error": ...}`` outputs, never exceptions.
@@ -15,7 +18,10 @@ Protocol, per assistant turn:
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
+
+OnMalformed = Literal["end", "continue"]
+ON_MALFORMED: tuple[str, ...] = ("end", "continue")
 
 from diagnose.chat import ENDOFTEXT, IM_END
 from diagnose.toolcall import ToolCall, parse_calls, render_calls
@@ -50,11 +56,14 @@ class Rollout:
     ``messages`` is the conversation so far (task messages, then assistant/tool messages).
     """
 
-    def __init__(self, task: Task, max_turns: int = 6):
+    def __init__(self, task: Task, max_turns: int = 6, on_malformed: OnMalformed = "end"):
         if max_turns < 1:
             raise ValueError("max_turns must be >= 1")
+        if on_malformed not in ON_MALFORMED:
+            raise ValueError(f"on_malformed must be one of {ON_MALFORMED}, got {on_malformed!r}")
         self.task = task
         self.max_turns = max_turns
+        self.on_malformed = on_malformed
         self.env: ToolEnv | ReplayEnv = make_env(task)
         self.messages: list[dict] = [dict(m) for m in task.messages]
         self.turn_states: list[TurnState] = []
@@ -84,12 +93,12 @@ class Rollout:
         self.turn_calls.append(calls)
         malformed = _malformed_count(parsed)
         self.n_attempts += len(calls) + malformed
-        if not calls:
+        if not calls and not (malformed and self.on_malformed == "continue"):
             self.done = self.finished = True
             self.final_answer = parsed.content
             self._final_clean = cls.state == TurnState.HEALTHY_RESPONSE
             return []
-        results = execute_turn(self.env, calls)
+        results = execute_turn(self.env, calls) if calls else []
         results += [{"error": "malformed tool call"}] * malformed
         self.tool_errors += sum(1 for r in results if is_error(r))
         new = [tool_message(r) for r in results]
@@ -134,9 +143,9 @@ class Rollout:
         )
 
 
-def run_episode(task: Task, policy: Policy, max_turns: int = 6) -> Episode:
+def run_episode(task: Task, policy: Policy, max_turns: int = 6, on_malformed: OnMalformed = "end") -> Episode:
     """Run ``policy`` on ``task`` until a call-free turn or ``max_turns`` turns; score it."""
-    r = Rollout(task, max_turns)
+    r = Rollout(task, max_turns, on_malformed)
     while not r.done:
         r.step(policy(list(r.messages)))
     return r.episode()
