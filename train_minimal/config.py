@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from diagnose.tasks.episode import OnMalformed
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message names the key."""
@@ -45,7 +47,7 @@ class RolloutConfig:
     prompts_per_step: int = 8
     group_size: int = 8  # n rollouts per prompt (GRPO group)
     max_turns: int = 5
-    on_malformed: Literal["end", "continue"] = "end"  # a turn whose call attempts are all malformed:
+    on_malformed: OnMalformed = "end"  # a turn whose call attempts are all malformed:
     #   "end" the episode there (it is the final answer), or "continue" with one error output per attempt
     max_new_tokens: int = 64  # per assistant turn
     temperature: float = 1.0

@@ -18,10 +18,7 @@ Protocol, per assistant turn:
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
-
-OnMalformed = Literal["end", "continue"]
-ON_MALFORMED: tuple[str, ...] = ("end", "continue")
+from typing import Any, Literal, get_args
 
 from diagnose.chat import ENDOFTEXT, IM_END
 from diagnose.toolcall import ToolCall, parse_calls, render_calls
@@ -29,6 +26,9 @@ from diagnose.turns import TurnClassification, TurnState, classify_turn
 
 from .base import Episode, Policy, Score, Task, contains_value, multiset_matches
 from .env import ReplayEnv, ToolEnv, execute_turn, gold_state, is_error, make_env
+
+OnMalformed = Literal["end", "continue"]  # what a turn of only malformed call attempts does
+ON_MALFORMED: tuple[str, ...] = get_args(OnMalformed)
 
 
 def strip_terminator(text: str) -> str:
