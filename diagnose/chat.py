@@ -31,6 +31,19 @@ CONTROL_STRINGS: tuple[str, ...] = (
     TOOL_RESPONSE_CLOSE,
 )
 
+#: The control strings that are ``special=True`` in Qwen's vocabulary, so that
+#: ``decode(..., skip_special_tokens=True)`` drops them (TRL's and verl's logged completions); the
+#: tool-call / tool-response tags are added tokens with ``special=False`` and survive it.
+SPECIAL_STRINGS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END)
+
+
+def skip_special(text: str) -> str:
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` at the text level: the special
+    strings deleted, everything else (the tool-call tags included) kept."""
+    for s in SPECIAL_STRINGS:
+        text = text.replace(s, "")
+    return text
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 TOOLS_HEADER = (

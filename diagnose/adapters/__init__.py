@@ -51,6 +51,7 @@ __all__ = [
     "adapter",
     "detect_format",
     "load_run",
+    "require_path",
     "step_of_file",
     "split_assistant_turns",
     "TurnClassifier",
@@ -165,6 +166,17 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def require_path(p: Path, format: str | None = None) -> None:  # noqa: A002
+    """``p`` exists and can be looked at; else `UnknownRunLayout` naming it, with the formats that
+    were asked for (the first thing `load_run` and ``diagnose scan`` say about a bad path)."""
+    try:
+        exists = p.exists()
+    except OSError as e:
+        raise UnknownRunLayout(p, f"cannot access ({e})") from None
+    if not exists:
+        raise UnknownRunLayout(p, "no such file or directory", [format] if format else FORMATS)
+
+
 def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa: A002
              file_checks: Any = None, **options: Any) -> RunSource:
     """Load the run at ``path`` as a `RunSource`, auto-detecting its format unless ``format``
@@ -182,12 +194,7 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     p = Path(path)
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown run format {format!r}; expected one of {', '.join(FORMATS)}")
-    try:
-        exists = p.exists()
-    except OSError as e:
-        raise UnknownRunLayout(p, f"cannot access ({e})") from None
-    if not exists:
-        raise UnknownRunLayout(p, "no such file or directory", [format] if format else FORMATS)
+    require_path(p, format)
     fmt = format or detect_format(p)
     if fmt is None:
         raise UnknownRunLayout(p)

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from diagnose.chat import CHAT_TEMPLATE, CONTROL_STRINGS, ENDOFTEXT, IM_END, IM_START, TOOL_CALL_OPEN
+from diagnose.chat import CHAT_TEMPLATE, CONTROL_STRINGS, ENDOFTEXT, IM_END, SPECIAL_STRINGS, TOOL_CALL_OPEN
 
 __all__ = [
     "CALL_BODY_START",
@@ -35,9 +35,8 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-#: Control strings that are ``special=True`` in Qwen2.5 (skipped by ``skip_special_tokens``);
-#: the tool-call / tool-response tags are added tokens with ``special=False``.
-SPECIAL_CONTROL_STRINGS: frozenset[str] = frozenset({ENDOFTEXT, IM_START, IM_END})
+#: Control strings that are ``special=True`` in Qwen2.5 (`diagnose.chat.SPECIAL_STRINGS`).
+SPECIAL_CONTROL_STRINGS: frozenset[str] = frozenset(SPECIAL_STRINGS)
 
 #: First token of a Hermes call body (``{"name": ...``); a single BPE token in Qwen2.5 and,
 #: guaranteed by :func:`build_tokenizer`, in the embedded tokenizer.

@@ -119,17 +119,12 @@ def scan_run(path: str | os.PathLike[str], *, format: str | None = None,  # noqa
 def _start(path: str | os.PathLike[str], fmt: str | None, cfg: DetectConfig, use_cache: bool,
            progress: Progress | None, options: dict[str, Any]) -> _Scan:
     """Check the path and find the cache."""
-    from diagnose.adapters import FORMATS, UnknownRunLayout
+    from diagnose.adapters import require_path
 
     if fmt == "auto":
         fmt = None
     arg = cache.abs_path(path)
-    try:
-        exists = arg.exists()
-    except OSError as e:
-        raise UnknownRunLayout(arg, f"cannot access ({e})") from None
-    if not exists:
-        raise UnknownRunLayout(arg, "no such file or directory", [fmt] if fmt else FORMATS)
+    require_path(arg, fmt)
     scan = _Scan(arg=arg, root=cache.run_root(arg), format=fmt, cfg=cfg, options=options, use_cache=use_cache,
                  progress=progress, info=CacheInfo(enabled=use_cache), rkey=cache.result_key(cfg))
     if use_cache:

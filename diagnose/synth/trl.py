@@ -42,30 +42,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diagnose.chat import ENDOFTEXT, IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from diagnose.chat import IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, skip_special
 
 __all__ = [
     "GrpoLog",
-    "QWEN_SPECIAL",
     "episode",
     "parse_response_text",
     "save_trainer_state",
-    "skip_special",
     "tool_content",
     "tool_suffix_text",
 ]
 
-#: Qwen2.5's special tokens among what a completion holds (``skip_special_tokens`` drops them;
-#: ``<tool_call>``/``</tool_call>`` are not special and stay).
-QWEN_SPECIAL = (ENDOFTEXT, IM_START, IM_END)
 _BLOCK = re.compile(r"<tool_call>\s*(.+?)\s*</tool_call>\s*", re.DOTALL)
-
-
-def skip_special(text: str) -> str:
-    """``tokenizer.decode(ids, skip_special_tokens=True)`` at the text level."""
-    for s in QWEN_SPECIAL:
-        text = text.replace(s, "")
-    return text
 
 
 def parse_response_text(text: str) -> dict[str, Any]:

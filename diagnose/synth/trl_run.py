@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from diagnose.chat import IM_END, render_chat
+from diagnose.chat import IM_END, render_chat, skip_special
 from diagnose.synth.foreign import ForeignRun, _plan, _Sample
-from diagnose.synth.trl import GrpoLog, episode, save_trainer_state, skip_special
+from diagnose.synth.trl import GrpoLog, episode, save_trainer_state
 
 REWARD_FUNCS = ("accuracy_reward", "format_reward")
 SYSTEM = "You are a helpful assistant. Use the tools to do the task, then answer briefly."

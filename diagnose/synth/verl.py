@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diagnose.chat import ENDOFTEXT, IM_END, IM_START, render_chat
+from diagnose.chat import IM_END, render_chat, skip_special
 
 __all__ = [
     "FileLogger",
@@ -47,8 +47,6 @@ __all__ = [
     "verl_dump_text",
 ]
 
-#: Special tokens of Qwen2.5 that the tool agent loop writes; ``skip_special_tokens`` drops them.
-QWEN_SPECIAL = (ENDOFTEXT, IM_START, IM_END)
 _HERMES = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
@@ -147,13 +145,6 @@ def system_prompt_text(render: Callable[..., str] = render_chat) -> str:
     return one[: len(one) - (len(two) - len(one))]
 
 
-def strip_special(text: str) -> str:
-    """What ``decode(..., skip_special_tokens=True)`` leaves of the rendered text."""
-    for tok in QWEN_SPECIAL:
-        text = text.replace(tok, "")
-    return text
-
-
 def verl_dump_text(
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None,
@@ -169,7 +160,7 @@ def verl_dump_text(
         turns, observations, lambda t: t + IM_END,
         lambda msgs: render_chat(msgs, add_generation_prompt=True)[len(system):], cfg)
     response = "".join(str(p) for p, _ in pieces)
-    return strip_special(prompt), strip_special(response), num_turns
+    return skip_special(prompt), skip_special(response), num_turns
 
 
 def dump_generations(dump_path: str | os.PathLike[str], step: int, inputs: Sequence[str], outputs: Sequence[str],
