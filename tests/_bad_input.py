@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -44,6 +44,10 @@ class Case:
 
     def param(self):
         return pytest.param(self, id=self.id, marks=self.marks)
+
+    def on(self, base) -> "Case":
+        """This case with a builder ``build(dir, base)`` bound to ``base`` (a shared base run)."""
+        return replace(self, build=lambda tmp: self.build(tmp, base))
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

@@ -423,12 +423,7 @@ ALL = TRL_CASES + VERL_CASES + OI_CASES
 
 @pytest.mark.parametrize("case", [c.param() for c in ALL])
 def test_foreign_bad_input(case: Case, tmp_path: Path, bases: dict[str, Path]) -> None:
-    build = case.build
-    case.build = lambda tmp: build(tmp, bases)
-    try:
-        run_case_both(app, case, tmp_path)
-    finally:
-        case.build = build
+    run_case_both(app, case.on(bases), tmp_path)
 
 
 def test_case_ids_are_unique() -> None:

@@ -203,12 +203,7 @@ def _conv(tmp: Path, data: bytes) -> list[str]:
 
 @pytest.mark.parametrize("case", [c.param() for c in NATIVE_CASES + CONV_CASES])
 def test_scan_bad_input(case: Case, tmp_path: Path, base_run: Path) -> None:
-    build = case.build
-    case.build = lambda tmp: build(tmp, base_run)
-    try:
-        run_case(app, case, tmp_path)
-    finally:
-        case.build = build
+    run_case(app, case.on(base_run), tmp_path)
 
 
 def test_scan_json_lists_the_skipped_step(tmp_path: Path, base_run: Path) -> None:
