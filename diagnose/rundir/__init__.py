@@ -16,6 +16,7 @@ The spec is ``docs/run-format.md``.  Typical use::
     r.issues                              # [ReadIssue(path, line, message)]
 """
 
+from diagnose.rundir.metrics import metrics_record
 from diagnose.rundir.reader import ReadIssue, RunReader
 from diagnose.rundir.schema import (
     CTRL_PREFIX,
@@ -41,7 +42,7 @@ from diagnose.rundir.schema import (
     tokens_schema,
     validate_schema,
 )
-from diagnose.rundir.writer import RunWriter, metrics_record
+from diagnose.rundir.writer import RunWriter
 
 __all__ = [
     "CTRL_PREFIX",
