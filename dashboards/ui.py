@@ -18,6 +18,7 @@ import polars as pl
 import streamlit as st
 
 from dashboards import data
+from diagnose.error_line import error_line
 from diagnose.figures import ctrl_probs, token_values
 from diagnose.scan.html import highlight
 from diagnose.scan.report import token_label
@@ -102,7 +103,7 @@ def section(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # noqa: BLE001 - streamlit's own control flow derives from BaseException
-        st.error(f"{what} could not be drawn: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        st.error(f"{what} could not be drawn: {error_line(e, limit=None)}")
 
 
 def plot(fig: go.Figure | None, missing: str, key: str | None = None) -> None:

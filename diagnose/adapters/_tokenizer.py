@@ -132,5 +132,6 @@ def _hub_cache(repo_id: str) -> Path | None:
 
 
 def _short(e: BaseException, n: int = 200) -> str:
-    s = f"{type(e).__name__}: {e}"
-    return s if len(s) <= n else s[: n - 3] + "..."
+    from diagnose.error_line import error_line
+
+    return error_line(e, limit=n)
