@@ -92,30 +92,11 @@ def first_object(path: Path, max_lines: int = 20) -> dict[str, Any] | None:
 
 def check_parquet(path: Path) -> tuple[pl.Schema | None, str | None]:
     """Cheap validation of a parquet file (footer, column-chunk bounds): ``(schema, None)`` or
-    ``(None, why it is unreadable)``. A file cut short fails here without reading its data."""
-    import pyarrow.parquet as pq
+    ``(None, why it is unreadable)``; the one check, `diagnose.parquet_check`."""
+    from diagnose.parquet_check import check_parquet as check
 
-    try:
-        size = path.stat().st_size
-        md = pq.read_metadata(path)
-        schema = pl.Schema(pl.read_parquet_schema(path))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # noqa: BLE001 - incl. a Rust panic: any footer error means unreadable
-        return None, f"unreadable parquet file (truncated or corrupt): {_short(e)}"
-    try:
-        for r in range(md.num_row_groups):
-            rg = md.row_group(r)
-            for j in range(rg.num_columns):
-                cc = rg.column(j)
-                start = cc.dictionary_page_offset if cc.has_dictionary_page else cc.data_page_offset
-                if start is not None and start + cc.total_compressed_size > size:
-                    return None, "column data extends past the end of the file (truncated)"
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # noqa: BLE001
-        return None, f"corrupt parquet metadata: {_short(e)}"
-    return schema, None
+    footer, why = check(path)
+    return (footer.schema if footer is not None else None), why
 
 
 def read_parquet(path: Path, columns: Sequence[str] | None = None) -> tuple[pl.DataFrame | None, str | None]:

@@ -28,6 +28,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.atomic import is_temp_name
+from diagnose.parquet_check import check_parquet
 from diagnose.rundir.metrics import read_metrics
 from diagnose.rundir.schema import (
     CHECKPOINTS_DIR,
@@ -307,53 +308,24 @@ class RunReader:
         return out
 
     def _check_file(self, kind: str, step: int, path: Path, size: int) -> _StepFile | None:
-        """Cheap up-front validation: parquet footer, column-chunk bounds, schema, step stats."""
-        import pyarrow.parquet as pq
-
-        try:
-            md = pq.read_metadata(path)
-            # the schema from the footer already read (a second read of every footer doubled
-            # the cost of opening a run of many step files)
-            schema = pl.from_arrow(md.schema.to_arrow_schema().empty_table()).schema
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - any footer error (incl. a Rust panic) means unreadable
-            self._issue(path, None, f"unreadable parquet file (truncated or corrupt): {e}; file skipped")
+        """Cheap up-front validation: parquet footer and column-chunk bounds
+        (`diagnose.parquet_check`), schema, step stats."""
+        footer, why = check_parquet(path, size=size, ranges=("step",))
+        if footer is None:
+            self._issue(path, None, f"{why}; file skipped")
             return None
-        try:
-            step_idx = None
-            for j in range(md.num_columns):
-                if md.schema.column(j).path == "step":
-                    step_idx = j
-            lo = hi = None
-            for r in range(md.num_row_groups):
-                rg = md.row_group(r)
-                for j in range(rg.num_columns):
-                    cc = rg.column(j)
-                    start = cc.dictionary_page_offset if cc.has_dictionary_page else cc.data_page_offset
-                    if start is not None and start + cc.total_compressed_size > size:
-                        self._issue(path, None, "column data extends past the end of the file (corrupt); file skipped")
-                        return None
-                if step_idx is not None and rg.num_rows:
-                    stats = rg.column(step_idx).statistics
-                    if stats is not None and stats.has_min_max:
-                        lo = stats.min if lo is None else min(lo, stats.min)
-                        hi = stats.max if hi is None else max(hi, stats.max)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001
-            self._issue(path, None, f"corrupt parquet metadata: {e}; file skipped")
-            return None
+        schema = footer.schema
         problems = validate_schema(schema, columns_for(kind, ctrl_names_from_columns(schema.names())), table=kind)
         if any("has dtype" in p for p in problems):
             self._issue(path, None, "; ".join(problems) + "; file skipped")
             return None
         for p in problems:
             self._issue(path, None, p + " (filled with nulls)")
+        lo, hi = footer.ranges.get("step", (None, None))
         if lo is not None and (lo != step or hi != step):
             self._issue(path, None, step_mismatch_message("rows", f"{lo}..{hi}", step, "the step column"),
                         kind=STEP_MISMATCH)
-        return _StepFile(step=step, path=path, schema=schema, num_rows=md.num_rows)
+        return _StepFile(step=step, path=path, schema=schema, num_rows=footer.num_rows)
 
     def steps(self, kind: str) -> list[int]:
         """Sorted steps present for ``kind``: 'rollouts' | 'tokens' | 'probe' (valid files only),
