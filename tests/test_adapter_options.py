@@ -22,9 +22,7 @@ runner = CliRunner()
 SMALL = {"steps": 12, "samples_per_step": 4, "tokens_per_sample": 48}
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -335,11 +335,10 @@ def answer_reward(completions, log_extra=None, **kwargs):
     return vals
 
 
-def test_real_grpo_trainer_output_is_read(tmp_path, monkeypatch):
+def test_real_grpo_trainer_output_is_read(tmp_path, diagnose_home):
     """3 steps of TRL's own GRPOTrainer (use_cpu, log_completions, tools) on the embedded base model."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "home"))
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -408,12 +407,11 @@ def text_reward(completions, **kwargs):
 
 
 @pytest.mark.slow  # a second real trainer run (~20-40 s)
-def test_real_grpo_trainer_text_completions_and_sparse_logging(tmp_path, monkeypatch):
+def test_real_grpo_trainer_text_completions_and_sparse_logging(tmp_path, diagnose_home):
     """Non-conversational prompts: TRL logs ``batch_decode(..., skip_special_tokens=True)`` text;
     ``logging_steps=2`` writes every second step."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "home"))
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer

@@ -38,9 +38,7 @@ M = "metrics.jsonl"
 SCANNED = (0, 1)  # the scan ran: 0 no collapse, 1 collapse (the base run collapses at step 6)
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,7 @@ LAST = STEPS - 1
 SMALL = {"samples_per_step": 8, "tokens_per_sample": 48}
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    """Home caches go to a temp DIAGNOSE_HOME, never to ~/.cache."""
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

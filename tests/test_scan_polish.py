@@ -24,10 +24,7 @@ from fixtures.open_instruct_layout import collapse_run, shared_save_path  # noqa
 from fixtures.verl_layout import write_verl_run  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    """Home caches go to a temp DIAGNOSE_HOME, never to ~/.cache."""
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
