@@ -53,7 +53,7 @@ the cache), then per new step ``scan_run(path)``. Without it: ``load_run`` +
 ``step_signals(src, steps=[new])`` + ``merge_signals`` + ``scan_source(src, signals=merged)``.
 Also printed: the "floor" of a re-scan that reads only the new step's files.
 
-Targets (from the issue): full scan >= 10x faster than pandas, <= 1.25x DuckDB's time, peak RSS
+Targets: full scan >= 10x faster than pandas, <= 1.25x DuckDB's time, peak RSS
 <= 2 GB on a run whose token table is larger than 2 GiB in memory, incremental re-scan < 5 % of a
 full scan (against the fastest full scan measured). Judged on wall-clock ratios of the same
 script run; nothing absolute is asserted (shared machines are noisy: CPU seconds are printed too).
