@@ -15,7 +15,6 @@ import polars as pl
 import pytest
 from _bad_input import (
     HTML_PAYLOAD,
-    SMALL_RUN,
     Case,
     append,
     as_nobody_cmd,
@@ -30,6 +29,7 @@ from _bad_input import (
     tree_hashes,
     remove_world_dir,
     world_dir,
+    write_base_run,
 )
 
 from diagnose.cli import app
@@ -43,11 +43,7 @@ pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
-    from diagnose.synth import write_synthetic_run
-
-    d = tmp_path_factory.mktemp("bad_scan") / "base"
-    write_synthetic_run(d, collapse_at=6, seed=1, **SMALL_RUN)
-    return d
+    return write_base_run(tmp_path_factory.mktemp("bad_scan"))
 
 
 def native(edit, name: str = "run"):
