@@ -26,7 +26,7 @@ from diagnose.rundir.schema import _check_step, step_value
 __all__ = ["complete_trailing_line", "drop_metrics_after", "flatten_metrics", "metrics_record", "read_metrics"]
 
 #: How the reader hears of a problem: ``issue(path, line or None, message)``.
-Issue = Callable[[Path, "int | None", str], None]
+Issue = Callable[[Path, int | None, str], None]
 
 _RESERVED_METRIC_KEYS = ("step", "nonfinite")
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
