@@ -511,7 +511,7 @@ def worker(name: str, data: Path, out: Path, opts: dict[str, Any]) -> None:
         table = r.signals
     elif name == "ours_tokens":
         from diagnose.adapters import load_run
-        from diagnose.scan.signals import token_signals
+        from diagnose.scan.token_signals import token_signals
 
         clock.start()
         src = load_run(data)
@@ -823,7 +823,7 @@ def main() -> None:
         import polars as pl
 
         from diagnose.rundir import RunReader
-        from diagnose.scan.signals import token_signals
+        from diagnose.scan.token_signals import token_signals
 
         files = token_files(data)[: a.check_steps]
         steps = [int(f.stem.split("-")[1]) for f in files]

@@ -20,7 +20,7 @@ import streamlit as st
 from dashboards import data
 from diagnose.figures import ctrl_probs, token_values
 from diagnose.scan.html import highlight
-from diagnose.scan.report import token_label
+from diagnose.scan.formatting import token_label
 
 RUN_KEY = "run"  # the run picker's widget key (and its URL query parameter)
 TOKEN_TARGET_KEY = "token_target"  # (run rel, step, sample_id) set by "open in the token viewer"

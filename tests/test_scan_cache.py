@@ -268,10 +268,10 @@ def test_new_step_after_the_episode_window_reuses_its_moves_and_examples(run, tm
         shutil.move(tmp_path / "aside" / kind / f"step-{LAST:06d}.parquet", run / kind)
     (run / "metrics.jsonl").write_text(metrics)
     calls = {"moves": 0, "examples": 0}
-    orig_moves, orig_examples = episodes._moves, episodes._examples
-    monkeypatch.setattr(episodes, "_moves", lambda *a, **k: calls.__setitem__("moves", calls["moves"] + 1)
+    orig_moves, orig_examples = episodes.signal_moves, episodes.example_rollouts
+    monkeypatch.setattr(episodes, "signal_moves", lambda *a, **k: calls.__setitem__("moves", calls["moves"] + 1)
                         or orig_moves(*a, **k))
-    monkeypatch.setattr(episodes, "_examples", lambda *a, **k: calls.__setitem__("examples", calls["examples"] + 1)
+    monkeypatch.setattr(episodes, "example_rollouts", lambda *a, **k: calls.__setitem__("examples", calls["examples"] + 1)
                         or orig_examples(*a, **k))
     r = scan_run(run)
     assert r.cache.steps_recomputed == [LAST] and calls == {"moves": 0, "examples": 0}

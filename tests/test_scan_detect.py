@@ -12,7 +12,7 @@ import pytest
 from diagnose.rundir import RunReader
 from diagnose.scan import DetectConfig, detect_changes, merge_signals, robust_zscores, scan_source, step_signals
 from diagnose.scan.detect import METHODS, Change, cusum, page_hinkley, robust_sigma, rolling_baseline
-from diagnose.scan.signals import signal_direction, signal_kind
+from diagnose.scan.names import signal_direction, signal_kind
 from diagnose.source import RunSource
 from diagnose.synth import write_synthetic_run
 

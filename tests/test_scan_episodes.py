@@ -311,8 +311,8 @@ def test_prior_scan_moves_are_reused_only_for_an_unchanged_window(monkeypatch):
     sig = pl.DataFrame({"step": np.arange(40), "reward": reward, "probe/after_call_open/im_end": probe})
     first = find_episodes(sig)
     calls = []
-    orig = episodes._moves
-    monkeypatch.setattr(episodes, "_moves", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = episodes.signal_moves
+    monkeypatch.setattr(episodes, "signal_moves", lambda *a, **k: calls.append(1) or orig(*a, **k))
     longer = pl.concat([sig, pl.DataFrame({"step": [40], "reward": [0.05], "probe/after_call_open/im_end": [0.9]})])
     again = find_episodes(longer, prior=PriorScan(sig, first))
     assert calls == [] and [m.to_dict() for m in again[0].moves] == [m.to_dict() for m in first[0].moves]

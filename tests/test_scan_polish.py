@@ -14,7 +14,8 @@ from rich.console import Console
 from diagnose.adapters import load_run
 from diagnose.scan import scan_source
 from diagnose.scan.html import scan_html
-from diagnose.scan.report import fmt_rise, render_scan
+from diagnose.scan.formatting import fmt_rise
+from diagnose.scan.report import render_scan
 from diagnose.scan.result import ContextRise, ImplicatedToken, issues_summary, result_from_json
 from diagnose.scan.run import scan_run
 

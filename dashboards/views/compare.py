@@ -6,7 +6,7 @@ import streamlit as st
 from dashboards import data, ui
 from diagnose.scan.compare import compare_results
 from diagnose.figures import compare_figure
-from diagnose.scan.report import fmt_num, verdict_line
+from diagnose.scan.formatting import fmt_num, verdict_line
 
 st.title("Compare two runs")
 entry = ui.selected_run()

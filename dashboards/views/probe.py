@@ -6,7 +6,7 @@ import streamlit as st
 
 from dashboards import data, ui
 from diagnose.figures import capability_figure, capability_measures_figure
-from diagnose.scan.report import fmt_num
+from diagnose.scan.formatting import fmt_num
 
 st.title("Probe: format vs capability")
 entry = ui.selected_run()

@@ -7,7 +7,7 @@ import streamlit as st
 from dashboards import data, ui
 from diagnose.figures import token_strip_figure
 from diagnose.scan.html import highlight
-from diagnose.scan.report import implicated_texts
+from diagnose.scan.formatting import implicated_texts
 
 st.title("Token viewer")
 entry = ui.selected_run()

@@ -81,10 +81,13 @@ FILE_CHECKS = "file_checks.json"  # the adapter's validated step files (RunSourc
 #: The quick check walks at most this many files; a larger tree always loads the run.
 MAX_TREE_FILES = 200_000
 
-_SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.adapters", "diagnose.rundir.reader", "diagnose.turns",
-                "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl", "diagnose.source",
+_SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.scan.token_signals", "diagnose.scan.frames", "diagnose.scan.names",
+                "diagnose.adapters", "diagnose.rundir.reader", "diagnose.turns", "diagnose.toolcall",
+                "diagnose.conversations", "diagnose.jsonl", "diagnose.source",
                 "diagnose.rescore.tables")  # the rescored tables attached to a source
-_EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.episodes", "diagnose.scan.result")
+_EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.verdict", "diagnose.scan.episodes", "diagnose.scan.drops",
+                 "diagnose.scan.moves", "diagnose.scan.implicated", "diagnose.scan.examples",
+                 "diagnose.scan.pathologies", "diagnose.scan.series", "diagnose.scan.names", "diagnose.scan.result")
 
 
 # ---------------------------------------------------------------------------------------------

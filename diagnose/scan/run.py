@@ -36,9 +36,10 @@ from diagnose import __version__
 from diagnose.scan import cache
 from diagnose.scan.cache import Cached
 from diagnose.scan.detect import DetectConfig
-from diagnose.scan.episodes import PriorScan, scan_source
+from diagnose.scan.episodes import PriorScan
 from diagnose.scan.result import CacheInfo, RunScanResult, wrap_result
 from diagnose.scan.signals import combine_signals, merge_signals, metric_signals, step_signals
+from diagnose.scan.verdict import scan_source
 from diagnose.source import RunSource
 
 __all__ = ["CHUNK_BYTES", "MAX_CHUNKS", "Progress", "scan_run"]
