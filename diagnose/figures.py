@@ -49,29 +49,15 @@ if TYPE_CHECKING:
     from diagnose.scan.compare import Comparison
 
 __all__ = [
-    "EPISODE_COLOR",
-    "KEY_SIGNALS",
-    "RUN_COLORS",
-    "STATE_COLORS",
-    "add_episode_bands",
-    "attribution_figure",
-    "capability_figure",
-    "capability_measures_figure",
-    "compare_figure",
-    "control_token_figure",
-    "control_token_names",
-    "ctrl_probs",
-    "esc",
-    "key_signals_figure",
-    "last_step",
-    "onset_order_figure",
-    "overview_figure",
-    "plot_text",
-    "scan_figures",
-    "signals_overlay_figure",
-    "token_figure",
-    "token_strip_figure",
-    "token_values",
+    # shared pieces
+    "EPISODE_COLOR", "KEY_SIGNALS", "RUN_COLORS", "STATE_COLORS", "add_episode_bands", "esc", "last_step", "plot_text",
+    # a scan
+    "overview_figure", "token_figure", "onset_order_figure", "scan_figures",
+    # a comparison
+    "compare_figure", "signals_overlay_figure",
+    # dashboard pages
+    "key_signals_figure", "control_token_names", "control_token_figure", "attribution_figure", "token_values",
+    "ctrl_probs", "token_strip_figure", "capability_figure", "capability_measures_figure",
 ]
 
 STATE_COLORS = {
@@ -194,9 +180,7 @@ def token_figure(result: ScanResult) -> go.Figure | None:
         pos = v[v > 0]
         spread = float(pos.max() / max(pos.min(), 1e-12)) if pos.size else 0.0
         stats.append((c, s, v, spread))
-    rank: dict[str, int] = {}
-    for c in implicated:
-        rank.setdefault(c, len(rank))
+    rank = {c: i for i, c in enumerate(dict.fromkeys(implicated))}
     stats.sort(key=lambda x: (x[0] not in rank, rank.get(x[0], 0), -x[3]))
     shown = set(rank) if rank else {c for c, *_ in stats[:DEFAULT_TOKEN_SERIES]}
     fig = go.Figure()
@@ -347,15 +331,9 @@ def key_signals_figure(result: ScanResult, signals: Sequence[tuple[str, str]] = 
 def control_token_names(result: ScanResult) -> list[str]:
     """Control tokens with a probability or attribution signal in the run (probe, rollout
     contexts, all positions, logit attribution), implicated ones first."""
-    seen: dict[str, None] = {}
-    for e in result.episodes:
-        for t in e.implicated:
-            seen.setdefault(t.token)
-    for c in result.signals.columns:
-        token = signal_token(c)
-        if token is not None:
-            seen.setdefault(token)
-    return list(seen)
+    implicated = [t.token for e in result.episodes for t in e.implicated]
+    measured = [signal_token(c) for c in result.signals.columns]
+    return list(dict.fromkeys(t for t in implicated + measured if t is not None))
 
 
 def control_token_figure(result: ScanResult, token: str, text: str | None = None) -> go.Figure | None:
@@ -405,26 +383,24 @@ def attribution_figure(result: ScanResult, token: str, text: str | None = None) 
     return fig
 
 
+def _finite_values(rows: pl.DataFrame, column: str, exp: bool) -> list[float | None]:
+    """A column's values as floats (``exp``: of log-probs, probabilities); None where it is
+    missing, null or not finite."""
+    if column not in rows.columns:
+        return [None] * rows.height
+    return [(math.exp(x) if exp else float(x)) if x is not None and math.isfinite(x) else None
+            for x in rows.get_column(column).to_list()]
+
+
 def token_values(rows: pl.DataFrame, color_by: str) -> list[float | None]:
     """Per-row value a token is coloured by: ``probability`` (exp of ``logprob``) or ``entropy``."""
-    if rows.height == 0:
-        return []
-    if color_by == "entropy":
-        col = rows.get_column("entropy") if "entropy" in rows.columns else pl.Series([None] * rows.height)
-        return [float(x) if x is not None and math.isfinite(x) else None for x in col.to_list()]
-    col = rows.get_column("logprob") if "logprob" in rows.columns else pl.Series([None] * rows.height)
-    return [math.exp(x) if x is not None and math.isfinite(x) else None for x in col.to_list()]
+    return _finite_values(rows, "entropy", exp=False) if color_by == "entropy" else _finite_values(rows, "logprob", exp=True)
 
 
 def ctrl_probs(rows: pl.DataFrame, control_tokens: Sequence[Mapping[str, Any]]) -> dict[str, list[float | None]]:
     """name -> probability of that control token at each row (from ``lp_ctrl_<name>``)."""
-    out = {}
-    for t in control_tokens:
-        col = ctrl_column(t["name"])
-        if col in rows.columns:
-            out[t["name"]] = [math.exp(x) if x is not None and math.isfinite(x) else None
-                              for x in rows.get_column(col).to_list()]
-    return out
+    return {t["name"]: _finite_values(rows, ctrl_column(t["name"]), exp=True) for t in control_tokens
+            if ctrl_column(t["name"]) in rows.columns}
 
 
 def token_strip_figure(rows: pl.DataFrame, texts: Mapping[int, str], control_tokens: Sequence[Mapping[str, Any]],

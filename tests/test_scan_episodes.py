@@ -8,16 +8,11 @@ import json
 import polars as pl
 import pytest
 
-from diagnose.rundir import RunReader
 from diagnose.scan import DetectConfig, find_episodes, find_pathologies, scan_source, step_signals
 from diagnose.scan.result import SCHEMA_VERSION
-from diagnose.source import RunSource
 from diagnose.synth import write_synthetic_run
 
-
-def source(path) -> RunSource:
-    r = RunReader(path)
-    return RunSource(r.run_dir, "native", r.metrics().lazy(), r.rollouts(), r.tokens(), r.probe(), r.control_tokens)
+from _scan_helpers import source
 
 
 # (seed, collapse step, spike token, spike context, with the probe table)
