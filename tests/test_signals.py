@@ -18,6 +18,7 @@ from diagnose.scan.names import (
     TokenSignal,
     generic_signals,
     is_bookkeeping,
+    is_context_count,
     rollout_twin,
     signal_direction,
     signal_spec,
@@ -64,6 +65,8 @@ def test_token_signal_names_labels_and_twins():
     assert rollout_twin("probe/after_call_open/im_end") == "ctx/after_call_open/im_end"
     assert rollout_twin("ctx/after_call_open/im_end") is None and rollout_twin("probe/mean_gold_logprob") is None
     assert signal_token("attribution/im_end/self") == "im_end" and signal_token("attribution/im_end/x") is None
+    assert is_context_count("ctx/turn_start/n") and not is_context_count("ctx/turn_start/im_end")
+    assert not is_context_count("probe/turn_start/n")
 
 
 def test_direction_of_a_context_probability_follows_the_token_role():

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from diagnose.scan.formatting import fmt_num, fmt_pct, fmt_prob, token_label, verdict_line
-from diagnose.scan.names import token_signal_names
+from diagnose.scan.names import TokenSignal, token_signal_names
 from diagnose.scan.result import ScanResult
 from diagnose.scan.series import finite_series, level, smoothed_peak
 
@@ -114,7 +114,8 @@ def _onset(k: dict[str, Any]) -> str:
 def _maxp(k: dict[str, Any]) -> str:
     if k["max_token_prob"] is None:
         return "—"
-    src = "probe" if str(k["max_token_prob_signal"]).startswith("probe/") else "rollout tokens"
+    sig = TokenSignal.parse(str(k["max_token_prob_signal"]))
+    src = "probe" if sig is not None and sig.source == "probe" else "rollout tokens"
     at = f" at step {k['max_token_prob_step']}" if k["max_token_prob_step"] is not None else ""
     return f"{fmt_prob(k['max_token_prob'])}{at} ({src})"
 

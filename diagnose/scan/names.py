@@ -38,6 +38,7 @@ __all__ = [
     "generic_signals",
     "has_token_probabilities",
     "is_bookkeeping",
+    "is_context_count",
     "rollout_twin",
     "signal_direction",
     "signal_kind",
@@ -296,6 +297,12 @@ def ctrl_signal(token: str, stat: str) -> str:
 def context_count_signal(context: str) -> str:
     """``ctx/<context>/n``: the generated positions found at a key context."""
     return f"{CTX}/{context}/n"
+
+
+def is_context_count(name: str) -> bool:
+    """Whether ``name`` is a `context_count_signal`."""
+    parts = name.split("/")
+    return len(parts) == 3 and parts[0] == CTX and parts[2] == "n"
 
 
 def attribution_signal(token: str, part: str) -> str:
