@@ -148,8 +148,8 @@ SIGNAL_SPECS: tuple[SignalSpec, ...] = (
                "trainer loss, totals and throughput (tokens seen, FLOPs, run time)"),
     SignalSpec(r"phase|skipped_update|completions/truncated|sft_examples|sft_loss|.*_time|"
                r"(timing_s|timing_per_token_ms|perf|time)/|training/(global_step|epoch|rollout_probs_diff_valid)",
-               "metrics", "both",
-               "other schedules, clocks and counters, of no meaning known to the detectors", bookkeeping=True, generic=True),
+               "metrics", "both", "other schedules, clocks and counters, of no meaning known to the detectors",
+               bookkeeping=True, generic=True),
     SignalSpec(r".*", "metrics", "both", "any other numeric metric, passed through", generic=True),
 )
 _SPEC_RE = [(re.compile(s.pattern + r"\Z"), s) for s in SIGNAL_SPECS]
