@@ -205,34 +205,42 @@ def ctrl_tokens(data: Path) -> list[tuple[str, int | None]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def pandas_signals(files: list[Path], ctrl: list[tuple[str, int | None]], low_prob: float = LOW_PROB):
-    """Straightforward pandas: per step file, read the needed columns, keep generated tokens,
-    derive the per-row quantities, group by step (sums and counts); combine at the end."""
+def _pandas_rows(df, ctrl: list[tuple[str, int | None]], low_prob: float):
+    """The per-row quantities both pandas contenders aggregate, of the generated tokens of
+    ``df``: entropy, the low-probability flag, |logprob - sampler_logprob|, each control token's
+    p and sampling indicator (by ``step``); and which log-probs are finite."""
     import numpy as np
     import pandas as pd
 
+    df = df[df["is_generated"].fillna(False).astype(bool)]
+    lp = df["logprob"].astype("float64")
+    slp = df["sampler_logprob"].astype("float64")
+    ent = df["entropy"].astype("float64")
+    lp_ok = np.isfinite(lp)
+    d = pd.DataFrame({"step": df["step"].to_numpy()}, index=df.index)
+    d["entropy"] = ent.where(np.isfinite(ent))
+    d["low_prob_share"] = (lp < math.log(low_prob)).astype("float64").where(lp_ok)
+    d["mismatch/abs_logprob_diff"] = (lp - slp).abs().where(lp_ok & np.isfinite(slp))
+    for name, tid in ctrl:
+        p = np.exp(df[f"lp_ctrl_{name}"].astype("float64"))
+        d[f"ctrl/{name}/p"] = p.where(np.isfinite(p))
+        if tid is not None:
+            d[f"ctrl/{name}/sampled"] = (df["token_id"] == tid).astype("float64")
+    return d, lp_ok
+
+
+def pandas_signals(files: list[Path], ctrl: list[tuple[str, int | None]], low_prob: float = LOW_PROB):
+    """Straightforward pandas: per step file, read the needed columns, keep generated tokens,
+    derive the per-row quantities, group by step (sums and counts); combine at the end."""
+    import pandas as pd
+
     cols = BASE_COLS + [f"lp_ctrl_{n}" for n, _ in ctrl]
-    thr = math.log(low_prob)
     sums, counts = [], []
     for f in files:
-        df = pd.read_parquet(f, columns=cols)
-        df = df[df["is_generated"].fillna(False).astype(bool)]
-        lp = df["logprob"].astype("float64")
-        slp = df["sampler_logprob"].astype("float64")
-        ent = df["entropy"].astype("float64")
-        lp_ok = np.isfinite(lp)
-        d = pd.DataFrame({"step": df["step"].to_numpy()}, index=df.index)
+        d, lp_ok = _pandas_rows(pd.read_parquet(f, columns=cols), ctrl, low_prob)
         d["n_tokens"] = 1.0
-        d["entropy"] = ent.where(np.isfinite(ent))
-        d["low_prob_share"] = (lp < thr).astype("float64").where(lp_ok)
         # pandas reads nulls as NaN: nulls count as non-finite here (the runs here have no null logprob)
         d["nonfinite_logprob"] = (~lp_ok).astype("float64")
-        d["mismatch/abs_logprob_diff"] = (lp - slp).abs().where(lp_ok & np.isfinite(slp))
-        for name, tid in ctrl:
-            p = np.exp(df[f"lp_ctrl_{name}"].astype("float64"))
-            d[f"ctrl/{name}/p"] = p.where(np.isfinite(p))
-            if tid is not None:
-                d[f"ctrl/{name}/sampled"] = (df["token_id"] == tid).astype("float64")
         g = d.groupby("step")
         sums.append(g.sum())
         counts.append(g.count())
@@ -253,29 +261,15 @@ def _sql_files(files: str | list[str]) -> str:
 def pandas_concat_signals(files: list[Path], ctrl: list[tuple[str, int | None]], low_prob: float = LOW_PROB):
     """The other straightforward pandas: read every file, ``pd.concat``, one ``groupby('step')``
     of means (memory grows with the table: run on a subset, see ``--pandas-concat-steps``)."""
-    import numpy as np
     import pandas as pd
 
     cols = BASE_COLS + [f"lp_ctrl_{n}" for n, _ in ctrl]
     df = pd.concat([pd.read_parquet(f, columns=cols) for f in files], ignore_index=True)
-    df = df[df["is_generated"].fillna(False).astype(bool)]
-    lp = df["logprob"].astype("float64")
-    slp = df["sampler_logprob"].astype("float64")
-    ent = df["entropy"].astype("float64")
-    lp_ok = np.isfinite(lp)
-    d = pd.DataFrame({"step": df["step"]})
-    d["entropy"] = ent.where(np.isfinite(ent))
-    d["low_prob_share"] = (lp < math.log(low_prob)).astype("float64").where(lp_ok)
-    d["mismatch/abs_logprob_diff"] = (lp - slp).abs().where(lp_ok & np.isfinite(slp))
-    for name, tid in ctrl:
-        p = np.exp(df[f"lp_ctrl_{name}"].astype("float64"))
-        d[f"ctrl/{name}/p"] = p.where(np.isfinite(p))
-        if tid is not None:
-            d[f"ctrl/{name}/sampled"] = (df["token_id"] == tid).astype("float64")
+    d, lp_ok = _pandas_rows(df, ctrl, low_prob)
     g = d.groupby("step")
     out = g.mean()
     out["n_tokens"] = g.size().astype("float64")
-    out["nonfinite_logprob"] = (~lp_ok).groupby(df["step"]).sum().astype("float64")
+    out["nonfinite_logprob"] = (~lp_ok).groupby(d["step"]).sum().astype("float64")
     return out.reset_index()
 
 
