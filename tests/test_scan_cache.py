@@ -354,3 +354,18 @@ def test_run_names_become_safe_folder_names(tmp_path):
         assert d.parent.parent == tmp_path / "r" / ".diagnose" / "runs" and d.name == "scan"
         assert not d.parent.name.startswith(".") and len(d.parent.name) <= 120
     assert len({d[1] for d in dirs} | {single[1]}) == len(names) + 1  # home caches too
+
+
+def test_code_hash_covers_sub_packages(tmp_path, monkeypatch):
+    """A change in any module of a hashed package, in a sub-package too, changes the code key."""
+    sub = tmp_path / "hashed_pkg" / "fmt"
+    sub.mkdir(parents=True)
+    (tmp_path / "hashed_pkg" / "__init__.py").write_text("")
+    (sub / "__init__.py").write_text("")
+    (sub / "reader.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cache, "_CODE_HASHES", {})
+    before = cache._code_hash(("hashed_pkg",))
+    (sub / "reader.py").write_text("X = 2\n")
+    monkeypatch.setattr(cache, "_CODE_HASHES", {})
+    assert cache._code_hash(("hashed_pkg",)) != before

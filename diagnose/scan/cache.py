@@ -191,7 +191,8 @@ _CODE_HASHES: dict[tuple[str, ...], str] = {}
 
 
 def _code_hash(modules: tuple[str, ...]) -> str:
-    """sha256 (first 16 hex) of the source files of ``modules`` (packages: all their .py)."""
+    """sha256 (first 16 hex) of the source files of ``modules`` (packages: all their .py, sub-packages
+    included)."""
     if modules in _CODE_HASHES:
         return _CODE_HASHES[modules]
     h = hashlib.sha256()
@@ -204,10 +205,10 @@ def _code_hash(modules: tuple[str, ...]) -> str:
             h.update(f"{name}:missing".encode())
             continue
         origin = Path(spec.origin)
-        files = sorted(origin.parent.glob("*.py")) if spec.submodule_search_locations else [origin]
+        files = sorted(origin.parent.rglob("*.py")) if spec.submodule_search_locations else [origin]
         for f in files:
             try:
-                h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+                h.update(f.relative_to(origin.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
             except OSError:
                 h.update(f"{f.name}:unreadable".encode())
     _CODE_HASHES[modules] = h.hexdigest()[:16]
