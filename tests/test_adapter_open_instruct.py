@@ -214,7 +214,7 @@ def test_request_info_feeds_tool_use_signals(collapse, tok_dir):
     assert m.filter(pl.col("step") < COLLAPSE_AT)["tools/call_frequency"].min() > \
         m.filter(pl.col("step") > COLLAPSE_AT + 1)["tools/call_frequency"].max()
     assert (m["tools/failure_frequency"].drop_nulls() == 0).all()
-    from diagnose.scan.signals import signal_direction
+    from diagnose.scan.names import signal_direction
 
     assert signal_direction("tools/call_frequency") == "down" and signal_direction("tools/failure_frequency") == "up"
 

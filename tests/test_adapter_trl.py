@@ -17,7 +17,7 @@ from diagnose.adapters import AmbiguousRun, detect_format, load_run
 from diagnose.adapters import trl as trl_adapter
 from diagnose.cli import app
 from diagnose.scan import scan_source
-from diagnose.scan.signals import signal_direction
+from diagnose.scan.names import signal_direction
 from diagnose.source import RunSource
 from diagnose.turns import classify_turn
 

@@ -19,7 +19,8 @@ from diagnose.adapters import AmbiguousRun, detect_format, load_run
 from diagnose.adapters import verl as verl_adapter
 from diagnose.cli import app
 from diagnose.scan import scan_source
-from diagnose.scan.signals import signal_direction, step_signals
+from diagnose.scan.names import signal_direction
+from diagnose.scan.signals import step_signals
 from diagnose.synth.foreign import _trajectories, write_verl_run as write_synthetic_verl
 from diagnose.synth.verl import ToolLoopConfig, verl_dump_text
 
