@@ -452,8 +452,8 @@ def test_the_wrong_tokenizer_is_reported(collapse, tmp_path):
 def test_qwen3_postfix_opens_thinking(tmp_path):
     """``VLLM_PARSERS["vllm_qwen3_xml"]`` ends each tool output with ``<|im_start|>assistant\\n<think>\\n``
     (0.0 like the rest): with Qwen3's tokenizer, where ``<think>`` is a token, all of it is tool output."""
-    from diagnose.adapters._tokenizer import load_tokenizer
-    from diagnose.adapters._tool_spans import ChatIds, segment_chatml
+    from diagnose.adapters.open_instruct.tokenizer import load_tokenizer
+    from diagnose.adapters.open_instruct.tool_spans import ChatIds, segment_chatml
     from diagnose.model.qwen_tokenizer import qwen3_tokenizer
 
     tok = load_tokenizer(qwen3_tokenizer())

@@ -229,13 +229,13 @@ def test_trl_text_completion_with_parallel_tool_results_splits_into_its_turns():
     ``_get_tool_suffix_ids(tool_messages)`` (run here, unbound, on the real Qwen2.5 tokenizer and
     template) after the model's ``<|im_end|>``, and ``_generate_and_score_completions`` logs
     ``batch_decode(completion_ids, skip_special_tokens=True)``; the TRL adapter's
-    ``_trl_completions.cell_turns`` gets back the two assistant turns."""
+    ``diagnose.adapters.trl.completions.cell_turns`` gets back the two assistant turns."""
     import types
 
     from trl.trainer.grpo_trainer import GRPOTrainer
 
-    from diagnose.adapters._trl_completions import cell_turns
-    from diagnose.adapters._turns import TurnClassifier
+    from diagnose.adapters.trl.completions import cell_turns
+    from diagnose.adapters._common.turns import TurnClassifier
     from diagnose.model.qwen_tokenizer import qwen25_tokenizer
 
     tok = qwen25_tokenizer()

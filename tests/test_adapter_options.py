@@ -134,7 +134,7 @@ def test_a_step_mismatch_is_one_kind_of_issue(run_dir, tmp_path):
     cache must recognise), and the cache then recomputes every step."""
     import shutil
 
-    from diagnose.adapters._issues import IssueLog
+    from diagnose.adapters._common.issues import IssueLog
     from diagnose.source import STEP_MISMATCH
 
     log = IssueLog()

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-import diagnose.adapters._turns as adapter_turns
+import diagnose.adapters._common.turns as adapter_turns
 from diagnose.adapters import (
     FORMATS,
     TurnClassifier,

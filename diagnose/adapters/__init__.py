@@ -22,10 +22,10 @@ file (and line) and the rest is read. `UnknownRunLayout` is raised only when no 
 (or the path does not exist); `AmbiguousRun` (a subclass) when a folder holds several runs and
 none was chosen.
 
-What the adapters share lives in private modules: ``_issues`` (IssueLog, NonFinite),
-``_values`` (number/step coercion), ``_io`` (file listing, first JSONL object, parquet checks),
-``_turns`` (split_assistant_turns, TurnClassifier), ``_rollouts`` (rollouts frames),
-``_metrics`` (metrics frames, derived metrics) and ``_source`` (make_source, fingerprint).
+Each format is a package, ``diagnose/adapters/<format>/`` (its ``__init__`` is the adapter
+module, its other modules the format's own helpers); what the formats share (issues, values,
+file reading, rollouts and metrics frames, turn classification, the source and its sidecar)
+is in ``diagnose/adapters/_common/``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
-from diagnose.adapters._turns import TurnClassifier, split_assistant_turns
-from diagnose.adapters._sidecar import attach_sidecar
+from diagnose.adapters._common.turns import TurnClassifier, split_assistant_turns
+from diagnose.adapters._common.sidecar import attach_sidecar
 from diagnose.source import RunSource
 
 __all__ = [
@@ -217,7 +217,7 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
         kwargs["file_checks"] = file_checks
     src = mod.load(p, **kwargs)
     if fmt != "native" and p.is_dir():  # the native reader names its own
-        from diagnose.adapters._io import unreachable
+        from diagnose.adapters._common.io import unreachable
         from diagnose.source import SourceIssue
 
         named = {i.path for i in src.issues}

@@ -188,7 +188,8 @@ _CODE_HASHES: dict[tuple[str, ...], str] = {}
 
 
 def _code_hash(modules: tuple[str, ...]) -> str:
-    """sha256 (first 16 hex) of the source files of ``modules`` (packages: all their .py)."""
+    """sha256 (first 16 hex) of the source files of ``modules`` (packages: all their .py, sub-packages
+    included: an adapter is a package of its own under ``diagnose.adapters``)."""
     if modules in _CODE_HASHES:
         return _CODE_HASHES[modules]
     h = hashlib.sha256()
@@ -201,12 +202,13 @@ def _code_hash(modules: tuple[str, ...]) -> str:
             h.update(f"{name}:missing".encode())
             continue
         origin = Path(spec.origin)
-        files = sorted(origin.parent.glob("*.py")) if spec.submodule_search_locations else [origin]
+        files = sorted(origin.parent.rglob("*.py")) if spec.submodule_search_locations else [origin]
         for f in files:
+            rel = f.relative_to(origin.parent).as_posix()
             try:
-                h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+                h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
             except OSError:
-                h.update(f"{f.name}:unreadable".encode())
+                h.update(f"{rel}:unreadable".encode())
     _CODE_HASHES[modules] = h.hexdigest()[:16]
     return _CODE_HASHES[modules]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from diagnose.adapters._metrics import derived_metrics, merge_metrics
+from diagnose.adapters._common.metrics import derived_metrics, merge_metrics
 
 __all__ = ["filtered_groups_note", "trace_metrics"]
 

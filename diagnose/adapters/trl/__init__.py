@@ -13,7 +13,7 @@ Followed: ``trl/trainer/grpo_trainer.py`` of TRL 1.16.0 (and 1.10.0.dev where it
   again (its ``log_history`` entry has no ``reward``: dropped here); an evaluation logs under the
   same name after the training log of its step, overwriting it with eval completions (its step
   has ``eval_*`` metrics: dropped here). Both are said in the notes. Cells are decoded text
-  (1.10, non-conversational data) or message lists (1.16 conversational), see `_trl_completions`.
+  (1.10, non-conversational data) or message lists (1.16 conversational), see `diagnose.adapters.trl.completions`.
 * ``reward``: the sum of the **reward-function columns** only, named by the metrics'
   ``rewards/<name>/mean``; ``log_extra`` columns are kept and never summed. Without a
   trainer_state.json every float column is summed (a note says so).
@@ -32,15 +32,15 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._io import subdirs, visible_files
-from diagnose.adapters._issues import IssueLog
-from diagnose.adapters._metrics import (derived_metrics, map_names, merge_metrics, metrics_frame,
+from diagnose.adapters._common.io import subdirs, visible_files
+from diagnose.adapters._common.issues import IssueLog
+from diagnose.adapters._common.metrics import (derived_metrics, map_names, merge_metrics, metrics_frame,
                                        non_numeric_metric_issues, nonfinite_metric_issues)
-from diagnose.adapters._rollouts import concat_frames, empty_rollouts
-from diagnose.adapters._source import make_source
-from diagnose.adapters._trl_completions import FileRows, read_file, reward_sum
-from diagnose.adapters._turns import TurnClassifier
-from diagnose.adapters._values import as_step
+from diagnose.adapters._common.rollouts import concat_frames, empty_rollouts
+from diagnose.adapters._common.source import make_source
+from diagnose.adapters.trl.completions import FileRows, read_file, reward_sum
+from diagnose.adapters._common.turns import TurnClassifier
+from diagnose.adapters._common.values import as_step
 from diagnose.source import RunSource
 
 FORMAT = "trl"

@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-from diagnose.adapters._turns import TurnClassifier, split_assistant_turns, tool_names_of
+from diagnose.adapters._common.turns import TurnClassifier, split_assistant_turns, tool_names_of
 from diagnose.chat import IM_END, IM_START
 from diagnose.control_families import THINK_CLOSE, THINK_OPEN  # noqa: F401 (re-exported)
 from diagnose.turns import answer_part  # noqa: F401 (re-exported for verl.py)

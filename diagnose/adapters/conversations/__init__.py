@@ -23,19 +23,19 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._io import first_object, visible_files
-from diagnose.adapters._issues import IssueLog, NonFinite
-from diagnose.adapters._metrics import derived_metrics
-from diagnose.adapters._rollouts import (
+from diagnose.adapters._common.io import first_object, visible_files
+from diagnose.adapters._common.issues import IssueLog, NonFinite
+from diagnose.adapters._common.metrics import derived_metrics
+from diagnose.adapters._common.rollouts import (
     ListColumn,
     empty_rollouts,
     groups_by_key,
     json_scalar_column,
     rollouts_frame,
 )
-from diagnose.adapters._source import make_source
-from diagnose.adapters._turns import TurnClassifier, tool_names_of
-from diagnose.adapters._values import as_float, as_step
+from diagnose.adapters._common.source import make_source
+from diagnose.adapters._common.turns import TurnClassifier, tool_names_of
+from diagnose.adapters._common.values import as_float, as_step
 from diagnose.chat import IM_END, IM_START, render_chat
 from diagnose.conversations import Conversation, iter_conversations
 from diagnose.jsonl import LineError

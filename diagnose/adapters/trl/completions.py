@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diagnose.adapters._io import check_parquet, read_parquet
-from diagnose.adapters._issues import IssueLog
-from diagnose.adapters._rollouts import ListColumn, groups_consecutive, rollouts_frame
-from diagnose.adapters._turns import TurnClassifier
-from diagnose.adapters._values import as_step
+from diagnose.adapters._common.io import check_parquet, read_parquet
+from diagnose.adapters._common.issues import IssueLog
+from diagnose.adapters._common.rollouts import ListColumn, groups_consecutive, rollouts_frame
+from diagnose.adapters._common.turns import TurnClassifier
+from diagnose.adapters._common.values import as_step
 from diagnose.chat import IM_END, IM_START
 
 #: the tool suffix of a Qwen2.5 chat template after ``skip_special_tokens`` decoding

@@ -5,7 +5,7 @@
   sample with ``input``, ``output``, ``gts``, ``score``, ``step`` and the reward function's
   extra keys (e.g. ``acc``, ``pred``). ``input``/``output`` are the prompt and response ids
   decoded with ``skip_special_tokens=True`` (``_log_rollout_data``).
-* Turns (`diagnose.adapters._verl_turns`): the tool agent loop
+* Turns (`diagnose.adapters.verl.turns`): the tool agent loop
   (``verl/experimental/agent_loop/tool_agent_loop.py``) appends the
   tool messages' ids from ``apply_chat_template(..., remove_system_prompt=True)``; with Qwen's
   template they start at ``<|im_start|>user`` and end with the ``<|im_start|>assistant\\n``
@@ -16,7 +16,7 @@
   after Qwen3's ``</think>`` (`answer_part`), with the tools the prompt offers.
 * Metrics: the file logger (``verl/utils/tracking.py`` ``FileLogger``), ``{"step": N, "data":
   {...}}`` orjson lines (NaN and ±inf become ``null``), found where verl puts it
-  (`diagnose.adapters._verl_layout`) or given with ``metrics=``.
+  (`diagnose.adapters.verl.layout`) or given with ``metrics=``.
 * Validation dumps (``trainer.validation_data_dir``, step 0 and every ``test_freq``, a
   ``reward`` key) are kept apart: never read as training rollouts.
 """
@@ -28,16 +28,16 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._io import first_object, subdirs
-from diagnose.adapters._issues import IssueLog, NonFinite
-from diagnose.adapters._metrics import (derived_metrics, map_names, metrics_frame, non_numeric_metric_issues,
+from diagnose.adapters._common.io import first_object, subdirs
+from diagnose.adapters._common.issues import IssueLog, NonFinite
+from diagnose.adapters._common.metrics import (derived_metrics, map_names, metrics_frame, non_numeric_metric_issues,
                                        nonfinite_metric_issues)
-from diagnose.adapters._rollouts import empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame, turn_columns
-from diagnose.adapters._source import make_source
-from diagnose.adapters._values import as_float, as_step
-from diagnose.adapters._verl_turns import (  # noqa: F401 (answer_part, split_turns re-exported)
+from diagnose.adapters._common.rollouts import empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame, turn_columns
+from diagnose.adapters._common.source import make_source
+from diagnose.adapters._common.values import as_float, as_step
+from diagnose.adapters.verl.turns import (  # noqa: F401 (answer_part, split_turns re-exported)
     VerlTurnClassifier, WithPromptTools, answer_part, prompt_tool_names, split_turns)
-from diagnose.adapters._verl_layout import (
+from diagnose.adapters.verl.layout import (
     STEP_FILE_RE,
     VerlRun,
     find_layout,

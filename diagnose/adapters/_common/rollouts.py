@@ -10,8 +10,8 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._turns import TurnClassifier
-from diagnose.adapters._values import as_float
+from diagnose.adapters._common.turns import TurnClassifier
+from diagnose.adapters._common.values import as_float
 
 
 STR_LIST = pl.List(pl.String)

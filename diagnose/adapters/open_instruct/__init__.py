@@ -14,7 +14,7 @@ sample: ``step``, ``sample_idx``, ``prompt_idx``, ``prompt_tokens``, ``response_
 ``reward``, ``advantage``, ``finish_reason``, ``dataset``, ``ground_truth``, ``request_info``,
 ``logprobs``. No text: turn states need the tokenizer (``tokenizer=`` option). Several runs in
 one folder are never merged: `runs` lists them, ``run=`` picks one; a run resumed under a new
-run name is one run (``_oi_layout``). Trainer metrics go to wandb
+run name is one run (`diagnose.adapters.open_instruct.layout`). Trainer metrics go to wandb
 only (``grpo_fast.py``), so metrics are derived from the traces.
 """
 
@@ -26,16 +26,16 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diagnose.adapters._io import first_object
-from diagnose.adapters._issues import IssueLog, NonFinite
-from diagnose.adapters._oi_layout import SHARD_RE, RunFiles, layout, resolve
-from diagnose.adapters._oi_metrics import filtered_groups_note, trace_metrics
-from diagnose.adapters._oi_records import Record, TraceCounts, parse_record
-from diagnose.adapters._rollouts import ListColumn, empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame
-from diagnose.adapters._source import make_source
-from diagnose.adapters._tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer, tokenizer_hint
-from diagnose.adapters._tool_spans import ChatIds, segment_by_logprobs, segment_chatml, segment_legacy
-from diagnose.adapters._turns import TurnClassifier
+from diagnose.adapters._common.io import first_object
+from diagnose.adapters._common.issues import IssueLog, NonFinite
+from diagnose.adapters.open_instruct.layout import SHARD_RE, RunFiles, layout, resolve
+from diagnose.adapters.open_instruct.metrics import filtered_groups_note, trace_metrics
+from diagnose.adapters.open_instruct.records import Record, TraceCounts, parse_record
+from diagnose.adapters._common.rollouts import ListColumn, empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame
+from diagnose.adapters._common.source import make_source
+from diagnose.adapters.open_instruct.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer, tokenizer_hint
+from diagnose.adapters.open_instruct.tool_spans import ChatIds, segment_by_logprobs, segment_chatml, segment_legacy
+from diagnose.adapters._common.turns import TurnClassifier
 from diagnose.control_tokens import ControlTokenRegistry
 from diagnose.jsonl import LineError, iter_jsonl
 from diagnose.rundir.schema import CTRL_PREFIX, TOKENS_SCHEMA

@@ -10,7 +10,7 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._issues import IssueLog
+from diagnose.adapters._common.issues import IssueLog
 from diagnose.source import RunSource
 
 

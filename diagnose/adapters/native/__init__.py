@@ -12,9 +12,9 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._io import subdirs, visible_files
-from diagnose.adapters._issues import IssueLog
-from diagnose.adapters._source import make_source
+from diagnose.adapters._common.io import subdirs, visible_files
+from diagnose.adapters._common.issues import IssueLog
+from diagnose.adapters._common.source import make_source
 from diagnose.rundir.reader import RunReader
 from diagnose.rundir.schema import KINDS, METRICS_JSONL, RUN_JSON, RunFormatError, rollouts_schema
 from diagnose.source import RunSource
