@@ -279,19 +279,15 @@ def test_two_runs_in_one_folder_are_never_merged(tmp_path, tok, tok_dir):
     out = CliRunner().invoke(app, ["scan", str(path), "--tokenizer", str(tok_dir), "--run", STABLE_RUN, "--json",
                                    "--no-cache"])
     assert json.loads(out.stdout)["episodes"] == []
-    # the adapter itself never merges either
-    src = oi_adapter.load(path, tokenizer=tok_dir)
-    assert src.rollouts.collect().height == 0
-    text = _issues(src)
-    assert COLLAPSE_RUN in text and STABLE_RUN in text and "--run NAME" in text
+    # the adapter reads the run load_run chose, that run's files only; it never chooses itself
     for name, run in runs.items():
         one = oi_adapter.load(path, tokenizer=tok_dir, run=name)
         assert one.rollouts.collect().height == STEPS * 16
         assert all(f.startswith(name) for f in one.fingerprint()["files"] if not f.startswith("/"))
         res = scan_source(one)
         assert (len(res.episodes) == 1) == (run.truth.collapse_at is not None)
-    unknown = oi_adapter.load(path, run="nope")
-    assert "no run named 'nope'" in _issues(unknown) and COLLAPSE_RUN in _issues(unknown)
+    with pytest.raises(ValueError, match="load_run"):
+        oi_adapter.load(path, tokenizer=tok_dir)
 
 
 # ---- bad input ------------------------------------------------------------------------------

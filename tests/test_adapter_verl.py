@@ -229,6 +229,26 @@ def test_two_experiments_in_one_folder_are_not_merged(tok, tmp_path):
         assert ro.get_column("step").max() == run.steps[-1] and ro.height == len(run.steps) * run.samples_per_step
         assert src.metrics.collect().get_column("step").max() == run.steps[-1]
         assert any(f"val/{run.experiment}" in n for n in src.notes)
+        # the experiment name alone names the run too, resolved in load_run (verl's run_alias)
+        assert load_run(cwd, run=run.experiment).rollouts.collect().equals(ro)
+    with pytest.raises(AmbiguousRun, match="no verl run named 'nope'") as e:
+        load_run(cwd, run="nope")
+    assert e.value.runs == [a.name, b.name]
+    with pytest.raises(ValueError, match="load_run"):  # the adapter never chooses (no "newest" guess)
+        verl_adapter.load(cwd)
+
+
+def test_an_experiment_name_of_two_projects_names_no_run(tok, tmp_path):
+    cwd = tmp_path / "launch"
+    a = write_verl_run(cwd, 3, None, seed=4, tokenizer=tok, project="p1", experiment="same", rollout_dir="r1",
+                       validation_dir=None, prompts_per_step=2, n=2)
+    b = write_verl_run(cwd, 3, None, seed=5, tokenizer=tok, project="p2", experiment="same", rollout_dir="r2",
+                       validation_dir=None, prompts_per_step=2, n=2)
+    assert verl_adapter.runs(cwd) == ["p1/same", "p2/same"] and verl_adapter.run_alias(cwd, "same") == "same"
+    with pytest.raises(AmbiguousRun, match="p1/same, p2/same"):
+        load_run(cwd, run="same")
+    assert load_run(cwd, run="p2/same").rollouts.collect().height == len(b.steps) * b.samples_per_step
+    assert a.name == "p1/same"
 
 
 def test_bad_input_is_named_and_the_rest_read(collapse, tmp_path):

@@ -49,6 +49,7 @@ __all__ = [
     "AmbiguousRun",
     "UnknownRunLayout",
     "adapter",
+    "choose_run",
     "detect_format",
     "load_run",
     "require_path",
@@ -177,6 +178,30 @@ def require_path(p: Path, format: str | None = None) -> None:  # noqa: A002
         raise UnknownRunLayout(p, "no such file or directory", [format] if format else FORMATS)
 
 
+def choose_run(path: Path, fmt: str, asked: str | None) -> str | None:
+    """The run of the ``fmt`` folder ``path`` to read (the one place a run is chosen): ``asked``
+    (``run=``, ``--run NAME``), resolved through the adapter's ``run_alias`` (verl: the
+    experiment name alone; open-instruct: the run name of a resumed start) to one of its
+    ``runs(path)``; without it the only run. None when ``path`` is one run itself (``runs`` is
+    empty). Raises `AmbiguousRun` when the folder holds several runs and none was asked for, or
+    the name is none of them: runs are never merged, and never picked by a guess (newest,
+    first)."""
+    mod = adapter(fmt)
+    runs = getattr(mod, "runs", None)
+    names = list(runs(path)) if runs is not None else []
+    if not names:
+        return None
+    if asked is None:
+        if len(names) > 1:
+            raise AmbiguousRun(path, fmt, names)
+        return names[0]
+    alias = getattr(mod, "run_alias", None)
+    name = alias(path, str(asked)) if alias is not None else str(asked)
+    if name not in names:
+        raise AmbiguousRun(path, fmt, names, str(asked))
+    return name
+
+
 def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa: A002
              file_checks: Any = None, **options: Any) -> RunSource:
     """Load the run at ``path`` as a `RunSource`, auto-detecting its format unless ``format``
@@ -184,7 +209,8 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     when the folder holds several runs of the format and ``run`` does not name one of them.
 
     ``options`` (`LOAD_OPTIONS`; None = not given): ``metrics`` (a trainer metrics file, verl),
-    ``run`` (which run of several in one folder), ``tokenizer`` (decode token-id traces,
+    ``run`` (which run of several in one folder, chosen here by `choose_run`: the adapter's
+    ``load`` gets the name of the run it reads), ``tokenizer`` (decode token-id traces,
     open-instruct). Each goes to the adapter's ``load`` if it takes it; one it does not take is
     named in the source's notes as unused.
 
@@ -202,15 +228,19 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     if format is not None and not mod.detect(p) and not mod.has_candidates(p):
         raise UnknownRunLayout(p, f"nothing in the {fmt} layout found", [fmt])
     given = {k: v for k, v in options.items() if v is not None}
-    runs = getattr(mod, "runs", None)
-    if runs is not None:
-        names = list(runs(p))
-        asked = given.get("run")
-        alias = getattr(mod, "run_alias", None)  # another name of a run (open-instruct: a resumed start)
-        if asked is not None and alias is not None:
-            asked = given["run"] = alias(p, str(asked))
-        if (asked is None and len(names) > 1) or (asked is not None and names and asked not in names):
-            raise AmbiguousRun(p, fmt, names, asked)
+    notes: list[str] = []
+    if "run" in given:
+        chosen = choose_run(p, fmt, given["run"])
+        if chosen is None:
+            notes.append(f"option run={given['run']!s} is not used: {p} is one {fmt} run, not a folder of runs; "
+                         "ignored")
+            del given["run"]
+        else:
+            given["run"] = chosen
+    else:
+        chosen = choose_run(p, fmt, None)
+        if chosen is not None:
+            given["run"] = chosen
     takes = _keywords(mod.load)
     kwargs = {k: v for k, v in given.items() if takes is None or k in takes}
     if file_checks and (takes is None or "file_checks" in takes):
@@ -222,6 +252,7 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
 
         named = {i.path for i in src.issues}
         src.issues += [SourceIssue(str(f), None, why) for f, why in unreachable(p) if str(f) not in named]
+    src.notes += notes
     for k in sorted(set(given) - set(kwargs)):
         src.notes.append(f"option {k}={given[k]!s} is not used by the {fmt} adapter; ignored")
     from diagnose.rescore.tables import attach_rescored  # torch-free; lazy: it imports the scan cache

@@ -7,6 +7,7 @@
 * ``metrics``: per-step metrics frames, name mapping, metrics derived from rollouts;
 * ``turns``: `TurnClassifier` (memoised turn classification), tool names of a schema list;
 * ``source``: `make_source` and the file fingerprint the scan cache keys on;
+* ``hooks``: the defaults of the optional adapter hooks, and `the_run` (the run `load_run` chose);
 * ``sidecar``: the live probe's run directory beside a foreign trainer's output.
 
 A format's own helpers live in its package (``diagnose/adapters/<format>/``).

@@ -32,6 +32,7 @@ from diagnose.adapters.open_instruct.layout import SHARD_RE, RunFiles, layout, r
 from diagnose.adapters.open_instruct.metrics import filtered_groups_note, trace_metrics
 from diagnose.adapters.open_instruct.records import Record, TraceCounts, parse_record
 from diagnose.adapters._common.rollouts import ListColumn, empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame
+from diagnose.adapters._common.hooks import the_run
 from diagnose.adapters._common.source import make_source
 from diagnose.adapters.open_instruct.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer, tokenizer_hint
 from diagnose.adapters.open_instruct.tool_spans import ChatIds, segment_by_logprobs, segment_chatml, segment_legacy
@@ -119,25 +120,15 @@ def _resolve_tokenizer(option: Any, model: str | None, issues: IssueLog, where: 
 
 
 def load(p: Path, **options: Any) -> RunSource:
-    """Options: ``tokenizer`` (path or tokenizer object), ``run`` (the run name when the folder
-    holds several); others are ignored."""
+    """Options: ``tokenizer`` (path or tokenizer object), ``run`` (the run to read, one of
+    `runs`: `load_run` chooses it; None when the folder holds one); others are ignored."""
     issues = IssueLog()
     notes = [f"option {k}={v!s} is not used by the open_instruct adapter; ignored"
              for k, v in sorted(options.items()) if k not in ("tokenizer", "run", "file_checks") and v is not None]
-    found = layout(p)
-    run = options.get("run")
-    chosen = resolve(found, str(run)) if run is not None else None
-    if run is not None and chosen is None:
-        issues.add(p, None, f"no run named {run!r} here; runs: {', '.join(found) or 'none'}")
-        return _empty(p, issues, notes, [])
-    if run is None and len(found) > 1:
-        issues.add(p, None, f"{len(found)} open-instruct runs share this folder (runs are never merged): "
-                            f"{', '.join(found)}; pick one with --run NAME (load_run(..., run=NAME))")
-        return _empty(p, issues, notes, [])
-    if not found:
+    chosen = the_run(layout(p), options.get("run"))
+    if chosen is None:
         notes.append("no <run_name>_rollouts_<shard>.jsonl files")
         return _empty(p, issues, notes, [])
-    chosen = chosen or next(iter(found.values()))
     name, shards, meta = chosen.name, chosen.shards, chosen.meta
     model = _model_name(meta, issues)
     notes.append(f"open-instruct run {name}" + (f" (model {model})" if model else ""))

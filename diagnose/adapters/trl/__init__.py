@@ -285,11 +285,11 @@ def _reward_gap(metrics: pl.DataFrame | None, rollouts: pl.DataFrame) -> tuple[f
 
 
 def load(p: Path, *, run: str | None = None, **_ignored: Any) -> RunSource:
-    """The TRL run at ``p`` (``run``: which output directory of several under ``p``). Options
-    this format does not use (``metrics``, ``tokenizer``) are accepted and ignored."""
-    names = runs(p)
-    if names and (run is not None or len(names) == 1):
-        p = p / (run if run is not None else names[0])
+    """The TRL run at ``p`` (``run``: the output directory under ``p`` to read, one of `runs`,
+    as `load_run` chose it; None when ``p`` is the output directory). Options this format does
+    not use (``metrics``, ``tokenizer``) are accepted and ignored."""
+    if run is not None:
+        p = p / run
     issues = IssueLog()
     notes = [SPECIAL_NOTE] + [f"option {k}={v!s} is not used by the trl adapter; ignored"
                               for k, v in sorted(_ignored.items()) if v is not None]

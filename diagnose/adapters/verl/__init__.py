@@ -33,6 +33,7 @@ from diagnose.adapters._common.issues import IssueLog, NonFinite
 from diagnose.adapters._common.metrics import (derived_metrics, map_names, metrics_frame, non_numeric_metric_issues,
                                        nonfinite_metric_issues)
 from diagnose.adapters._common.rollouts import empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame, turn_columns
+from diagnose.adapters._common.hooks import the_run
 from diagnose.adapters._common.source import make_source
 from diagnose.adapters._common.values import as_float, as_step
 from diagnose.adapters.verl.turns import (  # noqa: F401 (answer_part, split_turns re-exported)
@@ -99,6 +100,16 @@ def runs(p: Path) -> list[str]:
     if p.is_file():
         return []
     return [r.name for r in find_layout(p).runs]
+
+
+def run_alias(p: Path, name: str) -> str:
+    """The run ``name`` names: itself, or the one run here whose experiment is ``name``
+    (``trainer.experiment_name`` without its project)."""
+    found = [] if p.is_file() else find_layout(p).runs
+    if any(r.name == name for r in found):
+        return name
+    hits = [r.name for r in found if r.experiment == name]
+    return hits[0] if len(hits) == 1 else name
 
 
 # ---- rollouts -----------------------------------------------------------------------
@@ -289,24 +300,6 @@ def _training_steps(metrics: pl.DataFrame) -> list[int]:
 # ---- load ---------------------------------------------------------------------------
 
 
-def _pick(runs_: list[VerlRun], want: str | None, issues: IssueLog, p: Path, notes: list[str]) -> VerlRun | None:
-    if not runs_:
-        return None
-    names = ", ".join(r.name for r in runs_)
-    if want is not None:
-        hit = [r for r in runs_ if want in (r.name, r.experiment)]
-        if not hit:
-            issues.add(p, None, f"no verl run {want!r} here; runs: {names}")
-            return None
-        return hit[0]
-    if len(runs_) == 1:
-        return runs_[0]
-    run = max(runs_, key=lambda r: r.newest())
-    notes.append(f"{len(runs_)} verl runs here ({names}): read {run.name!r}, the newest; "
-                 "pass --run NAME for another (runs are never merged)")
-    return run
-
-
 def _without_validation(files: list[tuple[int, Path]], notes: list[str]) -> list[tuple[int, Path]]:
     """Training dumps without the validation files among them: with ``validation_data_dir`` =
     ``rollout_data_dir``, ``_validate`` (called after ``_log_rollout_data`` in ``fit``) writes the
@@ -404,8 +397,9 @@ def _resume_check(metrics: pl.DataFrame, dump_steps: list[int], mfile: Path, iss
 
 def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, **_options: Any) -> RunSource:
     """The verl run at ``p`` (a launch/run folder, a dump folder, a dump file or a metrics file).
-    ``metrics``: the file logger's JSONL when it is not where verl puts it. ``run``: which run
-    of a folder holding several. Other options are ignored."""
+    ``metrics``: the file logger's JSONL when it is not where verl puts it. ``run``: the run to
+    read, one of `runs` (`load_run` chooses it); None when ``p`` holds one. Other options are
+    ignored."""
     issues = IssueLog()
     notes: list[str] = []
     classifier = VerlTurnClassifier()
@@ -421,7 +415,7 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
     else:
         layout = find_layout(p)
         notes += layout.notes
-        chosen = _pick(layout.runs, run, issues, p, notes)
+        chosen = the_run({r.name: r for r in layout.runs}, run)
         if chosen is not None:
             if chosen.dumps is not None:
                 files = step_files(chosen.dumps)
