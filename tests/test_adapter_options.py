@@ -43,7 +43,9 @@ def multi(monkeypatch):
     mod.detect = lambda p: True
     mod.has_candidates = lambda p: True
     mod.runs = lambda p: ["a", "b"]
+    mod.run_alias = lambda p, name: name
     mod.step_of_file = lambda rel, single_file: "global"
+    mod.OPTIONS = ("run", "metrics")
 
     def load(p, run=None, metrics=None):
         calls.append({"run": run, "metrics": metrics})
@@ -58,8 +60,14 @@ def multi(monkeypatch):
 
 
 def test_every_format_module_is_an_adapter():
+    from diagnose.adapters._common import hooks
+
     for fmt in FORMATS:
-        assert isinstance(adapters.adapter(fmt), Adapter), fmt
+        mod = adapters.adapter(fmt)
+        assert isinstance(mod, Adapter), fmt
+        assert set(mod.OPTIONS) <= {*adapters.LOAD_OPTIONS, "file_checks"}, fmt
+        # a format that lists runs takes run=, and only such a format
+        assert ("run" in mod.OPTIONS) == (mod.runs is not hooks.runs), fmt
 
 
 @pytest.mark.parametrize(("fmt", "rel", "single", "want"), [

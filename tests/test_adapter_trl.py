@@ -292,7 +292,7 @@ def test_step_of_file_and_options(tmp_path):
     assert trl_adapter.step_of_file("completions/completions_00012.parquet", False) == 12
     assert trl_adapter.step_of_file("checkpoint-30/trainer_state.json", False) == "global"
     run = collapse_run(tmp_path / "c")
-    src = trl_adapter.load(run.path, metrics="/nowhere.jsonl", tokenizer="x", run=None, other=1)
+    src = load_run(run.path, metrics="/nowhere.jsonl", tokenizer="x")
     assert src.rollouts.collect().height > 0
     assert any("option tokenizer=x is not used" in n for n in src.notes)
     assert set(src.fingerprint()["files"]) >= {"completions/completions_00001.parquet", "checkpoint-30/trainer_state.json"}

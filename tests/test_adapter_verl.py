@@ -287,8 +287,9 @@ def test_bad_input_is_named_and_the_rest_read(collapse, tmp_path):
 
 
 def test_unknown_options_are_ignored(collapse):
-    src = verl_adapter.load(collapse.rollout_dir, tokenizer="whatever", something=1)
+    src = load_run(collapse.rollout_dir, tokenizer="whatever")
     assert src.rollouts.collect().height == STEPS * collapse.samples_per_step
+    assert any("option tokenizer=whatever is not used by the verl adapter" in n for n in src.notes)
 
 
 def test_step_of_file():

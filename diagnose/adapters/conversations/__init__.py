@@ -23,6 +23,7 @@ from typing import Any
 
 import polars as pl
 
+from diagnose.adapters._common.hooks import run_alias, runs  # noqa: F401 (hooks: one run per path)
 from diagnose.adapters._common.io import first_object, visible_files
 from diagnose.adapters._common.issues import IssueLog, NonFinite
 from diagnose.adapters._common.metrics import derived_metrics
@@ -42,6 +43,8 @@ from diagnose.jsonl import LineError
 from diagnose.source import RunSource
 
 FORMAT = "conversations"
+#: `load_run` options `load` takes: none
+OPTIONS: tuple[str, ...] = ()
 STEP_FILE_RE = re.compile(r"^(?:step[_-]?)?(\d+)\.jsonl$")
 TURN_JOIN = f"{IM_END}\n{IM_START}assistant\n"
 _RESERVED = ("step", "reward", "accuracy", "group_id", "group")

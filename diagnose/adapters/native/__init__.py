@@ -12,6 +12,7 @@ from typing import Any
 
 import polars as pl
 
+from diagnose.adapters._common.hooks import run_alias, runs  # noqa: F401 (hooks: one run per folder)
 from diagnose.adapters._common.io import subdirs, visible_files
 from diagnose.adapters._common.issues import IssueLog
 from diagnose.adapters._common.source import make_source
@@ -20,6 +21,8 @@ from diagnose.rundir.schema import KINDS, METRICS_JSONL, RUN_JSON, RunFormatErro
 from diagnose.source import RunSource
 
 FORMAT = "native"
+#: `load_run` options `load` takes (the reader's validated files, from the scan cache)
+OPTIONS = ("file_checks",)
 _STEP_FILE = re.compile(r"^(rollouts|tokens|probe)/step-(\d+)\.parquet$")
 
 
@@ -56,7 +59,7 @@ def _files(root: Path) -> list[Path]:
     return files
 
 
-def load(p: Path, file_checks: Any = None) -> RunSource:
+def load(p: Path, *, file_checks: Any = None) -> RunSource:
     """``file_checks``: `RunReader.file_checks` of an earlier load (see `load_run`)."""
     root = _root(p)
     issues = IssueLog()

@@ -43,6 +43,8 @@ from diagnose.rundir.schema import CTRL_PREFIX, TOKENS_SCHEMA
 from diagnose.source import RunSource
 
 FORMAT = "open_instruct"
+#: `load_run` options `load` takes
+OPTIONS = ("run", "tokenizer")
 
 
 # ---- layout ---------------------------------------------------------------------------------
@@ -119,13 +121,12 @@ def _resolve_tokenizer(option: Any, model: str | None, issues: IssueLog, where: 
 # ---- load -----------------------------------------------------------------------------------
 
 
-def load(p: Path, **options: Any) -> RunSource:
-    """Options: ``tokenizer`` (path or tokenizer object), ``run`` (the run to read, one of
-    `runs`: `load_run` chooses it; None when the folder holds one); others are ignored."""
+def load(p: Path, *, run: str | None = None, tokenizer: Any = None) -> RunSource:
+    """``run``: the run to read, one of `runs` (`load_run` chooses it; None when the folder
+    holds one); ``tokenizer``: a path or tokenizer object to decode the token ids with."""
     issues = IssueLog()
-    notes = [f"option {k}={v!s} is not used by the open_instruct adapter; ignored"
-             for k, v in sorted(options.items()) if k not in ("tokenizer", "run", "file_checks") and v is not None]
-    chosen = the_run(layout(p), options.get("run"))
+    notes: list[str] = []
+    chosen = the_run(layout(p), run)
     if chosen is None:
         notes.append("no <run_name>_rollouts_<shard>.jsonl files")
         return _empty(p, issues, notes, [])
@@ -133,7 +134,7 @@ def load(p: Path, **options: Any) -> RunSource:
     model = _model_name(meta, issues)
     notes.append(f"open-instruct run {name}" + (f" (model {model})" if model else ""))
     _resume_notes(chosen, notes)
-    tok = _resolve_tokenizer(options.get("tokenizer"), model, issues, meta[0] if meta else shards[0], notes)
+    tok = _resolve_tokenizer(tokenizer, model, issues, meta[0] if meta else shards[0], notes)
     records = _read(chosen, issues)
     built = _Builder(tok, issues, notes).build(records)
     files = [*shards, *meta, *(tok.files if tok else [])]

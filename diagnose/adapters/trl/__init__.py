@@ -32,6 +32,7 @@ from typing import Any
 
 import polars as pl
 
+from diagnose.adapters._common.hooks import run_alias  # noqa: F401 (hook: a run has no other name)
 from diagnose.adapters._common.io import subdirs, visible_files
 from diagnose.adapters._common.issues import IssueLog
 from diagnose.adapters._common.metrics import (derived_metrics, map_names, merge_metrics, metrics_frame,
@@ -44,6 +45,8 @@ from diagnose.adapters._common.values import as_step
 from diagnose.source import RunSource
 
 FORMAT = "trl"
+#: `load_run` options `load` takes
+OPTIONS = ("run",)
 FILE_RE = re.compile(r"^completions_(\d+)\.parquet$")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -284,15 +287,13 @@ def _reward_gap(metrics: pl.DataFrame | None, rollouts: pl.DataFrame) -> tuple[f
     return (float((j["_r"] - j["_m"]).abs().mean()), j.height) if j.height else None
 
 
-def load(p: Path, *, run: str | None = None, **_ignored: Any) -> RunSource:
+def load(p: Path, *, run: str | None = None) -> RunSource:
     """The TRL run at ``p`` (``run``: the output directory under ``p`` to read, one of `runs`,
-    as `load_run` chose it; None when ``p`` is the output directory). Options this format does
-    not use (``metrics``, ``tokenizer``) are accepted and ignored."""
+    as `load_run` chose it; None when ``p`` is the output directory)."""
     if run is not None:
         p = p / run
     issues = IssueLog()
-    notes = [SPECIAL_NOTE] + [f"option {k}={v!s} is not used by the trl adapter; ignored"
-                              for k, v in sorted(_ignored.items()) if v is not None]
+    notes = [SPECIAL_NOTE]
     classifier = TurnClassifier()
     files = completion_files(p)
     read: list[FileRows] = []

@@ -53,6 +53,8 @@ from diagnose.jsonl import LineError, iter_jsonl
 from diagnose.source import RunSource
 
 FORMAT = "verl"
+#: `load_run` options `load` takes
+OPTIONS = ("metrics", "run")
 
 #: verl metric name -> our name (originals are kept as well; the first present source wins).
 NAME_MAP: dict[str, str] = {
@@ -395,11 +397,10 @@ def _resume_check(metrics: pl.DataFrame, dump_steps: list[int], mfile: Path, iss
                                 "steps come from the dumps")
 
 
-def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, **_options: Any) -> RunSource:
+def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None) -> RunSource:
     """The verl run at ``p`` (a launch/run folder, a dump folder, a dump file or a metrics file).
     ``metrics``: the file logger's JSONL when it is not where verl puts it. ``run``: the run to
-    read, one of `runs` (`load_run` chooses it); None when ``p`` holds one. Other options are
-    ignored."""
+    read, one of `runs` (`load_run` chooses it); None when ``p`` holds one."""
     issues = IssueLog()
     notes: list[str] = []
     classifier = VerlTurnClassifier()
@@ -457,8 +458,6 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
         mdf = _map_lengths(mdf, rollouts, notes)
         rollouts = _with_overlong_penalty(rollouts, mdf, notes)
     derived = derived_metrics(rollouts)
-    for k in sorted(_options):
-        notes.append(f"option {k} is not used by the verl adapter; ignored")
     if mdf is None:
         notes.append("no verl file-logger metrics found (verl writes them, with trainer.logger including 'file', to "
                      "$VERL_FILE_LOGGER_ROOT, default the launch folder, /<project_name>/<experiment_name>.jsonl): "
