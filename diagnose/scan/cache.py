@@ -82,8 +82,8 @@ FILE_CHECKS = "file_checks.json"  # the adapter's validated step files (RunSourc
 MAX_TREE_FILES = 200_000
 
 _SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.adapters", "diagnose.rundir.reader", "diagnose.turns",
-                "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl", "diagnose.source",
-                "diagnose.rescore.tables")  # the rescored tables attached to a source
+                "diagnose.transcripts", "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl",
+                "diagnose.source", "diagnose.rescore.tables")  # the rescored tables attached to a source
 _EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.episodes", "diagnose.scan.result")
 
 

@@ -1,77 +1,32 @@
-"""Assistant turns of a completion text (`split_assistant_turns`) and their memoised
-classification (`TurnClassifier`); tool names of a tool-schema list.
+"""Memoised classification of assistant turns (`TurnClassifier`), of completions split with
+`diagnose.transcripts.split_turns`; tool names of a tool-schema list.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from diagnose.chat import IM_END, IM_START
 from diagnose.toolcall import CallSyntax
+from diagnose.transcripts import Dialect, split_turns
 from diagnose.turns import classify_turn
-
-
-_CHATML_BOUNDARY = re.compile(re.escape(IM_END) + r"\s*" + re.escape(IM_START))
-_LEADING_ASSISTANT = re.compile(r"\A\s*" + re.escape(IM_START) + r"assistant(?:\n|\Z)")
-_CHAT_ROLES = frozenset({"system", "user", "tool", "ipython", "function", "observation"})
-# decoded with skip_special_tokens: "<|im_end|>\n<|im_start|>user\n" became "\nuser\n"
-_STRIPPED_SIGNAL = re.compile(r"\n(?:user|tool)\n<tool_response>|</tool_response>\s*\nassistant\n")
-_STRIPPED_SPLIT = re.compile(r"\n(user|tool|assistant)\n")
-
-
-def split_assistant_turns(text: str | None) -> list[str]:
-    """Assistant turns of a completion (the text after the prompt), in order.
-
-    * ChatML transcripts (``<|im_end|>`` + ``<|im_start|>role``): one turn per assistant
-      segment; user/tool segments (observations) are dropped. The text before the first
-      boundary is the first assistant turn (the prompt ended with ``<|im_start|>assistant``);
-      a leading ``<|im_start|>assistant`` header is skipped. A segment with an unknown role
-      header stays a turn (with its ``<|im_start|>``, so it shows up as a stray control token).
-    * Transcripts decoded with special tokens skipped (verl dumps), recognised by tool
-      responses framed by bare ``user``/``assistant`` lines: split on those role lines.
-    * Anything else is one turn (an empty completion is one empty turn).
-    """
-    if not text:
-        return [""]
-    if IM_START in text:
-        m = _LEADING_ASSISTANT.match(text)
-        s = text[m.end():] if m else text
-        parts = _CHATML_BOUNDARY.split(s)
-        turns = [parts[0]]
-        for seg in parts[1:]:
-            role, _, body = seg.partition("\n")
-            role = role.strip()
-            if role == "assistant":
-                turns.append(body)
-            elif role in _CHAT_ROLES:
-                continue
-            else:
-                turns.append(IM_START + seg)
-        return turns
-    if "<tool_response>" in text and _STRIPPED_SIGNAL.search(text):
-        pieces = _STRIPPED_SPLIT.split(text)
-        turns = [pieces[0]]
-        for role, body in zip(pieces[1::2], pieces[2::2]):
-            if role == "assistant":
-                turns.append(body)
-        return turns
-    return [text]
 
 
 class TurnClassifier:
     """`classify_turn` with memoisation: each unique turn text (and each unique completion) is
     classified once. Completions of a collapsed run repeat a lot, so this is what makes
-    classifying millions of rollouts cheap."""
+    classifying millions of rollouts cheap. ``dialect``: how the completions are written (they
+    are split with `split_turns`)."""
 
-    def __init__(self, syntax: CallSyntax = CallSyntax.HERMES) -> None:
+    def __init__(self, syntax: CallSyntax = CallSyntax.HERMES, dialect: Dialect = Dialect.CHATML) -> None:
         self.syntax = CallSyntax(syntax)
+        self.dialect = Dialect(dialect)
         self._turns: dict[tuple[str, tuple[str, ...] | None], tuple[str, tuple[str, ...]]] = {}
-        self._completions: dict[str, tuple[list[str], list[str]]] = {}
+        self._completions: dict[tuple[str, tuple[str, ...] | None], tuple[list[str], list[str]]] = {}
 
     def turn(self, text: str, tool_names: tuple[str, ...] | None = None) -> tuple[str, tuple[str, ...]]:
-        """``(state, errors)`` of one assistant turn."""
+        """``(state, errors)`` of one assistant turn; with ``tool_names``, a call to another
+        tool is ``unknown_tool``."""
         key = (text, tool_names)
         hit = self._turns.get(key)
         if hit is None:
@@ -91,13 +46,14 @@ class TurnClassifier:
             errors.extend(e)
         return states, errors
 
-    def completion(self, text: str | None) -> tuple[list[str], list[str]]:
-        """``(turn states, error types)`` of a completion, split with `split_assistant_turns`."""
-        key = text or ""
+    def completion(self, text: str | None,
+                   tool_names: tuple[str, ...] | None = None) -> tuple[list[str], list[str]]:
+        """``(turn states, error types)`` of a completion, split with `split_turns` in this
+        classifier's dialect."""
+        key = (text or "", tool_names)
         hit = self._completions.get(key)
         if hit is None:
-            hit = self.turns(split_assistant_turns(key))
-            self._completions[key] = hit
+            hit = self._completions[key] = self.turns(split_turns(key[0], self.dialect), tool_names)
         return hit
 
 

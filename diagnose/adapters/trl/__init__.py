@@ -32,17 +32,21 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._common.hooks import run_alias  # noqa: F401 (hook: a run has no other name)
+from diagnose.adapters._common.hooks import run_alias  # a run has no other name: the default hook
 from diagnose.adapters._common.io import subdirs, visible_files
 from diagnose.adapters._common.issues import IssueLog
 from diagnose.adapters._common.metrics import (derived_metrics, map_names, merge_metrics, metrics_frame,
-                                       non_numeric_metric_issues, nonfinite_metric_issues)
+                                               non_numeric_metric_issues, nonfinite_metric_issues)
 from diagnose.adapters._common.rollouts import concat_frames, empty_rollouts
 from diagnose.adapters._common.source import make_source
-from diagnose.adapters.trl.completions import FileRows, read_file, reward_sum
 from diagnose.adapters._common.turns import TurnClassifier
 from diagnose.adapters._common.values import as_step
+from diagnose.adapters.trl.completions import FileRows, read_file, reward_sum
 from diagnose.source import RunSource
+from diagnose.transcripts import Dialect
+
+__all__ = ["CHECKPOINT_RE", "FILE_RE", "FORMAT", "NAME_MAP", "OPTIONS", "completion_files", "detect",
+           "has_candidates", "load", "run_alias", "runs", "state_files", "step_of_file"]
 
 FORMAT = "trl"
 #: `load_run` options `load` takes
@@ -366,7 +370,10 @@ def load(p: Path, *, run: str | None = None) -> RunSource:
         notes.append("reward = unweighted sum of the reward-function columns (NaN left out, as TRL's nansum); "
                      "reward_weights are not in the files (the trainer's `reward` metric is weighted)")
     all_files = [f for _, f in files] + state_files(p)
-    return make_source(p, FORMAT, metrics=metrics, rollouts=rollouts, issues=issues, notes=notes, files=all_files)
+    # message lists are kept as ChatML text (`completions.message_turns`), decoded text as TRL wrote it
+    dialect = Dialect.CHATML if any(r.messages for r in kept) else Dialect.TRL
+    return make_source(p, FORMAT, metrics=metrics, rollouts=rollouts, issues=issues, notes=notes, files=all_files,
+                       dialect=dialect)
 
 
 def files_by_step(files: list[tuple[int, Path]], step: int) -> Path:
