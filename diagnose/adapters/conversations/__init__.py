@@ -23,7 +23,7 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._common.hooks import run_alias, runs  # noqa: F401 (hooks: one run per path)
+from diagnose.adapters._common.hooks import run_alias, runs  # one run per path: the default hooks
 from diagnose.adapters._common.io import first_object, visible_files
 from diagnose.adapters._common.issues import IssueLog, NonFinite
 from diagnose.adapters._common.metrics import derived_metrics
@@ -41,6 +41,9 @@ from diagnose.chat import IM_END, IM_START, render_chat
 from diagnose.conversations import Conversation, iter_conversations
 from diagnose.jsonl import LineError
 from diagnose.source import RunSource
+
+__all__ = ["FORMAT", "OPTIONS", "STEP_FILE_RE", "TURN_JOIN", "detect", "has_candidates", "input_files",
+           "load", "run_alias", "runs", "step_of_file"]
 
 FORMAT = "conversations"
 #: `load_run` options `load` takes: none

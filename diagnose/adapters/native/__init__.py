@@ -12,13 +12,15 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._common.hooks import run_alias, runs  # noqa: F401 (hooks: one run per folder)
+from diagnose.adapters._common.hooks import run_alias, runs  # one run per path: the default hooks
 from diagnose.adapters._common.io import subdirs, visible_files
 from diagnose.adapters._common.issues import IssueLog
 from diagnose.adapters._common.source import make_source
 from diagnose.rundir.reader import RunReader
 from diagnose.rundir.schema import KINDS, METRICS_JSONL, RUN_JSON, RunFormatError, rollouts_schema
 from diagnose.source import RunSource
+
+__all__ = ["FORMAT", "OPTIONS", "detect", "has_candidates", "load", "run_alias", "runs", "step_of_file"]
 
 FORMAT = "native"
 #: `load_run` options `load` takes (the reader's validated files, from the scan cache)
