@@ -26,7 +26,9 @@ none was chosen.
 Each format is a package, ``diagnose/adapters/<format>/`` (its ``__init__`` is the adapter
 module, its other modules the format's own helpers); what the formats share (issues, values,
 file reading, rollouts and metrics frames, turn classification, the source and its sidecar)
-is in ``diagnose/adapters/_common/``.
+is in ``diagnose/adapters/_common/``; how a completion splits into turns is
+`diagnose.transcripts`. Trackers (W&B, TensorBoard, console logs: metrics, no rollouts) belong
+in ``diagnose/adapters/trackers/``, their frames built with ``_common.metrics`` like a trainer's.
 """
 
 from __future__ import annotations
