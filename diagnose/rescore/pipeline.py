@@ -212,7 +212,7 @@ def rescore_run(run: str | os.PathLike[str], cfg: RescoreConfig | None = None, *
     tok_dir = _tokenizer_dir(cfg, ckpts)
     tok = _load_tokenizer(tok_dir)
     try:
-        renderer = Renderer(tok)
+        renderer = Renderer(tok, src.dialect)
     except RenderError as e:
         raise RescoreError(f"{tok_dir}: {e}") from None
     registry = ControlTokenRegistry.from_tokenizer(tok)

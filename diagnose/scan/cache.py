@@ -83,8 +83,8 @@ MAX_TREE_FILES = 200_000
 
 _SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.scan.token_signals", "diagnose.scan.frames",
                 "diagnose.scan.names", "diagnose.adapters", "diagnose.rundir", "diagnose.turns",
-                "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl", "diagnose.source",
-                "diagnose.parquet_check",
+                "diagnose.transcripts", "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl",
+                "diagnose.source", "diagnose.parquet_check",
                 "diagnose.rescore.tables")  # the rescored tables attached to a source
 _EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.verdict", "diagnose.scan.episodes", "diagnose.scan.drops",
                  "diagnose.scan.moves", "diagnose.scan.implicated", "diagnose.scan.examples",
@@ -193,7 +193,7 @@ _CODE_HASHES: dict[tuple[str, ...], str] = {}
 
 def _code_hash(modules: tuple[str, ...]) -> str:
     """sha256 (first 16 hex) of the source files of ``modules`` (packages: all their .py, sub-packages
-    included)."""
+    included: an adapter is a package of its own under ``diagnose.adapters``)."""
     if modules in _CODE_HASHES:
         return _CODE_HASHES[modules]
     h = hashlib.sha256()
@@ -208,10 +208,11 @@ def _code_hash(modules: tuple[str, ...]) -> str:
         origin = Path(spec.origin)
         files = sorted(origin.parent.rglob("*.py")) if spec.submodule_search_locations else [origin]
         for f in files:
+            rel = f.relative_to(origin.parent).as_posix()
             try:
-                h.update(f.relative_to(origin.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+                h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
             except OSError:
-                h.update(f"{f.name}:unreadable".encode())
+                h.update(f"{rel}:unreadable".encode())
     _CODE_HASHES[modules] = h.hexdigest()[:16]
     return _CODE_HASHES[modules]
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._issues import IssueLog
+from diagnose.adapters._common.issues import IssueLog
 from diagnose.source import RunSource
+from diagnose.transcripts import Dialect
 
 
 def fingerprint(fmt: str, root: Path, files: Iterable[Path]) -> dict[str, Any]:
@@ -42,6 +43,7 @@ def make_source(
     issues: IssueLog,
     notes: list[str],
     files: Iterable[Path],
+    dialect: Dialect = Dialect.CHATML,
 ) -> RunSource:
     return RunSource(
         path=path,
@@ -53,5 +55,6 @@ def make_source(
         control_tokens=list(control_tokens or []),
         issues=issues.finish(),
         notes=list(notes),
+        dialect=dialect,
         _fingerprint=fingerprint(fmt, path, files),
     )

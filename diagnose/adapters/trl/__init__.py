@@ -13,7 +13,7 @@ Followed: ``trl/trainer/grpo_trainer.py`` of TRL 1.16.0 (and 1.10.0.dev where it
   again (its ``log_history`` entry has no ``reward``: dropped here); an evaluation logs under the
   same name after the training log of its step, overwriting it with eval completions (its step
   has ``eval_*`` metrics: dropped here). Both are said in the notes. Cells are decoded text
-  (1.10, non-conversational data) or message lists (1.16 conversational), see `_trl_completions`.
+  (1.10, non-conversational data) or message lists (1.16 conversational), see `diagnose.adapters.trl.completions`.
 * ``reward``: the sum of the **reward-function columns** only, named by the metrics'
   ``rewards/<name>/mean``; ``log_extra`` columns are kept and never summed. Without a
   trainer_state.json every float column is summed (a note says so).
@@ -32,18 +32,25 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._io import subdirs, visible_files
-from diagnose.adapters._issues import IssueLog
-from diagnose.adapters._metrics import (derived_metrics, map_names, merge_metrics, metrics_frame,
-                                       non_numeric_metric_issues, nonfinite_metric_issues)
-from diagnose.adapters._rollouts import concat_frames, empty_rollouts
-from diagnose.adapters._source import make_source
-from diagnose.adapters._trl_completions import FileRows, read_file, reward_sum
-from diagnose.adapters._turns import TurnClassifier
-from diagnose.adapters._values import as_step
+from diagnose.adapters._common.hooks import run_alias  # a run has no other name: the default hook
+from diagnose.adapters._common.io import subdirs, visible_files
+from diagnose.adapters._common.issues import IssueLog
+from diagnose.adapters._common.metrics import (derived_metrics, map_names, merge_metrics, metrics_frame,
+                                               non_numeric_metric_issues, nonfinite_metric_issues)
+from diagnose.adapters._common.rollouts import concat_frames, empty_rollouts
+from diagnose.adapters._common.source import make_source
+from diagnose.adapters._common.turns import TurnClassifier
+from diagnose.adapters._common.values import as_step
+from diagnose.adapters.trl.completions import FileRows, read_file, reward_sum
 from diagnose.source import RunSource
+from diagnose.transcripts import Dialect
+
+__all__ = ["CHECKPOINT_RE", "FILE_RE", "FORMAT", "NAME_MAP", "OPTIONS", "completion_files", "detect",
+           "has_candidates", "load", "run_alias", "runs", "state_files", "step_of_file"]
 
 FORMAT = "trl"
+#: `load_run` options `load` takes
+OPTIONS = ("run",)
 FILE_RE = re.compile(r"^completions_(\d+)\.parquet$")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -284,15 +291,13 @@ def _reward_gap(metrics: pl.DataFrame | None, rollouts: pl.DataFrame) -> tuple[f
     return (float((j["_r"] - j["_m"]).abs().mean()), j.height) if j.height else None
 
 
-def load(p: Path, *, run: str | None = None, **_ignored: Any) -> RunSource:
-    """The TRL run at ``p`` (``run``: which output directory of several under ``p``). Options
-    this format does not use (``metrics``, ``tokenizer``) are accepted and ignored."""
-    names = runs(p)
-    if names and (run is not None or len(names) == 1):
-        p = p / (run if run is not None else names[0])
+def load(p: Path, *, run: str | None = None) -> RunSource:
+    """The TRL run at ``p`` (``run``: the output directory under ``p`` to read, one of `runs`,
+    as `load_run` chose it; None when ``p`` is the output directory)."""
+    if run is not None:
+        p = p / run
     issues = IssueLog()
-    notes = [SPECIAL_NOTE] + [f"option {k}={v!s} is not used by the trl adapter; ignored"
-                              for k, v in sorted(_ignored.items()) if v is not None]
+    notes = [SPECIAL_NOTE]
     classifier = TurnClassifier()
     files = completion_files(p)
     read: list[FileRows] = []
@@ -365,7 +370,10 @@ def load(p: Path, *, run: str | None = None, **_ignored: Any) -> RunSource:
         notes.append("reward = unweighted sum of the reward-function columns (NaN left out, as TRL's nansum); "
                      "reward_weights are not in the files (the trainer's `reward` metric is weighted)")
     all_files = [f for _, f in files] + state_files(p)
-    return make_source(p, FORMAT, metrics=metrics, rollouts=rollouts, issues=issues, notes=notes, files=all_files)
+    # message lists are kept as ChatML text (`completions.message_turns`), decoded text as TRL wrote it
+    dialect = Dialect.CHATML if any(r.messages for r in kept) else Dialect.TRL
+    return make_source(p, FORMAT, metrics=metrics, rollouts=rollouts, issues=issues, notes=notes, files=all_files,
+                       dialect=dialect)
 
 
 def files_by_step(files: list[tuple[int, Path]], step: int) -> Path:

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diagnose.adapters._io import first_object, visible_files
-from diagnose.adapters._values import as_step
+from diagnose.adapters._common.io import first_object, visible_files
+from diagnose.adapters._common.values import as_step
 
 __all__ = ["META_RE", "SHARD_RE", "RunFiles", "layout", "resolve"]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from diagnose.adapters._issues import IssueLog, NonFinite
-from diagnose.adapters._values import as_float, as_step
+from diagnose.adapters._common.issues import IssueLog, NonFinite
+from diagnose.adapters._common.values import as_float, as_step
 
 __all__ = ["Record", "TraceCounts", "parse_record", "token_ids"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from diagnose.adapters._metrics import derived_metrics, merge_metrics
+from diagnose.adapters._common.metrics import derived_metrics, merge_metrics
 
 __all__ = ["filtered_groups_note", "trace_metrics"]
 
@@ -19,8 +19,8 @@ def _group_table(rollouts: pl.DataFrame) -> pl.DataFrame:
 def filtered_groups_note(rollouts: pl.DataFrame, notes: list[str]) -> None:
     """``data_loader.py``: ``filter_zero_std_samples`` (default True) drops every group whose
     rewards are all equal in ``process_group``, before ``_save_rollouts``; a step whose groups
-    are all dropped is sampled again (since 9c98253; before, it was skipped: a gap). Traces in which no group of several samples
-    has equal rewards were most likely written so."""
+    are all dropped is sampled again (open-instruct before 2026-05-07 skipped it: a gap). Traces
+    in which no group of several samples has equal rewards were most likely written so."""
     if looks_filtered(rollouts):
         notes.append("every saved group has rewards that differ: open-instruct drops groups whose rewards are all "
                      "equal before saving them (filter_zero_std_samples, on by default), so all-fail and all-pass "
@@ -66,7 +66,7 @@ def trace_metrics(rollouts: pl.DataFrame) -> pl.DataFrame:
         extra = extra.join(groups.select("step", (1.0 - pl.col("_g") / most).alias("batch/filtered_prompts_pct")),
                            on="step", how="left")
         gaps = missing_steps(rollouts) if looks_filtered(rollouts) else []
-        if gaps:  # a step whose groups were all filtered (open-instruct before 9c98253)
+        if gaps:  # a step whose groups were all filtered (open-instruct before 2026-05-07)
             extra = pl.concat([extra, pl.DataFrame({"step": gaps, "batch/filtered_prompts_pct": [1.0] * len(gaps)},
                                                    schema_overrides={"step": extra.schema["step"]})],
                               how="diagonal_relaxed").sort("step")

@@ -12,14 +12,19 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._io import subdirs, visible_files
-from diagnose.adapters._issues import IssueLog
-from diagnose.adapters._source import make_source
+from diagnose.adapters._common.hooks import run_alias, runs  # one run per path: the default hooks
+from diagnose.adapters._common.io import subdirs, visible_files
+from diagnose.adapters._common.issues import IssueLog
+from diagnose.adapters._common.source import make_source
 from diagnose.rundir.reader import RunReader
 from diagnose.rundir.schema import KINDS, METRICS_JSONL, RUN_JSON, RunFormatError, rollouts_schema
 from diagnose.source import RunSource
 
+__all__ = ["FORMAT", "OPTIONS", "detect", "has_candidates", "load", "run_alias", "runs", "step_of_file"]
+
 FORMAT = "native"
+#: `load_run` options `load` takes (the reader's validated files, from the scan cache)
+OPTIONS = ("file_checks",)
 _STEP_FILE = re.compile(r"^(rollouts|tokens|probe)/step-(\d+)\.parquet$")
 
 
@@ -56,7 +61,7 @@ def _files(root: Path) -> list[Path]:
     return files
 
 
-def load(p: Path, file_checks: Any = None) -> RunSource:
+def load(p: Path, *, file_checks: Any = None) -> RunSource:
     """``file_checks``: `RunReader.file_checks` of an earlier load (see `load_run`)."""
     root = _root(p)
     issues = IssueLog()

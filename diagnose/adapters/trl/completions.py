@@ -12,15 +12,13 @@ or non-conversational data) or a list of messages (TRL 1.16, conversational:
   messages are observations. Parquet stores the calls' ``arguments`` as one struct for the whole
   column, so keys of other calls come back as null: null arguments are dropped.
 * text: split on the tool suffix of ``_get_tool_suffix_ids`` as it survives decoding
-  (``\\nuser\\n<tool_response>\\n...\\n</tool_response>\\nassistant\\n``; several tool results share
-  one ``user`` header); anything else is one turn.
+  (`diagnose.transcripts.Dialect.TRL`); anything else is one turn.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +27,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diagnose.adapters._io import check_parquet, read_parquet
-from diagnose.adapters._issues import IssueLog
-from diagnose.adapters._rollouts import ListColumn, groups_consecutive, rollouts_frame
-from diagnose.adapters._turns import TurnClassifier
-from diagnose.adapters._values import as_step
+from diagnose.adapters._common.io import check_parquet, read_parquet
+from diagnose.adapters._common.issues import IssueLog
+from diagnose.adapters._common.rollouts import ListColumn, groups_consecutive, rollouts_frame
+from diagnose.adapters._common.turns import TurnClassifier
+from diagnose.adapters._common.values import as_step
 from diagnose.chat import IM_END, IM_START
+from diagnose.transcripts import Dialect, split_turns
 
-#: the tool suffix of a Qwen2.5 chat template after ``skip_special_tokens`` decoding
-TOOL_SUFFIX = re.compile(r"\nuser(?:\n<tool_response>\n.*?\n</tool_response>)+\nassistant\n", re.DOTALL)
 CORE = ("step", "prompt", "completion", "advantage")
 _FLOAT = (pl.Float32, pl.Float64)
 _INT = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
@@ -113,7 +110,7 @@ def message_turns(value: list[Any]) -> Turns:
 
 
 def text_turns(text: str) -> Turns:
-    return Turns(TOOL_SUFFIX.split(text) if "<tool_response>" in text else [text], text)
+    return Turns(split_turns(text, Dialect.TRL), text)
 
 
 def cell_turns(value: Any) -> Turns | None:

@@ -23,25 +23,31 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._io import first_object, visible_files
-from diagnose.adapters._issues import IssueLog, NonFinite
-from diagnose.adapters._metrics import derived_metrics
-from diagnose.adapters._rollouts import (
+from diagnose.adapters._common.hooks import run_alias, runs  # one run per path: the default hooks
+from diagnose.adapters._common.io import first_object, visible_files
+from diagnose.adapters._common.issues import IssueLog, NonFinite
+from diagnose.adapters._common.metrics import derived_metrics
+from diagnose.adapters._common.rollouts import (
     ListColumn,
     empty_rollouts,
     groups_by_key,
     json_scalar_column,
     rollouts_frame,
 )
-from diagnose.adapters._source import make_source
-from diagnose.adapters._turns import TurnClassifier, tool_names_of
-from diagnose.adapters._values import as_float, as_step
+from diagnose.adapters._common.source import make_source
+from diagnose.adapters._common.turns import TurnClassifier, tool_names_of
+from diagnose.adapters._common.values import as_float, as_step
 from diagnose.chat import IM_END, IM_START, render_chat
 from diagnose.conversations import Conversation, iter_conversations
 from diagnose.jsonl import LineError
 from diagnose.source import RunSource
 
+__all__ = ["FORMAT", "OPTIONS", "STEP_FILE_RE", "TURN_JOIN", "detect", "has_candidates", "input_files",
+           "load", "run_alias", "runs", "step_of_file"]
+
 FORMAT = "conversations"
+#: `load_run` options `load` takes: none
+OPTIONS: tuple[str, ...] = ()
 STEP_FILE_RE = re.compile(r"^(?:step[_-]?)?(\d+)\.jsonl$")
 TURN_JOIN = f"{IM_END}\n{IM_START}assistant\n"
 _RESERVED = ("step", "reward", "accuracy", "group_id", "group")

@@ -9,8 +9,8 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._issues import IssueLog
-from diagnose.adapters._values import as_float
+from diagnose.adapters._common.issues import IssueLog
+from diagnose.adapters._common.values import as_float
 from diagnose.turns import FormatError, TurnState
 
 STATES: tuple[str, ...] = tuple(s.value for s in TurnState)

@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diagnose.adapters._io import first_object, subdirs, visible_files
+from diagnose.adapters._common.io import first_object, subdirs, visible_files
 
 STEP_FILE_RE = re.compile(r"^(\d+)\.jsonl$")
 _VAL_NAME = re.compile(r"(?:^|[^a-z])(val|valid|validation|test|eval)(?:[^a-z]|$)", re.I)

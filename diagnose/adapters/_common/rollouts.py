@@ -10,8 +10,8 @@ from typing import Any
 
 import polars as pl
 
-from diagnose.adapters._turns import TurnClassifier
-from diagnose.adapters._values import as_float
+from diagnose.adapters._common.turns import TurnClassifier
+from diagnose.adapters._common.values import as_float
 
 
 STR_LIST = pl.List(pl.String)
@@ -123,17 +123,18 @@ class ListColumn:
         return uniques.gather(pl.Series(self.keys, dtype=pl.UInt32)) if self.keys else uniques.head(0)
 
 
-def turn_columns(classifier: TurnClassifier, completions: Sequence[str | None]) -> dict[str, Any]:
+def turn_columns(classifier: TurnClassifier, completions: Sequence[str | None],
+                 tool_names: Sequence[tuple[str, ...] | None] | None = None) -> dict[str, Any]:
     """``turn_states``, ``error_types`` (Series) and ``n_turns`` for a list of completions
-    (a null completion gets nulls)."""
+    (a null completion gets nulls); ``tool_names``: per completion, the tools its prompt offers."""
     states, errors, n = ListColumn(), ListColumn(), []
-    for c in completions:
+    for i, c in enumerate(completions):
         if c is None:
             states.append(None)
             errors.append(None)
             n.append(None)
             continue
-        s, e = classifier.completion(c)
+        s, e = classifier.completion(c, None if tool_names is None else tool_names[i])
         states.append(s)
         errors.append(e)
         n.append(len(s))
