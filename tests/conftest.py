@@ -33,3 +33,31 @@ def probe_models(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     collapsed = build_collapsed(root / "healthy", root / "collapsed", tasks)
     return {"random": tiny_model_dir, "healthy": root / "healthy", "collapsed": root / "collapsed",
             "tasks": tasks, "build": {"healthy": healthy, "collapsed": collapsed}}
+
+
+#: the launch folders of `tracker_runs`: name -> (case of tests/fixtures/tracker_runs.py, collapse step)
+TRACKER_CASES: dict[str, tuple[str, int | None]] = {
+    "trl_collapse": ("trl", 15), "trl_stable": ("trl", None),
+    "trl_default": ("trl_default", 15),
+    "verl_collapse": ("verl", 15), "verl_stable": ("verl", None),
+    "oi_collapse": ("open_instruct", 15), "oi_stable": ("open_instruct", None),
+    "trl_tools_crash": ("trl_tools_crash", 15),
+}
+
+
+@pytest.fixture(scope="session")
+def tracker_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Launch folders written offline by the trackers' own code (wandb's SDK driven by transformers'
+    callbacks, verl's ``Tracking`` and open-instruct's calls; torch's ``SummaryWriter``; the console
+    tee'd to ``train.log``), 30 steps each, built once per session (tests/fixtures/tracker_runs.py).
+    Read-only for tests: copy one before changing it."""
+    import importlib.util
+
+    from fixtures.tracker_runs import write_cases
+
+    for module in ("wandb", "tensorboard", "verl", "orjson"):  # verl: only found (its __init__ imports Ray)
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (the [trackers] extra; verl: pip install --no-deps verl)")
+
+    root = tmp_path_factory.mktemp("tracker_runs")
+    return write_cases(root, {name: {"case": case, "collapse_at": at} for name, (case, at) in TRACKER_CASES.items()})

@@ -41,6 +41,8 @@ SUFFIXES = (".log", ".txt", ".out", ".err")
 VERL_LINE = re.compile(r"(?:^|[\s)\]>|])step:(\d+) - (.*)$")
 _BAR = re.compile(r"^\s*(?:([^|\r]*?):\s*)?\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")
 _NUMPY = re.compile(r"^np\.[a-z]+\d*\((.*)\)$")
+#: the start of a printed log dict: a key, then a number or a quoted number (``'0.5'``, ``'nan'``)
+_DICT_START = re.compile(r"^\{'[^'\n]{1,200}': (?:'[-+.\deinfa]*'|[-+]?[\d.]+(?:e[-+]?\d+)?|nan|inf|True|False)[,}]")
 _MAX_LINE = 1 << 20
 _SNIFF_BYTES = 8 << 20
 
@@ -100,7 +102,7 @@ class _Parse:
                     self.verl(no, int(m.group(1)), m.group(2))
                     continue
             s = seg.strip()
-            if s.startswith("{'") and s.endswith("}"):
+            if s.startswith("{'") and _DICT_START.match(s):
                 self.hf(no, s)
                 continue
             b = _BAR.match(seg)
