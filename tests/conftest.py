@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,8 @@ def tracker_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Launch folders written offline by the trackers' own code (wandb's SDK driven by transformers'
     callbacks, verl's ``Tracking`` and open-instruct's calls; torch's ``SummaryWriter``; the console
     tee'd to ``train.log``), 30 steps each, built once per session (tests/fixtures/tracker_runs.py).
-    Read-only for tests: copy one before changing it."""
+    Read-only for tests: copy one before changing it. ``DIAGNOSE_TRACKER_RUNS=DIR`` keeps them in DIR
+    and reuses them in later sessions (delete DIR after changing the writers)."""
     import importlib.util
 
     from fixtures.tracker_runs import write_cases
@@ -59,5 +62,10 @@ def tracker_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed (the [trackers] extra; verl: pip install --no-deps verl)")
 
-    root = tmp_path_factory.mktemp("tracker_runs")
+    keep = os.environ.get("DIAGNOSE_TRACKER_RUNS")
+    if keep and all((Path(keep) / name / "train.log").is_file() for name in TRACKER_CASES):
+        return {name: Path(keep) / name for name in TRACKER_CASES}
+    root = Path(keep) if keep else tmp_path_factory.mktemp("tracker_runs")
+    if keep:
+        shutil.rmtree(root, ignore_errors=True)
     return write_cases(root, {name: {"case": case, "collapse_at": at} for name, (case, at) in TRACKER_CASES.items()})
