@@ -252,3 +252,60 @@ def test_printed_dicts_without_a_progress_bar_are_numbered(tmp_path):
     f.write_text("".join(json.dumps({"loss": 0.5, "reward": r}).replace('"', "'") + "\n" for r in (1.0, 0.5, 0.0)))
     run = console.read_log(f)
     assert run.metrics["step"].to_list() == [1, 2, 3] and any("numbered" in n for n in run.notes)
+
+
+# ---- discovery and merging --------------------------------------------------------------------
+
+
+def test_every_tracker_of_a_launch_folder_is_found(tracker_runs):
+    from diagnose.adapters.trackers.discover import find_trackers, is_tracker_path
+
+    trl = {(r.kind, r.name) for r in find_trackers(tracker_runs["trl_collapse"])}
+    kinds = sorted(k for k, _ in trl)
+    assert kinds == ["console", "tensorboard", "wandb"] and ("console", "train.log") in trl
+    assert any(k == "tensorboard" and n.startswith("out/runs/") for k, n in trl)
+    verl = {(r.kind, r.name) for r in find_trackers(tracker_runs["verl_collapse"])}
+    assert ("tensorboard", "tensorboard_log/fcl_eval/qwen2.5-1.5b-grpo") in verl
+    # the output_dir alone: transformers' runs/ only
+    out = find_trackers(tracker_runs["trl_collapse"] / "out")
+    assert [r.kind for r in out] == ["tensorboard"]
+    assert is_tracker_path(tracker_runs["trl_collapse"] / "wandb")
+    assert not is_tracker_path(tracker_runs["trl_collapse"] / "out")
+
+
+def test_fill_metrics_keeps_the_primary_values():
+    from diagnose.adapters.trackers.merge import fill_metrics
+
+    a = pl.DataFrame({"step": [1, 2], "reward": [1.0, None], "kl": [float("nan"), 0.1]})
+    b = pl.DataFrame({"step": [2, 3], "reward": [0.5, 0.2], "entropy": [0.3, 0.4], "kl": [9.0, 0.2]})
+    got = fill_metrics(a, b)
+    assert got["step"].to_list() == [1, 2, 3]
+    assert got["reward"].to_list() == [1.0, 0.5, 0.2] and got["entropy"].to_list() == [None, 0.3, 0.4]
+    kl = got["kl"].to_list()
+    assert str(kl[0]) == "nan" and kl[1:] == [0.1, 0.2]  # a NaN the trainer logged is data
+
+
+def test_combined_metrics_prefer_wandb_and_use_the_trainers_names(tracker_runs):
+    from diagnose.adapters.trackers.discover import find_trackers
+    from diagnose.adapters.trackers.merge import combined_metrics, describe, run_info
+
+    runs = [r.read() for r in find_trackers(tracker_runs["trl_collapse"])]
+    m = combined_metrics(runs, "trl")
+    assert m["step"].to_list() == list(range(1, 31)) and "reward" in m.columns and "train/reward" not in m.columns
+    w = next(r for r in runs if r.kind == "wandb").metrics
+    assert m["reward"].to_list() == w["train/reward"].to_list()  # full precision: W&B wins over the console
+    assert run_info(runs) == {"model": "Qwen/Qwen2.5-1.5B-Instruct", "lr": 1e-6, "seed": 3}
+    lines = {r.kind: describe(r, "completions parquet") for r in runs}
+    assert "W&B run" in lines["wandb"] and "steps 1..30" in lines["wandb"] and "tables completions (31)" in lines["wandb"]
+    assert "lacks config" in lines["tensorboard"] and "4 significant digits" in lines["console"]
+
+
+def test_sparse_runs_are_told_which_switch_logs_rollouts(tracker_runs):
+    from diagnose.adapters.trackers.merge import describe, sparse_help
+
+    run = _wandb(tracker_runs["verl_collapse"])
+    (text,) = sparse_help("verl", [run])
+    assert "trainer.rollout_data_dir" in text and "log_val_generations" in text and "28 such validation generations" in text  # 7 validations x 4
+    assert "lacks rollouts" in describe(run, None)
+    (trl,) = sparse_help("trl", [_wandb(tracker_runs["trl_default"])])
+    assert "log_completions=True" in trl and "Data row contained incompatible types" in trl

@@ -23,7 +23,7 @@ import polars as pl
 
 from diagnose.adapters._metrics import map_names
 
-__all__ = ["OPEN_INSTRUCT_NAME_MAP", "guess_trainer", "signal_names", "undo_rewrite_logs"]
+__all__ = ["OPEN_INSTRUCT_NAME_MAP", "guess_trainer", "signal_names", "trainer_names", "undo_rewrite_logs"]
 
 _TRL_PREFIX = {"train/": "", "eval/": "eval_", "test/": "test_"}
 _VERL_HINTS = ("actor/", "critic/", "timing_s/", "perf/", "response_length/", "val-core/", "val-aux/")
@@ -69,14 +69,24 @@ def undo_rewrite_logs(df: pl.DataFrame) -> pl.DataFrame:
     return df.rename(renames) if renames else df
 
 
+def trainer_names(df: pl.DataFrame, trainer: str | None) -> pl.DataFrame:
+    """A tracker's frame under the names the trainer's own files use (TRL: ``log_history``'s,
+    ``profiling/*`` left out; verl and open-instruct log their own names to every tracker). Steps
+    left with no value (a W&B row of ``profiling/*`` timings only) are dropped."""
+    if trainer == "trl":
+        df = undo_rewrite_logs(df.drop([c for c in df.columns if c.startswith("profiling/")]))
+    names = [c for c in df.columns if c != "step"]
+    return df.filter(pl.any_horizontal(pl.col(names).is_not_null())) if names else df
+
+
 def signal_names(df: pl.DataFrame, trainer: str | None, config: Mapping[str, Any] | None = None) -> pl.DataFrame:
-    """``df`` (``step`` + a tracker's names) with the names the detectors know added (the
-    trainer's own names are kept, as the trainer adapters keep them). Steps left with no value
-    (a W&B row of ``profiling/*`` timings only) are dropped."""
+    """``df`` (``step`` + a tracker's names) in the trainer's names (`trainer_names`) with the
+    names the detectors know added (the trainer's own names are kept, as the trainer adapters
+    keep them)."""
+    df = trainer_names(df, trainer)
     if trainer == "trl":
         from diagnose.adapters.trl import NAME_MAP
 
-        df = undo_rewrite_logs(df.drop([c for c in df.columns if c.startswith("profiling/")]))
         df = map_names(df, NAME_MAP)
     elif trainer == "verl":
         from diagnose.adapters.verl import _GENERATED_LENGTH, NAME_MAP
@@ -86,5 +96,4 @@ def signal_names(df: pl.DataFrame, trainer: str | None, config: Mapping[str, Any
         est = (config or {}).get("kl_estimator", 2)
         est = est if isinstance(est, int) and not isinstance(est, bool) and 0 <= est <= 3 else 2
         df = map_names(df, {**OPEN_INSTRUCT_NAME_MAP, f"objective/kl{est}_avg": "kl"})
-    names = [c for c in df.columns if c != "step"]
-    return df.filter(pl.any_horizontal(pl.col(names).is_not_null())) if names else df
+    return df
