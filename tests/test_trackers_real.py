@@ -38,9 +38,9 @@ SCRIPT = textwrap.dedent("""
     ds = Dataset.from_dict({{"prompt": [[{{"role": "system", "content": SYSTEM}}, {{"role": "user", "content": u}}]
                                        for u in users]}})
     args = GRPOConfig(output_dir="out", use_cpu=True, per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=64, max_steps=3, logging_steps=1, log_completions=True, save_steps=2,
+                      max_completion_length=96, max_steps=3, logging_steps=1, log_completions=True, save_steps=2,
                       report_to=["wandb"], learning_rate=1e-5, seed=0, bf16=False, save_only_model=True,
-                      num_completions_to_print=0, max_tool_calling_iterations=2, temperature=0.3)
+                      num_completions_to_print=0, max_tool_calling_iterations=3, temperature=0.3)
     GRPOTrainer(model=model, processing_class=tok, reward_funcs=[format_reward, answer_reward], args=args,
                 train_dataset=ds, tools=_tools(tasks[0].tools)).train()
 """)
