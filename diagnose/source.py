@@ -72,6 +72,11 @@ class RunSource:
     control_tokens: list[dict[str, Any]] = field(default_factory=list)  # run.json["control_tokens"] form
     issues: list[SourceIssue] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what this format cannot provide, for the report
+    #: where the run's evidence came from, one line per source with what it lacks (the trainer
+    #: layout, then each experiment tracker: `diagnose.adapters.trackers`), for the report
+    sources: list[str] = field(default_factory=list)
+    #: what the run's config says, for the report header: ``model``, ``lr``, ``seed`` (from a tracker)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_token_probabilities(self) -> bool:

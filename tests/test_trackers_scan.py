@@ -84,8 +84,9 @@ def test_trl_launch_folder_merges_rollouts_and_tracker_metrics_on_the_step(track
     assert ro["step"].unique().sort().to_list() == list(range(1, 31))
     assert {"entropy", "kl", "grad_norm", "turn_state/healthy_call"} <= set(m.columns)
     assert m["step"].to_list() == list(range(1, 31))
-    text = "\n".join(src.notes)
-    assert "W&B run" in text and "TensorBoard events" in text and "console log" in text
+    text = "\n".join(src.sources)
+    assert src.sources[0].startswith(f"trl layout {launch / 'out'}: rollouts")
+    assert "W&B run" in text and "TensorBoard events" in text and "console log" in text and "lacks" in text
     assert src.info == {"model": "Qwen/Qwen2.5-1.5B-Instruct", "lr": 1e-6, "seed": 3}
     # the trainer's output alone still reads (and finds transformers' TensorBoard run in it)
     alone = load_run(launch / "out")
@@ -108,10 +109,11 @@ def test_wandb_tables_are_the_rollouts_when_the_trainer_kept_none(tracker_runs, 
 def test_sparse_runs_say_which_switch_would_log_rollouts(tracker_runs, tmp_path):
     src = load_run(_copy(tracker_runs["verl_collapse"], tmp_path / "v"))
     assert src.rollouts is None or src.rollouts.collect().height == 0
-    text = "\n".join(src.notes)
+    text = "\n".join(src.sources)
     assert "trainer.rollout_data_dir" in text and "log_val_generations" in text
+    assert any("val/generations" in n and "kept apart" in n for n in src.notes)
     src = load_run(_copy(tracker_runs["trl_default"], tmp_path / "d"))
-    assert "log_completions=True" in "\n".join(src.notes)
+    assert "log_completions=True" in "\n".join(src.sources)
     res = scan_run(tmp_path / "d", use_cache=False)
     assert res.verdict == "collapse" and abs(_onsets(res)[0] - 15) <= 1
 
@@ -124,9 +126,9 @@ def test_metrics_option_takes_a_tracker(tracker_runs, tmp_path):
     shutil.rmtree(launch / "out" / "runs")
     run_dir = next((launch / "wandb").glob("offline-run-*"))
     src = load_run(launch / "out", metrics=run_dir)
-    assert "entropy" in src.metrics.collect().columns and any("W&B run" in n for n in src.notes)
+    assert "entropy" in src.metrics.collect().columns and any("W&B run" in n for n in src.sources)
     src = load_run(launch / "out", metrics=launch / "train.log")
-    assert "entropy" in src.metrics.collect().columns and any("console log" in n for n in src.notes)
+    assert "entropy" in src.metrics.collect().columns and any("console log" in n for n in src.sources)
 
 
 def test_two_wandb_runs_are_listed_never_merged(tracker_runs, tmp_path):
@@ -138,10 +140,10 @@ def test_two_wandb_runs_are_listed_never_merged(tracker_runs, tmp_path):
     issue = next(i for i in src.issues if "W&B runs here" in i.message)
     assert all(i in issue.message for i in ids) and "--run" in issue.message
     assert src.rollouts.collect().height > 0  # partial: the trainer layout is read
-    assert not any(n.startswith("W&B run") for n in src.notes)
+    assert not any(n.startswith("W&B run") for n in src.sources)
     mine = next(i for i in ids if i in next((tracker_runs["trl_collapse"] / "wandb").glob("offline-run-*")).name)
     picked = load_run(launch, run=mine)
-    assert any(n.startswith(f"W&B run {mine}") for n in picked.notes)
+    assert any(n.startswith(f"W&B run {mine}") for n in picked.sources)
     # the W&B folder alone, with nothing else: choose, or the runs are listed
     with pytest.raises(AmbiguousRun, match="--run"):
         load_run(launch / "wandb")

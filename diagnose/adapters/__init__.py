@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
+import polars as pl
+
 from diagnose.adapters._turns import TurnClassifier, split_assistant_turns
 from diagnose.adapters._sidecar import attach_sidecar
 from diagnose.source import RunSource
@@ -109,12 +111,21 @@ LOOKED_FOR: dict[str, str] = {
             "<project>/<experiment>.jsonl (verl file logger), or latest_checkpointed_iteration.txt (a checkpoint folder)",
     "conversations": "conversation JSONL with 'messages' (one file, or <step>.jsonl / step_<step>.jsonl / "
                      "step-NNNNNN.jsonl files in a folder)",
+    # experiment trackers (diagnose/adapters/trackers/): a run's metrics when the trainer's files lack them
+    "trackers": "experiment trackers: wandb/{run,offline-run}-<date>-<id>/run-<id>.wandb (W&B), "
+                "events.out.tfevents.* (TensorBoard: runs/, tensorboard_log/<project>/<experiment>/), console logs "
+                "(*.log, *.txt, *.out) with verl 'step:N - k:v' lines or transformers' printed log dicts",
+    "wandb": "W&B run folders (wandb/{run,offline-run}-<date>-<id>/)",
+    "tensorboard": "TensorBoard event folders",
+    "console": "console logs with metrics lines",
 }
+#: What `UnknownRunLayout` lists by default: every format, then the trackers.
+LOOKED: tuple[str, ...] = (*FORMATS, "trackers")
 
 class UnknownRunLayout(ValueError):
     """No known run layout at ``path``; the message lists what was looked for."""
 
-    def __init__(self, path: str | os.PathLike[str], detail: str = "", formats: Sequence[str] = FORMATS) -> None:
+    def __init__(self, path: str | os.PathLike[str], detail: str = "", formats: Sequence[str] = LOOKED) -> None:
         self.path = Path(path)
         self.looked_for = [f"{f}: {LOOKED_FOR[f]}" for f in formats]
         head = f"{self.path}: {detail or 'no known run layout found'}."
@@ -183,52 +194,137 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     (one of `FORMATS`) is given. Raises `UnknownRunLayout` when nothing matches, `AmbiguousRun`
     when the folder holds several runs of the format and ``run`` does not name one of them.
 
-    ``options`` (`LOAD_OPTIONS`; None = not given): ``metrics`` (a trainer metrics file, verl),
-    ``run`` (which run of several in one folder), ``tokenizer`` (decode token-id traces,
+    ``path``: a trainer layout (a folder, or a single file of a known layout), a launch folder
+    holding one beside its experiment trackers (``wandb/``, ``runs/``, ``tensorboard_log/``,
+    console logs; the trainer's output up to three folders down), or a tracker's own output (a
+    ``wandb/`` or W&B run folder, an events folder, a console log). The trackers' metrics and
+    logged tables are merged with the trainer layout on the trainer's step
+    (`diagnose.adapters.trackers`); ``RunSource.sources`` names each source and what it lacks.
+
+    ``options`` (`LOAD_OPTIONS`; None = not given): ``metrics`` (a trainer metrics file, verl; or a
+    tracker: a W&B run folder or ``wandb/`` folder, an events folder, a console log), ``run``
+    (which run of several in one folder: the trainer's, or a tracker's: a W&B run id or name, an
+    events folder, a log file; runs are never merged), ``tokenizer`` (decode token-id traces,
     open-instruct). Each goes to the adapter's ``load`` if it takes it; one it does not take is
     named in the source's notes as unused.
 
     ``file_checks``: ``RunSource.file_checks`` of an earlier load of the same run (the scan
     cache keeps it): files it lists as validated, unchanged since, are not validated again.
     Formats that validate nothing up front ignore it."""
+    from diagnose.adapters.trackers import attach
+
     p = Path(path)
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown run format {format!r}; expected one of {', '.join(FORMATS)}")
     require_path(p, format)
-    fmt = format or detect_format(p)
-    if fmt is None:
-        raise UnknownRunLayout(p)
-    mod = adapter(fmt)
-    if format is not None and not mod.detect(p) and not mod.has_candidates(p):
-        raise UnknownRunLayout(p, f"nothing in the {fmt} layout found", [fmt])
     given = {k: v for k, v in options.items() if v is not None}
-    runs = getattr(mod, "runs", None)
-    if runs is not None:
-        names = list(runs(p))
-        asked = given.get("run")
-        alias = getattr(mod, "run_alias", None)  # another name of a run (open-instruct: a resumed start)
-        if asked is not None and alias is not None:
-            asked = given["run"] = alias(p, str(asked))
-        if (asked is None and len(names) > 1) or (asked is not None and names and asked not in names):
-            raise AmbiguousRun(p, fmt, names, asked)
+    if format is not None and (adapter(format).detect(p) or adapter(format).has_candidates(p)):
+        from diagnose.adapters.trackers.discover import find_trackers
+
+        launch = attach.Launch(p, format, find_trackers(p))
+    else:
+        launch = attach.launch_layout(p, lambda d: detect_format(d) if format is None else
+                                      (format if adapter(format).detect(d) else None))
+    refs, tracker_issues = _tracker_refs(p, launch, given)
+    chosen, issues = attach.choose_trackers(refs, given.get("run"), p)
+    tracker_issues += issues
+    if launch.trainer is None and not chosen:
+        several = [r for r in refs if sum(x.kind == r.kind for x in refs) > 1]
+        if several:
+            raise AmbiguousRun(p, several[0].kind, [r.name for r in several if r.kind == several[0].kind],
+                               given.get("run"))
+        if format is None:
+            raise UnknownRunLayout(p)
+        raise UnknownRunLayout(p, f"nothing in the {format} layout found", [format])
+    target = launch.trainer if launch.trainer is not None else p
+    data = attach.read_trackers(chosen, launch.format or format)
+    fmt = format or launch.format or (data.trainer if data is not None else None) or "trl"
+    mod = adapter(fmt)
+    trainer_run = _trainer_run(mod, target, fmt, given.get("run"), refs)
     takes = _keywords(mod.load)
-    kwargs = {k: v for k, v in given.items() if takes is None or k in takes}
+    call = {**given, "run": trainer_run} if trainer_run is not None else {k: v for k, v in given.items() if k != "run"}
+    if data is not None:
+        call["trackers"] = data
+    kwargs = {k: v for k, v in call.items() if takes is None or k in takes}
     if file_checks and (takes is None or "file_checks" in takes):
         kwargs["file_checks"] = file_checks
-    src = mod.load(p, **kwargs)
-    if fmt != "native" and p.is_dir():  # the native reader names its own
+    src = mod.load(target, **kwargs)
+    if fmt != "native" and target.is_dir():  # the native reader names its own
         from diagnose.adapters._io import unreachable
         from diagnose.source import SourceIssue
 
         named = {i.path for i in src.issues}
-        src.issues += [SourceIssue(str(f), None, why) for f, why in unreachable(p) if str(f) not in named]
-    for k in sorted(set(given) - set(kwargs)):
-        src.notes.append(f"option {k}={given[k]!s} is not used by the {fmt} adapter; ignored")
+        src.issues += [SourceIssue(str(f), None, why) for f, why in unreachable(target) if str(f) not in named]
+    for k in sorted(set(call) - set(kwargs) - {"trackers"}):
+        if k != "run" or trainer_run is not None:
+            src.notes.append(f"option {k}={call[k]!s} is not used by the {fmt} adapter; ignored")
+    _add_trackers(src, data, tracker_issues, p)
     from diagnose.rescore.tables import attach_rescored  # torch-free; lazy: it imports the scan cache
 
     # control-token signals from outside the trainer: the live probe's tables beside a foreign
     # trainer's output (DiagnoseCallback), then `diagnose rescore`'s tables where still missing
     return attach_rescored(attach_sidecar(src))
+
+
+def _tracker_refs(p: Path, launch: Any, given: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """The tracker runs to choose from: those at ``p``, and a tracker given as ``metrics`` (it
+    replaces the ones of its kind found at ``p``; a verl metrics file stays the adapter's)."""
+    from diagnose.adapters.trackers.discover import find_trackers
+    from diagnose.source import SourceIssue
+
+    refs = list(launch.trackers)
+    m = given.get("metrics")
+    if m is None:
+        return refs, []
+    mp = Path(m)
+    try:
+        found = find_trackers(mp) if mp.exists() else []
+    except OSError:
+        found = []
+    if not found:
+        if not mp.exists():
+            return refs, [SourceIssue(str(mp), None, "--metrics: no such file or folder")]
+        return refs, []
+    given.pop("metrics")
+    kinds = {r.kind for r in found}
+    return [r for r in refs if r.kind not in kinds] + found, []
+
+
+def _trainer_run(mod: Any, target: Path, fmt: str, asked: str | None, refs: list[Any]) -> str | None:
+    """``run`` for the trainer layout: the one it names, the only one, or `AmbiguousRun`; None
+    when ``asked`` names a tracker run instead (and the layout is one run)."""
+    runs = getattr(mod, "runs", None)
+    names = list(runs(target)) if runs is not None else []
+    alias = getattr(mod, "run_alias", None)
+    if asked is not None and alias is not None:
+        asked = alias(target, str(asked))
+    if asked is not None and any(r.answers_to(str(asked)) for r in refs) and (not names or asked not in names):
+        if len(names) > 1:
+            raise AmbiguousRun(target, fmt, names)
+        return None
+    if (asked is None and len(names) > 1) or (asked is not None and names and asked not in names):
+        raise AmbiguousRun(target, fmt, names, asked)
+    return asked
+
+
+def _add_trackers(src: RunSource, data: Any, issues: list[Any], where: Path) -> None:
+    """The trackers' issues, notes, files (for the scan cache), config and the sources' lines."""
+    from diagnose.adapters._source import fingerprint
+    from diagnose.adapters.trackers.attach import describe_sources
+
+    src.issues += issues
+    has_rollouts = src.rollouts is not None and src.rollouts.select(pl.len()).collect().item() > 0
+    layout = None
+    if src.format != "native" or data is None:
+        layout = f"{src.format} layout {src.path}: " + ("rollouts" if has_rollouts else "no rollouts")
+    if data is not None:
+        src.issues += data.issues
+        src.notes += data.notes
+        src.info = data.info()
+        files = fingerprint(src.format, src.path, data.files)["files"]
+        src._fingerprint.setdefault("files", {}).update(files)
+    rollouts_from = "the trainer layout" if has_rollouts else None
+    src.sources = describe_sources(data, layout, rollouts_from, has_rollouts)
 
 
 def _keywords(fn: Any) -> set[str] | None:

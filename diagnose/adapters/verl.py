@@ -402,10 +402,13 @@ def _resume_check(metrics: pl.DataFrame, dump_steps: list[int], mfile: Path, iss
                                 "steps come from the dumps")
 
 
-def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, **_options: Any) -> RunSource:
+def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, trackers: Any = None,
+         **_options: Any) -> RunSource:
     """The verl run at ``p`` (a launch/run folder, a dump folder, a dump file or a metrics file).
     ``metrics``: the file logger's JSONL when it is not where verl puts it. ``run``: which run
-    of a folder holding several. Other options are ignored."""
+    of a folder holding several. ``trackers`` (`diagnose.adapters.trackers.attach.TrackerData`):
+    the run's tracker data (``Tracking`` logs the same keys to every backend), whose metrics fill
+    what the file logger's lack. Other options are ignored."""
     issues = IssueLog()
     notes: list[str] = []
     classifier = VerlTurnClassifier()
@@ -448,7 +451,16 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
         notes.append(f"{chosen.dumps} holds validation dumps (trainer.validation_data_dir: step 0, 'reward' key), "
                      "the only dumps here: read as the rollouts")
     mdf = read_metrics(mfiles, issues)
-    if mdf is not None and len(files) > 1:
+    if trackers is not None and trackers.metrics.height > 0:
+        from diagnose.adapters.trackers.merge import fill_metrics
+        from diagnose.adapters.trackers.tables import validation_note
+
+        tm = map_names(trackers.metrics, {k: v for k, v in NAME_MAP.items() if k not in _GENERATED_LENGTH})
+        mdf = tm if mdf is None else fill_metrics(mdf, tm)
+        val = validation_note(trackers.tables)
+        if val:
+            notes.append(val)
+    if mdf is not None and mfiles and len(files) > 1:
         files = _own_dumps(files, mdf, mfiles[0], issues)
     rollouts = _read_rollouts(files, issues, classifier)
     if not files:
@@ -465,16 +477,19 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
     derived = derived_metrics(rollouts)
     for k in sorted(_options):
         notes.append(f"option {k} is not used by the verl adapter; ignored")
-    if mdf is None:
+    if mdf is None and trackers is None:
         notes.append("no verl file-logger metrics found (verl writes them, with trainer.logger including 'file', to "
                      "$VERL_FILE_LOGGER_ROOT, default the launch folder, /<project_name>/<experiment_name>.jsonl): "
                      "metrics derived from the dumps, no entropy/KL/clip/grad norm; pass --metrics PATH")
         out = derived
+    elif mdf is None:
+        out = derived
     else:
         out = _merge(mdf, derived)
-        notes.append(f"verl opens its metrics file {mfiles[0].name} with 'wb': every start, a resume included, "
-                     "truncates it, so it holds only the steps since the last start")
-        _resume_check(mdf, sorted({s for s, _ in files}), mfiles[0], issues)
+        if mfiles:
+            notes.append(f"verl opens its metrics file {mfiles[0].name} with 'wb': every start, a resume included, "
+                         "truncates it, so it holds only the steps since the last start")
+            _resume_check(mdf, sorted({s for s, _ in files}), mfiles[0], issues)
         if "actor/kl_loss" in out.columns:
             notes.append("'kl' is verl's actor/kl_loss (KL to the reference policy); actor/ppo_kl (rollout vs "
                          "updated policy) keeps its own name")
