@@ -198,3 +198,19 @@ def test_the_cli_never_shows_a_traceback_on_bad_tracker_input(tracker_runs, tmp_
     out = json.loads(res.stdout)
     assert any("could not read it" in i["message"] for i in out["issues"])
     assert out["n_steps"] == 31  # the console and TensorBoard still give every step
+
+
+def test_the_report_names_each_source_and_the_run_config(tracker_runs, tmp_path):
+    launch = _copy(tracker_runs["trl_collapse"], tmp_path / "t")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "250"}
+    cli = [sys.executable, "-m", "diagnose.cli", "scan", str(launch), "--no-cache"]
+    res = subprocess.run(cli + ["--report", str(tmp_path / "r.html")], capture_output=True, text=True, env=env)
+    assert res.returncode == 1, res.stderr[-2000:]  # collapse
+    out = res.stdout
+    assert "model Qwen/Qwen2.5-1.5B-Instruct, lr 1e-06, seed 3" in out
+    assert "sources" in out and "W&B run" in out and "TensorBoard events" in out and "lacks" in out
+    html = (tmp_path / "r.html").read_text()
+    assert "<h2>Sources</h2>" in html and "Qwen/Qwen2.5-1.5B-Instruct" in html
+    js = json.loads(subprocess.run(cli + ["--json"], capture_output=True, text=True, env=env).stdout)
+    assert js["source"]["info"] == {"model": "Qwen/Qwen2.5-1.5B-Instruct", "lr": 1e-6, "seed": 3}
+    assert js["sources"][0].startswith("trl layout") and any(s.startswith("W&B run") for s in js["sources"])

@@ -155,9 +155,17 @@ def adapter(fmt: str) -> Adapter:
 
 def step_of_file(fmt: str, rel: str, single_file: bool) -> int | str:
     """What a fingerprint file of a ``fmt`` run holds (the adapter's ``step_of_file``): a step,
-    ``"metrics"`` or ``"global"``. An adapter without one: ``"global"`` (always safe)."""
+    ``"metrics"`` or ``"global"``. An adapter without one: ``"global"`` (always safe). A tracker's
+    file: a W&B ``.wandb`` log or an events file holds metrics only (``"metrics"``); a W&B table
+    may hold any step's rollouts (``"global"``)."""
+    from diagnose.adapters.trackers.discover import tracker_file_kind
+
+    rel = rel.replace(os.sep, "/")
+    kind = tracker_file_kind(rel) if fmt != "native" else None
+    if kind is not None:
+        return kind
     fn = getattr(adapter(fmt), "step_of_file", None)
-    return fn(rel.replace(os.sep, "/"), single_file) if fn is not None else "global"
+    return fn(rel, single_file) if fn is not None else "global"
 
 
 def detect_format(path: str | os.PathLike[str]) -> str | None:

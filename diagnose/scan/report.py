@@ -358,7 +358,15 @@ def header_text(result: ScanResult) -> Text:
     t = Text("diagnose scan ", style="bold")
     t.append(str(result.source_path or "?"))
     t.append(f"  ({result.source_format or '?'}, {result.signals.height} {span}; signals from: {have})", style="dim")
+    info = run_info_text(result.run_info)
+    if info:
+        t.append("\n  " + info, style="dim")
     return t
+
+
+def run_info_text(info: dict[str, Any]) -> str:
+    """``model Qwen/Qwen2.5-1.5B-Instruct, lr 1e-06, seed 3`` (what the run's config says)."""
+    return ", ".join(f"{k} {info[k]}" for k in ("model", "lr", "seed") if k in info)
 
 
 def render_scan(result: ScanResult, console: Console, *, capability_hint: str | None = None,
@@ -393,6 +401,12 @@ def render_scan(result: ScanResult, console: Console, *, capability_hint: str | 
     if result.pathologies:
         console.print()
         console.print(_pathology_table(result))
+    sources = list(getattr(result, "sources", []) or [])
+    if sources:
+        console.print()
+        console.print(Text("sources", style="bold"))
+        for line in sources:
+            console.print(Text(f"  - {line}"), soft_wrap=True)
     if result.notes:
         console.print()
         console.print(Text("notes", style="bold"))

@@ -15,7 +15,7 @@ from pathlib import Path
 from diagnose.adapters.trackers import console, tensorboard, wandb
 from diagnose.adapters.trackers.run import KIND_NAMES, TrackerRun
 
-__all__ = ["TrackerRef", "find_trackers", "is_tracker_path"]
+__all__ = ["TrackerRef", "find_trackers", "is_tracker_path", "tracker_file_kind"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,15 @@ def is_tracker_path(p: Path) -> bool:
     if p.is_file():
         return bool(wandb.RUN_FILE.match(p.name) or tensorboard.EVENTS.match(p.name)) or console.looks_like_console(p)
     return p.name == "wandb" or wandb.is_run_dir(p) or tensorboard.is_events_dir(p)
+
+
+def tracker_file_kind(rel: str) -> str | None:
+    """For the scan cache: ``"metrics"`` for a tracker file that holds only metrics (a W&B
+    ``run-<id>.wandb``, an events file, a console log), ``"global"`` for a W&B table file (rollouts
+    of any step), None for anything else."""
+    name = rel.rsplit("/", 1)[-1]
+    if name.endswith(".table.json") and "/media/table/" in f"/{rel}":
+        return "global"
+    if wandb.RUN_FILE.match(name) or tensorboard.EVENTS.match(name) or name.endswith(console.SUFFIXES):
+        return "metrics"
+    return None
