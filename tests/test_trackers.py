@@ -309,3 +309,12 @@ def test_sparse_runs_are_told_which_switch_logs_rollouts(tracker_runs):
     assert "lacks rollouts" in describe(run, None)
     (trl,) = sparse_help("trl", [_wandb(tracker_runs["trl_default"])])
     assert "log_completions=True" in trl and "Data row contained incompatible types" in trl
+
+
+def test_without_the_trackers_extra_the_files_are_named(tracker_runs, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    run = _wandb(tracker_runs["verl_stable"])
+    assert run.metrics.height == 0 and "pip install 'collapse-diagnostics[trackers]'" in run.issues[0].message

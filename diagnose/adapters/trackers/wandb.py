@@ -29,6 +29,7 @@ Several history rows of one step (TRL logs its metrics, then the ``completions``
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -333,6 +334,10 @@ def _read_folder(d: Path, issues: IssueLog) -> tuple[_Records | None, Path | Non
         issues.add(d, None, f"several .wandb files ({', '.join(several)}); the folder is not read" if several else
                    "no run-<id>.wandb transaction log (W&B keeps the history only there); no metrics")
         return None, None
+    if importlib.util.find_spec("wandb") is None:
+        issues.add(f, None, "a W&B run, but wandb is not installed (its CLI reads the .wandb file): "
+                            "pip install 'collapse-diagnostics[trackers]'; not read")
+        return None, f
     try:
         rec = _inspect(f)
     except OSError as e:
