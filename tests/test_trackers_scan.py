@@ -51,6 +51,26 @@ def test_collapse_found_from_the_launch_folder_and_no_episode_in_the_twin(tracke
     assert not twin.episodes and twin.verdict != "collapse", _onsets(twin)
 
 
+@pytest.mark.parametrize(("case", "fmt"), [("trl_default", "trl"), ("oi_collapse", "open_instruct")])
+def test_a_wandb_folder_alone_of_trl_and_open_instruct(tracker_runs, tmp_path, case, fmt):
+    launch = _copy(tracker_runs[case], tmp_path / "w")
+    src = load_run(launch / "wandb")
+    assert src.format == fmt and {"reward", "entropy", "kl", "grad_norm"} <= set(src.metrics.collect().columns)
+    res = scan_run(launch / "wandb", use_cache=False)
+    assert res.verdict == "collapse" and abs(_onsets(res)[0] - 15) <= 1
+
+
+def test_a_launch_folder_scan_is_cached_and_redone_when_a_tracker_grows(tracker_runs, tmp_path):
+    launch = _copy(tracker_runs["verl_stable"], tmp_path / "v")
+    first = scan_run(launch)
+    again = scan_run(launch)
+    assert again.cache.hit and again.verdict == first.verdict
+    log = launch / "train.log"
+    log.write_text(log.read_text() + "step:31 - actor/entropy:0.5 - critic/score/mean:0.6\n")
+    grown = scan_run(launch)
+    assert not grown.cache.hit and grown.signals["step"].max() == 31
+
+
 @pytest.mark.parametrize("where", ["wandb", "wandb/latest-run", "run-folder", "train.log"])
 def test_the_tracker_folder_itself_is_a_run(tracker_runs, tmp_path, where):
     launch = _copy(tracker_runs["verl_collapse"], tmp_path / "v")
