@@ -318,3 +318,18 @@ def test_without_the_trackers_extra_the_files_are_named(tracker_runs, monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     run = _wandb(tracker_runs["verl_stable"])
     assert run.metrics.height == 0 and "pip install 'collapse-diagnostics[trackers]'" in run.issues[0].message
+
+
+def test_a_corrupt_block_inside_a_wandb_file_is_named(tracker_runs, tmp_path):
+    """wandb-core skips a block whose checksum fails and says so; the steps in it are lost."""
+    (ref,) = wandb.find_runs(tracker_runs["verl_stable"])
+    d = tmp_path / "wandb" / ref.path.name
+    shutil.copytree(ref.path, d)
+    f = wandb.run_file(d)
+    b = bytearray(f.read_bytes())
+    for i in range(len(b) // 2, len(b) // 2 + 200):
+        b[i] ^= 0x5A
+    f.write_bytes(bytes(b))
+    run = wandb.read_run(wandb.find_runs(tmp_path)[0])
+    assert any("corrupt data" in i.message and "checksum" in i.message for i in run.issues), run.issues
+    assert 10 < run.metrics.height < 31 and run.metrics["step"].max() == 30

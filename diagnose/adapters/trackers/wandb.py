@@ -14,7 +14,8 @@ What wandb writes (wandb 0.31.0, read in its source and by running it offline):
   (``{"num", "type", <type>: ...}``; history items flat, media keys dotted, NaN / ±inf as the
   strings ``"NaN"`` / ``"Infinity"`` / ``"-Infinity"``). A file cut mid-record prints what it
   could read and says so on stderr ("reached the end of an incomplete .wandb file"); a file that
-  is no transaction log exits 1 ("bad header"). So this module runs that command and never
+  is no transaction log exits 1 ("bad header"); a corrupt block inside is skipped ("skipped
+  corrupt data ... checksum mismatch", exit 0). So this module runs that command and never
   decodes the binary format itself.
 * The x-axis: ``transformers`` ``WandbCallback.setup`` calls ``define_metric("*",
   step_metric="train/global_step", step_sync=True)`` and logs without ``step=`` (so ``_step``
@@ -56,6 +57,7 @@ RUN_FILE = re.compile(r"^run-([A-Za-z0-9]+)\.wandb$")
 _TYPE = re.compile(rb'^\{"num":\d+,"type":"(\w+)"')
 _TABLE_TYPES = ("table-file", "incremental-table-file")
 _INCOMPLETE = "incomplete .wandb file"
+_CORRUPT = "skipped corrupt data"
 MAX_TABLE_BYTES = 512 * 1024 * 1024
 #: summary records kept (every history row writes one; what is set apart from the history, such
 #: as ``train_runtime``, comes at the end of a run)
@@ -347,7 +349,12 @@ def _read_folder(d: Path, issues: IssueLog) -> tuple[_Records | None, Path | Non
         why = rec.stderr.splitlines()[-1] if rec.stderr else f"exit code {rec.returncode}"
         issues.add(f, None, f"`wandb leet inspect` could not read it ({why[:240]}); "
                             + ("records before the error kept" if rec.history else "nothing read"))
-    elif _INCOMPLETE in rec.stderr:
+    if rec.returncode == 0 and _CORRUPT in rec.stderr:
+        why = next((ln for ln in rec.stderr.splitlines() if _CORRUPT in ln), "")
+        issues.add(f, None, "corrupt data in the .wandb file was skipped by `wandb leet inspect` "
+                            f"({why.split(':', 1)[-1].strip()[:200]}): the records in it are lost, the rest is read "
+                            f"({len(rec.history)} history rows)")
+    if rec.returncode == 0 and _INCOMPLETE in rec.stderr:
         issues.add(f, None, "the .wandb file ends mid-record (the run crashed, was killed or is still being written): "
                             f"everything before it is read ({len(rec.history)} history rows)")
     return rec, f
