@@ -333,3 +333,19 @@ def test_a_corrupt_block_inside_a_wandb_file_is_named(tracker_runs, tmp_path):
     run = wandb.read_run(wandb.find_runs(tmp_path)[0])
     assert any("corrupt data" in i.message and "checksum" in i.message for i in run.issues), run.issues
     assert 10 < run.metrics.height < 31 and run.metrics["step"].max() == 30
+
+
+@pytest.mark.slow  # wandb writes a 10,050-row table (~10 s)
+def test_a_table_cut_at_wandb_max_rows_is_named(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import wandb\nr = wandb.init(project='p', mode='offline')\n"
+            "t = wandb.Table(columns=['step', 'prompt', 'completion'], data=[[1, 'p', f'c{i}'] for i in range(10_050)])\n"
+            "wandb.log({'completions': t, 'train/global_step': 1})\nr.finish()\n")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env={**os.environ, "WANDB_SILENT": "true"})
+    (t,) = wandb.read_run(wandb.find_runs(tmp_path)[0]).tables
+    assert len(t.rows) == 10_000 and t.logged_rows == 10_050
+    run = wandb.read_run(wandb.find_runs(tmp_path)[0])
+    assert any("MAX_ROWS" in i.message and "10050 rows" in i.message for i in run.issues)
