@@ -119,6 +119,8 @@ LOOKED_FOR: dict[str, str] = {
     "tensorboard": "TensorBoard event folders",
     "console": "console logs with metrics lines",
 }
+#: The formats whose metrics may live in an experiment tracker (their ``load`` takes ``trackers``).
+TRACKED_FORMATS: tuple[str, ...] = ("trl", "open_instruct", "verl")
 #: What `UnknownRunLayout` lists by default: every format, then the trackers.
 LOOKED: tuple[str, ...] = (*FORMATS, "trackers")
 
@@ -222,6 +224,7 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     from diagnose.adapters.trackers import attach
 
     p = Path(path)
+    skipped: list[str] = []
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown run format {format!r}; expected one of {', '.join(FORMATS)}")
     require_path(p, format)
@@ -245,7 +248,14 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
             raise UnknownRunLayout(p)
         raise UnknownRunLayout(p, f"nothing in the {format} layout found", [format])
     target = launch.trainer if launch.trainer is not None else p
-    data = attach.read_trackers(chosen, launch.format or format)
+    known = launch.format or format
+    if known in TRACKED_FORMATS or known is None:
+        data = attach.read_trackers(chosen, known)
+    else:  # our own runs and conversation dumps hold their metrics themselves
+        data = None
+        if chosen:
+            skipped.append(f"{len(chosen)} experiment tracker run(s) here ({', '.join(r.title for r in chosen)}) not "
+                           f"read: a {known} run's metrics are its own")
     fmt = format or launch.format or (data.trainer if data is not None else None) or "trl"
     mod = adapter(fmt)
     trainer_run = _trainer_run(mod, target, fmt, given.get("run"), refs)
@@ -267,6 +277,7 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
         if k != "run" or trainer_run is not None:
             src.notes.append(f"option {k}={call[k]!s} is not used by the {fmt} adapter; ignored")
     _add_trackers(src, data, tracker_issues, p)
+    src.notes += skipped
     from diagnose.rescore.tables import attach_rescored  # torch-free; lazy: it imports the scan cache
 
     # control-token signals from outside the trainer: the live probe's tables beside a foreign
