@@ -327,23 +327,21 @@ def _trainer_run(mod: Any, target: Path, fmt: str, asked: str | None, refs: list
 
 
 def _add_trackers(src: RunSource, data: Any, issues: list[Any], where: Path) -> None:
-    """The trackers' issues, notes, files (for the scan cache), config and the sources' lines."""
+    """The trackers' issues, notes, files (for the scan cache), config and the sources' lines (none
+    when no tracker was read: the trainer layout is then the only source)."""
     from diagnose.adapters._source import fingerprint
     from diagnose.adapters.trackers.attach import describe_sources
 
     src.issues += issues
+    if data is None:
+        return
     has_rollouts = src.rollouts is not None and src.rollouts.select(pl.len()).collect().item() > 0
-    layout = None
-    if src.format != "native" or data is None:
-        layout = f"{src.format} layout {src.path}: " + ("rollouts" if has_rollouts else "no rollouts")
-    if data is not None:
-        src.issues += data.issues
-        src.notes += data.notes
-        src.info = data.info()
-        files = fingerprint(src.format, src.path, data.files)["files"]
-        src._fingerprint.setdefault("files", {}).update(files)
-    rollouts_from = "the trainer layout" if has_rollouts else None
-    src.sources = describe_sources(data, layout, rollouts_from, has_rollouts)
+    src.issues += data.issues
+    src.notes += data.notes
+    src.info = data.info()
+    src._fingerprint.setdefault("files", {}).update(fingerprint(src.format, src.path, data.files)["files"])
+    layout = f"{src.format} layout {src.path}: " + ("rollouts" if has_rollouts else "no rollouts")
+    src.sources = describe_sources(data, layout, "the trainer layout" if has_rollouts else None, has_rollouts)
 
 
 def _keywords(fn: Any) -> set[str] | None:
