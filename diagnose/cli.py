@@ -157,7 +157,7 @@ class LoadOptions:
 
 METRICS_HELP = ("Where the run's metrics are, when not found with it: verl's file-logger JSONL, or an experiment "
                 "tracker (a W&B run folder or wandb/ folder, a TensorBoard events folder, a console log).")
-RUN_HELP = ("Which run, when the folder holds several: the trainer's, or a W&B run id / name, an events folder, "
+RUN_HELP = ("Which run, when the folder holds several: the trainer's, or a W&B run id, an events folder, "
             "a log file (the error or the issues list their names; runs are never merged).")
 TOKENIZER_HELP = "Tokenizer (a local directory or a cached hub id) to decode token-id traces (open-instruct)."
 

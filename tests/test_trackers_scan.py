@@ -164,6 +164,8 @@ def test_two_wandb_runs_are_listed_never_merged(tracker_runs, tmp_path):
     mine = next(i for i in ids if i in next((tracker_runs["trl_collapse"] / "wandb").glob("offline-run-*")).name)
     picked = load_run(launch, run=mine)
     assert any(n.startswith(f"W&B run {mine}") for n in picked.sources)
+    other = next(i for i in ids if i != mine)
+    assert any(f"W&B run {mine} read (--run)" in n and other in n for n in picked.notes)
     # the W&B folder alone, with nothing else: choose, or the runs are listed
     with pytest.raises(AmbiguousRun, match="--run"):
         load_run(launch / "wandb")

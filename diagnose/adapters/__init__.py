@@ -213,8 +213,8 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
 
     ``options`` (`LOAD_OPTIONS`; None = not given): ``metrics`` (a trainer metrics file, verl; or a
     tracker: a W&B run folder or ``wandb/`` folder, an events folder, a console log), ``run``
-    (which run of several in one folder: the trainer's, or a tracker's: a W&B run id or name, an
-    events folder, a log file; runs are never merged), ``tokenizer`` (decode token-id traces,
+    (which run of several in one folder: the trainer's, or a tracker's: a W&B run id or run folder,
+    an events folder, a log file; runs are never merged), ``tokenizer`` (decode token-id traces,
     open-instruct). Each goes to the adapter's ``load`` if it takes it; one it does not take is
     named in the source's notes as unused.
 
@@ -224,7 +224,6 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     from diagnose.adapters.trackers import attach
 
     p = Path(path)
-    skipped: list[str] = []
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown run format {format!r}; expected one of {', '.join(FORMATS)}")
     require_path(p, format)
@@ -237,7 +236,7 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
         launch = attach.launch_layout(p, lambda d: detect_format(d) if format is None else
                                       (format if adapter(format).detect(d) else None))
     refs, tracker_issues = _tracker_refs(p, launch, given)
-    chosen, issues = attach.choose_trackers(refs, given.get("run"), p)
+    chosen, issues, skipped = attach.choose_trackers(refs, given.get("run"), p)
     tracker_issues += issues
     if launch.trainer is None and not chosen:
         several = [r for r in refs if sum(x.kind == r.kind for x in refs) > 1]

@@ -77,12 +77,15 @@ def launch_layout(p: Path, detect: Callable[[Path], str | None]) -> Launch:
     return Launch(found[0][0], found[0][1], trackers, [f for f, _ in found[1:]])
 
 
-def choose_trackers(refs: Sequence[TrackerRef], run: str | None, where: Path) -> tuple[list[TrackerRef], list[SourceIssue]]:
-    """At most one run per tracker kind. With several of a kind, ``run`` (a W&B run id, display
-    name or folder; an events folder; a log file name) picks one; without a match none is read
-    and an issue lists them: runs are never merged, and never picked by a guess."""
+def choose_trackers(refs: Sequence[TrackerRef], run: str | None, where: Path
+                    ) -> tuple[list[TrackerRef], list[SourceIssue], list[str]]:
+    """At most one run per tracker kind. With several of a kind, ``run`` (a W&B run id or run
+    folder; an events folder; a log file name) picks one and a note lists the others; without a
+    match none is read and an issue lists them: runs are never merged, and never picked by a
+    guess. Returns the chosen runs, the issues and the notes."""
     chosen: list[TrackerRef] = []
     issues: list[SourceIssue] = []
+    notes: list[str] = []
     for kind in KINDS:
         refs_k = [r for r in refs if r.kind == kind]
         if len(refs_k) == 1:
@@ -91,11 +94,14 @@ def choose_trackers(refs: Sequence[TrackerRef], run: str | None, where: Path) ->
             hit = [r for r in refs_k if run is not None and r.answers_to(run)]
             if len(hit) == 1:
                 chosen += hit
+                others = ", ".join(r.name for r in refs_k if r is not hit[0])
+                notes.append(f"{KIND_NAMES[kind]} {hit[0].name} read (--run); the other {KIND_NAMES[kind]}s here, "
+                             f"not read: {others}")
             else:
                 names = ", ".join(r.name for r in refs_k)
                 issues.append(SourceIssue(str(where), None, f"{len(refs_k)} {KIND_NAMES[kind]}s here ({names}): none "
                                                             "is read (runs are never merged); choose one with --run NAME"))
-    return chosen, issues
+    return chosen, issues, notes
 
 
 @dataclass
