@@ -77,6 +77,9 @@ class RunSource:
     sources: list[str] = field(default_factory=list)
     #: what the run's config says, for the report header: ``model``, ``lr``, ``seed`` (from a tracker)
     info: dict[str, Any] = field(default_factory=dict)
+    #: validation samples (rollout columns, ``step`` = the validation's step), kept apart from the
+    #: training rollouts: verl's ``val/generations``, open-instruct's ``sample_completions`` (W&B)
+    validation: pl.LazyFrame | None = None
 
     @property
     def has_token_probabilities(self) -> bool:

@@ -132,6 +132,11 @@ def test_sparse_runs_say_which_switch_would_log_rollouts(tracker_runs, tmp_path)
     text = "\n".join(src.sources)
     assert "trainer.rollout_data_dir" in text and "log_val_generations" in text
     assert any("val/generations" in n and "kept apart" in n for n in src.notes)
+    val = src.validation.collect()  # verl's validation generations, with turn states, apart from the rollouts
+    assert val.height == 28 and val["step"].unique().sort().to_list() == [0, 5, 10, 15, 20, 25, 30]
+    collapsed = val.group_by("step").agg(pl.col("turn_states").list.contains("collapsed").sum()).sort("step")
+    assert collapsed["turn_states"].to_list()[:3] == [0, 0, 0] and min(collapsed["turn_states"].to_list()[3:]) >= 2
+    assert any(n.startswith("validation samples with a collapsed turn") and "step 15: " in n for n in src.notes)
     src = load_run(_copy(tracker_runs["trl_default"], tmp_path / "d"))
     assert "log_completions=True" in "\n".join(src.sources)
     res = scan_run(tmp_path / "d", use_cache=False)

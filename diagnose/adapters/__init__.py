@@ -339,6 +339,12 @@ def _add_trackers(src: RunSource, data: Any, issues: list[Any], where: Path) -> 
     src.notes += data.notes
     src.info = data.info()
     src._fingerprint.setdefault("files", {}).update(fingerprint(src.format, src.path, data.files)["files"])
+    from diagnose.adapters.trackers.tables import validation_note, validation_rollouts, validation_states_note
+
+    val = validation_rollouts(data.tables)
+    if val is not None:
+        src.validation = val.lazy()
+        src.notes += [n for n in (validation_note(data.tables), validation_states_note(val)) if n]
     layout = f"{src.format} layout {src.path}: " + ("rollouts" if has_rollouts else "no rollouts")
     src.sources = describe_sources(data, layout, "the trainer layout" if has_rollouts else None, has_rollouts)
 

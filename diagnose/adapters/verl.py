@@ -453,13 +453,9 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
     mdf = read_metrics(mfiles, issues)
     if trackers is not None and trackers.metrics.height > 0:
         from diagnose.adapters.trackers.merge import fill_metrics
-        from diagnose.adapters.trackers.tables import validation_note
 
         tm = map_names(trackers.metrics, {k: v for k, v in NAME_MAP.items() if k not in _GENERATED_LENGTH})
         mdf = tm if mdf is None else fill_metrics(mdf, tm)
-        val = validation_note(trackers.tables)
-        if val:
-            notes.append(val)
     if mdf is not None and mfiles and len(files) > 1:
         files = _own_dumps(files, mdf, mfiles[0], issues)
     rollouts = _read_rollouts(files, issues, classifier)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import polars as pl
 
@@ -19,9 +20,10 @@ from diagnose.adapters._issues import IssueLog
 from diagnose.adapters._rollouts import json_scalar_column
 from diagnose.adapters._trl_completions import FileRows, frame_rows
 from diagnose.adapters._turns import TurnClassifier
+from diagnose.adapters._values import as_step
 from diagnose.adapters.trackers.run import LoggedTable
 
-__all__ = ["trl_table_rows", "validation_note"]
+__all__ = ["trl_table_rows", "validation_note", "validation_rollouts", "validation_states_note"]
 
 _CELLS = ("prompt", "completion")
 
@@ -65,3 +67,75 @@ def validation_note(tables: Sequence[LoggedTable]) -> str | None:
     if not parts:
         return None
     return "; ".join(parts) + ": validation, kept apart from the training signals (not read as rollouts)"
+
+
+def _verl_validation(tables: Sequence[LoggedTable]) -> list[tuple[int, str | None, str, Any]]:
+    verl = [t for t in tables if t.key == "val/generations" and t.columns[:1] == ["step"]]
+    if not verl:
+        return []
+    last = max(verl, key=lambda t: t.step)  # the table grows: its last log holds every validation
+    idx = {c: i for i, c in enumerate(last.columns)}
+    rows = []
+    for r in last.rows:
+        k = 1
+        while f"output_{k}" in idx:
+            out = r[idx[f"output_{k}"]]
+            if isinstance(out, str):
+                inp = r[idx[f"input_{k}"]] if f"input_{k}" in idx else None
+                rows.append((as_step(r[0]) if as_step(r[0]) is not None else last.step,
+                             inp if isinstance(inp, str) else None, out, r[idx[f"score_{k}"]] if f"score_{k}" in idx else None))
+            k += 1
+    return rows
+
+
+def _oi_validation(tables: Sequence[LoggedTable]) -> list[tuple[int, str | None, str, Any]]:
+    rows = []
+    for t in tables:
+        if t.key != "sample_completions" or "response" not in t.columns:
+            continue
+        idx = {c: i for i, c in enumerate(t.columns)}
+        for r in t.rows:
+            out = r[idx["response"]]
+            if isinstance(out, str):
+                rows.append((t.step, r[idx["prompt"]] if "prompt" in idx else None, out,
+                             r[idx["scores"]] if "scores" in idx else None))
+    return rows
+
+
+def validation_rollouts(tables: Sequence[LoggedTable]) -> pl.DataFrame | None:
+    """The validation samples a run logged to W&B as rollout rows with turn states (None: none):
+    verl's ``val/generations`` (text decoded without special tokens, split at the agent loop's
+    tool rounds, as verl's dumps are) and open-instruct's ``sample_completions`` (ChatML text)."""
+    from diagnose.adapters._rollouts import rollouts_frame, turn_columns
+    from diagnose.adapters._turns import TurnClassifier as ChatTurns
+    from diagnose.adapters._values import as_float
+    from diagnose.adapters._verl_turns import VerlTurnClassifier, WithPromptTools, prompt_tool_names
+
+    frames = []
+    for rows, verl in ((_verl_validation(tables), True), (_oi_validation(tables), False)):
+        if not rows:
+            continue
+        cols: dict[str, Any] = {"step": [r[0] for r in rows], "prompt": [r[1] for r in rows],
+                                "completion": [r[2] for r in rows], "reward": [as_float(r[3]) for r in rows]}
+        seen: dict[int, int] = {}
+        cols["sample_id"] = []
+        for r in rows:  # numbered within each validation step
+            cols["sample_id"].append(seen.get(r[0], 0))
+            seen[r[0]] = cols["sample_id"][-1] + 1
+        cols["group_id"] = cols["sample_id"]
+        if verl:
+            pairs = [(r[2], prompt_tool_names(r[1])) for r in rows]
+            cols.update(turn_columns(WithPromptTools(VerlTurnClassifier()), pairs))  # type: ignore[arg-type]
+        else:
+            cols.update(turn_columns(ChatTurns(), cols["completion"]))
+        frames.append(rollouts_frame(cols))
+    return pl.concat(frames, how="diagonal_relaxed").sort("step", "sample_id") if frames else None
+
+
+def validation_states_note(df: pl.DataFrame) -> str:
+    """Per validation step: how many samples had a collapsed turn (``3/4``)."""
+    per = df.group_by("step").agg(pl.len().alias("n"), pl.col("turn_states").list.contains("collapsed").sum()
+                                  .alias("c")).sort("step")
+    parts = [f"step {s}: {c}/{n}" for s, n, c in per.iter_rows()]
+    return ("validation samples with a collapsed turn (from the W&B validation tables, kept apart): "
+            + ", ".join(parts[:12]) + (", ..." if len(parts) > 12 else ""))
