@@ -45,6 +45,8 @@ _NUMPY = re.compile(r"^np\.[a-z]+\d*\((.*)\)$")
 _DICT_START = re.compile(r"^\{'[^'\n]{1,200}': (?:'[-+.\deinfa]*'|[-+]?[\d.]+(?:e[-+]?\d+)?|nan|inf|True|False)[,}]")
 _MAX_LINE = 1 << 20
 _SNIFF_BYTES = 8 << 20
+#: log files sniffed per folder (a launch folder may be a repository checkout full of text files)
+_MAX_SNIFFED = 64
 
 
 def parse_value(text: str) -> float | None:
@@ -79,7 +81,7 @@ def find_logs(p: Path) -> list[Path]:
         return [p] if looks_like_console(p) else []
     cands = [f for d in (p, p / "logs") if d.is_dir() for f in visible_files(d) if f.suffix in SUFFIXES
              or f.name == "nohup.out"]
-    return [f for f in cands if looks_like_console(f)]
+    return [f for f in cands[:_MAX_SNIFFED] if looks_like_console(f)]
 
 
 class _Parse:
