@@ -82,8 +82,9 @@ class Adapter(Protocol):
     """What each format module provides (every hook; ``_common.hooks`` has the defaults of
     ``runs`` and ``run_alias`` for a format whose path is always one run)."""
 
-    #: The keyword arguments its ``load`` takes: some of `LOAD_OPTIONS`, and ``file_checks``
-    #: if it validates files up front. ``load_run`` passes only these and notes the others.
+    #: The keyword arguments its ``load`` takes: some of `LOAD_OPTIONS`, ``file_checks`` if it
+    #: validates files up front, ``trackers`` if its metrics may live in an experiment tracker
+    #: (`TRACKED_FORMATS`). ``load_run`` passes only these and notes the others.
     OPTIONS: tuple[str, ...]
 
     def detect(self, path: Path) -> bool:
