@@ -24,6 +24,7 @@ from diagnose.adapters import FORMATS
 from diagnose.capability.cli import PROBE_EPILOG, probe
 from diagnose.cli_errors import EXIT_USAGE, command_errors, require
 from diagnose.jsonl import LineError
+from diagnose.regular_file import DIRECTORY, not_regular
 
 app = typer.Typer(
     name="diagnose",
@@ -74,8 +75,11 @@ def formats(
     from diagnose.conversations import read_conversations
     from diagnose.format_summary import summarize, turn_table
 
-    if not path.is_file():
-        err_console.print(f"[red]error:[/] {_esc(path)}: no such file", highlight=False, soft_wrap=True)
+    why = not_regular(path)
+    if why is not None:
+        hint = "; `diagnose formats` reads one conversation JSONL file (a run folder: `diagnose scan`)" \
+            if why == DIRECTORY else ""
+        err_console.print(f"[red]error:[/] {_esc(path)}: {_esc(why)}{hint}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     convs, errors = read_conversations(path)
     report_line_errors(errors)

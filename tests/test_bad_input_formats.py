@@ -20,6 +20,14 @@ def conv(data: bytes, *extra: str):
     return build
 
 
+def _socket(path: Path) -> None:
+    """A unix socket file at ``path`` (it stays a socket after the one that bound it closes)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+
+
 G = good_conversations(4)
 CASES = [
     Case("truncated-last-line", conv(G[:-30]), 0, ["c.jsonl:4", "truncated JSON at end of file"]),
@@ -54,9 +62,14 @@ CASES = [
                                   b'\\"arguments\\": {\\"x\\": NaN}}\\n</tool_call>"}]}\n'), 0),
     Case("missing-file", lambda tmp: ["formats", str(tmp / "none.jsonl")], 2, ["none.jsonl", "no such file"]),
     Case("a-directory", lambda tmp: ((tmp / "d.jsonl").mkdir(), ["formats", str(tmp / "d.jsonl")])[1], 2,
-         ["d.jsonl"]),
+         ["d.jsonl: a directory, not a file", "diagnose scan"], ["no such file"]),
+    Case("a-named-pipe", lambda tmp: (os.mkfifo(tmp / "p.jsonl"), ["formats", str(tmp / "p.jsonl")])[1], 2,
+         ["p.jsonl: a named pipe (FIFO), not a regular file"], ["no such file"]),
+    Case("a-socket", lambda tmp: (_socket(tmp / "s.jsonl"), ["formats", str(tmp / "s.jsonl")])[1], 2,
+         ["s.jsonl: a socket, not a regular file"]),
+    Case("a-character-device", lambda tmp: ["formats", "/dev/zero"], 2, ["/dev/zero: a character device"]),
     Case("symlink-loop", lambda tmp: (os.symlink(tmp / "l.jsonl", tmp / "l.jsonl"), ["formats", str(tmp / "l.jsonl")])[1],
-         2, ["l.jsonl"]),
+         2, ["l.jsonl: broken symlink or symlink loop"]),
     Case("markup-in-file-name", lambda tmp: ((tmp / "[red]x.jsonl").write_bytes(garbage(50)),
                                              ["formats", str(tmp / "[red]x.jsonl")])[1], 1, ["[red]x.jsonl"]),
     Case("markup-in-bad-content", conv(G + conv_line(messages=[{"role": HTML_PAYLOAD, "content": "x"}])), 0,

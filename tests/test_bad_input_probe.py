@@ -5,6 +5,7 @@ docs/reliability.md."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -56,14 +57,35 @@ def nan_weights(ckpt: Path) -> None:
 
 DAMAGE = {
     "weights-missing": (lambda c: (c / "model.safetensors").unlink(), "no *.safetensors weights"),
-    "weights-cut-in-half": (lambda c: cut_half(c / "model.safetensors"), "model does not load"),
-    "weights-empty": (lambda c: (c / "model.safetensors").write_bytes(b""), "model does not load"),
+    "weights-cut-in-half": (lambda c: cut_half(c / "model.safetensors"),
+                            "model.safetensors: not a readable safetensors file"),
+    "weights-empty": (lambda c: (c / "model.safetensors").write_bytes(b""),
+                      "model.safetensors: not a readable safetensors file"),
     "weights-NaN": (nan_weights, "non-finite weights"),
     "weights-pickle-only": (lambda c: ((c / "model.safetensors").rename(c / "pytorch_model.bin")),
                             "never unpickles"),
-    "config-garbage": (lambda c: (c / "config.json").write_bytes(garbage(100)), "config.json"),
+    "config-garbage": (lambda c: (c / "config.json").write_bytes(garbage(100)), "config.json: not valid UTF-8"),
     "config-missing": (lambda c: (c / "config.json").unlink(), "config.json: missing"),
-    "tokenizer-garbage": (lambda c: (c / "tokenizer.json").write_bytes(garbage(100)), "tokenizer"),
+    "tokenizer-garbage": (lambda c: (c / "tokenizer.json").write_bytes(garbage(100)), "tokenizer.json: not valid UTF-8"),
+    # every file of the folder that transformers reads is named when broken (diagnose.model.files)
+    "tokenizer-truncated": (lambda c: cut_half(c / "tokenizer.json"), "tokenizer.json: not valid JSON (truncated?)"),
+    "tokenizer-config-truncated": (lambda c: cut_half(c / "tokenizer_config.json"),
+                                   "tokenizer_config.json: not valid JSON (truncated?)"),
+    "tokenizer-config-a-list": (lambda c: (c / "tokenizer_config.json").write_text("[]"),
+                                "tokenizer_config.json: expected a JSON object, got list"),
+    "config-truncated": (lambda c: cut_half(c / "config.json"), "config.json: not valid JSON (truncated?)"),
+    "generation-config-garbage": (lambda c: (c / "generation_config.json").write_bytes(b"{oops"),
+                                  "generation_config.json: not valid JSON"),
+    "chat-template-does-not-compile": (lambda c: (c / "chat_template.jinja").write_text("{% for m in messages %}"),
+                                       "chat_template.jinja: chat template does not compile"),
+    "chat-template-binary": (lambda c: (c / "chat_template.jinja").write_bytes(garbage(64, 2)),
+                             "chat_template.jinja: not valid UTF-8"),
+    "tokenizer-a-named-pipe": (lambda c: ((c / "tokenizer.json").unlink(), os.mkfifo(c / "tokenizer.json")),
+                               "tokenizer.json: a named pipe (FIFO), not a regular file"),
+    "config-a-named-pipe": (lambda c: ((c / "config.json").unlink(), os.mkfifo(c / "config.json")),
+                            "config.json: a named pipe (FIFO), not a regular file"),
+    "weights-a-named-pipe": (lambda c: ((c / "model.safetensors").unlink(), os.mkfifo(c / "model.safetensors")),
+                             "model.safetensors: a named pipe (FIFO), not a regular file"),
 }
 
 
@@ -76,6 +98,16 @@ def one_checkpoint(damage: str):
             shutil.rmtree(c)
         DAMAGE[damage][0](ckpts[-1])
         return ["probe", str(run), "--all", *PROBE]
+    return build
+
+
+def model_dir(damage):
+    """``probe --model DIR`` on a copy of the run's last checkpoint, damaged by ``damage(dir)``."""
+    def build(tmp: Path, trained: Path) -> list[str]:
+        m = tmp / "m"
+        shutil.copytree(sorted((trained / "checkpoints").iterdir())[-1], m)
+        damage(m)
+        return ["probe", "--model", str(m), *PROBE]
     return build
 
 
@@ -98,6 +130,8 @@ CASES = [
     Case("model-dir-missing", lambda tmp, t: ["probe", "--model", str(tmp / "nomodel"), *PROBE], 2, ["nomodel"]),
     Case("model-dir-empty", lambda tmp, t: ((tmp / "m").mkdir(), ["probe", "--model", str(tmp / "m"), *PROBE])[1],
          2, ["config.json: missing"]),
+    Case("model-dir-tokenizer-truncated", model_dir(lambda m: cut_half(m / "tokenizer.json")), 2,
+         ["m/tokenizer.json: not valid JSON (truncated?)", "no checkpoint could be probed"]),
     Case("run-without-checkpoints", lambda tmp, t: (shutil.copytree(t, tmp / "r", ignore=shutil.ignore_patterns(
         "checkpoints")), ["probe", str(tmp / "r"), *PROBE])[1], 2, ["checkpoint"]),
     Case("unknown-checkpoint-name", lambda tmp, t: ["probe", str(t), "--checkpoints", "step-999", *PROBE], 2,
