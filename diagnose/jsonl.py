@@ -38,9 +38,11 @@ def _reject_constant(name: str) -> float:
     return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
 
 
-def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
+def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES,
+               limit_name: str = "MAX_LINE_BYTES") -> Iterator[tuple[int, dict[str, Any] | LineError]]:
     """Yield ``(line_no, object)`` for each JSON-object line and ``(line_no, LineError)`` for each
-    bad one. Blank lines are skipped. A missing or unreadable file, or one that is no regular file
+    bad one (a line over ``max_line_bytes`` is named with ``limit_name``, the limit's name). Blank
+    lines are skipped. A missing or unreadable file, or one that is no regular file
     (a named pipe is never opened for reading: `diagnose.regular_file`), yields one LineError (line 0).
     """
     p = Path(path)
@@ -65,7 +67,7 @@ def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Ite
                 # skip the rest of the oversized line
                 while raw and not raw.endswith(b"\n"):
                     raw = fh.readline(max_line_bytes)
-                yield line_no, LineError(name, line_no, f"line longer than {max_line_bytes} bytes, skipped")
+                yield line_no, LineError(name, line_no, f"line longer than {max_line_bytes} bytes ({limit_name}), skipped")
                 continue
             if not raw.strip():
                 continue

@@ -259,12 +259,24 @@ def _task(**over) -> bytes:
     return (json.dumps({**GOOD_TASK, **over}) + "\n").encode()
 
 
-BAD_TASK_LINES = (3, 4, 5, 6, 7, 8, 9)
+BAD_TASK_LINES = (3, 4, 5, 6, 7, 8, 9, 10, 11)
+
+
+def oversized_task(turns: int = 5000, **over) -> bytes:
+    """A schema-valid task of ``turns`` gold call turns (the probe once spent minutes on one)."""
+    return _task(ground_truth=[[{"name": "add", "arguments": {"a": i, "b": 2}}] for i in range(turns)],
+                 tool_outputs=None, **over)
+
+
+def over_context_task(**over) -> bytes:
+    """A schema-valid task of one gold turn whose prompt alone is some 10,000 tokens."""
+    return _task(messages=[{"role": "user", "content": "add 2 and 2 " * 2500}], **over)
 
 
 def task_file_bytes() -> bytes:
     """Two good tasks, then one bad line each: call name not a string, arguments not JSON, a call
-    of a tool not in 'tools', NaN arguments, ground_truth not a list, not JSON, binary garbage."""
+    of a tool not in 'tools', NaN arguments, ground_truth not a list, not JSON, binary garbage,
+    5,000 gold turns (over MAX_TASK_TURNS), a gold trajectory over the context (max_context)."""
     return b"".join([
         _task(id="t1"), _task(id="t2", messages=[{"role": "user", "content": HTML_PAYLOAD}]),
         _task(id="b1", ground_truth=[[{"name": 5, "arguments": {}}]]),
@@ -275,4 +287,6 @@ def task_file_bytes() -> bytes:
         _task(id="b5", ground_truth="add(2, 2)"),
         b"{not json\n",
         garbage(40, 7).replace(b"\n", b" ") + b"\n",
+        oversized_task(id="b6"),
+        over_context_task(id="b7"),
     ])

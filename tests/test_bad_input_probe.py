@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 from _bad_input import (
     BAD_TASK_LINES,
+    _task as _task_line,
     Case,
     cut_half,
     garbage,
     invoke,
+    over_context_task,
+    oversized_task,
     run_case,
     task_file_bytes,
     tree_hashes,
@@ -101,13 +104,17 @@ def one_checkpoint(damage: str):
     return build
 
 
-def model_dir(damage):
-    """``probe --model DIR`` on a copy of the run's last checkpoint, damaged by ``damage(dir)``."""
+def model_dir(damage, tasks: bytes | None = None):
+    """``probe --model DIR`` on a copy of the run's last checkpoint, damaged by ``damage(dir)``
+    (with ``--task-file`` holding ``tasks`` when given)."""
     def build(tmp: Path, trained: Path) -> list[str]:
         m = tmp / "m"
         shutil.copytree(sorted((trained / "checkpoints").iterdir())[-1], m)
         damage(m)
-        return ["probe", "--model", str(m), *PROBE]
+        if tasks is None:
+            return ["probe", "--model", str(m), *PROBE]
+        (tmp / "tasks.jsonl").write_bytes(tasks)
+        return ["probe", "--model", str(m), "--task-file", str(tmp / "tasks.jsonl"), *PROBE]
     return build
 
 
@@ -125,6 +132,16 @@ CASES = [
     Case("task-file-empty", task_file(b""), 2, ["tasks.jsonl", "no usable task"]),
     Case("task-file-utf16", task_file(task_file_bytes().decode("utf-8", "replace").encode("utf-16")), 2,
          ["tasks.jsonl:1"]),
+    Case("task-5000-gold-turns", task_file(oversized_task()), 2,
+         ["tasks.jsonl:1", "5000 turns, over the limit of 64 per task (MAX_TASK_TURNS)", "no usable task"]),
+    Case("task-5000-calls-in-one-turn", task_file(_task_line(ground_truth=[[
+        {"name": "add", "arguments": {"a": i, "b": 2}} for i in range(5000)]])), 2,
+        ["tasks.jsonl:1", "5000 calls, over the limit of 256 per task (MAX_TASK_CALLS)", "no usable task"]),
+    Case("task-line-over-1MB", task_file(_task_line(final_answer="4" * (1024 * 1024))), 2,
+         ["tasks.jsonl:1", "longer than 1048576 bytes (MAX_TASK_BYTES)", "no usable task"]),
+    Case("task-over-the-context", model_dir(lambda m: None, over_context_task()), 2,
+         ["tasks.jsonl:1", "task 't1': its gold trajectory is", "over the limit of 2048 (max_context)",
+          "no usable task"]),
     Case("task-file-missing", lambda tmp, t: ["probe", str(t), "--task-file", str(tmp / "none.jsonl"), *PROBE], 2,
          ["none.jsonl"]),
     Case("model-dir-missing", lambda tmp, t: ["probe", "--model", str(tmp / "nomodel"), *PROBE], 2, ["nomodel"]),

@@ -143,7 +143,35 @@ def test_resume_with_every_checkpoint_corrupt_exits_1(trained: Path, tmp_path: P
         (d / "model.safetensors").write_bytes(b"")
     out = invoke(app, ["run", "--preset", "smoke", *TINY, "--out", str(run), "--resume"])
     assert out.code == 1 and "no checkpoint can be resumed from" in out.err, out.text
+    first = out.err.strip().splitlines()[0]
+    assert "step-000003" in first and "3 tried" in first, first  # the reasons on the line, not after a colon
     assert "Traceback" not in out.text
+
+
+RUN_JSON_DAMAGE = {
+    "garbage": (lambda f: f.write_bytes(garbage(300)), "run.json: unreadable or not valid JSON ('utf-8' codec"),
+    "truncated": (lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+                  "run.json: unreadable or not valid JSON (Expecting"),
+    "empty": (lambda f: f.write_bytes(b""), "run.json: unreadable or not valid JSON (Expecting value"),
+    "not-an-object": (lambda f: f.write_text("[1, 2]"), "run.json: expected a JSON object, got list"),
+}
+
+
+@pytest.mark.parametrize("damage", list(RUN_JSON_DAMAGE))
+def test_resume_with_a_broken_run_json_names_it(trained: Path, tmp_path: Path, damage: str) -> None:
+    """A run.json that is no JSON object: named with what is wrong, before any checkpoint is
+    tried (it said "no checkpoint can be resumed from:" with nothing after the colon); exit 1,
+    nothing of the run changed."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    edit, why = RUN_JSON_DAMAGE[damage]
+    edit(run / "run.json")
+    before = tree_hashes(run)
+    out = invoke(app, ["run", "--preset", "smoke", *TINY, "--out", str(run), "--resume"])
+    flat = " ".join(out.err.split())
+    assert out.code == 1 and why in flat and "cannot resume" in flat, out.text
+    assert "no checkpoint can be resumed" not in flat and "Traceback" not in out.text
+    assert tree_hashes(run) == before, "an input was modified"
 
 
 def test_resume_without_checkpoint_exits_1(tmp_path: Path) -> None:

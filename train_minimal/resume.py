@@ -9,6 +9,7 @@ is named with the reason and the next older one is tried.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,28 @@ from rich.console import Console
 from rich.markup import escape
 
 from diagnose.model.resolve import load_model_and_tokenizer
+from diagnose.rundir import RunReader
+from diagnose.rundir.schema import RUN_JSON, RunFormatError
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def resumable_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints of the run at ``out_dir`` ([] when it has no ``run.json``), once
+    its ``run.json`` is known to be readable: a resume continues the run it describes, so a broken
+    one is named with what is wrong (`RunFormatError`, a ValueError) before any checkpoint is tried."""
+    if not os.path.lexists(out_dir / RUN_JSON):
+        return []
+    reader = RunReader(out_dir)
+    try:
+        reader.info
+    except RunFormatError as e:
+        raise RunFormatError(f"{e}; cannot resume: {RUN_JSON} holds the run's configuration and control tokens "
+                             "(restore it, or train into a new --out)") from None
+    return reader.checkpoints()
 
 
 def load_latest_usable(ckpts: list[tuple[int, Path]], *, dtype: Any, device: str,
@@ -46,4 +64,4 @@ def load_latest_usable(ckpts: list[tuple[int, Path]], *, dtype: Any, device: str
             console.print(f"[yellow]resuming from {escape(path.name)}[/]: the steps after it are run again and the "
                           "unusable checkpoint(s) replaced", highlight=False, soft_wrap=True)
         return path, model, tokenizer
-    raise ValueError("no checkpoint can be resumed from:\n  " + "\n  ".join(failures))
+    raise ValueError(f"no checkpoint can be resumed from ({len(failures)} tried, newest first): " + "; ".join(failures))
