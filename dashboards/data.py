@@ -29,6 +29,7 @@ import polars as pl
 import streamlit as st
 
 from diagnose.adapters import adapter, detect_format, load_run
+from diagnose.control_tokens import ids_of
 from diagnose.source import RunSource
 
 ROOT_ENV = "DIAGNOSE_RUNS_ROOT"
@@ -230,7 +231,8 @@ class Loaded:
         return self.error is None
 
 
-def _error_line(e: BaseException) -> str:
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message``: how the dashboard says an error, in one line."""
     text = str(e).strip().splitlines()
     head = text[0] if text else ""
     return f"{type(e).__name__}: {head}" if head else type(e).__name__
@@ -243,14 +245,14 @@ def scan(path: Path) -> Loaded:
     try:
         return Loaded(scan_run(path))
     except Exception as e:  # noqa: BLE001 - any unreadable run is a message on the page
-        return Loaded(error=_error_line(e))
+        return Loaded(error=error_line(e))
 
 
 def source(path: Path) -> Loaded:
     try:
         return Loaded(load_run(path))  # with rescored / live-probe tables attached
     except Exception as e:  # noqa: BLE001
-        return Loaded(error=_error_line(e))
+        return Loaded(error=error_line(e))
 
 
 def capability(path: Path) -> Loaded:
@@ -260,7 +262,7 @@ def capability(path: Path) -> Loaded:
     try:
         return Loaded(read_capability(path))
     except Exception as e:  # noqa: BLE001 - CapabilityReadError and anything else: a message
-        return Loaded(error=_error_line(e))
+        return Loaded(error=error_line(e))
 
 
 def _table(src: RunSource, kind: str, steps: Iterable[int] | None) -> pl.LazyFrame | None:
@@ -356,8 +358,8 @@ def decode_tokens(tokenizer_file: Path | None, ids: Iterable[int],
                   control_tokens: Sequence[dict[str, Any]] = ()) -> dict[int, str]:
     """Text of each distinct token id: control tokens by their registered text, others by the
     run's tokenizer when there is one, else ``⟨id⟩``."""
-    ids = sorted({int(i) for i in ids})
-    out = {int(t["token_id"]): str(t.get("text") or t.get("name")) for t in control_tokens if "token_id" in t}
+    ids = sorted({int(i) for i in ids if i is not None})
+    out = {i: str(t.get("text") or t.get("name")) for i, t in ids_of(control_tokens).items()}
     tok = None
     if tokenizer_file is not None:
         try:

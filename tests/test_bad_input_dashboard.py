@@ -174,3 +174,111 @@ def test_dashboard_command_on_a_root_that_is_a_symlink_loop(tmp_path: Path) -> N
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     out = invoke(app, ["dashboard", str(tmp_path / "loop")])
     assert out.code == 2 and "loop" in out.err and "Traceback" not in out.text
+
+
+# ------------------------------------------------------------------ every page on corrupt runs (AppTest)
+
+PAGES = ("views/overview.py", "views/control_tokens.py", "views/episodes.py", "views/tokens.py", "views/probe.py",
+         "views/compare.py")
+APP = Path(__file__).resolve().parent.parent / "dashboards" / "app.py"
+
+
+def _corrupt(run: Path, damage: str) -> None:
+    if damage == "run-json-garbage":  # control tokens known by name only: the token viewer raised on them
+        (run / "run.json").write_bytes(garbage(100))
+    elif damage == "run-json-token-ids-wrong-type":
+        import json
+
+        info = json.loads((run / "run.json").read_text())
+        info["control_tokens"] = [{**t, "token_id": "im_end"} for t in info["control_tokens"]]
+        (run / "run.json").write_text(json.dumps(info))
+    elif damage == "tokens-all-garbage":
+        for f in (run / "tokens").glob("*.parquet"):
+            f.write_bytes(garbage(500))
+    elif damage == "tokens-without-token-id":  # every step file: the step the viewer shows too
+        for f in (run / "tokens").glob("*.parquet"):
+            pl.read_parquet(f).drop("token_id").write_parquet(f)
+    elif damage == "rollouts-all-garbage":
+        for f in (run / "rollouts").glob("*.parquet"):
+            f.write_bytes(garbage(500))
+    elif damage == "everything-empty":
+        for f in run.rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"")
+
+
+CORRUPT = ("run-json-garbage", "run-json-token-ids-wrong-type", "tokens-all-garbage", "tokens-without-token-id",
+           "rollouts-all-garbage", "everything-empty")
+
+
+@pytest.fixture(scope="module")
+def corrupt_root(tmp_path_factory, base_run: Path) -> Path:
+    """A runs root holding a good run and one run per kind of corruption."""
+    root = tmp_path_factory.mktemp("corrupt_root")
+    copy_run(base_run, root, "good")
+    for damage in CORRUPT:
+        _corrupt(copy_run(base_run, root, damage), damage)
+    return root
+
+
+def _page(root: Path, run: str, page: str):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.session_state["run"] = run
+    at.run()
+    if page != PAGES[0]:
+        at.switch_page(page).run()
+    return at
+
+
+def _one_line_errors(at) -> list[str]:
+    assert not at.exception, [e.value for e in at.exception]  # streamlit's traceback box
+    errors = [str(e.value) for e in at.error]
+    for e in errors:
+        assert "\n" not in e.strip() and "Traceback" not in e, e
+    return errors
+
+
+@pytest.mark.parametrize("damage", CORRUPT)
+def test_every_page_on_a_corrupt_run_shows_one_line_and_keeps_the_others(corrupt_root: Path, damage: str,
+                                                                           monkeypatch, caplog) -> None:
+    """The token viewer of a run whose run.json is garbage showed a traceback box (and the server
+    logged one): every page on every corrupt run shows what it can, or one line saying why; the
+    same page on the good run, picked next in the same session, is whole."""
+    monkeypatch.setenv("DIAGNOSE_RUNS_ROOT", str(corrupt_root))
+    monkeypatch.delenv("DIAGNOSE_DEBUG", raising=False)
+    def inputs() -> dict[str, str]:  # the scan cache (.diagnose/) is the dashboard's own output
+        return {k: v for k, v in tree_hashes(corrupt_root / damage).items() if not k.startswith(".diagnose")}
+
+    before = inputs()
+    for page in PAGES:
+        at = _page(corrupt_root, damage, page)
+        _one_line_errors(at)
+        assert [t.value for t in at.title], page
+        at.selectbox(key="run").set_value("good").run()  # the others stay usable
+        assert not _one_line_errors(at), page
+    assert "Traceback" not in caplog.text
+    assert inputs() == before, "an input was modified"
+
+
+def test_a_page_that_fails_shows_one_line_and_logs_no_traceback(tmp_path: Path, base_run: Path, monkeypatch,
+                                                                caplog) -> None:
+    """Whatever a page raises on a run (here the token loader, made to fail) becomes one error
+    line on that page and one log line; the sidebar and the other pages still work."""
+    copy_run(base_run, tmp_path, "good")
+    monkeypatch.setenv("DIAGNOSE_RUNS_ROOT", str(tmp_path))
+    monkeypatch.delenv("DIAGNOSE_DEBUG", raising=False)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("cannot read this\nsecond line of the message")
+
+    monkeypatch.setattr(data, "token_rows", boom)
+    at = _page(tmp_path, "good", "views/tokens.py")
+    errors = _one_line_errors(at)
+    assert errors == ["This page, for the run 'good', could not be drawn: RuntimeError: cannot read this "
+                      "(the other runs and pages are not affected; DIAGNOSE_DEBUG=1 shows the traceback)"], errors
+    assert at.selectbox(key="run").options == ["good"]  # the sidebar is there
+    assert "RuntimeError: cannot read this" in caplog.text and "Traceback" not in caplog.text
+    at.switch_page("views/overview.py").run()
+    assert not _one_line_errors(at)
