@@ -156,6 +156,40 @@ def record_row(case: Case, command: str, outcome: Outcome, data: dict | None, tm
         f.write(f"| {case.id} | `{command}` | {outcome.code} | {seen} |\n")
 
 
+# ------------------------------------------------------------------ inputs that could hang a reader
+
+#: A case that runs longer than this is taken for a hang (a reader blocked on a named pipe):
+#: every thread's stack is printed and the test run ends, rather than CI waiting forever.
+HANG_SECONDS = 600
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """Autouse in every bad-input module that imports it: the watchdog of `HANG_SECONDS`."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def named_pipe(path: Path) -> None:
+    """Replace ``path`` with a named pipe nobody writes: opening it for reading blocks forever."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+    os.mkfifo(path)
+
+
+def unix_socket(path: Path) -> None:
+    """A unix socket file at ``path`` (it stays a socket after the one that bound it closes)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+
+
 # ------------------------------------------------------------------ inputs
 
 

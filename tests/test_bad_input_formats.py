@@ -8,7 +8,18 @@ import os
 from pathlib import Path
 
 import pytest
-from _bad_input import HTML_PAYLOAD, Case, conv_line, garbage, good_conversations, invoke, run_case
+from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
+    HTML_PAYLOAD,
+    Case,
+    conv_line,
+    garbage,
+    good_conversations,
+    invoke,
+    named_pipe,
+    no_hang,
+    run_case,
+    unix_socket,
+)
 
 from diagnose.cli import app
 
@@ -18,14 +29,6 @@ def conv(data: bytes, *extra: str):
         (tmp / "c.jsonl").write_bytes(data)
         return ["formats", str(tmp / "c.jsonl"), *extra]
     return build
-
-
-def _socket(path: Path) -> None:
-    """A unix socket file at ``path`` (it stays a socket after the one that bound it closes)."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX) as s:
-        s.bind(str(path))
 
 
 G = good_conversations(4)
@@ -63,9 +66,9 @@ CASES = [
     Case("missing-file", lambda tmp: ["formats", str(tmp / "none.jsonl")], 2, ["none.jsonl", "no such file"]),
     Case("a-directory", lambda tmp: ((tmp / "d.jsonl").mkdir(), ["formats", str(tmp / "d.jsonl")])[1], 2,
          ["d.jsonl: a directory, not a file", "diagnose scan"], ["no such file"]),
-    Case("a-named-pipe", lambda tmp: (os.mkfifo(tmp / "p.jsonl"), ["formats", str(tmp / "p.jsonl")])[1], 2,
+    Case("a-named-pipe", lambda tmp: (named_pipe(tmp / "p.jsonl"), ["formats", str(tmp / "p.jsonl")])[1], 2,
          ["p.jsonl: a named pipe (FIFO), not a regular file"], ["no such file"]),
-    Case("a-socket", lambda tmp: (_socket(tmp / "s.jsonl"), ["formats", str(tmp / "s.jsonl")])[1], 2,
+    Case("a-socket", lambda tmp: (unix_socket(tmp / "s.jsonl"), ["formats", str(tmp / "s.jsonl")])[1], 2,
          ["s.jsonl: a socket, not a regular file"]),
     Case("a-character-device", lambda tmp: ["formats", "/dev/zero"], 2, ["/dev/zero: a character device"]),
     Case("symlink-loop", lambda tmp: (os.symlink(tmp / "l.jsonl", tmp / "l.jsonl"), ["formats", str(tmp / "l.jsonl")])[1],

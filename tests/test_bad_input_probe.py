@@ -5,18 +5,19 @@ docs/reliability.md."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-from _bad_input import (
+from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
     BAD_TASK_LINES,
     _task as _task_line,
     Case,
     cut_half,
     garbage,
     invoke,
+    named_pipe,
+    no_hang,
     over_context_task,
     oversized_task,
     run_case,
@@ -83,11 +84,11 @@ DAMAGE = {
                                        "chat_template.jinja: chat template does not compile"),
     "chat-template-binary": (lambda c: (c / "chat_template.jinja").write_bytes(garbage(64, 2)),
                              "chat_template.jinja: not valid UTF-8"),
-    "tokenizer-a-named-pipe": (lambda c: ((c / "tokenizer.json").unlink(), os.mkfifo(c / "tokenizer.json")),
+    "tokenizer-a-named-pipe": (lambda c: named_pipe(c / "tokenizer.json"),
                                "tokenizer.json: a named pipe (FIFO), not a regular file"),
-    "config-a-named-pipe": (lambda c: ((c / "config.json").unlink(), os.mkfifo(c / "config.json")),
+    "config-a-named-pipe": (lambda c: named_pipe(c / "config.json"),
                             "config.json: a named pipe (FIFO), not a regular file"),
-    "weights-a-named-pipe": (lambda c: ((c / "model.safetensors").unlink(), os.mkfifo(c / "model.safetensors")),
+    "weights-a-named-pipe": (lambda c: named_pipe(c / "model.safetensors"),
                              "model.safetensors: a named pipe (FIFO), not a regular file"),
 }
 

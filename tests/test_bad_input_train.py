@@ -9,7 +9,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _bad_input import BAD_TASK_LINES, Case, garbage, invoke, run_case, task_file_bytes, tree_hashes
+from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
+    BAD_TASK_LINES,
+    Case,
+    garbage,
+    invoke,
+    named_pipe,
+    no_hang,
+    run_case,
+    task_file_bytes,
+    tree_hashes,
+)
 
 from train_minimal.cli import app
 
@@ -57,8 +67,11 @@ CASES = [
     Case("config-top-level-list", config(b"- 1\n- 2\n", "c.yaml"), 2, ["c.yaml", "table of settings"]),
     Case("config-empty-file-nothing-to-train", config(b""), 2, ["nothing to train"]),
     Case("config-is-a-directory", lambda tmp: ((tmp / "d.toml").mkdir(), ["run", "--config", str(tmp / "d.toml")])[1],
-         2, ["d.toml", "Is a directory"]),
+         2, ["d.toml", "a directory, not a file"]),
     Case("config-missing", lambda tmp: ["run", "--config", str(tmp / "none.toml")], 2, ["none.toml"]),
+    Case("config-a-named-pipe", lambda tmp: (named_pipe(tmp / "p.toml"),
+                                             ["run", "--config", str(tmp / "p.toml")])[1], 2,
+         ["p.toml: cannot read config: a named pipe (FIFO), not a regular file"]),
     Case("config-symlink-loop", lambda tmp: (__import__("os").symlink(tmp / "l.toml", tmp / "l.toml"),
                                              ["run", "--config", str(tmp / "l.toml")])[1], 2, ["l.toml"]),
     Case("config-negative-steps", config(b"[grpo]\nsteps = -5\n"), 2, ["grpo.steps: must be >= 0, got -5"]),
@@ -114,16 +127,19 @@ def trained(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["weights-cut-in-half", "weights-missing", "optimizer-garbage",
-                                    "trainer-state-garbage"])
+                                    "trainer-state-garbage", "optimizer-a-named-pipe", "tokenizer-a-named-pipe"])
 def test_resume_with_corrupt_latest_checkpoint_falls_back(trained: Path, tmp_path: Path, damage: str) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     latest = sorted((run / "checkpoints").iterdir())[-1]
     target = {"weights-cut-in-half": latest / "model.safetensors", "weights-missing": latest / "model.safetensors",
-              "optimizer-garbage": latest / "optimizer.pt", "trainer-state-garbage": latest / "trainer_state.json"}
+              "optimizer-garbage": latest / "optimizer.pt", "trainer-state-garbage": latest / "trainer_state.json",
+              "optimizer-a-named-pipe": latest / "optimizer.pt", "tokenizer-a-named-pipe": latest / "tokenizer.json"}
     f = target[damage]
     if damage == "weights-missing":
         f.unlink()
+    elif damage.endswith("a-named-pipe"):  # never opened for reading: it would block the resume
+        named_pipe(f)
     elif damage == "weights-cut-in-half":
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     else:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from diagnose.model.resolve import load_model_and_tokenizer
+from diagnose.regular_file import check_regular, read_text
 from diagnose.rundir import RunReader
 from diagnose.rundir.schema import RUN_JSON, RunFormatError
 
@@ -49,9 +50,10 @@ def load_latest_usable(ckpts: list[tuple[int, Path]], *, dtype: Any, device: str
     failures = []
     for step, path in reversed(ckpts):
         try:
-            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            state = json.loads(read_text(path / "trainer_state.json"))
             if not isinstance(state, dict) or int(state.get("step", -1)) != step:
                 raise ValueError(f"trainer_state.json does not hold step {step}")
+            check_regular(path / "optimizer.pt")  # a named pipe is refused, never waited on
             torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
             model, tokenizer = load_model_and_tokenizer(str(path), dtype=dtype, device=device)
         except Exception as e:  # noqa: BLE001 - any unreadable part makes the checkpoint unusable

@@ -32,6 +32,7 @@ from diagnose.model.logits import token_stats
 from diagnose.rundir import RunReader, RunWriter
 from diagnose.model.sequences import encode_conversation
 from diagnose.tasks import Task, fit_context, gold_messages, load_task_file, make_tasks
+from diagnose.regular_file import read_text
 from diagnose.model.resolve import load_model_and_tokenizer, resolve_model_path
 
 from train_minimal.batch import make_batch, micro_slices
@@ -390,7 +391,7 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool, console: Console, in
     if ckpt is not None:
         try:
             opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-            raw = json.loads((ckpt / "trainer_state.json").read_text())
+            raw = json.loads(read_text(ckpt / "trainer_state.json"))
             state = TrainState(step=int(raw["step"]), failed=dict(raw.get("failed", {})),
                                nonfinite_streak=int(raw.get("nonfinite_streak", 0)))
             writer.truncate_after(state.step)  # steps logged after the checkpoint are re-run: logged once
