@@ -104,6 +104,12 @@ def run_case(app, case: Case, tmp: Path, env: dict[str, str] | None = None) -> O
     outcome = invoke(app, argv, env)
     check(case, outcome)
     assert tree_hashes(tmp) == before, "an input was modified"
+    if os.environ.get("BAD_INPUT_TABLE"):
+        command = argv[0] if app.info.name == "diagnose" else app.info.name
+        data = None
+        if command == "scan" and outcome.code in (0, 1):  # the row lists the issues as --json gives them
+            data = json.loads(invoke(app, [*argv, "--json"], env).out)
+        record_row(case, command, outcome, data, tmp)
     return outcome
 
 
@@ -136,7 +142,8 @@ def run_case_both(app, case: Case, tmp: Path, env: dict[str, str] | None = None)
 
 def record_row(case: Case, command: str, outcome: Outcome, data: dict | None, tmp: Path) -> None:
     """Append the case's docs/reliability.md row to ``$BAD_INPUT_TABLE`` when set (the table is
-    regenerated from the cases: ``BAD_INPUT_TABLE=rows.md pytest tests/test_bad_input_foreign.py``)."""
+    regenerated from the cases: ``BAD_INPUT_TABLE=rows.md pytest tests/test_bad_input_{scan,foreign,
+    formats,train,probe}.py``, in that order)."""
     out = os.environ.get("BAD_INPUT_TABLE")
     if not out:
         return
