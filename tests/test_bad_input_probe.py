@@ -61,10 +61,8 @@ def nan_weights(ckpt: Path) -> None:
 
 DAMAGE = {
     "weights-missing": (lambda c: (c / "model.safetensors").unlink(), "no *.safetensors weights"),
-    "weights-cut-in-half": (lambda c: cut_half(c / "model.safetensors"),
-                            "model.safetensors: not a readable safetensors file"),
-    "weights-empty": (lambda c: (c / "model.safetensors").write_bytes(b""),
-                      "model.safetensors: not a readable safetensors file"),
+    "weights-cut-in-half": (lambda c: cut_half(c / "model.safetensors"), "model.safetensors: model does not load"),
+    "weights-empty": (lambda c: (c / "model.safetensors").write_bytes(b""), "model.safetensors: model does not load"),
     "weights-NaN": (nan_weights, "non-finite weights"),
     "weights-pickle-only": (lambda c: ((c / "model.safetensors").rename(c / "pytorch_model.bin")),
                             "never unpickles"),

@@ -107,7 +107,7 @@ def _safetensors_problem(path: Path) -> str | None:
         raise
     except BaseException as e:  # noqa: BLE001 - incl. a Rust panic: any header error means unreadable
         text = str(e).strip().splitlines()
-        return f"not a readable safetensors file ({type(e).__name__}: {text[0][:200] if text else ''})"
+        return f"model does not load: not a readable safetensors file ({type(e).__name__}: {text[0][:200] if text else ''})"
     return None
 
 
