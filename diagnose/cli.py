@@ -167,8 +167,9 @@ TOKENIZER_HELP = "Tokenizer (a local directory or a cached hub id) to decode tok
 def _scan_or_exit(run: Path, fmt: RunFormat, use_cache: bool, progress: bool, opts: LoadOptions = LoadOptions()):
     """scan_run with the CLI's error policy: one line on stderr naming the path, exit 2 for an
     unreadable run, exit 3 for a bug (traceback only with DIAGNOSE_DEBUG=1)."""
-    if not os.path.lexists(run):
-        err_console.print(f"[red]error:[/] {_esc(run)}: no such file or directory", highlight=False, soft_wrap=True)
+    why = not_regular(run) if os.path.lexists(run) else "no such file or directory"
+    if why is not None and why != DIRECTORY:  # a broken link, a named pipe (never opened), a device
+        err_console.print(f"[red]error:[/] {_esc(run)}: {_esc(why)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE)
     fmt_arg = None if fmt == RunFormat.auto else fmt.value
     with command_errors(f"scanning {run}", err_console, command="diagnose scan"):
@@ -190,10 +191,13 @@ def _scan_run_or_exit(run: Path, fmt_arg: str | None, use_cache: bool, progress:
         raise typer.Exit(EXIT_USAGE) from None
     except UnknownRunLayout as e:
         first = str(e).splitlines()[0].split(" Looked for:")[0].rstrip(".")
-        looked = ", ".join([fmt_arg] if fmt_arg else FORMATS)
-        how = "; force one with --format" if fmt_arg is None else ""
-        err_console.print(f"[red]error:[/] {_esc(first)} (looked for: {looked}; layouts in docs/adapters.md){how}",
-                          highlight=False, soft_wrap=True)
+        if fmt_arg is not None:  # the message says what the forced format looked for and what is there
+            err_console.print(f"[red]error:[/] {_esc(first)} (layouts in docs/adapters.md)", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from None
+        looked = ", ".join(FORMATS)
+        err_console.print(f"[red]error:[/] {_esc(first)} (looked for: {looked}; layouts in docs/adapters.md); "
+                          "force one with --format", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
     except (RunFormatError, OSError) as e:
         err_console.print(f"[red]error:[/] {_esc(run)}: {_esc(e)}", highlight=False, soft_wrap=True)

@@ -6,8 +6,9 @@ writes), and a character device can stream without end, so one ``mkfifo metrics.
 scan. Every reader of user input goes through here: `not_regular` before a library opens a path
 itself (polars, pyarrow, safetensors, transformers), `open_regular` / `read_bytes` where we open
 it ourselves (which cannot block: the file is opened ``O_NONBLOCK`` and checked with ``fstat``
-before a byte is read, so a file swapped for a pipe after the check is refused too), and
-`irregular_entries` for what a folder listing must name rather than skip.
+before a byte is read, so a file swapped for a pipe after the check is refused too); a folder
+listing that keeps regular files names the other entries with `not_regular` rather than
+dropping them (`diagnose.adapters._io.unreachable`, the run-directory reader).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ __all__ = [
     "DIRECTORY",
     "NotRegularFile",
     "check_regular",
-    "irregular_entries",
     "kind_of",
     "not_regular",
     "open_regular",
@@ -65,14 +65,14 @@ def _why(mode: int) -> str | None:
         return None
     if stat.S_ISDIR(mode):
         return DIRECTORY
-    return f"{kind_of(mode) or 'a special file'}, not a regular file; not read"
+    return f"{kind_of(mode) or 'a special file'}, not a regular file"
 
 
 def not_regular(path: str | os.PathLike[str]) -> str | None:
     """Why ``path`` is not a regular file that can be opened (``"no such file"``, ``"broken
     symlink or symlink loop"``, ``"a directory, not a file"``, ``"a named pipe (FIFO), not a
-    regular file; not read"``, ...); None when it is one. Looks at the path only (``stat``),
-    never opens it."""
+    regular file"``, ...); None when it is one. Looks at the path only (``stat``), never opens
+    it. Callers add what follows (``; not read``, ``; file skipped``)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -124,24 +124,3 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
 def read_text(path: str | os.PathLike[str], encoding: str = "utf-8") -> str:
     """The text of a regular file (`open_regular`; decoding errors raise `UnicodeDecodeError`)."""
     return read_bytes(path).decode(encoding)
-
-
-def irregular_entries(directory: str | os.PathLike[str]) -> list[tuple[Path, str]]:
-    """``(path, why)`` of the entries of ``directory`` (not recursive, dot entries skipped) that
-    are pipes, sockets or devices, or symlinks to one: what a folder listing that keeps regular
-    files and folders drops, and must name. [] when the folder cannot be listed."""
-    out = []
-    try:
-        entries = sorted(os.scandir(directory), key=lambda e: e.name)
-    except OSError:
-        return []
-    for e in entries:
-        if e.name.startswith("."):
-            continue
-        try:
-            mode = e.stat().st_mode
-        except OSError:
-            continue  # broken links and unreadable entries are named by their own check
-        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-            out.append((Path(e.path), _why(mode) or "not a regular file; not read"))
-    return out

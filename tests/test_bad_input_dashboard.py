@@ -11,7 +11,17 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from _bad_input import HTML_PAYLOAD, SMALL_RUN, copy_run, cut_half, garbage, step_file, tree_hashes
+from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
+    HTML_PAYLOAD,
+    SMALL_RUN,
+    copy_run,
+    cut_half,
+    garbage,
+    named_pipe,
+    no_hang,
+    step_file,
+    tree_hashes,
+)
 
 pytest.importorskip("streamlit")
 from dashboards import data  # noqa: E402
@@ -100,7 +110,8 @@ def test_root_that_is_a_symlink_loop(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["metrics-garbage", "tokens-cut", "run-json-garbage", "capability-garbage",
-                                    "capability-mixed-writes", "everything-empty"])
+                                    "capability-mixed-writes", "everything-empty", "metrics-a-named-pipe",
+                                    "capability-a-named-pipe"])
 def test_loaders_return_messages_and_partial_results(world, damage: str) -> None:
     run = world["root"] / "good"
     if damage == "metrics-garbage":
@@ -112,6 +123,11 @@ def test_loaders_return_messages_and_partial_results(world, damage: str) -> None
     elif damage == "capability-garbage":
         (run / "capability").mkdir()
         (run / "capability" / "summary.parquet").write_bytes(garbage(100))
+    elif damage == "metrics-a-named-pipe":
+        named_pipe(run / "metrics.jsonl")
+    elif damage == "capability-a-named-pipe":
+        (run / "capability").mkdir()
+        named_pipe(run / "capability" / "summary.parquet")
     elif damage == "capability-mixed-writes":
         from diagnose.capability.results import write_capability
 
@@ -134,6 +150,8 @@ def test_loaders_return_messages_and_partial_results(world, damage: str) -> None
         assert scan.ok and scan.value.issues, "the run is scanned, the bad file named"
         assert any(("metrics.jsonl" in str(i)) or ("step-000003" in str(i)) or ("run.json" in str(i))
                    for i in scan.value.issues)
+    if damage.endswith("a-named-pipe"):
+        assert "a named pipe (FIFO)" in (cap.error or "") + " ".join(map(str, scan.value.issues))
     after = {k: v for k, v in tree_hashes(run).items() if not k.startswith(".diagnose")}
     assert after == before, "an input was modified"
 
@@ -205,10 +223,15 @@ def _corrupt(run: Path, damage: str) -> None:
         for f in run.rglob("*"):
             if f.is_file():
                 f.write_bytes(b"")
+    elif damage == "named-pipes":  # never opened for reading (a read would block the page), named
+        named_pipe(run / "metrics.jsonl")
+        named_pipe(step_file(run, "tokens"))
+        (run / "capability").mkdir()
+        named_pipe(run / "capability" / "summary.parquet")
 
 
 CORRUPT = ("run-json-garbage", "run-json-token-ids-wrong-type", "tokens-all-garbage", "tokens-without-token-id",
-           "rollouts-all-garbage", "everything-empty")
+           "rollouts-all-garbage", "everything-empty", "named-pipes")
 
 
 @pytest.fixture(scope="module")

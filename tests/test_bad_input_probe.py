@@ -92,13 +92,18 @@ DAMAGE = {
 
 
 def one_checkpoint(damage: str):
+    return one_checkpoint_edit(DAMAGE[damage][0])
+
+
+def one_checkpoint_edit(edit):
+    """``probe RUN --all`` on a copy of the run keeping only its last checkpoint, damaged by ``edit``."""
     def build(tmp: Path, trained: Path) -> list[str]:
         run = tmp / "run"
         shutil.copytree(trained, run)
         ckpts = sorted((run / "checkpoints").iterdir())
         for c in ckpts[:-1]:
             shutil.rmtree(c)
-        DAMAGE[damage][0](ckpts[-1])
+        edit(ckpts[-1])
         return ["probe", str(run), "--all", *PROBE]
     return build
 
@@ -150,6 +155,9 @@ CASES = [
          ["m/tokenizer.json: not valid JSON (truncated?)", "no checkpoint could be probed"]),
     Case("run-without-checkpoints", lambda tmp, t: (shutil.copytree(t, tmp / "r", ignore=shutil.ignore_patterns(
         "checkpoints")), ["probe", str(tmp / "r"), *PROBE])[1], 2, ["checkpoint"]),
+    Case("only-checkpoint-trainer-state-a-named-pipe", one_checkpoint_edit(
+        lambda c: named_pipe(c / "trainer_state.json")), 2,
+        ["step-000003/trainer_state.json", "a named pipe (FIFO), not a regular file", "no checkpoint to probe"]),
     Case("unknown-checkpoint-name", lambda tmp, t: ["probe", str(t), "--checkpoints", "step-999", *PROBE], 2,
          ["step-999"]),
     Case("checkpoint-name-garbage", lambda tmp, t: ["probe", str(t), "--checkpoints", "<script>x", *PROBE], 2,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from _bad_input import (
+from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
     HTML_PAYLOAD,
     SMALL_RUN,
     Case,
@@ -25,16 +25,21 @@ from _bad_input import (
     garbage,
     good_conversations,
     invoke,
+    named_pipe,
+    no_hang,
     run_case,
+    run_case_both,
     step_file,
     tree_hashes,
     remove_world_dir,
+    unix_socket,
     world_dir,
 )
 
 from diagnose.cli import app
 
 M = "metrics.jsonl"
+PIPE = "a named pipe (FIFO), not a regular file"
 SCANNED = (0, 1)  # the scan ran: 0 no collapse, 1 collapse (the base run collapses at step 6)
 
 
@@ -162,6 +167,24 @@ NATIVE_CASES = [
     Case("run-dir-only-garbage", lambda tmp, base: ((tmp / "g").mkdir(), (tmp / "g" / "x.bin").write_bytes(
         garbage(100)), ["scan", str(tmp / "g"), "--no-cache"])[2], 2, ["no known run layout"]),
     Case("path-with-rich-markup", native(lambda r: None, name="[red]run[/red]"), SCANNED, ["[red]run[/red]"]),
+    # pipes, sockets, devices: never opened for reading (a FIFO nobody writes hung the scan), named, the rest read
+    Case("metrics-a-named-pipe", native(lambda r: named_pipe(r / M)), SCANNED,
+         ["metrics.jsonl", PIPE], min_steps=12),
+    Case("run-json-a-named-pipe", native(lambda r: named_pipe(r / "run.json")), SCANNED, ["run.json", PIPE],
+         min_steps=12),
+    Case("tokens-step-file-a-named-pipe", native(lambda r: named_pipe(step_file(r, "tokens"))), SCANNED,
+         ["tokens/step-000003.parquet", PIPE], min_steps=12),
+    Case("rollouts-dir-a-named-pipe", native(lambda r: named_pipe(r / "rollouts")), SCANNED, ["rollouts", PIPE],
+         min_steps=12),
+    Case("tokens-step-file-a-socket", native(lambda r: unix_socket(r / "tokens" / "step-000099.parquet")), SCANNED,
+         ["step-000099.parquet", "a socket, not a regular file"], min_steps=12),
+    Case("a-named-pipe-beside-the-run-files", native(lambda r: named_pipe(r / "live.jsonl")), SCANNED,
+         ["live.jsonl", PIPE], min_steps=12),
+    Case("a-symlink-to-a-character-device", native(lambda r: os.symlink("/dev/zero", r / "tokens" /
+                                                                        "step-000098.parquet")), SCANNED,
+         ["step-000098.parquet", "a character device"], min_steps=12),
+    Case("run-dir-a-named-pipe", lambda tmp, base: (named_pipe(tmp / "p"), ["scan", str(tmp / "p"), "--no-cache"])[1],
+         2, ["p: a named pipe (FIFO), not a regular file"]),
 ]
 
 CONV_CASES = [
@@ -191,9 +214,23 @@ CONV_CASES = [
     Case("conv-reward-NaN-and-string", lambda tmp, b: _conv(tmp, good_conversations() + b'{"step": 3, "reward": NaN, '
                                                             b'"messages": []}\n' + conv_line(reward="x")), SCANNED),
     Case("conv-duplicated-lines", lambda tmp, b: _conv(tmp, good_conversations() * 2), SCANNED),
+    Case("conv-a-named-pipe", lambda tmp, b: (named_pipe(tmp / "c.jsonl"), ["scan", str(tmp / "c.jsonl"),
+                                                                           "--no-cache"])[1], 2,
+         ["c.jsonl: a named pipe (FIFO), not a regular file"]),
+    Case("conv-a-named-pipe-in-a-folder-of-step-files", lambda tmp, b: _conv_dir(tmp), SCANNED,
+         ["step_2.jsonl", PIPE], min_steps=1),
     Case("conv-steps-out-of-order", lambda tmp, b: _conv(tmp, b"".join(reversed(
         good_conversations().splitlines(keepends=True)))), SCANNED),
 ]
+
+
+def _conv_dir(tmp: Path) -> list[str]:
+    """A folder of per-step conversation files, one of them a named pipe."""
+    d = tmp / "convs"
+    d.mkdir()
+    (d / "step_1.jsonl").write_bytes(good_conversations())
+    named_pipe(d / "step_2.jsonl")
+    return ["scan", str(d), "--no-cache"]
 
 
 def _conv(tmp: Path, data: bytes) -> list[str]:
@@ -203,7 +240,10 @@ def _conv(tmp: Path, data: bytes) -> list[str]:
 
 @pytest.mark.parametrize("case", [c.param() for c in NATIVE_CASES + CONV_CASES])
 def test_scan_bad_input(case: Case, tmp_path: Path, base_run: Path) -> None:
-    run_case(app, case.on(base_run), tmp_path)
+    if case.min_steps is not None:  # the readable steps are still scanned: both forms, with --json's n_steps
+        run_case_both(app, case.on(base_run), tmp_path)
+    else:
+        run_case(app, case.on(base_run), tmp_path)
 
 
 def test_scan_json_lists_the_skipped_step(tmp_path: Path, base_run: Path) -> None:
@@ -324,3 +364,50 @@ def test_compare_with_an_unreadable_file_names_it_and_exits_2(nobody, locked) ->
     flat = " ".join(res.stderr.split())
     assert res.returncode == 2, res.stdout + res.stderr
     assert "metrics.jsonl" in flat and "Permission denied" in flat and "Traceback" not in flat
+
+
+# ------------------------------------------------------------------ a forced --format that finds nothing
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, base_run: Path) -> dict[str, Path]:
+    """One small run per format (ours, and the synthetic writers' TRL / verl / open-instruct /
+    conversation folders: what matters here is that each is *another* layout than the one forced)."""
+    from diagnose.synth.foreign import write_conversation_run, write_open_instruct_run, write_trl_run, write_verl_run
+
+    root = tmp_path_factory.mktemp("layouts")
+    write_trl_run(root / "trl", steps=4)
+    write_verl_run(root / "verl", steps=4)
+    write_open_instruct_run(root / "open_instruct", steps=4)
+    write_conversation_run(root / "conversations", steps=4)
+    return {"native": base_run, "trl": root / "trl", "verl": root / "verl", "open_instruct": root / "open_instruct",
+            "conversations": root / "conversations"}
+
+
+FORMATS = ("native", "trl", "open_instruct", "verl", "conversations")
+
+
+@pytest.mark.parametrize("forced", FORMATS)
+def test_a_forced_format_that_finds_nothing_exits_2(forced: str, layouts: dict[str, Path], tmp_path: Path) -> None:
+    """`scan RUN --format verl` on a run of another layout printed "(verl, 0 no steps ...)" and
+    exited 0: every forced format on every other layout exits 2, saying what the format looks
+    for, what the folder holds instead and which format it is; the run is not changed."""
+    from diagnose.adapters import LOOKED_FOR
+
+    for layout, run in layouts.items():
+        if layout == forced:
+            continue
+        before = tree_hashes(run)
+        out = invoke(app, ["scan", str(run), "--format", forced, "--no-cache"])
+        flat = " ".join(out.err.split())
+        assert out.code == 2, (forced, layout, out.text[-2000:])
+        assert f"--format {forced} found nothing to read (it looks for {LOOKED_FOR[forced]})" in flat, flat
+        assert "the folder holds " in flat and f"this is a {layout} run: use --format {layout}" in flat, flat
+        assert "Traceback" not in out.text and not out.out.strip()
+        assert tree_hashes(run) == before, "an input was modified"
+
+
+def test_a_forced_format_on_its_own_layout_still_scans(layouts: dict[str, Path]) -> None:
+    for fmt, run in layouts.items():
+        out = invoke(app, ["scan", str(run), "--format", fmt, "--no-cache", "--json"])
+        assert out.code in SCANNED and json.loads(out.out)["n_steps"] >= 4, (fmt, out.text[-2000:])

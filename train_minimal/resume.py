@@ -28,10 +28,12 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def resumable_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+def resumable_checkpoints(out_dir: Path, console: Console) -> list[tuple[int, Path]]:
     """The complete checkpoints of the run at ``out_dir`` ([] when it has no ``run.json``), once
     its ``run.json`` is known to be readable: a resume continues the run it describes, so a broken
-    one is named with what is wrong (`RunFormatError`, a ValueError) before any checkpoint is tried."""
+    one is named with what is wrong (`RunFormatError`, a ValueError) before any checkpoint is tried.
+    Checkpoint folders the reader leaves out (incomplete, a ``trainer_state.json`` that is a pipe)
+    are named as warnings: the resume replaces them."""
     if not os.path.lexists(out_dir / RUN_JSON):
         return []
     reader = RunReader(out_dir)
@@ -40,7 +42,11 @@ def resumable_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     except RunFormatError as e:
         raise RunFormatError(f"{e}; cannot resume: {RUN_JSON} holds the run's configuration and control tokens "
                              "(restore it, or train into a new --out)") from None
-    return reader.checkpoints()
+    ckpts = reader.checkpoints()
+    for issue in reader.issues:
+        if "checkpoint" in issue.message:
+            console.print(f"[yellow]warning:[/] {escape(str(issue))}", highlight=False, soft_wrap=True)
+    return ckpts
 
 
 def load_latest_usable(ckpts: list[tuple[int, Path]], *, dtype: Any, device: str,

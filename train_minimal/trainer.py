@@ -330,7 +330,7 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool, console: Console, in
     # ---- model, tokenizer, control tokens
     ckpt = None
     if resume:
-        ckpts = resumable_checkpoints(out_dir)
+        ckpts = resumable_checkpoints(out_dir, console)
         if not ckpts:
             raise TrainingError(f"{out_dir}: nothing to resume (no checkpoint)")
         ckpt, model, tokenizer = load_latest_usable(ckpts, dtype=dtype, device=device, console=console)

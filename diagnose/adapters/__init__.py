@@ -39,6 +39,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 from diagnose.adapters._turns import TurnClassifier, split_assistant_turns
 from diagnose.adapters._sidecar import attach_sidecar
+from diagnose.regular_file import DIRECTORY, not_regular
 from diagnose.source import RunSource
 
 __all__ = [
@@ -167,14 +168,53 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
 
 
 def require_path(p: Path, format: str | None = None) -> None:  # noqa: A002
-    """``p`` exists and can be looked at; else `UnknownRunLayout` naming it, with the formats that
-    were asked for (the first thing `load_run` and ``diagnose scan`` say about a bad path)."""
+    """``p`` exists and can be looked at, and is a folder or a regular file; else `UnknownRunLayout`
+    naming it, with the formats that were asked for (the first thing `load_run` and ``diagnose
+    scan`` say about a bad path; a named pipe is never opened: `diagnose.regular_file`)."""
     try:
         exists = p.exists()
     except OSError as e:
         raise UnknownRunLayout(p, f"cannot access ({e})") from None
     if not exists:
         raise UnknownRunLayout(p, "no such file or directory", [format] if format else FORMATS)
+    why = not_regular(p)
+    if why is not None and why != DIRECTORY:
+        raise UnknownRunLayout(p, why, [format] if format else FORMATS)
+
+
+def _holdings(p: Path, limit: int = 8) -> str:
+    """What is at ``p``, for an error: the folder's visible entries (folders with ``/``), or the file."""
+    if not p.is_dir():
+        return f"it is one file, {p.name}"
+    try:
+        names = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(p) if not e.name.startswith("."))
+    except OSError as e:
+        return f"the folder cannot be listed ({e.strerror or e})"
+    if not names:
+        return "the folder is empty"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"the folder holds {', '.join(names[:limit])}{more}"
+
+
+def _forced_found_nothing(p: Path, fmt: str, src: RunSource | None = None) -> UnknownRunLayout:
+    """The error of a forced ``format`` that finds nothing to read at ``p``: what the format looks
+    for, what is there instead (and the format that is, when one is detected), and the first
+    problem the adapter named."""
+    other = detect_format(p)
+    parts = [f"--format {fmt} found nothing to read (it looks for {LOOKED_FOR[fmt]}); {_holdings(p)}"]
+    if other is not None and other != fmt:
+        parts.append(f"this is a {other} run: use --format {other}, or leave --format out")
+    if src is not None and src.issues:
+        parts.append(f"{len(src.issues)} problem(s) named, the first: {src.issues[0]}")
+    return UnknownRunLayout(p, "; ".join(parts), [fmt])
+
+
+def _nothing_read(src: RunSource) -> bool:
+    """Whether a loaded source holds no step at all (no metrics row, no rollout)."""
+    import polars as pl
+
+    frames = [lf for lf in (src.metrics, src.rollouts) if lf is not None]
+    return all(lf.select(pl.len()).collect().item() == 0 for lf in frames)
 
 
 def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa: A002
@@ -199,8 +239,9 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     if fmt is None:
         raise UnknownRunLayout(p)
     mod = adapter(fmt)
-    if format is not None and not mod.detect(p) and not mod.has_candidates(p):
-        raise UnknownRunLayout(p, f"nothing in the {fmt} layout found", [fmt])
+    forced_blind = format is not None and not mod.detect(p)  # forced on a folder the format does not recognise
+    if forced_blind and not mod.has_candidates(p):
+        raise _forced_found_nothing(p, fmt)
     given = {k: v for k, v in options.items() if v is not None}
     runs = getattr(mod, "runs", None)
     if runs is not None:
@@ -216,11 +257,13 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     if file_checks and (takes is None or "file_checks" in takes):
         kwargs["file_checks"] = file_checks
     src = mod.load(p, **kwargs)
-    if fmt != "native" and p.is_dir():  # the native reader names its own
+    if forced_blind and _nothing_read(src):  # a forced format that reads nothing is no scan of the run
+        raise _forced_found_nothing(p, fmt, src)
+    if p.is_dir():  # what the listings skip (broken links, pipes, unreadable files): named, once
         from diagnose.adapters._io import unreachable
         from diagnose.source import SourceIssue
 
-        named = {i.path for i in src.issues}
+        named = {str(i.path) for i in src.issues}
         src.issues += [SourceIssue(str(f), None, why) for f, why in unreachable(p) if str(f) not in named]
     for k in sorted(set(given) - set(kwargs)):
         src.notes.append(f"option {k}={given[k]!s} is not used by the {fmt} adapter; ignored")

@@ -6,6 +6,7 @@ the reader's lazy scans (corrupt step files are reported by the reader and skipp
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ def _root(p: Path) -> Path:
 def detect(p: Path) -> bool:
     if p.is_file():
         return p.name == RUN_JSON
-    return (p / RUN_JSON).is_file()
+    # any run.json that is not a folder (a pipe, a broken link too): the reader names what is wrong with it
+    return os.path.lexists(p / RUN_JSON) and not (p / RUN_JSON).is_dir()
 
 
 def has_candidates(p: Path) -> bool:

@@ -29,6 +29,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.atomic import is_temp_name
+from diagnose.regular_file import DIRECTORY, not_regular, read_bytes
 from diagnose.rundir.schema import (
     CHECKPOINTS_DIR,
     KINDS,
@@ -158,7 +159,7 @@ class RunReader:
             self._issue(path, None, f"missing ({RUN_JSON} is written when the run starts)")
             return None, msg
         try:
-            info = json.loads(path.read_bytes().decode("utf-8"))
+            info = json.loads(read_bytes(path).decode("utf-8"))  # a named pipe is refused, never waited on
         except (OSError, UnicodeDecodeError, ValueError) as e:
             self._issue(path, None, f"unreadable or not valid JSON: {e}")
             return None, f"{path}: unreadable or not valid JSON ({e})"
@@ -228,7 +229,7 @@ class RunReader:
             self._issue(path, None, "broken symlink or symlink loop; not read" if path.is_symlink() else "missing")
             return empty
         try:
-            data = path.read_bytes()
+            data = read_bytes(path)  # a named pipe is refused, never waited on
         except OSError as e:
             self._issue(path, None, f"unreadable: {e}")
             return empty
@@ -394,8 +395,8 @@ class RunReader:
             raise ValueError(f"unknown table kind {kind!r}; expected one of {KINDS}")
         directory = self.run_dir / kind
         if not directory.is_dir():
-            if directory.is_symlink():
-                self._issue(directory, None, "broken symlink or symlink loop; not read")
+            if os.path.lexists(directory):  # a broken link, a pipe: named
+                self._issue(directory, None, f"{not_regular(directory) or 'not a directory'}; not read")
             return []
         out: list[_StepFile] = []
         try:
@@ -411,9 +412,10 @@ class RunReader:
             if step is None:
                 continue
             try:
-                if not entry.is_file():
-                    if entry.is_symlink():
-                        self._issue(Path(entry.path), None, "broken symlink or symlink loop; file skipped")
+                if not entry.is_file():  # a broken link, a named pipe, a socket, a device: named, never opened
+                    why = not_regular(entry.path)
+                    if why != DIRECTORY:
+                        self._issue(Path(entry.path), None, f"{why}; file skipped")
                     continue
                 st = entry.stat()
             except OSError as e:
@@ -566,8 +568,12 @@ class RunReader:
             step = parse_step_dirname(entry.name)
             if step is None:
                 continue
-            if not (entry / TRAINER_STATE_JSON).is_file():
+            why = not_regular(entry / TRAINER_STATE_JSON)
+            if why == "no such file":
                 self._issue(entry, None, f"incomplete checkpoint (no {TRAINER_STATE_JSON}); skipped")
+                continue
+            if why is not None:
+                self._issue(entry / TRAINER_STATE_JSON, None, f"{why}; checkpoint skipped")
                 continue
             out.append((step, entry))
         out.sort()

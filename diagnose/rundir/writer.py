@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 
 from diagnose.atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_json, is_temp_name
+from diagnose.regular_file import read_text
 from diagnose.rundir.schema import (
     CHECKPOINTS_DIR,
     METRICS_JSONL,
@@ -424,7 +425,7 @@ class RunWriter:
     @staticmethod
     def _load_existing(run_json: Path) -> dict:
         try:
-            info = json.loads(run_json.read_text(encoding="utf-8"))
+            info = json.loads(read_text(run_json))  # a named pipe is refused, never waited on
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise RunFormatError(f"{run_json}: cannot resume, file is unreadable or not valid JSON ({e})") from None
         if not isinstance(info, dict):
