@@ -411,3 +411,19 @@ def test_a_forced_format_on_its_own_layout_still_scans(layouts: dict[str, Path])
     for fmt, run in layouts.items():
         out = invoke(app, ["scan", str(run), "--format", fmt, "--no-cache", "--json"])
         assert out.code in SCANNED and json.loads(out.out)["n_steps"] >= 4, (fmt, out.text[-2000:])
+
+
+def test_named_pipes_in_the_scan_cache_are_not_waited_on(tmp_path: Path, base_run: Path) -> None:
+    """The scan cache (``<run>/.diagnose/scan/``) is read as the run is: a pipe in place of its
+    manifest, result or signals is refused, the cache rebuilt, the scan the same."""
+    run = copy_run(base_run, tmp_path)
+    first = invoke(app, ["scan", str(run), "--json"])
+    assert first.code in SCANNED, first.text
+    cache = run / ".diagnose" / "scan"
+    for name in ("manifest.json", "result.json", "signals.parquet", "file_checks.json"):
+        if (cache / name).exists():
+            named_pipe(cache / name)
+    again = invoke(app, ["scan", str(run), "--json"])
+    assert again.code == first.code and "Traceback" not in again.text, again.text
+    a, b = json.loads(first.out), json.loads(again.out)
+    assert (a["verdict"], a["n_steps"]) == (b["verdict"], b["n_steps"])

@@ -50,6 +50,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.atomic import atomic_dir, atomic_path, atomic_write_json, is_temp_name
+from diagnose.regular_file import check_regular, read_text
 from diagnose.scan.detect import DetectConfig
 from diagnose.scan.result import SCHEMA_VERSION, CacheInfo, RunScanResult, result_from_json
 
@@ -249,7 +250,7 @@ class Cached:
     manifest: dict[str, Any]
 
     def read_result(self) -> RunScanResult:
-        data = json.loads((self.dir / RESULT).read_text(encoding="utf-8"))
+        data = json.loads(read_text(self.dir / RESULT))
         return result_from_json(data, _read_parquet(self.dir / SIGNALS))
 
     def read_derived(self) -> pl.DataFrame:
@@ -260,14 +261,14 @@ class Cached:
         if fmt is not None and fmt != self.manifest.get("format"):
             return None
         try:
-            return json.loads((self.dir / FILE_CHECKS).read_text(encoding="utf-8"))
+            return json.loads(read_text(self.dir / FILE_CHECKS))
         except (OSError, ValueError, UnicodeDecodeError):
             return None
 
 
 def _read_manifest(d: Path) -> Cached | None:
     try:
-        m = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+        m = json.loads(read_text(d / MANIFEST))  # a named pipe in the cache is refused (OSError), never waited on
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     if not isinstance(m, dict) or m.get("cache_version") != CACHE_VERSION:
@@ -294,6 +295,7 @@ def find_cache(root: Path, run: str | None = None) -> tuple[Cached | None, str]:
 
 
 def _read_parquet(path: Path) -> pl.DataFrame:
+    check_regular(path)
     df = pl.read_parquet(path)
     if "step" not in df.columns:
         raise ValueError(f"{path}: no step column")
