@@ -157,8 +157,11 @@ def record_row(case: Case, command: str, outcome: Outcome, data: dict | None, tm
             seen += f"; skipped: {first}" + (f" (+{len(issues) - 2} more)" if len(issues) > 2 else "")
         else:
             seen += ", nothing skipped"
-    else:
-        seen = short(next((ln for ln in outcome.err.splitlines() if ln.strip()), outcome.out))[:300]
+    else:  # the first line naming what the case is about (its first name), else the first line
+        lines = [ln for ln in outcome.err.splitlines() if ln.strip()]
+        named = [ln for ln in lines if case.names and case.names[0] in ln]
+        stdout = "".join(outcome.out.splitlines()).split("┏")[0]  # rich wraps the title mid-word; no table
+        seen = short((named or lines or [stdout])[0])[:300]
     with open(out, "a") as f:
         f.write(f"| {case.id} | `{command}` | {outcome.code} | {seen} |\n")
 

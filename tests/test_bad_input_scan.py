@@ -228,7 +228,7 @@ def _conv_dir(tmp: Path) -> list[str]:
     """A folder of per-step conversation files, one of them a named pipe."""
     d = tmp / "convs"
     d.mkdir()
-    (d / "step_1.jsonl").write_bytes(good_conversations())
+    (d / "step_1.jsonl").write_bytes(b"".join(conv_line(id=f"c{i}", step=1) for i in range(4)))
     named_pipe(d / "step_2.jsonl")
     return ["scan", str(d), "--no-cache"]
 
