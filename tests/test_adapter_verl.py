@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from diagnose.adapters import AmbiguousRun, detect_format, load_run
+from diagnose.adapters import AmbiguousRun, UnknownRunLayout, detect_format, load_run
 from diagnose.adapters import verl as verl_adapter
 from diagnose.cli import app
 from diagnose.scan import scan_source
@@ -304,9 +304,10 @@ def test_empty_dump_folder(tmp_path):
     rd.mkdir()
     (rd / "1.jsonl").write_bytes(b"")
     assert detect_format(rd) is None
-    src = load_run(rd, format="verl")
-    assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
-    assert "no readable rollout lines" in issues_text(src)
+    # a forced format that reads nothing is an error naming what it found wrong, not an empty scan
+    with pytest.raises(UnknownRunLayout, match="--format verl found nothing to read .*the folder holds 1.jsonl; "
+                                               "1 problem.*/1.jsonl: no readable rollout lines"):
+        load_run(rd, format="verl")
 
 
 def test_bad_dump_lines_and_metrics_lines(tmp_path):
