@@ -30,6 +30,7 @@ import streamlit as st
 
 from diagnose.adapters import adapter, detect_format, load_run
 from diagnose.control_tokens import ids_of
+from diagnose.error_line import error_line
 from diagnose.source import RunSource
 
 ROOT_ENV = "DIAGNOSE_RUNS_ROOT"
@@ -231,13 +232,6 @@ class Loaded:
         return self.error is None
 
 
-def error_line(e: BaseException) -> str:
-    """``Type: first line of the message``: how the dashboard says an error, in one line."""
-    text = str(e).strip().splitlines()
-    head = text[0] if text else ""
-    return f"{type(e).__name__}: {head}" if head else type(e).__name__
-
-
 def scan(path: Path) -> Loaded:
     """`diagnose.scan.run.scan_run` with the dashboard's error policy."""
     from diagnose.scan.run import scan_run
@@ -245,14 +239,14 @@ def scan(path: Path) -> Loaded:
     try:
         return Loaded(scan_run(path))
     except Exception as e:  # noqa: BLE001 - any unreadable run is a message on the page
-        return Loaded(error=error_line(e))
+        return Loaded(error=error_line(e, limit=None))
 
 
 def source(path: Path) -> Loaded:
     try:
         return Loaded(load_run(path))  # with rescored / live-probe tables attached
     except Exception as e:  # noqa: BLE001
-        return Loaded(error=error_line(e))
+        return Loaded(error=error_line(e, limit=None))
 
 
 def capability(path: Path) -> Loaded:
@@ -262,7 +256,7 @@ def capability(path: Path) -> Loaded:
     try:
         return Loaded(read_capability(path))
     except Exception as e:  # noqa: BLE001 - CapabilityReadError and anything else: a message
-        return Loaded(error=error_line(e))
+        return Loaded(error=error_line(e, limit=None))
 
 
 def _table(src: RunSource, kind: str, steps: Iterable[int] | None) -> pl.LazyFrame | None:

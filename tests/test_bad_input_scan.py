@@ -15,7 +15,6 @@ import polars as pl
 import pytest
 from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
     HTML_PAYLOAD,
-    SMALL_RUN,
     Case,
     append,
     as_nobody_cmd,
@@ -34,6 +33,7 @@ from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
     remove_world_dir,
     unix_socket,
     world_dir,
+    write_base_run,
 )
 
 from diagnose.cli import app
@@ -43,18 +43,12 @@ PIPE = "a named pipe (FIFO), not a regular file"
 SCANNED = (0, 1)  # the scan ran: 0 no collapse, 1 collapse (the base run collapses at step 6)
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
-    from diagnose.synth import write_synthetic_run
-
-    d = tmp_path_factory.mktemp("bad_scan") / "base"
-    write_synthetic_run(d, collapse_at=6, seed=1, **SMALL_RUN)
-    return d
+    return write_base_run(tmp_path_factory.mktemp("bad_scan"))
 
 
 def native(edit, name: str = "run"):
