@@ -8,7 +8,7 @@ itself (polars, pyarrow, safetensors, transformers), `open_regular` / `read_byte
 it ourselves (which cannot block: the file is opened ``O_NONBLOCK`` and checked with ``fstat``
 before a byte is read, so a file swapped for a pipe after the check is refused too); a folder
 listing that keeps regular files names the other entries with `not_regular` rather than
-dropping them (`diagnose.adapters._io.unreachable`, the run-directory reader).
+dropping them (`diagnose.adapters._common.io.unreachable`, the run-directory reader).
 """
 
 from __future__ import annotations
