@@ -266,8 +266,13 @@ def synth(
     if out.exists():
         err_console.print(f"[red]error:[/] {out}: already exists")
         raise typer.Exit(2)
-    truth = write_synthetic_run(out, steps=steps, collapse_at=None if collapse_at < 0 else collapse_at,
-                                recover_at=None if recover_at < 0 else recover_at, seed=seed)
+    with command_errors(f"writing the synthetic run {out}", err_console, command="diagnose synth"):
+        try:
+            truth = write_synthetic_run(out, steps=steps, collapse_at=None if collapse_at < 0 else collapse_at,
+                                        recover_at=None if recover_at < 0 else recover_at, seed=seed)
+        except ValueError as e:  # options that do not fit together (checked before anything is written)
+            err_console.print(f"[red]error:[/] {_esc(e)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from None
     what = (f"collapse injected at step {truth.onset_step} ({truth.implicated_token} at {truth.context})"
             if truth.onset_step is not None else "no collapse (stable run)")
     console.print(f"synthetic run written to {out}: {truth.n_token_rows:,} token rows, {what}")

@@ -103,7 +103,13 @@ def open_regular(path: str | os.PathLike[str], mode: str = "rb", **kwargs: Any) 
     it (`NotRegularFile`); other failures raise the usual `OSError`."""
     if any(c in mode for c in "wax+"):
         raise ValueError(f"open_regular reads; got mode {mode!r}")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:  # a socket cannot be opened at all (ENXIO): say what it is, not the errno
+        why = not_regular(path) if e.errno == errno.ENXIO else None
+        if why is not None and why != DIRECTORY:
+            raise NotRegularFile(path, why) from None
+        raise
     try:
         why = _why(os.fstat(fd).st_mode)
         if why is not None:

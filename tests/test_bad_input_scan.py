@@ -170,6 +170,8 @@ NATIVE_CASES = [
          ["tokens/step-000003.parquet", PIPE], min_steps=12),
     Case("rollouts-dir-a-named-pipe", native(lambda r: named_pipe(r / "rollouts")), SCANNED, ["rollouts", PIPE],
          min_steps=12),
+    Case("metrics-a-socket", native(lambda r: unix_socket(r / M)), SCANNED,
+         ["metrics.jsonl", "a socket, not a regular file"], ["Errno"], min_steps=12),
     Case("tokens-step-file-a-socket", native(lambda r: unix_socket(r / "tokens" / "step-000099.parquet")), SCANNED,
          ["step-000099.parquet", "a socket, not a regular file"], min_steps=12),
     Case("a-named-pipe-beside-the-run-files", native(lambda r: named_pipe(r / "live.jsonl")), SCANNED,
@@ -396,7 +398,7 @@ def test_a_forced_format_that_finds_nothing_exits_2(forced: str, layouts: dict[s
         flat = " ".join(out.err.split())
         assert out.code == 2, (forced, layout, out.text[-2000:])
         assert f"--format {forced} found nothing to read (it looks for {LOOKED_FOR[forced]})" in flat, flat
-        assert "the folder holds " in flat and f"this is a {layout} run: use --format {layout}" in flat, flat
+        assert "the folder holds " in flat and f"it is in the {layout} layout: use --format {layout}" in flat, flat
         assert "Traceback" not in out.text and not out.out.strip()
         assert tree_hashes(run) == before, "an input was modified"
 
@@ -421,3 +423,16 @@ def test_named_pipes_in_the_scan_cache_are_not_waited_on(tmp_path: Path, base_ru
     assert again.code == first.code and "Traceback" not in again.text, again.text
     a, b = json.loads(first.out), json.loads(again.out)
     assert (a["verdict"], a["n_steps"]) == (b["verdict"], b["n_steps"])
+
+
+@pytest.mark.parametrize(("options", "why"), [
+    (["--steps", "30"], "collapse_at must be in [0, 30), got 30"),  # the default --collapse-at 30
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--collapse-at", "-1", "--recover-at", "5"], "recover_at needs a collapse_at before it"),
+])
+def test_synth_options_that_do_not_fit_exit_2(tmp_path: Path, options: list[str], why: str) -> None:
+    """`diagnose synth` with options that do not fit together: one line naming them, exit 2,
+    nothing written (it was a ValueError traceback)."""
+    out = invoke(app, ["synth", str(tmp_path / "run"), *options])
+    assert out.code == 2 and why in out.err and "Traceback" not in out.text, out.text
+    assert not (tmp_path / "run").exists()

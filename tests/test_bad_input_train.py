@@ -195,6 +195,20 @@ def test_resume_with_a_broken_run_json_names_it(trained: Path, tmp_path: Path, d
     assert tree_hashes(run) == before, "an input was modified"
 
 
+def test_resume_with_metrics_jsonl_a_named_pipe_names_it(trained: Path, tmp_path: Path) -> None:
+    """metrics.jsonl is repaired and appended to on resume: a pipe in its place (opening it to
+    append would block) is named with the file, exit 1, before run.json is touched."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    named_pipe(run / "metrics.jsonl")
+    before = tree_hashes(run)
+    out = invoke(app, ["run", "--preset", "smoke", *TINY, "--out", str(run), "--resume"])
+    flat = " ".join(out.err.split())
+    assert out.code == 1 and "metrics.jsonl: a named pipe (FIFO), not a regular file; cannot resume" in flat, out.text
+    assert "Traceback" not in out.text
+    assert tree_hashes(run) == before, "an input was modified"
+
+
 def test_resume_without_checkpoint_exits_1(tmp_path: Path) -> None:
     out = invoke(app, ["run", "--preset", "smoke", *TINY, "--out", str(tmp_path / "none"), "--resume"])
     assert out.code == 1 and "nothing to resume" in out.err, out.text

@@ -218,7 +218,7 @@ def _forced_found_nothing(p: Path, fmt: str, src: RunSource | None = None) -> Un
     other = detect_format(p)
     parts = [f"--format {fmt} found nothing to read (it looks for {LOOKED_FOR[fmt]}); {_holdings(p)}"]
     if other is not None and other != fmt:
-        parts.append(f"this is a {other} run: use --format {other}, or leave --format out")
+        parts.append(f"it is in the {other} layout: use --format {other}, or leave --format out")
     if src is not None and src.issues:
         parts.append(f"{len(src.issues)} problem(s) named, the first: {src.issues[0]}")
     return UnknownRunLayout(p, "; ".join(parts), [fmt])

@@ -127,11 +127,15 @@ class RunReader:
             raise RunFormatError(f"{self.run_dir}: not a directory")
         self._info, self._info_error = self._load_info()
         if self._info is None and not self._anything_readable():
-            details = "; ".join(str(i) for i in self._issues) or "no files"
-            raise RunFormatError(
+            shown = 3  # a run of a thousand unreadable step files is one line, not a page; `issues` has them all
+            details = "; ".join(str(i) for i in self._issues[:shown]) or "no files"
+            more = f"; and {len(self._issues) - shown} more" if len(self._issues) > shown else ""
+            err = RunFormatError(
                 f"{self.run_dir}: not a readable run ({self._info_error}; no metrics lines and no "
-                f"readable step files). Issues: {details}"
+                f"readable step files). Issues: {details}{more}"
             )
+            err.issues = list(self._issues)  # type: ignore[attr-defined]
+            raise err
 
     # ---- issues ----------------------------------------------------------------------
 

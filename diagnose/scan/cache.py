@@ -85,7 +85,7 @@ MAX_TREE_FILES = 200_000
 _SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.scan.token_signals", "diagnose.scan.frames",
                 "diagnose.scan.names", "diagnose.adapters", "diagnose.rundir", "diagnose.turns",
                 "diagnose.transcripts", "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl",
-                "diagnose.source", "diagnose.parquet_check",
+                "diagnose.source", "diagnose.parquet_check", "diagnose.regular_file",
                 "diagnose.rescore.tables")  # the rescored tables attached to a source
 _EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.verdict", "diagnose.scan.episodes", "diagnose.scan.drops",
                  "diagnose.scan.moves", "diagnose.scan.implicated", "diagnose.scan.examples",

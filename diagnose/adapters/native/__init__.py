@@ -73,8 +73,10 @@ def load(p: Path, *, file_checks: Any = None) -> RunSource:
     except RunFormatError as e:
         if "newer than this reader supports" in str(e):
             raise
-        msg = str(e)
+        msg = str(e).split(". Issues: ")[0]  # the reader's issues one by one, below
         issues.add(root, None, msg[len(f"{root}: "):] if msg.startswith(f"{root}: ") else msg)
+        for i in getattr(e, "issues", ()):
+            issues.add(i.path, i.line, i.message, i.kind)
         return make_source(root, FORMAT, metrics=pl.DataFrame(schema={"step": pl.Int64}),
                            rollouts=pl.DataFrame(schema=rollouts_schema()), issues=issues,
                            notes=["nothing readable in this run directory"], files=_files(root))
