@@ -193,9 +193,11 @@ def named_pipe(path: Path) -> None:
 
 
 def unix_socket(path: Path) -> None:
-    """A unix socket file at ``path`` (it stays a socket after the one that bound it closes)."""
+    """Replace ``path`` with a unix socket file (it stays a socket after the one that bound it closes)."""
     import socket
 
+    if os.path.lexists(path):
+        path.unlink()
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))
 
