@@ -188,6 +188,23 @@ def test_dashboard_command_on_a_root_that_is_a_symlink_loop(tmp_path: Path) -> N
     assert out.code == 2 and "loop" in out.err and "Traceback" not in out.text
 
 
+@pytest.mark.parametrize(("make", "what"), [
+    (named_pipe, "a named pipe (FIFO), not a directory"),
+    (lambda p: p.write_text("x"), "a file, not a directory"),
+    (lambda p: None, "no such directory"),
+])
+def test_dashboard_command_on_a_root_that_is_no_directory_says_what_it_is(tmp_path: Path, make, what) -> None:
+    """A runs root that is a pipe or a file is said to be one (it said "no such directory")."""
+    from _bad_input import invoke
+
+    from diagnose.cli import app
+
+    make(tmp_path / "root")
+    out = invoke(app, ["dashboard", str(tmp_path / "root")])
+    assert out.code == 2 and f"root: {what} (the runs root holds run directories)" in " ".join(out.err.split())
+    assert "Traceback" not in out.text
+
+
 # ------------------------------------------------------------------ every page on corrupt runs (AppTest)
 
 PAGES = ("views/overview.py", "views/control_tokens.py", "views/episodes.py", "views/tokens.py", "views/probe.py",
