@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,7 +148,8 @@ def record_row(case: Case, command: str, outcome: Outcome, data: dict | None, tm
     out = os.environ.get("BAD_INPUT_TABLE")
     if not out:
         return
-    short = lambda s: " ".join(str(s).replace(str(tmp) + "/", "").split()).replace("|", "\\|")  # noqa: E731
+    base = re.compile(r"/\S*?/pytest-\d+/[^/\s]+/")  # a module fixture's folder (the trained run) as well
+    short = lambda s: base.sub("", " ".join(str(s).replace(str(tmp) + "/", "").split())).replace("|", "\\|")  # noqa: E731
     if data is not None:
         seen = f"scanned ({data['verdict']}, {data['n_steps']} steps)"
         issues = [i for i in data.get("issues", [])]
