@@ -50,4 +50,5 @@ with st.sidebar:
 
 nav = st.navigation([st.Page(path, title=title, url_path=url, icon=icon, default=(i == 0))
                      for i, (path, title, url, icon) in enumerate(PAGES)])
-nav.run()
+with ui.page(st.session_state.get(ui.RUN_KEY)):  # one run a page cannot read: a one-line error, not a traceback
+    nav.run()

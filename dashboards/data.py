@@ -29,6 +29,7 @@ import polars as pl
 import streamlit as st
 
 from diagnose.adapters import adapter, detect_format, load_run
+from diagnose.control_tokens import ids_of
 from diagnose.error_line import error_line
 from diagnose.source import RunSource
 
@@ -351,8 +352,8 @@ def decode_tokens(tokenizer_file: Path | None, ids: Iterable[int],
                   control_tokens: Sequence[dict[str, Any]] = ()) -> dict[int, str]:
     """Text of each distinct token id: control tokens by their registered text, others by the
     run's tokenizer when there is one, else ``⟨id⟩``."""
-    ids = sorted({int(i) for i in ids})
-    out = {int(t["token_id"]): str(t.get("text") or t.get("name")) for t in control_tokens if "token_id" in t}
+    ids = sorted({int(i) for i in ids if i is not None})
+    out = {i: str(t.get("text") or t.get("name")) for i, t in ids_of(control_tokens).items()}
     tok = None
     if tokenizer_file is not None:
         try:

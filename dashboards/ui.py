@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import html
+import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import polars as pl
 import streamlit as st
 
 from dashboards import data
+from diagnose.control_tokens import ids_of
 from diagnose.error_line import error_line
 from diagnose.figures import ctrl_probs, token_values
 from diagnose.scan.html import highlight
@@ -26,6 +29,7 @@ from diagnose.scan.formatting import token_label
 RUN_KEY = "run"  # the run picker's widget key (and its URL query parameter)
 TOKEN_TARGET_KEY = "token_target"  # (run rel, step, sample_id) set by "open in the token viewer"
 PLOT_CONFIG = {"displaylogo": False}
+log = logging.getLogger("dashboards")
 
 CSS = """
 <style>
@@ -106,12 +110,24 @@ def run_and_scan_or_stop() -> tuple[data.RunEntry, Any]:
 
 
 @contextlib.contextmanager
-def section(what: str) -> Iterator[None]:
-    """A part of a page that shows a one-line message instead of a traceback if it fails."""
+def section(what: str, after: str = "") -> Iterator[None]:
+    """A part of a page (or a whole page) that shows a one-line error instead of a traceback if it
+    fails, and logs one line, not a traceback (``DIAGNOSE_DEBUG=1`` raises it, as the CLI)."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - streamlit's own control flow derives from BaseException
-        st.error(f"{what} could not be drawn: {error_line(e, limit=None)}")
+        if os.environ.get("DIAGNOSE_DEBUG"):
+            raise
+        line = error_line(e, limit=None)
+        log.warning("%s could not be drawn: %s", what, line)
+        st.error(f"{what} could not be drawn: {line}{after}")
+
+
+def page(rel: str | None) -> contextlib.AbstractContextManager[None]:
+    """The guard around every page (``dashboards/app.py``): a run that one page cannot read gives
+    a one-line error on that page; the sidebar, the other runs and the other pages stay usable."""
+    return section(f"This page, for the run {rel!r},", after=" (the other runs and pages are not affected; "
+                   "DIAGNOSE_DEBUG=1 shows the traceback)")
 
 
 def plot(fig: go.Figure | None, missing: str, key: str | None = None) -> None:
@@ -167,14 +183,14 @@ def token_html(rows: pl.DataFrame, texts: Mapping[int, str], control_tokens: Seq
     vmax = max(finite) if finite else 1.0
     probs = ctrl_probs(rows, control_tokens)
     label = {t["name"]: token_label(t["name"], t.get("text")) for t in control_tokens}
-    ctrl_ids = {int(t["token_id"]) for t in control_tokens if "token_id" in t}
+    ctrl_ids = set(ids_of(control_tokens))
     ids = rows.get_column("token_id").to_list()
     pos = rows.get_column("position").to_list()
     gen = rows.get_column("is_generated").to_list() if "is_generated" in rows.columns else [True] * rows.height
     out = []
     for i in range(rows.height):
-        tid = int(ids[i])
-        text = texts.get(tid, f"⟨{tid}⟩")
+        tid = ids[i]  # None: a token_id column the file lacked (filled with nulls by the reader)
+        text = texts.get(tid, f"⟨{'?' if tid is None else tid}⟩")
         tip = [f"pos {pos[i]} · id {tid}" + ("" if gen[i] else " · tool output / template"),
                f"{color_by}: {vals[i]:.3g}" if vals[i] is not None else f"{color_by}: n/a"]
         top = sorted(((p[i], n) for n, p in probs.items() if p[i] is not None), reverse=True)

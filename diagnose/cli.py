@@ -24,6 +24,7 @@ from diagnose.adapters import FORMATS
 from diagnose.capability.cli import PROBE_EPILOG, probe
 from diagnose.cli_errors import EXIT_USAGE, command_errors, require
 from diagnose.jsonl import LineError
+from diagnose.regular_file import DIRECTORY, not_regular
 
 app = typer.Typer(
     name="diagnose",
@@ -74,8 +75,11 @@ def formats(
     from diagnose.conversations import read_conversations
     from diagnose.format_summary import summarize, turn_table
 
-    if not path.is_file():
-        err_console.print(f"[red]error:[/] {_esc(path)}: no such file", highlight=False, soft_wrap=True)
+    why = not_regular(path)
+    if why is not None:
+        hint = "; `diagnose formats` reads one conversation JSONL file (a run folder: `diagnose scan`)" \
+            if why == DIRECTORY else ""
+        err_console.print(f"[red]error:[/] {_esc(path)}: {_esc(why)}{hint}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     convs, errors = read_conversations(path)
     report_line_errors(errors)
@@ -165,8 +169,9 @@ TOKENIZER_HELP = "Tokenizer (a local directory or a cached hub id) to decode tok
 def _scan_or_exit(run: Path, fmt: RunFormat, use_cache: bool, progress: bool, opts: LoadOptions = LoadOptions()):
     """scan_run with the CLI's error policy: one line on stderr naming the path, exit 2 for an
     unreadable run, exit 3 for a bug (traceback only with DIAGNOSE_DEBUG=1)."""
-    if not os.path.lexists(run):
-        err_console.print(f"[red]error:[/] {_esc(run)}: no such file or directory", highlight=False, soft_wrap=True)
+    why = not_regular(run) if os.path.lexists(run) else "no such file or directory"
+    if why is not None and why != DIRECTORY:  # a broken link, a named pipe (never opened), a device
+        err_console.print(f"[red]error:[/] {_esc(run)}: {_esc(why)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE)
     fmt_arg = None if fmt == RunFormat.auto else fmt.value
     with command_errors(f"scanning {run}", err_console, command="diagnose scan"):
@@ -188,10 +193,13 @@ def _scan_run_or_exit(run: Path, fmt_arg: str | None, use_cache: bool, progress:
         raise typer.Exit(EXIT_USAGE) from None
     except UnknownRunLayout as e:
         first = str(e).splitlines()[0].split(" Looked for:")[0].rstrip(".")
-        looked = ", ".join([fmt_arg] if fmt_arg else FORMATS)
-        how = "; force one with --format" if fmt_arg is None else ""
-        err_console.print(f"[red]error:[/] {_esc(first)} (looked for: {looked}; layouts in docs/adapters.md){how}",
-                          highlight=False, soft_wrap=True)
+        if fmt_arg is not None:  # the message says what the forced format looked for and what is there
+            err_console.print(f"[red]error:[/] {_esc(first)} (layouts in docs/adapters.md)", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from None
+        looked = ", ".join(FORMATS)
+        err_console.print(f"[red]error:[/] {_esc(first)} (looked for: {looked}; layouts in docs/adapters.md); "
+                          "force one with --format", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
     except (RunFormatError, OSError) as e:
         err_console.print(f"[red]error:[/] {_esc(run)}: {_esc(e)}", highlight=False, soft_wrap=True)
@@ -260,8 +268,13 @@ def synth(
     if out.exists():
         err_console.print(f"[red]error:[/] {out}: already exists")
         raise typer.Exit(2)
-    truth = write_synthetic_run(out, steps=steps, collapse_at=None if collapse_at < 0 else collapse_at,
-                                recover_at=None if recover_at < 0 else recover_at, seed=seed)
+    with command_errors(f"writing the synthetic run {out}", err_console, command="diagnose synth"):
+        try:
+            truth = write_synthetic_run(out, steps=steps, collapse_at=None if collapse_at < 0 else collapse_at,
+                                        recover_at=None if recover_at < 0 else recover_at, seed=seed)
+        except ValueError as e:  # options that do not fit together (checked before anything is written)
+            err_console.print(f"[red]error:[/] {_esc(e)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from None
     what = (f"collapse injected at step {truth.onset_step} ({truth.implicated_token} at {truth.context})"
             if truth.onset_step is not None else "no collapse (stable run)")
     console.print(f"synthetic run written to {out}: {truth.n_token_rows:,} token rows, {what}")

@@ -46,6 +46,7 @@ __all__ = [
     "STRUCTURAL_TOKENS",
     "ControlToken",
     "ControlTokenRegistry",
+    "ids_of",
     "key_contexts",
 ]
 
@@ -90,6 +91,14 @@ def key_contexts(family: str | None = None) -> dict[str, str]:
     ``turn_start``, ``after_call_open``, ``after_call_body``, ``after_call_close`` by default, or
     those of the named family (:mod:`diagnose.control_families`)."""
     return dict(KEY_CONTEXTS if family is None else family_named(family).key_contexts)
+
+
+def ids_of(control_tokens: Sequence[Mapping[str, Any]]) -> dict[int, Mapping[str, Any]]:
+    """The control tokens (as run.json lists them: ``{name, text, token_id, role}``) whose
+    ``token_id`` is an integer, by id. A run read without its run.json knows their names only
+    (``token_id`` None), and a hand-edited one may hold anything: those are left out, not raised on."""
+    return {t["token_id"]: t for t in control_tokens
+            if isinstance(t.get("token_id"), int) and not isinstance(t.get("token_id"), bool)}
 
 
 def _check_id(tid: Any, what: str) -> None:

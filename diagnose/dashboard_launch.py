@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from diagnose.cli_errors import extra_hint
+from diagnose.regular_file import kind_of
 
 ROOT_ENV = "DIAGNOSE_RUNS_ROOT"  # read by dashboards/data.py
 DEFAULT_ADDRESS = "127.0.0.1"
@@ -130,8 +131,12 @@ def check_ready(root: Path) -> Path:
         root = root.expanduser().resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
         raise LaunchError(f"{root}: cannot be resolved ({e})") from None
-    if not root.is_dir():
-        raise LaunchError(f"{root}: no such directory (the runs root holds run directories)")
+    if not root.is_dir():  # what it is instead: a file, a pipe, a socket, a device, nothing
+        try:
+            what = f"{kind_of(root.stat().st_mode) or 'a file'}, not a directory"
+        except OSError:
+            what = "no such directory"
+        raise LaunchError(f"{root}: {what} (the runs root holds run directories)")
     if importlib.util.find_spec("streamlit") is None:
         raise LaunchError(f"diagnose dashboard needs the [dashboard] extra (streamlit is not installed): "
                           f"{extra_hint('dashboard')}")

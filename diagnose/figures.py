@@ -28,7 +28,7 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
-from diagnose.control_tokens import KEY_CONTEXTS
+from diagnose.control_tokens import KEY_CONTEXTS, ids_of
 from diagnose.rundir.schema import ctrl_column
 from diagnose.scan.formatting import fmt_num, token_label
 from diagnose.scan.names import (
@@ -416,17 +416,17 @@ def token_strip_figure(rows: pl.DataFrame, texts: Mapping[int, str], control_tok
     gen = rows.get_column("is_generated").to_list() if "is_generated" in rows.columns else [True] * rows.height
     vals = token_values(rows, color_by)
     probs = ctrl_probs(rows, control_tokens)
-    ctrl_ids = {int(t["token_id"]): t["name"] for t in control_tokens if "token_id" in t}
+    ctrl_ids = {i: t["name"] for i, t in ids_of(control_tokens).items()}
     label = {t["name"]: token_label(t["name"], t.get("text")) for t in control_tokens}
     hover = []
     for i in range(rows.height):
-        tok = texts.get(int(ids[i]), f"⟨{ids[i]}⟩")
+        tok = texts.get(ids[i], f"⟨{'?' if ids[i] is None else ids[i]}⟩")  # no id: a column the file lacked
         lines = [f"pos {pos[i]}: {tok!r} (id {ids[i]}){'' if gen[i] else ' [tool output / template]'}",
                  f"{color_by}: {vals[i]:.3g}" if vals[i] is not None else f"{color_by}: n/a"]
         top = sorted(((p[i], n) for n, p in probs.items() if p[i] is not None), reverse=True)[:6]
         lines += [f"p({label[n]}) = {p:.3g}" for p, n in top]
         hover.append(plot_text("\n".join(lines)).replace("\n", "<br>"))
-    is_ctrl = [int(t) in ctrl_ids for t in ids]
+    is_ctrl = [t in ctrl_ids for t in ids]
     fig = go.Figure()
     fig.add_trace(go.Scatter(
         x=pos, y=vals, mode="lines+markers", name=plot_text(f"sampled token: {color_by}"), line={"color": "#bbb", "width": 1},

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diagnose.regular_file import open_regular
+
 #: Lines longer than this are reported, not parsed (a runaway generation, or not JSONL at all).
 MAX_LINE_BYTES = 64 * 1024 * 1024
 
@@ -36,14 +38,17 @@ def _reject_constant(name: str) -> float:
     return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
 
 
-def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
+def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES,
+               limit_name: str = "MAX_LINE_BYTES") -> Iterator[tuple[int, dict[str, Any] | LineError]]:
     """Yield ``(line_no, object)`` for each JSON-object line and ``(line_no, LineError)`` for each
-    bad one. Blank lines are skipped. A missing or unreadable file yields one LineError (line 0).
+    bad one (a line over ``max_line_bytes`` is named with ``limit_name``, the limit's name). Blank
+    lines are skipped. A missing or unreadable file, or one that is no regular file
+    (a named pipe is never opened for reading: `diagnose.regular_file`), yields one LineError (line 0).
     """
     p = Path(path)
     name = str(p)
     try:
-        fh = p.open("rb")
+        fh = open_regular(p, "rb")
     except OSError as exc:
         yield 0, LineError(name, 0, f"cannot open: {exc.strerror or exc}")
         return
@@ -62,7 +67,7 @@ def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Ite
                 # skip the rest of the oversized line
                 while raw and not raw.endswith(b"\n"):
                     raw = fh.readline(max_line_bytes)
-                yield line_no, LineError(name, line_no, f"line longer than {max_line_bytes} bytes, skipped")
+                yield line_no, LineError(name, line_no, f"line longer than {max_line_bytes} bytes ({limit_name}), skipped")
                 continue
             if not raw.strip():
                 continue

@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.error_line import error_line
+from diagnose.regular_file import not_regular
 
 __all__ = ["ParquetFooter", "check_parquet"]
 
@@ -36,6 +37,9 @@ def check_parquet(path: Path, *, size: int | None = None,
     ``ranges``: columns whose min/max to take from the row-group statistics."""
     import pyarrow.parquet as pq
 
+    why = not_regular(path)  # a named pipe is refused, never waited on
+    if why is not None:
+        return None, f"unreadable parquet file: {why}"
     try:
         size = path.stat().st_size if size is None else size
         md = pq.read_metadata(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,12 @@ def run_case(app, case: Case, tmp: Path, env: dict[str, str] | None = None) -> O
     outcome = invoke(app, argv, env)
     check(case, outcome)
     assert tree_hashes(tmp) == before, "an input was modified"
+    if os.environ.get("BAD_INPUT_TABLE"):
+        command = argv[0] if app.info.name == "diagnose" else app.info.name
+        data = None
+        if command == "scan" and outcome.code in (0, 1):  # the row lists the issues as --json gives them
+            data = json.loads(invoke(app, [*argv, "--json"], env).out)
+        record_row(case, command, outcome, data, tmp)
     return outcome
 
 
@@ -136,11 +143,13 @@ def run_case_both(app, case: Case, tmp: Path, env: dict[str, str] | None = None)
 
 def record_row(case: Case, command: str, outcome: Outcome, data: dict | None, tmp: Path) -> None:
     """Append the case's docs/reliability.md row to ``$BAD_INPUT_TABLE`` when set (the table is
-    regenerated from the cases: ``BAD_INPUT_TABLE=rows.md pytest tests/test_bad_input_foreign.py``)."""
+    regenerated from the cases: ``BAD_INPUT_TABLE=rows.md pytest tests/test_bad_input_{scan,foreign,
+    formats,train,probe}.py``, in that order)."""
     out = os.environ.get("BAD_INPUT_TABLE")
     if not out:
         return
-    short = lambda s: " ".join(str(s).replace(str(tmp) + "/", "").split()).replace("|", "\\|")  # noqa: E731
+    base = re.compile(r"/\S*?/pytest-\d+/[^/\s]+/")  # a module fixture's folder (the trained run) as well
+    short = lambda s: base.sub("", " ".join(str(s).replace(str(tmp) + "/", "").split())).replace("|", "\\|")  # noqa: E731
     if data is not None:
         seen = f"scanned ({data['verdict']}, {data['n_steps']} steps)"
         issues = [i for i in data.get("issues", [])]
@@ -150,10 +159,49 @@ def record_row(case: Case, command: str, outcome: Outcome, data: dict | None, tm
             seen += f"; skipped: {first}" + (f" (+{len(issues) - 2} more)" if len(issues) > 2 else "")
         else:
             seen += ", nothing skipped"
-    else:
-        seen = short(next((ln for ln in outcome.err.splitlines() if ln.strip()), outcome.out))[:300]
+    else:  # the first line naming what the case is about (its first name), else the first line
+        lines = [ln for ln in outcome.err.splitlines() if ln.strip()]
+        named = [ln for ln in lines if case.names and case.names[0] in ln]
+        stdout = "".join(outcome.out.splitlines()).split("┏")[0]  # rich wraps the title mid-word; no table
+        seen = short((named or lines or [stdout])[0])[:300]
     with open(out, "a") as f:
         f.write(f"| {case.id} | `{command}` | {outcome.code} | {seen} |\n")
+
+
+# ------------------------------------------------------------------ inputs that could hang a reader
+
+#: A case that runs longer than this is taken for a hang (a reader blocked on a named pipe):
+#: every thread's stack is printed and the test run ends, rather than CI waiting forever.
+HANG_SECONDS = 600
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """Autouse in every bad-input module that imports it: the watchdog of `HANG_SECONDS`."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def named_pipe(path: Path) -> None:
+    """Replace ``path`` with a named pipe nobody writes: opening it for reading blocks forever."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+    os.mkfifo(path)
+
+
+def unix_socket(path: Path) -> None:
+    """Replace ``path`` with a unix socket file (it stays a socket after the one that bound it closes)."""
+    import socket
+
+    if os.path.lexists(path):
+        path.unlink()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
 
 
 # ------------------------------------------------------------------ inputs
@@ -269,12 +317,24 @@ def _task(**over) -> bytes:
     return (json.dumps({**GOOD_TASK, **over}) + "\n").encode()
 
 
-BAD_TASK_LINES = (3, 4, 5, 6, 7, 8, 9)
+BAD_TASK_LINES = (3, 4, 5, 6, 7, 8, 9, 10, 11)
+
+
+def oversized_task(turns: int = 5000, **over) -> bytes:
+    """A schema-valid task of ``turns`` gold call turns (the probe once spent minutes on one)."""
+    return _task(ground_truth=[[{"name": "add", "arguments": {"a": i, "b": 2}}] for i in range(turns)],
+                 tool_outputs=None, **over)
+
+
+def over_context_task(**over) -> bytes:
+    """A schema-valid task of one gold turn whose prompt alone is some 10,000 tokens."""
+    return _task(messages=[{"role": "user", "content": "add 2 and 2 " * 2500}], **over)
 
 
 def task_file_bytes() -> bytes:
     """Two good tasks, then one bad line each: call name not a string, arguments not JSON, a call
-    of a tool not in 'tools', NaN arguments, ground_truth not a list, not JSON, binary garbage."""
+    of a tool not in 'tools', NaN arguments, ground_truth not a list, not JSON, binary garbage,
+    5,000 gold turns (over MAX_TASK_TURNS), a gold trajectory over the context (max_context)."""
     return b"".join([
         _task(id="t1"), _task(id="t2", messages=[{"role": "user", "content": HTML_PAYLOAD}]),
         _task(id="b1", ground_truth=[[{"name": 5, "arguments": {}}]]),
@@ -285,4 +345,6 @@ def task_file_bytes() -> bytes:
         _task(id="b5", ground_truth="add(2, 2)"),
         b"{not json\n",
         garbage(40, 7).replace(b"\n", b" ") + b"\n",
+        oversized_task(id="b6"),
+        over_context_task(id="b7"),
     ])

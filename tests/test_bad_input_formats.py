@@ -8,7 +8,18 @@ import os
 from pathlib import Path
 
 import pytest
-from _bad_input import HTML_PAYLOAD, Case, conv_line, garbage, good_conversations, invoke, run_case
+from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
+    HTML_PAYLOAD,
+    Case,
+    conv_line,
+    garbage,
+    good_conversations,
+    invoke,
+    named_pipe,
+    no_hang,
+    run_case,
+    unix_socket,
+)
 
 from diagnose.cli import app
 
@@ -54,9 +65,14 @@ CASES = [
                                   b'\\"arguments\\": {\\"x\\": NaN}}\\n</tool_call>"}]}\n'), 0),
     Case("missing-file", lambda tmp: ["formats", str(tmp / "none.jsonl")], 2, ["none.jsonl", "no such file"]),
     Case("a-directory", lambda tmp: ((tmp / "d.jsonl").mkdir(), ["formats", str(tmp / "d.jsonl")])[1], 2,
-         ["d.jsonl"]),
+         ["d.jsonl: a directory, not a file", "diagnose scan"], ["no such file"]),
+    Case("a-named-pipe", lambda tmp: (named_pipe(tmp / "p.jsonl"), ["formats", str(tmp / "p.jsonl")])[1], 2,
+         ["p.jsonl: a named pipe (FIFO), not a regular file"], ["no such file"]),
+    Case("a-socket", lambda tmp: (unix_socket(tmp / "s.jsonl"), ["formats", str(tmp / "s.jsonl")])[1], 2,
+         ["s.jsonl: a socket, not a regular file"]),
+    Case("a-character-device", lambda tmp: ["formats", "/dev/zero"], 2, ["/dev/zero: a character device"]),
     Case("symlink-loop", lambda tmp: (os.symlink(tmp / "l.jsonl", tmp / "l.jsonl"), ["formats", str(tmp / "l.jsonl")])[1],
-         2, ["l.jsonl"]),
+         2, ["l.jsonl: broken symlink or symlink loop"]),
     Case("markup-in-file-name", lambda tmp: ((tmp / "[red]x.jsonl").write_bytes(garbage(50)),
                                              ["formats", str(tmp / "[red]x.jsonl")])[1], 1, ["[red]x.jsonl"]),
     Case("markup-in-bad-content", conv(G + conv_line(messages=[{"role": HTML_PAYLOAD, "content": "x"}])), 0,

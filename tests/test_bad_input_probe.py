@@ -9,12 +9,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _bad_input import (
+from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
     BAD_TASK_LINES,
+    _task as _task_line,
     Case,
     cut_half,
     garbage,
     invoke,
+    named_pipe,
+    no_hang,
+    over_context_task,
+    oversized_task,
     run_case,
     task_file_bytes,
     tree_hashes,
@@ -54,26 +59,64 @@ def nan_weights(ckpt: Path) -> None:
 
 DAMAGE = {
     "weights-missing": (lambda c: (c / "model.safetensors").unlink(), "no *.safetensors weights"),
-    "weights-cut-in-half": (lambda c: cut_half(c / "model.safetensors"), "model does not load"),
-    "weights-empty": (lambda c: (c / "model.safetensors").write_bytes(b""), "model does not load"),
+    "weights-cut-in-half": (lambda c: cut_half(c / "model.safetensors"), "model.safetensors: model does not load"),
+    "weights-empty": (lambda c: (c / "model.safetensors").write_bytes(b""), "model.safetensors: model does not load"),
     "weights-NaN": (nan_weights, "non-finite weights"),
     "weights-pickle-only": (lambda c: ((c / "model.safetensors").rename(c / "pytorch_model.bin")),
                             "never unpickles"),
-    "config-garbage": (lambda c: (c / "config.json").write_bytes(garbage(100)), "config.json"),
+    "config-garbage": (lambda c: (c / "config.json").write_bytes(garbage(100)), "config.json: not valid UTF-8"),
     "config-missing": (lambda c: (c / "config.json").unlink(), "config.json: missing"),
-    "tokenizer-garbage": (lambda c: (c / "tokenizer.json").write_bytes(garbage(100)), "tokenizer"),
+    "tokenizer-garbage": (lambda c: (c / "tokenizer.json").write_bytes(garbage(100)), "tokenizer.json: not valid UTF-8"),
+    # every file of the folder that transformers reads is named when broken (diagnose.model.files)
+    "tokenizer-truncated": (lambda c: cut_half(c / "tokenizer.json"), "tokenizer.json: not valid JSON (truncated?)"),
+    "tokenizer-config-truncated": (lambda c: cut_half(c / "tokenizer_config.json"),
+                                   "tokenizer_config.json: not valid JSON (truncated?)"),
+    "tokenizer-config-a-list": (lambda c: (c / "tokenizer_config.json").write_text("[]"),
+                                "tokenizer_config.json: expected a JSON object, got list"),
+    "config-truncated": (lambda c: cut_half(c / "config.json"), "config.json: not valid JSON (truncated?)"),
+    "generation-config-garbage": (lambda c: (c / "generation_config.json").write_bytes(b"{oops"),
+                                  "generation_config.json: not valid JSON"),
+    "chat-template-does-not-compile": (lambda c: (c / "chat_template.jinja").write_text("{% for m in messages %}"),
+                                       "chat_template.jinja: chat template does not compile"),
+    "chat-template-binary": (lambda c: (c / "chat_template.jinja").write_bytes(garbage(64, 2)),
+                             "chat_template.jinja: not valid UTF-8"),
+    "tokenizer-a-named-pipe": (lambda c: named_pipe(c / "tokenizer.json"),
+                               "tokenizer.json: a named pipe (FIFO), not a regular file"),
+    "config-a-named-pipe": (lambda c: named_pipe(c / "config.json"),
+                            "config.json: a named pipe (FIFO), not a regular file"),
+    "weights-a-named-pipe": (lambda c: named_pipe(c / "model.safetensors"),
+                             "model.safetensors: a named pipe (FIFO), not a regular file"),
 }
 
 
 def one_checkpoint(damage: str):
+    return one_checkpoint_edit(DAMAGE[damage][0])
+
+
+def one_checkpoint_edit(edit):
+    """``probe RUN --all`` on a copy of the run keeping only its last checkpoint, damaged by ``edit``."""
     def build(tmp: Path, trained: Path) -> list[str]:
         run = tmp / "run"
         shutil.copytree(trained, run)
         ckpts = sorted((run / "checkpoints").iterdir())
         for c in ckpts[:-1]:
             shutil.rmtree(c)
-        DAMAGE[damage][0](ckpts[-1])
+        edit(ckpts[-1])
         return ["probe", str(run), "--all", *PROBE]
+    return build
+
+
+def model_dir(damage, tasks: bytes | None = None):
+    """``probe --model DIR`` on a copy of the run's last checkpoint, damaged by ``damage(dir)``
+    (with ``--task-file`` holding ``tasks`` when given)."""
+    def build(tmp: Path, trained: Path) -> list[str]:
+        m = tmp / "m"
+        shutil.copytree(sorted((trained / "checkpoints").iterdir())[-1], m)
+        damage(m)
+        if tasks is None:
+            return ["probe", "--model", str(m), *PROBE]
+        (tmp / "tasks.jsonl").write_bytes(tasks)
+        return ["probe", "--model", str(m), "--task-file", str(tmp / "tasks.jsonl"), *PROBE]
     return build
 
 
@@ -91,13 +134,28 @@ CASES = [
     Case("task-file-empty", task_file(b""), 2, ["tasks.jsonl", "no usable task"]),
     Case("task-file-utf16", task_file(task_file_bytes().decode("utf-8", "replace").encode("utf-16")), 2,
          ["tasks.jsonl:1"]),
+    Case("task-5000-gold-turns", task_file(oversized_task()), 2,
+         ["tasks.jsonl:1", "5000 turns, over the limit of 64 per task (MAX_TASK_TURNS)", "no usable task"]),
+    Case("task-5000-calls-in-one-turn", task_file(_task_line(ground_truth=[[
+        {"name": "add", "arguments": {"a": i, "b": 2}} for i in range(5000)]])), 2,
+        ["tasks.jsonl:1", "5000 calls, over the limit of 256 per task (MAX_TASK_CALLS)", "no usable task"]),
+    Case("task-line-over-1MB", task_file(_task_line(final_answer="4" * (1024 * 1024))), 2,
+         ["tasks.jsonl:1", "longer than 1048576 bytes (MAX_TASK_BYTES)", "no usable task"]),
+    Case("task-over-the-context", model_dir(lambda m: None, over_context_task()), 2,
+         ["tasks.jsonl:1", "task 't1': its gold trajectory is", "over the limit of 2048 (max_context)",
+          "no usable task"]),
     Case("task-file-missing", lambda tmp, t: ["probe", str(t), "--task-file", str(tmp / "none.jsonl"), *PROBE], 2,
          ["none.jsonl"]),
     Case("model-dir-missing", lambda tmp, t: ["probe", "--model", str(tmp / "nomodel"), *PROBE], 2, ["nomodel"]),
     Case("model-dir-empty", lambda tmp, t: ((tmp / "m").mkdir(), ["probe", "--model", str(tmp / "m"), *PROBE])[1],
          2, ["config.json: missing"]),
+    Case("model-dir-tokenizer-truncated", model_dir(lambda m: cut_half(m / "tokenizer.json")), 2,
+         ["m/tokenizer.json: not valid JSON (truncated?)", "no checkpoint could be probed"]),
     Case("run-without-checkpoints", lambda tmp, t: (shutil.copytree(t, tmp / "r", ignore=shutil.ignore_patterns(
         "checkpoints")), ["probe", str(tmp / "r"), *PROBE])[1], 2, ["checkpoint"]),
+    Case("only-checkpoint-trainer-state-a-named-pipe", one_checkpoint_edit(
+        lambda c: named_pipe(c / "trainer_state.json")), 2,
+        ["step-000003/trainer_state.json", "a named pipe (FIFO), not a regular file", "no checkpoint to probe"]),
     Case("unknown-checkpoint-name", lambda tmp, t: ["probe", str(t), "--checkpoints", "step-999", *PROBE], 2,
          ["step-999"]),
     Case("checkpoint-name-garbage", lambda tmp, t: ["probe", str(t), "--checkpoints", "<script>x", *PROBE], 2,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from _bad_input import (
+from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
     HTML_PAYLOAD,
     Case,
     append,
@@ -24,10 +24,14 @@ from _bad_input import (
     garbage,
     good_conversations,
     invoke,
+    named_pipe,
+    no_hang,
     run_case,
+    run_case_both,
     step_file,
     tree_hashes,
     remove_world_dir,
+    unix_socket,
     world_dir,
     write_base_run,
 )
@@ -35,6 +39,7 @@ from _bad_input import (
 from diagnose.cli import app
 
 M = "metrics.jsonl"
+PIPE = "a named pipe (FIFO), not a regular file"
 SCANNED = (0, 1)  # the scan ran: 0 no collapse, 1 collapse (the base run collapses at step 6)
 
 
@@ -156,6 +161,26 @@ NATIVE_CASES = [
     Case("run-dir-only-garbage", lambda tmp, base: ((tmp / "g").mkdir(), (tmp / "g" / "x.bin").write_bytes(
         garbage(100)), ["scan", str(tmp / "g"), "--no-cache"])[2], 2, ["no known run layout"]),
     Case("path-with-rich-markup", native(lambda r: None, name="[red]run[/red]"), SCANNED, ["[red]run[/red]"]),
+    # pipes, sockets, devices: never opened for reading (a FIFO nobody writes hung the scan), named, the rest read
+    Case("metrics-a-named-pipe", native(lambda r: named_pipe(r / M)), SCANNED,
+         ["metrics.jsonl", PIPE], min_steps=12),
+    Case("run-json-a-named-pipe", native(lambda r: named_pipe(r / "run.json")), SCANNED, ["run.json", PIPE],
+         min_steps=12),
+    Case("tokens-step-file-a-named-pipe", native(lambda r: named_pipe(step_file(r, "tokens"))), SCANNED,
+         ["tokens/step-000003.parquet", PIPE], min_steps=12),
+    Case("rollouts-dir-a-named-pipe", native(lambda r: named_pipe(r / "rollouts")), SCANNED, ["rollouts", PIPE],
+         min_steps=12),
+    Case("metrics-a-socket", native(lambda r: unix_socket(r / M)), SCANNED,
+         ["metrics.jsonl", "a socket, not a regular file"], ["Errno"], min_steps=12),
+    Case("tokens-step-file-a-socket", native(lambda r: unix_socket(r / "tokens" / "step-000099.parquet")), SCANNED,
+         ["step-000099.parquet", "a socket, not a regular file"], min_steps=12),
+    Case("a-named-pipe-beside-the-run-files", native(lambda r: named_pipe(r / "live.jsonl")), SCANNED,
+         ["live.jsonl", PIPE], min_steps=12),
+    Case("a-symlink-to-a-character-device", native(lambda r: os.symlink("/dev/zero", r / "tokens" /
+                                                                        "step-000098.parquet")), SCANNED,
+         ["step-000098.parquet", "a character device"], min_steps=12),
+    Case("run-dir-a-named-pipe", lambda tmp, base: (named_pipe(tmp / "p"), ["scan", str(tmp / "p"), "--no-cache"])[1],
+         2, ["p: a named pipe (FIFO), not a regular file"]),
 ]
 
 CONV_CASES = [
@@ -185,9 +210,23 @@ CONV_CASES = [
     Case("conv-reward-NaN-and-string", lambda tmp, b: _conv(tmp, good_conversations() + b'{"step": 3, "reward": NaN, '
                                                             b'"messages": []}\n' + conv_line(reward="x")), SCANNED),
     Case("conv-duplicated-lines", lambda tmp, b: _conv(tmp, good_conversations() * 2), SCANNED),
+    Case("conv-a-named-pipe", lambda tmp, b: (named_pipe(tmp / "c.jsonl"), ["scan", str(tmp / "c.jsonl"),
+                                                                           "--no-cache"])[1], 2,
+         ["c.jsonl: a named pipe (FIFO), not a regular file"]),
+    Case("conv-a-named-pipe-in-a-folder-of-step-files", lambda tmp, b: _conv_dir(tmp), SCANNED,
+         ["step_2.jsonl", PIPE], min_steps=1),
     Case("conv-steps-out-of-order", lambda tmp, b: _conv(tmp, b"".join(reversed(
         good_conversations().splitlines(keepends=True)))), SCANNED),
 ]
+
+
+def _conv_dir(tmp: Path) -> list[str]:
+    """A folder of per-step conversation files, one of them a named pipe."""
+    d = tmp / "convs"
+    d.mkdir()
+    (d / "step_1.jsonl").write_bytes(b"".join(conv_line(id=f"c{i}", step=1) for i in range(4)))
+    named_pipe(d / "step_2.jsonl")
+    return ["scan", str(d), "--no-cache"]
 
 
 def _conv(tmp: Path, data: bytes) -> list[str]:
@@ -197,7 +236,10 @@ def _conv(tmp: Path, data: bytes) -> list[str]:
 
 @pytest.mark.parametrize("case", [c.param() for c in NATIVE_CASES + CONV_CASES])
 def test_scan_bad_input(case: Case, tmp_path: Path, base_run: Path) -> None:
-    run_case(app, case.on(base_run), tmp_path)
+    if case.min_steps is not None:  # the readable steps are still scanned: both forms, with --json's n_steps
+        run_case_both(app, case.on(base_run), tmp_path)
+    else:
+        run_case(app, case.on(base_run), tmp_path)
 
 
 def test_scan_json_lists_the_skipped_step(tmp_path: Path, base_run: Path) -> None:
@@ -318,3 +360,79 @@ def test_compare_with_an_unreadable_file_names_it_and_exits_2(nobody, locked) ->
     flat = " ".join(res.stderr.split())
     assert res.returncode == 2, res.stdout + res.stderr
     assert "metrics.jsonl" in flat and "Permission denied" in flat and "Traceback" not in flat
+
+
+# ------------------------------------------------------------------ a forced --format that finds nothing
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, base_run: Path) -> dict[str, Path]:
+    """One small run per format (ours, and the synthetic writers' TRL / verl / open-instruct /
+    conversation folders: what matters here is that each is *another* layout than the one forced)."""
+    from diagnose.synth.foreign import write_conversation_run, write_open_instruct_run, write_trl_run, write_verl_run
+
+    root = tmp_path_factory.mktemp("layouts")
+    write_trl_run(root / "trl", steps=4)
+    write_verl_run(root / "verl", steps=4)
+    write_open_instruct_run(root / "open_instruct", steps=4)
+    write_conversation_run(root / "conversations", steps=4)
+    return {"native": base_run, "trl": root / "trl", "verl": root / "verl", "open_instruct": root / "open_instruct",
+            "conversations": root / "conversations"}
+
+
+FORMATS = ("native", "trl", "open_instruct", "verl", "conversations")
+
+
+@pytest.mark.parametrize("forced", FORMATS)
+def test_a_forced_format_that_finds_nothing_exits_2(forced: str, layouts: dict[str, Path], tmp_path: Path) -> None:
+    """`scan RUN --format verl` on a run of another layout printed "(verl, 0 no steps ...)" and
+    exited 0: every forced format on every other layout exits 2, saying what the format looks
+    for, what the folder holds instead and which format it is; the run is not changed."""
+    from diagnose.adapters import LOOKED_FOR
+
+    for layout, run in layouts.items():
+        if layout == forced:
+            continue
+        before = tree_hashes(run)
+        out = invoke(app, ["scan", str(run), "--format", forced, "--no-cache"])
+        flat = " ".join(out.err.split())
+        assert out.code == 2, (forced, layout, out.text[-2000:])
+        assert f"--format {forced} found nothing to read (it looks for {LOOKED_FOR[forced]})" in flat, flat
+        assert "the folder holds " in flat and f"it is in the {layout} layout: use --format {layout}" in flat, flat
+        assert "Traceback" not in out.text and not out.out.strip()
+        assert tree_hashes(run) == before, "an input was modified"
+
+
+def test_a_forced_format_on_its_own_layout_still_scans(layouts: dict[str, Path]) -> None:
+    for fmt, run in layouts.items():
+        out = invoke(app, ["scan", str(run), "--format", fmt, "--no-cache", "--json"])
+        assert out.code in SCANNED and json.loads(out.out)["n_steps"] >= 4, (fmt, out.text[-2000:])
+
+
+def test_named_pipes_in_the_scan_cache_are_not_waited_on(tmp_path: Path, base_run: Path) -> None:
+    """The scan cache (``<run>/.diagnose/scan/``) is read as the run is: a pipe in place of its
+    manifest, result or signals is refused, the cache rebuilt, the scan the same."""
+    run = copy_run(base_run, tmp_path)
+    first = invoke(app, ["scan", str(run), "--json"])
+    assert first.code in SCANNED, first.text
+    cache = run / ".diagnose" / "scan"
+    for name in ("manifest.json", "result.json", "signals.parquet", "file_checks.json"):
+        if (cache / name).exists():
+            named_pipe(cache / name)
+    again = invoke(app, ["scan", str(run), "--json"])
+    assert again.code == first.code and "Traceback" not in again.text, again.text
+    a, b = json.loads(first.out), json.loads(again.out)
+    assert (a["verdict"], a["n_steps"]) == (b["verdict"], b["n_steps"])
+
+
+@pytest.mark.parametrize(("options", "why"), [
+    (["--steps", "30"], "collapse_at must be in [0, 30), got 30"),  # the default --collapse-at 30
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--collapse-at", "-1", "--recover-at", "5"], "recover_at needs a collapse_at before it"),
+])
+def test_synth_options_that_do_not_fit_exit_2(tmp_path: Path, options: list[str], why: str) -> None:
+    """`diagnose synth` with options that do not fit together: one line naming them, exit 2,
+    nothing written (it was a ValueError traceback)."""
+    out = invoke(app, ["synth", str(tmp_path / "run"), *options])
+    assert out.code == 2 and why in out.err and "Traceback" not in out.text, out.text
+    assert not (tmp_path / "run").exists()

@@ -9,7 +9,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _bad_input import BAD_TASK_LINES, Case, garbage, invoke, run_case, task_file_bytes, tree_hashes
+from _bad_input import (  # noqa: F401 - no_hang: the autouse watchdog
+    BAD_TASK_LINES,
+    Case,
+    garbage,
+    invoke,
+    named_pipe,
+    no_hang,
+    run_case,
+    task_file_bytes,
+    tree_hashes,
+)
 
 from train_minimal.cli import app
 
@@ -57,8 +67,11 @@ CASES = [
     Case("config-top-level-list", config(b"- 1\n- 2\n", "c.yaml"), 2, ["c.yaml", "table of settings"]),
     Case("config-empty-file-nothing-to-train", config(b""), 2, ["nothing to train"]),
     Case("config-is-a-directory", lambda tmp: ((tmp / "d.toml").mkdir(), ["run", "--config", str(tmp / "d.toml")])[1],
-         2, ["d.toml", "Is a directory"]),
+         2, ["d.toml", "a directory, not a file"]),
     Case("config-missing", lambda tmp: ["run", "--config", str(tmp / "none.toml")], 2, ["none.toml"]),
+    Case("config-a-named-pipe", lambda tmp: (named_pipe(tmp / "p.toml"),
+                                             ["run", "--config", str(tmp / "p.toml")])[1], 2,
+         ["p.toml: cannot read config: a named pipe (FIFO), not a regular file"]),
     Case("config-symlink-loop", lambda tmp: (__import__("os").symlink(tmp / "l.toml", tmp / "l.toml"),
                                              ["run", "--config", str(tmp / "l.toml")])[1], 2, ["l.toml"]),
     Case("config-negative-steps", config(b"[grpo]\nsteps = -5\n"), 2, ["grpo.steps: must be >= 0, got -5"]),
@@ -114,16 +127,21 @@ def trained(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["weights-cut-in-half", "weights-missing", "optimizer-garbage",
-                                    "trainer-state-garbage"])
+                                    "trainer-state-garbage", "optimizer-a-named-pipe", "tokenizer-a-named-pipe",
+                                    "trainer-state-a-named-pipe"])
 def test_resume_with_corrupt_latest_checkpoint_falls_back(trained: Path, tmp_path: Path, damage: str) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     latest = sorted((run / "checkpoints").iterdir())[-1]
     target = {"weights-cut-in-half": latest / "model.safetensors", "weights-missing": latest / "model.safetensors",
-              "optimizer-garbage": latest / "optimizer.pt", "trainer-state-garbage": latest / "trainer_state.json"}
+              "optimizer-garbage": latest / "optimizer.pt", "trainer-state-garbage": latest / "trainer_state.json",
+              "optimizer-a-named-pipe": latest / "optimizer.pt", "tokenizer-a-named-pipe": latest / "tokenizer.json",
+              "trainer-state-a-named-pipe": latest / "trainer_state.json"}
     f = target[damage]
     if damage == "weights-missing":
         f.unlink()
+    elif damage.endswith("a-named-pipe"):  # never opened for reading: it would block the resume
+        named_pipe(f)
     elif damage == "weights-cut-in-half":
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     else:
@@ -131,7 +149,10 @@ def test_resume_with_corrupt_latest_checkpoint_falls_back(trained: Path, tmp_pat
     out = invoke(app, ["run", "--preset", "smoke", *TINY, "--set", "grpo.steps=2", "--out", str(run), "--resume"])
     assert out.code == 0, out.text
     flat = " ".join(out.text.split())
-    assert latest.name in flat and "checkpoint unusable" in flat and "resuming from step-000002" in flat, flat
+    if damage == "trainer-state-a-named-pipe":  # not a complete checkpoint to the reader: named as skipped
+        assert f"{latest.name}/trainer_state.json: a named pipe (FIFO), not a regular file; checkpoint skipped" in flat
+    else:
+        assert latest.name in flat and "checkpoint unusable" in flat and "resuming from step-000002" in flat, flat
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], steps  # step 3 re-run once, step 4 new
 
@@ -143,7 +164,49 @@ def test_resume_with_every_checkpoint_corrupt_exits_1(trained: Path, tmp_path: P
         (d / "model.safetensors").write_bytes(b"")
     out = invoke(app, ["run", "--preset", "smoke", *TINY, "--out", str(run), "--resume"])
     assert out.code == 1 and "no checkpoint can be resumed from" in out.err, out.text
+    first = out.err.strip().splitlines()[0]
+    assert "step-000003" in first and "3 tried" in first, first  # the reasons on the line, not after a colon
     assert "Traceback" not in out.text
+
+
+RUN_JSON_DAMAGE = {
+    "garbage": (lambda f: f.write_bytes(garbage(300)), "run.json: unreadable or not valid JSON ('utf-8' codec"),
+    "truncated": (lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+                  "run.json: unreadable or not valid JSON (Expecting"),
+    "empty": (lambda f: f.write_bytes(b""), "run.json: unreadable or not valid JSON (Expecting value"),
+    "not-an-object": (lambda f: f.write_text("[1, 2]"), "run.json: expected a JSON object, got list"),
+}
+
+
+@pytest.mark.parametrize("damage", list(RUN_JSON_DAMAGE))
+def test_resume_with_a_broken_run_json_names_it(trained: Path, tmp_path: Path, damage: str) -> None:
+    """A run.json that is no JSON object: named with what is wrong, before any checkpoint is
+    tried (it said "no checkpoint can be resumed from:" with nothing after the colon); exit 1,
+    nothing of the run changed."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    edit, why = RUN_JSON_DAMAGE[damage]
+    edit(run / "run.json")
+    before = tree_hashes(run)
+    out = invoke(app, ["run", "--preset", "smoke", *TINY, "--out", str(run), "--resume"])
+    flat = " ".join(out.err.split())
+    assert out.code == 1 and why in flat and "cannot resume" in flat, out.text
+    assert "no checkpoint can be resumed" not in flat and "Traceback" not in out.text
+    assert tree_hashes(run) == before, "an input was modified"
+
+
+def test_resume_with_metrics_jsonl_a_named_pipe_names_it(trained: Path, tmp_path: Path) -> None:
+    """metrics.jsonl is repaired and appended to on resume: a pipe in its place (opening it to
+    append would block) is named with the file, exit 1, before run.json is touched."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    named_pipe(run / "metrics.jsonl")
+    before = tree_hashes(run)
+    out = invoke(app, ["run", "--preset", "smoke", *TINY, "--out", str(run), "--resume"])
+    flat = " ".join(out.err.split())
+    assert out.code == 1 and "metrics.jsonl: a named pipe (FIFO), not a regular file; cannot resume" in flat, out.text
+    assert "Traceback" not in out.text
+    assert tree_hashes(run) == before, "an input was modified"
 
 
 def test_resume_without_checkpoint_exits_1(tmp_path: Path) -> None:

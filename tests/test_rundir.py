@@ -317,6 +317,12 @@ def test_nothing_readable_raises_clear_error(tmp_path: Path) -> None:
         RunReader(run)
     assert isinstance(e.value, ValueError)
     assert "run.json" in str(e.value) and "step-000000.parquet" in str(e.value)
+    for i in range(1, 6):  # many unreadable files: the first three in the message, all of them in .issues
+        (run / "tokens" / f"step-00000{i}.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(RunFormatError, match=r"; and 4 more$") as e:
+        RunReader(run)
+    assert sum(f"step-00000{i}.parquet" in str(e.value) for i in range(6)) <= 3, str(e.value)
+    assert len(e.value.issues) == 7 and any("step-000005.parquet" in str(i) for i in e.value.issues)
 
 
 def test_newer_format_version_rejected(tmp_path: Path) -> None:

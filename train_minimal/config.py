@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diagnose.tasks.episode import OnMalformed
+from diagnose.regular_file import read_bytes
 
 
 class ConfigError(ValueError):
@@ -256,7 +257,7 @@ def parse_override(item: str) -> dict[str, Any]:
 def load_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        raw = read_bytes(p)  # a named pipe is refused, never waited on
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
     text = decode_text(p, raw)

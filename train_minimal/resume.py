@@ -9,6 +9,7 @@ is named with the reason and the next older one is tried.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,30 @@ from rich.markup import escape
 
 from diagnose.error_line import error_line
 from diagnose.model.resolve import load_model_and_tokenizer
+from diagnose.regular_file import check_regular, read_text
+from diagnose.rundir import RunReader
+from diagnose.rundir.schema import RUN_JSON, RunFormatError
+
+
+def resumable_checkpoints(out_dir: Path, console: Console) -> list[tuple[int, Path]]:
+    """The complete checkpoints of the run at ``out_dir`` ([] when it has no ``run.json``), once
+    its ``run.json`` is known to be readable: a resume continues the run it describes, so a broken
+    one is named with what is wrong (`RunFormatError`, a ValueError) before any checkpoint is tried.
+    Checkpoint folders the reader leaves out (incomplete, a ``trainer_state.json`` that is a pipe)
+    are named as warnings: the resume replaces them."""
+    if not os.path.lexists(out_dir / RUN_JSON):
+        return []
+    reader = RunReader(out_dir)
+    try:
+        reader.info
+    except RunFormatError as e:
+        raise RunFormatError(f"{e}; cannot resume: {RUN_JSON} holds the run's configuration and control tokens "
+                             "(restore it, or train into a new --out)") from None
+    ckpts = reader.checkpoints()
+    for issue in reader.issues:
+        if "checkpoint" in issue.message:
+            console.print(f"[yellow]warning:[/] {escape(str(issue))}", highlight=False, soft_wrap=True)
+    return ckpts
 
 
 def load_latest_usable(ckpts: list[tuple[int, Path]], *, dtype: Any, device: str,
@@ -27,9 +52,10 @@ def load_latest_usable(ckpts: list[tuple[int, Path]], *, dtype: Any, device: str
     failures = []
     for step, path in reversed(ckpts):
         try:
-            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            state = json.loads(read_text(path / "trainer_state.json"))
             if not isinstance(state, dict) or int(state.get("step", -1)) != step:
                 raise ValueError(f"trainer_state.json does not hold step {step}")
+            check_regular(path / "optimizer.pt")  # a named pipe is refused, never waited on
             torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
             model, tokenizer = load_model_and_tokenizer(str(path), dtype=dtype, device=device)
         except Exception as e:  # noqa: BLE001 - any unreadable part makes the checkpoint unusable
@@ -42,4 +68,4 @@ def load_latest_usable(ckpts: list[tuple[int, Path]], *, dtype: Any, device: str
             console.print(f"[yellow]resuming from {escape(path.name)}[/]: the steps after it are run again and the "
                           "unusable checkpoint(s) replaced", highlight=False, soft_wrap=True)
         return path, model, tokenizer
-    raise ValueError("no checkpoint can be resumed from:\n  " + "\n  ".join(failures))
+    raise ValueError(f"no checkpoint can be resumed from ({len(failures)} tried, newest first): " + "; ".join(failures))

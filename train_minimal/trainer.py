@@ -31,12 +31,13 @@ from diagnose.model.ctrl_probe import build_probe_set, probe_summary, run_probe
 from diagnose.model.logits import token_stats
 from diagnose.rundir import RunReader, RunWriter
 from diagnose.model.sequences import encode_conversation
-from diagnose.tasks import Task, gold_messages, load_task_file, make_tasks
+from diagnose.tasks import Task, fit_context, gold_messages, load_task_file, make_tasks
+from diagnose.regular_file import read_text
 from diagnose.model.resolve import load_model_and_tokenizer, resolve_model_path
 
 from train_minimal.batch import make_batch, micro_slices
 from train_minimal.config import TrainConfig
-from train_minimal.resume import load_latest_usable
+from train_minimal.resume import load_latest_usable, resumable_checkpoints
 from train_minimal.instrument import Attribution, TraceCollector, rollout_metrics, rollout_rows
 from train_minimal.losses import grpo_loss, group_advantages, sft_loss
 from train_minimal.rollout import Kind, Sampling, Trajectory, rollout_episodes
@@ -329,7 +330,7 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool, console: Console, in
     # ---- model, tokenizer, control tokens
     ckpt = None
     if resume:
-        ckpts = RunReader(out_dir).checkpoints() if (out_dir / "run.json").exists() else []
+        ckpts = resumable_checkpoints(out_dir, console)
         if not ckpts:
             raise TrainingError(f"{out_dir}: nothing to resume (no checkpoint)")
         ckpt, model, tokenizer = load_latest_usable(ckpts, dtype=dtype, device=device, console=console)
@@ -357,6 +358,9 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool, console: Console, in
     # ---- tasks: training pool, held-out eval sets, the fixed probe set
     if cfg.data.task_file:
         pool, errors = load_task_file(cfg.data.task_file)
+        # a task longer than the context cannot be trained on whole
+        pool, over = fit_context(pool, tokenizer, sampling.max_context, "max_context", cfg.data.task_file)
+        errors += over
         for e in errors[:10]:
             console.print(f"[yellow]skipped[/] {e}")
         if not pool:
@@ -387,7 +391,7 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool, console: Console, in
     if ckpt is not None:
         try:
             opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-            raw = json.loads((ckpt / "trainer_state.json").read_text())
+            raw = json.loads(read_text(ckpt / "trainer_state.json"))
             state = TrainState(step=int(raw["step"]), failed=dict(raw.get("failed", {})),
                                nonfinite_streak=int(raw.get("nonfinite_streak", 0)))
             writer.truncate_after(state.step)  # steps logged after the checkpoint are re-run: logged once

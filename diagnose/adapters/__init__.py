@@ -43,6 +43,7 @@ import polars as pl
 
 from diagnose.adapters._common.sidecar import attach_sidecar
 from diagnose.adapters._common.turns import TurnClassifier
+from diagnose.regular_file import DIRECTORY, not_regular
 from diagnose.source import RunSource
 
 __all__ = [
@@ -201,14 +202,51 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
 
 
 def require_path(p: Path, format: str | None = None) -> None:  # noqa: A002
-    """``p`` exists and can be looked at; else `UnknownRunLayout` naming it, with the formats that
-    were asked for (the first thing `load_run` and ``diagnose scan`` say about a bad path)."""
+    """``p`` exists and can be looked at, and is a folder or a regular file; else `UnknownRunLayout`
+    naming it, with the formats that were asked for (the first thing `load_run` and ``diagnose
+    scan`` say about a bad path; a named pipe is never opened: `diagnose.regular_file`)."""
     try:
         exists = p.exists()
     except OSError as e:
         raise UnknownRunLayout(p, f"cannot access ({e})") from None
     if not exists:
         raise UnknownRunLayout(p, "no such file or directory", [format] if format else FORMATS)
+    why = not_regular(p)
+    if why is not None and why != DIRECTORY:
+        raise UnknownRunLayout(p, why, [format] if format else FORMATS)
+
+
+def _holdings(p: Path, limit: int = 8) -> str:
+    """What is at ``p``, for an error: the folder's visible entries (folders with ``/``), or the file."""
+    if not p.is_dir():
+        return f"it is one file, {p.name}"
+    try:
+        names = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(p) if not e.name.startswith("."))
+    except OSError as e:
+        return f"the folder cannot be listed ({e.strerror or e})"
+    if not names:
+        return "the folder is empty"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"the folder holds {', '.join(names[:limit])}{more}"
+
+
+def _forced_found_nothing(p: Path, fmt: str, src: RunSource | None = None) -> UnknownRunLayout:
+    """The error of a forced ``format`` that finds nothing to read at ``p``: what the format looks
+    for, what is there instead (and the format that is, when one is detected), and the first
+    problem the adapter named."""
+    other = detect_format(p)
+    parts = [f"--format {fmt} found nothing to read (it looks for {LOOKED_FOR[fmt]}); {_holdings(p)}"]
+    if other is not None and other != fmt:
+        parts.append(f"it is in the {other} layout: use --format {other}, or leave --format out")
+    if src is not None and src.issues:
+        parts.append(f"{len(src.issues)} problem(s) named, the first: {src.issues[0]}")
+    return UnknownRunLayout(p, "; ".join(parts), [fmt])
+
+
+def _nothing_read(src: RunSource) -> bool:
+    """Whether a loaded source holds no step at all (no metrics row, no rollout)."""
+    frames = [lf for lf in (src.metrics, src.rollouts) if lf is not None]
+    return all(lf.select(pl.len()).collect().item() == 0 for lf in frames)
 
 
 def choose_run(path: Path, fmt: str, asked: str | None) -> str | None:
@@ -282,7 +320,7 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
                                given.get("run"))
         if format is None:
             raise UnknownRunLayout(p)
-        raise UnknownRunLayout(p, f"nothing in the {format} layout found", [format])
+        raise _forced_found_nothing(p, format)
     target = launch.trainer if launch.trainer is not None else p
     known = launch.format or format
     if known in TRACKED_FORMATS or known is None:
@@ -303,11 +341,13 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     call = {**given, "run": trainer_run, "trackers": data, "file_checks": file_checks or None}
     call = {k: v for k, v in call.items() if v is not None}
     src = mod.load(target, **{k: v for k, v in call.items() if k in mod.OPTIONS})
-    if fmt != "native" and target.is_dir():  # the native reader names its own
+    if format is not None and not mod.detect(target) and _nothing_read(src):  # a forced format that reads nothing
+        raise _forced_found_nothing(target, fmt, src)                           # is no scan of the run
+    if target.is_dir():  # what the listings skip (broken links, pipes, unreadable files): named, once
         from diagnose.adapters._common.io import unreachable
         from diagnose.source import SourceIssue
 
-        named = {i.path for i in src.issues}
+        named = {str(i.path) for i in src.issues}
         src.issues += [SourceIssue(str(f), None, why) for f, why in unreachable(target) if str(f) not in named]
     src.notes += [f"option {k}={v!s} is not used by the {fmt} adapter; ignored"
                   for k, v in call.items() if k not in mod.OPTIONS and k not in ("file_checks", "trackers")]

@@ -175,12 +175,31 @@ class _Outcome:
     per_ckpt: dict[str, dict] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     internal: bool = False  # a bug hit some checkpoint
+    tasks: list = field(default_factory=list)  # the tasks probed (a task file's: those that fit the context)
+    task_errors: list = field(default_factory=list)  # a task file's tasks over the context (LineError)
+
+
+def _fit_task_file(out: _Outcome, tok: Any, cfg: Any, task_file: Path) -> None:
+    """Keep the first ``cfg.n_tasks`` of the task file's tasks whose gold trajectory fits
+    ``cfg.max_context`` tokens; each other one is named and skipped (its work would grow with its
+    size: `diagnose.tasks.fit_context`)."""
+    from diagnose.tasks import fit_context
+
+    kept, out.task_errors = fit_context(out.tasks, tok, cfg.max_context, "max_context", task_file)
+    out.tasks = kept[: cfg.n_tasks]
+    for e in out.task_errors[:MAX_ERRORS_SHOWN]:
+        _note(str(e), "yellow", "skipped")
+    if len(out.task_errors) > MAX_ERRORS_SHOWN:
+        _note(f"... and {len(out.task_errors) - MAX_ERRORS_SHOWN} more tasks over the context in {task_file}",
+              "yellow", "skipped")
 
 
 def _probe_targets(targets: list[Target], tasks: list, cfg: Any, device: str, tokenizer_fallback: Path | None, *,
-                   auto_tokens: bool) -> _Outcome:
+                   auto_tokens: bool, task_file: Path | None = None) -> _Outcome:
     """Load and probe every target in turn; one that cannot be loaded (or hits a bug) is named on
-    stderr and skipped, the others are still probed."""
+    stderr and skipped, the others are still probed. A task file's tasks: the first
+    ``cfg.n_tasks`` that fit the context of the first tokenizer that loads (every checkpoint
+    probes the same tasks)."""
     import gc
 
     import torch
@@ -188,8 +207,8 @@ def _probe_targets(targets: list[Target], tasks: list, cfg: Any, device: str, to
     from diagnose.capability.runner import ProbeInputError, auto_max_new_tokens, load_checkpoint, probe_model
     from diagnose.capability.verdict import summarize
 
-    out = _Outcome()
-    per_target = len(tasks) * len(cfg.measures)
+    out = _Outcome(tasks=list(tasks) if task_file is not None else list(tasks[: cfg.n_tasks]))
+    per_target = cfg.n_tasks * len(cfg.measures)
 
     def skip(tgt: Target, reason: str) -> None:
         out.skipped.append({"checkpoint": tgt.name, "path": str(tgt.path), "reason": reason})
@@ -205,6 +224,14 @@ def _probe_targets(targets: list[Target], tasks: list, cfg: Any, device: str, to
                 skip(tgt, str(e))
                 progress("skipped", per_target)
                 continue
+            if task_file is not None:
+                _fit_task_file(out, tok, cfg, task_file)
+                task_file = None
+                if not out.tasks:
+                    del model, tok
+                    break
+                cfg.n_tasks = len(out.tasks)
+            tasks = out.tasks
             if auto_tokens:
                 cfg.max_new_tokens = auto_max_new_tokens(tok, tasks)
             try:
@@ -326,12 +353,18 @@ def _probe(run: Path | None, model: Path | None, task_file: Path | None, checkpo
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = ProbeConfig(n_tasks=len(taskset.tasks), split=split if task_file is None else "file", seed=seed,
+    cfg = ProbeConfig(n_tasks=min(n_tasks, len(taskset.tasks)), split=split if task_file is None else "file", seed=seed,
                       max_new_tokens=max_new_tokens or ProbeConfig.max_new_tokens)
 
     # ---- probe
     t0 = time.perf_counter()
-    outcome = _probe_targets(targets, taskset.tasks, cfg, device, tokenizer_fallback, auto_tokens=max_new_tokens is None)
+    outcome = _probe_targets(targets, taskset.tasks, cfg, device, tokenizer_fallback, auto_tokens=max_new_tokens is None,
+                             task_file=task_file)
+    if not outcome.tasks:
+        _err(f"{task_file}: no usable task ({len(taskset.errors)} bad lines, {len(outcome.task_errors)} task(s) over "
+             f"the limit of {cfg.max_context} tokens (max_context))")
+        raise typer.Exit(EXIT_USAGE)
+    taskset.tasks, taskset.errors = outcome.tasks[: cfg.n_tasks], taskset.errors + outcome.task_errors
     if not outcome.summary:
         _err(f"{target_path}: no checkpoint could be probed ({len(outcome.skipped)} skipped)")
         raise typer.Exit(EXIT_INTERNAL if outcome.internal else EXIT_USAGE)

@@ -25,6 +25,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.atomic import atomic_write_bytes, atomic_write_json
+from diagnose.regular_file import check_regular, read_text
 
 DIRNAME = "capability"
 
@@ -106,6 +107,7 @@ def _check_one_write(d: Path, meta: dict[str, Any]) -> None:
     for name in ("results.parquet", "summary.parquet"):
         if (d / name).exists():
             try:
+                check_regular(d / name)
                 ids[name] = pl.read_parquet_metadata(d / name).get(WRITE_ID)
             except Exception as e:  # noqa: BLE001 - reported with the file
                 raise CapabilityReadError(f"{d / name}: unreadable ({type(e).__name__}: {e})") from None
@@ -124,13 +126,15 @@ def read_capability(run_dir: str | os.PathLike[str]) -> CapabilityResults | None
     for name, schema in (("results", RESULT_SCHEMA), ("summary", SUMMARY_SCHEMA)):
         path = d / f"{name}.parquet"
         try:
+            if os.path.lexists(path):
+                check_regular(path)  # a pipe is named, never opened
             frames[name] = _frame(pl.read_parquet(path), schema) if path.exists() else _frame([], schema)
         except Exception as e:  # noqa: BLE001 - any decoding failure is reported with the file
             raise CapabilityReadError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     meta: dict[str, Any] = {}
     if (d / "meta.json").exists():
         try:
-            meta = json.loads((d / "meta.json").read_text())
+            meta = json.loads(read_text(d / "meta.json"))
         except (OSError, ValueError) as e:
             raise CapabilityReadError(f"{d / 'meta.json'}: unreadable ({e})") from None
         if not isinstance(meta, dict):

@@ -23,6 +23,7 @@ from diagnose.capability.tasksets import resyntax
 from diagnose.chat import IM_END
 from diagnose.control_tokens import ControlTokenRegistry
 from diagnose.error_line import error_line
+from diagnose.model.files import ModelFileError, check_model_files
 from diagnose.model.generation import Sampling, generate_batch, stop_token_ids
 from diagnose.model.sequences import encode, observation_text, prompt_text
 from diagnose.tasks import Rollout, Task
@@ -63,7 +64,8 @@ class ModelProbe:
 
 
 def _has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    """Whether ``path`` holds tokenizer files (broken ones too: they are named, not replaced)."""
+    return os.path.lexists(path / "tokenizer.json") or os.path.lexists(path / "tokenizer_config.json")
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.PathLike[str] | None = None,
@@ -78,12 +80,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.Pa
     p = Path(path)
     if not p.is_dir():
         raise ProbeInputError(f"{p}: not a directory")
-    if not (p / "config.json").is_file():
+    if not os.path.lexists(p / "config.json"):
         raise ProbeInputError(f"{p / 'config.json'}: missing (not a Hugging Face model directory)")
     weights = sorted(p.glob("*.safetensors"))
     if not weights:
         raise ProbeInputError(f"{p}: no *.safetensors weights (the probe never unpickles .bin / .pt files)")
     tok_dir = p if _has_tokenizer(p) or tokenizer_path is None else Path(tokenizer_path)
+    try:  # each file transformers reads, named when broken (its own errors do not say which)
+        check_model_files(p, tokenizer=tok_dir == p)
+        if tok_dir != p:
+            check_model_files(tok_dir, model=False)
+    except ModelFileError as e:
+        raise ProbeInputError(str(e)) from None
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:

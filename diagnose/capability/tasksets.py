@@ -58,9 +58,10 @@ class TaskSet:
 
 
 def load_taskset(n_tasks: int, *, split: str = "test", seed: int = 0, task_file: str | Path | None = None) -> TaskSet:
-    """``n_tasks`` generated tasks of ``split``, or the first ``n_tasks`` usable tasks of a task
-    file (bad lines come back in ``errors``; a missing file raises ``FileNotFoundError``)."""
+    """``n_tasks`` generated tasks of ``split``, or every usable task of a task file (bad lines
+    come back in ``errors``; a missing file raises ``FileNotFoundError``): the probe keeps the
+    first ``n_tasks`` of them that fit its context (`diagnose.tasks.fit_context`)."""
     if task_file is not None:
         tasks, errors = load_task_file(task_file)
-        return TaskSet(tasks[:n_tasks], str(task_file), errors)
+        return TaskSet(tasks, str(task_file), errors)
     return TaskSet(make_tasks(split, n_tasks, seed=seed), f"{split} split, seed {seed}", [])

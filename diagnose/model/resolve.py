@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from diagnose.model.build import BASE_NAMES, ensure_base_model, ensure_default_model
+from diagnose.model.files import check_model_files
 
 __all__ = ["load_model_and_tokenizer", "resolve_model_path"]
 
@@ -52,7 +53,7 @@ def resolve_model_path(path_or_name: str | os.PathLike[str]) -> Path:
             f"model path does not exist: {name!r} (give a local Hugging Face model directory, "
             "a hub id already in the local cache, or 'tiny' for the embedded default)"
         )
-    if not path.is_dir() or not (path / "config.json").is_file():
+    if not path.is_dir() or not os.path.lexists(path / "config.json"):
         raise ValueError(f"not a Hugging Face model directory (no config.json): {name!r}")
     return path
 
@@ -68,11 +69,13 @@ def load_model_and_tokenizer(
     ``path_or_name`` is resolved by :func:`resolve_model_path` (``"tiny"`` = the embedded
     default). ``dtype`` is passed to ``from_pretrained`` (a ``torch.dtype``, ``"auto"``, or None
     for float32). Nothing is ever downloaded (``local_files_only=True``). The model is returned
-    in eval mode on ``device``.
+    in eval mode on ``device``. A file of the folder that would not load raises
+    `diagnose.model.files.ModelFileError` (a ValueError) naming it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(path_or_name)
+    check_model_files(path)  # a broken file is named (ModelFileError), not left to transformers' message
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:

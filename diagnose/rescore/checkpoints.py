@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diagnose.adapters.trl import CHECKPOINT_RE as _TRL
+from diagnose.model.files import WEIGHT_FILE_RE
+from diagnose.regular_file import not_regular, read_text
 from diagnose.rundir.schema import CHECKPOINTS_DIR, STEP_DIR_RE as _NATIVE, TRAINER_STATE_JSON
 
 __all__ = ["Checkpoint", "discover_checkpoints", "merge_hint", "weight_files"]
@@ -32,10 +34,6 @@ __all__ = ["Checkpoint", "discover_checkpoints", "merge_hint", "weight_files"]
 _VERL = re.compile(r"^global_step_(\d+)$")
 _TRAILING = re.compile(r"(\d+)$")
 _FSDP_SHARD = re.compile(r"^model_world_size_\d+_rank_\d+\.pt$")
-#: Weight files we read: safetensors (preferred), or PyTorch ``.bin`` state dicts loaded with
-#: ``torch.load(weights_only=True)``. Everything else in a checkpoint (``training_args.bin``,
-#: ``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``) is a pickle and is never opened.
-_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
 _MAX_DEPTH = 4
 
 
@@ -54,7 +52,8 @@ class Checkpoint:
 def weight_files(d: Path) -> list[Path]:
     """The weight files of a ``save_pretrained`` directory (safetensors when there are any)."""
     try:
-        files = sorted(p for p in d.iterdir() if p.is_file() and _WEIGHTS.match(p.name))
+        # not only regular files: a weight file that is a pipe is named by the loader's check
+        files = sorted(p for p in d.iterdir() if not p.is_dir() and WEIGHT_FILE_RE.match(p.name))
     except OSError:
         return []
     st = [p for p in files if p.suffix == ".safetensors"]
@@ -79,7 +78,7 @@ def _name(path: Path, root: Path) -> str:
 
 def _native_step(d: Path) -> int | None:
     try:
-        v = json.loads((d / TRAINER_STATE_JSON).read_text()).get("step")
+        v = json.loads(read_text(d / TRAINER_STATE_JSON)).get("step")
     except (OSError, ValueError, AttributeError):
         return None
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
@@ -108,9 +107,12 @@ def _one(d: Path, root: Path) -> Checkpoint:
     if m:
         step = _native_step(d)
         if step is None:
-            if not (d / TRAINER_STATE_JSON).is_file():
+            why = not_regular(d / TRAINER_STATE_JSON)
+            if why == "no such file":
                 return Checkpoint(_name(d, root), int(m.group(1)), d,
                                   "incomplete checkpoint (no trainer_state.json: still being written, or crashed)")
+            if why is not None:
+                return Checkpoint(_name(d, root), int(m.group(1)), d, f"{TRAINER_STATE_JSON}: {why}")
             step = int(m.group(1))
     else:
         m = _TRL.match(name) or _TRAILING.search(name)

@@ -25,6 +25,7 @@ from typing import Any
 
 import polars as pl
 
+from diagnose.model.files import ModelFileError, check_model_files
 from diagnose.rescore.checkpoints import Checkpoint, discover_checkpoints, weight_files
 from diagnose.rescore.tables import RESCORE_VERSION, RescoreStore, digest, file_stat
 from diagnose.source import OFF_POLICY_FLAGS, on_policy
@@ -79,7 +80,7 @@ def _tokenizer_dir(cfg: RescoreConfig, ckpts: list[Checkpoint]) -> Path:
             raise RescoreError(f"--tokenizer {cfg.tokenizer}: no such directory")
         return p
     for c in ckpts:
-        if c.path.is_dir() and any((c.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if c.path.is_dir() and any(os.path.lexists(c.path / f) for f in ("tokenizer.json", "tokenizer_config.json")):
             return c.path
     raise RescoreError("no checkpoint holds tokenizer files; pass --tokenizer DIR (the run's tokenizer)")
 
@@ -91,6 +92,10 @@ def _tokenizer_key(d: Path) -> dict[str, Any]:
 def _load_tokenizer(d: Path) -> Any:
     from transformers import AutoTokenizer
 
+    try:  # each tokenizer file, named when broken (transformers' errors do not say which)
+        check_model_files(d, model=False)
+    except ModelFileError as e:
+        raise RescoreError(str(e)) from None
     try:
         return AutoTokenizer.from_pretrained(d, local_files_only=True)
     except Exception as e:  # noqa: BLE001
@@ -99,7 +104,7 @@ def _load_tokenizer(d: Path) -> Any:
 
 def _same_tokenizer(run_tok: Any, d: Path, registry: Any) -> str | None:
     """Why the checkpoint's own tokenizer (if it saved one) is not the run's; None if it is."""
-    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if not any(os.path.lexists(d / f) for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     try:
         tok = _load_tokenizer(d)

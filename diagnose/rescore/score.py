@@ -23,6 +23,7 @@ import torch
 
 from diagnose.control_tokens import ControlTokenRegistry
 from diagnose.error_line import error_line
+from diagnose.model.files import ModelFileError, check_model_files
 from diagnose.model.ctrl_probe import ProbeSet, _keep_kwargs, run_probe
 from diagnose.model.logits import token_stats
 from diagnose.rescore.checkpoints import Checkpoint, weight_files
@@ -80,6 +81,10 @@ def load_checkpoint(ckpt: Checkpoint, cfg: ScoreConfig, vocab_size: int) -> Any:
     does not load, has non-finite weights or a vocabulary smaller than the run's tokenizer."""
     if ckpt.problem:
         raise CheckpointError(ckpt.problem)
+    try:  # each file transformers / torch.load would read, named when broken
+        check_model_files(ckpt.path, tokenizer=False)
+    except ModelFileError as e:
+        raise CheckpointError(f"{e.path.name}: {e.why}") from None
     files = weight_files(ckpt.path)
     dtype = cfg.torch_dtype()
     try:

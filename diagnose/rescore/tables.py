@@ -26,6 +26,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.atomic import atomic_path, atomic_write_json
+from diagnose.regular_file import not_regular, read_text
 from diagnose.scan.cache import cache_dir_candidates, run_root, abs_path
 from diagnose.source import RunSource
 
@@ -70,7 +71,7 @@ class RescoreStore:
     @staticmethod
     def _read(d: Path) -> dict[str, Any] | None:
         try:
-            man = json.loads((d / MANIFEST).read_text())
+            man = json.loads(read_text(d / MANIFEST))
         except (OSError, ValueError):
             return None
         if not isinstance(man, dict) or man.get("version") != RESCORE_VERSION:
@@ -158,7 +159,7 @@ class RescoreStore:
 
     def tables(self, kind: str) -> list[Path]:
         rels = sorted({e["tables"][kind] for e in self.entries() if (e.get("tables") or {}).get(kind)})
-        return [self.dir / r for r in rels]
+        return [self.dir / r for r in rels if not_regular(self.dir / r) is None]  # a pipe is never scanned
 
 
 def _steps_text(steps: list[int]) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from diagnose.atomic import atomic_write_bytes
+from diagnose.regular_file import check_regular, open_regular, read_bytes
 from diagnose.rundir.schema import _check_step, step_value
 
 __all__ = ["complete_trailing_line", "drop_metrics_after", "flatten_metrics", "metrics_record", "read_metrics"]
@@ -103,6 +104,7 @@ def complete_trailing_line(path: Path) -> int:
     """
     if not path.exists():
         return 0
+    check_regular(path)  # a named pipe is refused, never waited on (a resume names it)
     with open(path, "r+b") as f:
         size = f.seek(0, os.SEEK_END)
         if size == 0:
@@ -155,7 +157,7 @@ def drop_metrics_after(path: Path, step: int, fsync: bool) -> int:
         return 0
     kept: list[bytes] = []
     dropped = 0
-    with open(path, "rb") as f:
+    with open_regular(path, "rb") as f:
         for line in f:
             s = _line_step(line)
             if s is not None and s > step:
@@ -185,7 +187,7 @@ def read_metrics(path: Path, issue: Issue) -> pl.DataFrame:
         issue(path, None, "broken symlink or symlink loop; not read" if path.is_symlink() else "missing")
         return empty
     try:
-        data = path.read_bytes()
+        data = read_bytes(path)  # a named pipe is refused, never waited on
     except OSError as e:
         issue(path, None, f"unreadable: {e}")
         return empty

@@ -29,6 +29,7 @@ import polars as pl
 
 from diagnose.atomic import is_temp_name
 from diagnose.parquet_check import check_parquet
+from diagnose.regular_file import DIRECTORY, not_regular, read_bytes
 from diagnose.rundir.metrics import read_metrics
 from diagnose.rundir.schema import (
     CHECKPOINTS_DIR,
@@ -126,11 +127,15 @@ class RunReader:
             raise RunFormatError(f"{self.run_dir}: not a directory")
         self._info, self._info_error = self._load_info()
         if self._info is None and not self._anything_readable():
-            details = "; ".join(str(i) for i in self._issues) or "no files"
-            raise RunFormatError(
+            shown = 3  # a run of a thousand unreadable step files is one line, not a page; `issues` has them all
+            details = "; ".join(str(i) for i in self._issues[:shown]) or "no files"
+            more = f"; and {len(self._issues) - shown} more" if len(self._issues) > shown else ""
+            err = RunFormatError(
                 f"{self.run_dir}: not a readable run ({self._info_error}; no metrics lines and no "
-                f"readable step files). Issues: {details}"
+                f"readable step files). Issues: {details}{more}"
             )
+            err.issues = list(self._issues)  # type: ignore[attr-defined]
+            raise err
 
     # ---- issues ----------------------------------------------------------------------
 
@@ -154,7 +159,7 @@ class RunReader:
             self._issue(path, None, f"missing ({RUN_JSON} is written when the run starts)")
             return None, msg
         try:
-            info = json.loads(path.read_bytes().decode("utf-8"))
+            info = json.loads(read_bytes(path).decode("utf-8"))  # a named pipe is refused, never waited on
         except (OSError, UnicodeDecodeError, ValueError) as e:
             self._issue(path, None, f"unreadable or not valid JSON: {e}")
             return None, f"{path}: unreadable or not valid JSON ({e})"
@@ -269,8 +274,8 @@ class RunReader:
             raise ValueError(f"unknown table kind {kind!r}; expected one of {KINDS}")
         directory = self.run_dir / kind
         if not directory.is_dir():
-            if directory.is_symlink():
-                self._issue(directory, None, "broken symlink or symlink loop; not read")
+            if os.path.lexists(directory):  # a broken link, a pipe: named
+                self._issue(directory, None, f"{not_regular(directory) or 'not a directory'}; not read")
             return []
         out: list[_StepFile] = []
         try:
@@ -286,9 +291,10 @@ class RunReader:
             if step is None:
                 continue
             try:
-                if not entry.is_file():
-                    if entry.is_symlink():
-                        self._issue(Path(entry.path), None, "broken symlink or symlink loop; file skipped")
+                if not entry.is_file():  # a broken link, a named pipe, a socket, a device: named, never opened
+                    why = not_regular(entry.path)
+                    if why != DIRECTORY:
+                        self._issue(Path(entry.path), None, f"{why}; file skipped")
                     continue
                 st = entry.stat()
             except OSError as e:
@@ -412,8 +418,12 @@ class RunReader:
             step = parse_step_dirname(entry.name)
             if step is None:
                 continue
-            if not (entry / TRAINER_STATE_JSON).is_file():
+            why = not_regular(entry / TRAINER_STATE_JSON)
+            if why == "no such file":
                 self._issue(entry, None, f"incomplete checkpoint (no {TRAINER_STATE_JSON}); skipped")
+                continue
+            if why is not None:
+                self._issue(entry / TRAINER_STATE_JSON, None, f"{why}; checkpoint skipped")
                 continue
             out.append((step, entry))
         out.sort()

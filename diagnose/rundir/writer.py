@@ -30,6 +30,7 @@ import numpy as np
 import polars as pl
 
 from diagnose.atomic import atomic_dir, atomic_path, atomic_write_json, is_temp_name
+from diagnose.regular_file import not_regular, read_text
 from diagnose.rundir.metrics import complete_trailing_line, drop_metrics_after, metrics_record
 from diagnose.rundir.schema import (
     CHECKPOINTS_DIR,
@@ -237,6 +238,11 @@ class RunWriter:
         self.truncated_bytes = 0
         ctrl = normalize_control_tokens(control_tokens)
         run_json = self.run_dir / RUN_JSON
+        if resume:  # metrics.jsonl is repaired and appended to: a pipe in its place is named before anything is written
+            why = not_regular(self.run_dir / METRICS_JSONL)
+            if why not in (None, "no such file"):
+                raise RunFormatError(f"{self.run_dir / METRICS_JSONL}: {why}; cannot resume (the run's metrics are "
+                                     "appended to it)")
 
         if run_json.exists():
             if not resume:
@@ -288,7 +294,7 @@ class RunWriter:
     @staticmethod
     def _load_existing(run_json: Path) -> dict:
         try:
-            info = json.loads(run_json.read_text(encoding="utf-8"))
+            info = json.loads(read_text(run_json))  # a named pipe is refused, never waited on
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise RunFormatError(f"{run_json}: cannot resume, file is unreadable or not valid JSON ({e})") from None
         if not isinstance(info, dict):

@@ -50,6 +50,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.atomic import atomic_dir, atomic_path, atomic_write_json, is_temp_name
+from diagnose.regular_file import check_regular, read_text
 from diagnose.scan.detect import DetectConfig
 from diagnose.scan.result import SCHEMA_VERSION, CacheInfo, RunScanResult, result_from_json
 
@@ -84,7 +85,7 @@ MAX_TREE_FILES = 200_000
 _SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.scan.token_signals", "diagnose.scan.frames",
                 "diagnose.scan.names", "diagnose.adapters", "diagnose.rundir", "diagnose.turns",
                 "diagnose.transcripts", "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl",
-                "diagnose.source", "diagnose.parquet_check",
+                "diagnose.source", "diagnose.parquet_check", "diagnose.regular_file",
                 "diagnose.rescore.tables")  # the rescored tables attached to a source
 _EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.verdict", "diagnose.scan.episodes", "diagnose.scan.drops",
                  "diagnose.scan.moves", "diagnose.scan.implicated", "diagnose.scan.examples",
@@ -255,7 +256,7 @@ class Cached:
     manifest: dict[str, Any]
 
     def read_result(self) -> RunScanResult:
-        data = json.loads((self.dir / RESULT).read_text(encoding="utf-8"))
+        data = json.loads(read_text(self.dir / RESULT))
         return result_from_json(data, _read_parquet(self.dir / SIGNALS))
 
     def read_derived(self) -> pl.DataFrame:
@@ -266,14 +267,14 @@ class Cached:
         if fmt is not None and fmt != self.manifest.get("format"):
             return None
         try:
-            return json.loads((self.dir / FILE_CHECKS).read_text(encoding="utf-8"))
+            return json.loads(read_text(self.dir / FILE_CHECKS))
         except (OSError, ValueError, UnicodeDecodeError):
             return None
 
 
 def _read_manifest(d: Path) -> Cached | None:
     try:
-        m = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+        m = json.loads(read_text(d / MANIFEST))  # a named pipe in the cache is refused (OSError), never waited on
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     if not isinstance(m, dict) or m.get("cache_version") != CACHE_VERSION:
@@ -300,6 +301,7 @@ def find_cache(root: Path, run: str | None = None) -> tuple[Cached | None, str]:
 
 
 def _read_parquet(path: Path) -> pl.DataFrame:
+    check_regular(path)
     df = pl.read_parquet(path)
     if "step" not in df.columns:
         raise ValueError(f"{path}: no step column")

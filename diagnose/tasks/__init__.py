@@ -18,11 +18,14 @@ from .episode import Rollout, gold_assistant_texts, gold_messages, run_episode
 from .families import FAMILIES, SPLIT_FAMILIES
 from .generate import default_syntax, hint_for, make_tasks, with_hint
 from .policies import oracle_policy, random_policy
-from .taskfile import load_task_file
+from .taskfile import MAX_TASK_BYTES, MAX_TASK_CALLS, MAX_TASK_TURNS, fit_context, load_task_file
 
 __all__ = [
     "FAMILIES",
     "FILE_SPLIT",
+    "MAX_TASK_BYTES",
+    "MAX_TASK_CALLS",
+    "MAX_TASK_TURNS",
     "INSTRUCTION",
     "SPLITS",
     "SPLIT_FAMILIES",
@@ -36,6 +39,7 @@ __all__ = [
     "ToolEnv",
     "contains_value",
     "default_syntax",
+    "fit_context",
     "gold_assistant_texts",
     "gold_messages",
     "gold_state",

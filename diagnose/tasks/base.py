@@ -55,6 +55,7 @@ class Task:
     gold_outputs: list[list[Any]] | None = None  # replay tasks: the recorded tool outputs
     variant: str = ""  # the family's task variant, e.g. "transfer_balance"
     hint: str = ""  # the level-1 hint (see `hint_for`); not in the prompt unless added
+    line: int = 0  # the task file line it was read from (0: a generated task), for messages
 
     @property
     def user(self) -> str:

@@ -9,6 +9,11 @@
      "syntax": "hermes"}                                          # optional: hermes|pythonic|json
 
 Bad lines become `LineError`s and are skipped; only a missing file raises.
+
+Each task is bounded, so that one hostile line (a schema-valid task of 5,000 gold turns) cannot
+stall a probe or a training run: its line (``MAX_TASK_BYTES``), its gold call turns
+(``MAX_TASK_TURNS``) and calls (``MAX_TASK_CALLS``) here; its tokens by the consumer, which has
+the tokenizer and the context length (`fit_context`). The error names the limit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ from .base import FILE_SPLIT, INSTRUCTION, Task, schema_of, system_prompt, with_
 from .generate import hint_for
 
 ROLES = ("system", "user", "assistant", "tool")
+#: The most bytes one task line may hold (tools, messages, gold calls and outputs together).
+MAX_TASK_BYTES = 1024 * 1024
+#: The most gold call turns one task may have (multi-step benchmarks have tens at most).
+MAX_TASK_TURNS = 64
+#: The most gold calls one task may have, over all its turns.
+MAX_TASK_CALLS = 256
 
 
 class _Bad(Exception):
@@ -102,6 +113,11 @@ def _ground_truth(obj: dict, names: set[str]) -> list[list[ToolCall]]:
     gt = obj.get("ground_truth")
     if not isinstance(gt, list) or not gt:
         raise _Bad("'ground_truth' must be a non-empty list of turns (lists of calls)")
+    if len(gt) > MAX_TASK_TURNS:
+        raise _Bad(f"'ground_truth' has {len(gt)} turns, over the limit of {MAX_TASK_TURNS} per task (MAX_TASK_TURNS)")
+    n_calls = sum(len(t) for t in gt if isinstance(t, list))
+    if n_calls > MAX_TASK_CALLS:
+        raise _Bad(f"'ground_truth' has {n_calls} calls, over the limit of {MAX_TASK_CALLS} per task (MAX_TASK_CALLS)")
     turns = []
     for i, turn in enumerate(gt):
         if not isinstance(turn, list):
@@ -188,7 +204,7 @@ def load_task_file(path: str | Path) -> tuple[list[Task], list[LineError]]:
     tasks: list[Task] = []
     errors: list[LineError] = []
     seen: dict[str, int] = {}
-    for line_no, obj in iter_jsonl(p):
+    for line_no, obj in iter_jsonl(p, max_line_bytes=MAX_TASK_BYTES, limit_name="MAX_TASK_BYTES"):
         if isinstance(obj, LineError):
             errors.append(obj)
             continue
@@ -204,5 +220,29 @@ def load_task_file(path: str | Path) -> tuple[list[Task], list[LineError]]:
             errors.append(LineError(str(p), line_no, f"duplicate id {task.id!r} (first on line {seen[task.id]})"))
             continue
         seen[task.id] = line_no
+        task.line = line_no
         tasks.append(task)
     return tasks, errors
+
+
+def fit_context(tasks: list[Task], tokenizer: Any, max_tokens: int, limit: str,
+                path: str | Path = "") -> tuple[list[Task], list[LineError]]:
+    """The tasks whose whole gold trajectory (prompt, every gold turn and tool output, the answer,
+    rendered as the model reads it) fits ``max_tokens`` tokens of ``tokenizer`` (a Hugging Face
+    tokenizer), and a `LineError` naming each other one with its size and ``limit`` (the limit's
+    name, e.g. ``max_context``). A task over the limit could not be probed or trained on whole,
+    and would cost work in proportion to its size."""
+    from diagnose.chat import render_chat
+
+    from .episode import gold_messages
+
+    kept, errors = [], []
+    for t in tasks:
+        # verbose=False: an over-long text is what is measured here, no transformers warning
+        n = len(tokenizer(render_chat(gold_messages(t)), add_special_tokens=False, verbose=False)["input_ids"])
+        if n > max_tokens:
+            errors.append(LineError(str(path), t.line, f"task {t.id!r}: its gold trajectory is {n} tokens, over "
+                                                     f"the limit of {max_tokens} ({limit}); task skipped"))
+        else:
+            kept.append(t)
+    return kept, errors

@@ -12,6 +12,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.jsonl import iter_jsonl
+from diagnose.regular_file import DIRECTORY, check_regular, not_regular
 
 
 def _entries(directory: Path, *, dirs: bool) -> list[Path]:
@@ -46,6 +47,7 @@ def subdirs(directory: Path) -> list[Path]:
 def unreachable(root: Path, depth: int = 3, limit: int = 20_000) -> list[tuple[Path, str]]:
     """``(path, why)`` of what under ``root`` cannot be read (``depth`` levels, dot entries
     skipped, at most ``limit`` entries looked at): symlinks that lead nowhere (broken, a loop),
+    named pipes, sockets and devices (or links to one: never opened, `diagnose.regular_file`),
     regular files and folders the user may not read. The listings above skip them silently, so
     the adapters' sources name them through this (``load_run``). Files are opened, never read."""
     out: list[tuple[Path, str]] = []
@@ -63,9 +65,11 @@ def unreachable(root: Path, depth: int = 3, limit: int = 20_000) -> list[tuple[P
             if e.name.startswith("."):
                 continue
             try:
-                if e.is_symlink():
-                    if not os.path.exists(e.path):
-                        out.append((Path(e.path), "broken symlink or symlink loop; not read"))
+                why = not_regular(e.path) if not e.is_dir(follow_symlinks=False) else None
+                if why is not None and why != DIRECTORY:  # a broken link, a pipe, a socket, a device
+                    out.append((Path(e.path), f"{why}; not read"))
+                elif e.is_symlink():
+                    pass
                 elif e.is_dir(follow_symlinks=False):
                     if level + 1 < depth:
                         todo.append((Path(e.path), level + 1))
@@ -102,6 +106,7 @@ def check_parquet(path: Path) -> tuple[pl.Schema | None, str | None]:
 def read_parquet(path: Path, columns: Sequence[str] | None = None) -> tuple[pl.DataFrame | None, str | None]:
     """Read a (pre-checked) parquet file; ``(None, why)`` if the data pages turn out corrupt."""
     try:
+        check_regular(path)
         return pl.read_parquet(path, columns=list(columns) if columns is not None else None), None
     except (KeyboardInterrupt, SystemExit):
         raise

@@ -6,6 +6,7 @@ the reader's lazy scans (corrupt step files are reported by the reader and skipp
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ def _root(p: Path) -> Path:
 def detect(p: Path) -> bool:
     if p.is_file():
         return p.name == RUN_JSON
-    return (p / RUN_JSON).is_file()
+    # any run.json that is not a folder (a pipe, a broken link too): the reader names what is wrong with it
+    return os.path.lexists(p / RUN_JSON) and not (p / RUN_JSON).is_dir()
 
 
 def has_candidates(p: Path) -> bool:
@@ -71,8 +73,10 @@ def load(p: Path, *, file_checks: Any = None) -> RunSource:
     except RunFormatError as e:
         if "newer than this reader supports" in str(e):
             raise
-        msg = str(e)
+        msg = str(e).split(". Issues: ")[0]  # the reader's issues one by one, below
         issues.add(root, None, msg[len(f"{root}: "):] if msg.startswith(f"{root}: ") else msg)
+        for i in getattr(e, "issues", ()):
+            issues.add(i.path, i.line, i.message, i.kind)
         return make_source(root, FORMAT, metrics=pl.DataFrame(schema={"step": pl.Int64}),
                            rollouts=pl.DataFrame(schema=rollouts_schema()), issues=issues,
                            notes=["nothing readable in this run directory"], files=_files(root))

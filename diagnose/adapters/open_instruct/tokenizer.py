@@ -99,6 +99,12 @@ def load_tokenizer(spec: Any) -> LoadedTokenizer:
     except ImportError:
         raise TokenizerError(f"tokenizer {p}: no tokenizer.json, and reading other tokenizer layouts needs "
                              "transformers (pip install 'collapse-diagnostics[model]')") from None
+    from diagnose.model.files import ModelFileError, check_model_files
+
+    try:  # a broken tokenizer file (a named pipe too) is named, not left to transformers
+        check_model_files(p, model=False)
+    except ModelFileError as e:
+        raise TokenizerError(f"tokenizer {e}") from None
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad folder

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from diagnose.adapters._common.io import first_object, subdirs, visible_files
+from diagnose.regular_file import read_bytes
 
 STEP_FILE_RE = re.compile(r"^(\d+)\.jsonl$")
 _VAL_NAME = re.compile(r"(?:^|[^a-z])(val|valid|validation|test|eval)(?:[^a-z]|$)", re.I)
@@ -213,8 +214,11 @@ def hydra_launches(cwd: Path, limit: int = 500) -> tuple[list[Launch], list[str]
     notes: list[str] = []
     for f in sorted(cwd.glob("outputs/*/*/.hydra/config.yaml"))[:limit]:
         try:
-            cfg = yaml.safe_load(f.read_text(encoding="utf-8", errors="replace"))
-        except (OSError, yaml.YAMLError) as e:
+            cfg = yaml.safe_load(read_bytes(f).decode("utf-8", errors="replace"))  # a named pipe is refused
+        except OSError as e:
+            notes.append(f"{f}: unreadable Hydra config ({e.strerror or e}); ignored")
+            continue
+        except yaml.YAMLError as e:
             notes.append(f"{f}: unreadable Hydra config ({type(e).__name__}); ignored")
             continue
         tr = cfg.get("trainer") if isinstance(cfg, dict) else None
