@@ -26,10 +26,10 @@ def story(run: Path) -> list[str]:
     if cap is None or cap.summary.is_empty():
         return [f"{run}: not probed yet (diagnose probe {run})"]
     reading = read_probe(cap)
-    lines = [f"measures: {reading.measures}."]
+    lines = [f"measures: {'; '.join(reading.measures)}."]
     for c in reading.checkpoints:
         roles = f" [{', '.join(c.roles)}]" if c.roles else ""
-        lines.append(f"step {c.step}{roles}: {c.words} ({c.figures()})")
+        lines.append(f"step {c.step}{roles}: {c.words}")
     lines.append(f"=> the evidence supports: {reading.claim}.")
     return lines
 

@@ -409,11 +409,16 @@ def print_reading(written: Path | None, summary: list[dict], results: list[dict]
     if cap is None:
         cap = CapabilityResults(Path("."), pl.DataFrame(results, schema=RESULT_SCHEMA, strict=False),
                                 pl.DataFrame(summary, schema=SUMMARY_SCHEMA, strict=False), meta)
+    from rich.padding import Padding
+    from rich.text import Text
+
     reading = read_probe(cap)
-    console.print(f"[bold]what it means[/] [dim]({escape(reading.measures)})[/]", highlight=False)
+    console.print(Text("what it means", style="bold"))
+    for line in reading.measures:
+        console.print(Padding(Text(line, style="dim"), (0, 0, 0, 2)))
     for c in reading.checkpoints:
-        console.print(f"  {escape(c.checkpoint)}: {escape(c.words)}", highlight=False)
-    console.print(f"[bold]the evidence supports:[/] {escape(reading.claim)}", highlight=False)
+        console.print(Padding(Text.assemble((c.checkpoint, "bold"), ": ", c.words), (0, 0, 0, 2)))
+    console.print(Text.assemble(("the evidence supports: ", "bold"), reading.claim))
 
 
 def _finite(v: Any) -> Any:

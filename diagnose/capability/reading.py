@@ -70,10 +70,11 @@ class ProbeReading:
 
     checkpoints: list[CheckpointReading] = field(default_factory=list)
     claim: str = ""
-    measures: str = ("generation (native, format repairs, other syntaxes) = does the model produce a call that "
-                     "solves the task, greedy, end to end; likelihood = teacher-forced on the gold conversation, "
-                     "how often the gold call scores above one-edit distractors (wrong tool, value or argument "
-                     "name): does it still know the right call when it does not have to produce it")
+    measures: tuple[str, ...] = (
+        "generation (native, format repairs, other syntaxes): does the model produce calls that solve the task? "
+        "(greedy, end to end)",
+        "likelihood: teacher-forced on the gold conversation, does the gold call score above one-edit distractors "
+        "(wrong tool, value or argument name)? (does it know the right call when it need not produce it)")
 
 
 def _measure_rows(cap: CapabilityResults, checkpoint: str) -> dict[str, dict[str, Any]]:
@@ -104,7 +105,7 @@ def _words(c: CheckpointReading, ref: CheckpointReading | None, cfg: ProbeConfig
     knows = skill is not None and skill >= cfg.likelihood_skill_min
     since = ""
     if ref is not None and ref is not c and ref.native:
-        since = f" (it solved {ref.native:.0%} at step {ref.step})"
+        since = f" ({ref.native:.0%} at step {ref.step})"
     if c.verdict == HEALTHY:
         return f"healthy: the model solves {c.native or 0:.0%} of the tasks as trained{since}."
     if c.verdict == INTACT_FORMAT_BROKEN:
@@ -115,12 +116,12 @@ def _words(c: CheckpointReading, ref: CheckpointReading | None, cfg: ProbeConfig
                 f"ranks the gold call first on {c.likelihood:.0%} of the turns (chance {c.chance:.0%}) while most "
                 "of its own turns are malformed.")
     if c.verdict == LOST:
-        gen = (f"it no longer generates working calls: {c.native or 0:.0%} solved as trained{since}, "
-               f"{c.best_content_acc or 0:.0%} at best with a format repair or another syntax")
+        gen = (f"{c.native or 0:.0%} solved as trained{since}, {c.best_content_acc or 0:.0%} at best with a format "
+               "repair or another syntax")
         if knows:
-            return (f"capability lost by generation, not by knowledge: {gen}; yet teacher-forced it still ranks "
-                    f"the gold call first on {c.likelihood:.0%} of the turns (chance {c.chance:.0%}), so it "
-                    "recognises the right call when it does not have to produce it.")
+            return (f"capability lost by generation, not by knowledge: {gen}; yet teacher-forced it ranks the gold "
+                    f"call first on {c.likelihood:.0%} of the turns (chance {c.chance:.0%}): it recognises the right "
+                    "call but no longer produces it.")
         if c.likelihood is not None:
             return (f"capability lost: {gen}, and teacher-forced it ranks the gold call first on only "
                     f"{c.likelihood:.0%} of the turns (chance {c.chance or 0:.0%}).")
