@@ -1,0 +1,93 @@
+"""What broke in a collapse episode: the dominant failure modes, share before -> at the trough.
+
+Why: "reward 0.47 -> 0, 11% turns collapsed" says that the run failed, not how. A collapse on
+tool use fails in kinds a practitioner can act on: call bodies that stop being JSON, calls never
+closed, the same call repeated, bare ``<tool_call>`` turns, right-looking calls with wrong
+values. Each kind is a signal the scan already has (the format-error taxonomy per assistant
+turn, docs/turn-states.md; the turn states; the trainer's share of gold calls matched); this
+module compares each one's level before the onset with its level around the trough and keeps
+those that grew, largest growth first.
+
+Levels: *before* is the median over the ``window`` steps before the onset; *at the trough* the
+median of the trough step and its neighbours inside the episode (one step is one batch of
+rollouts: too noisy alone). A mode counts when it grew by at least ``min_rise`` (absolute, 0.05
+= 5 points) and reaches ``min_level``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import polars as pl
+
+from diagnose.format_errors import SHORT, FormatError
+
+__all__ = ["FailureMode", "failure_modes"]
+
+#: signal -> (what it is, in words; the unit of its share)
+TURN_STATES = {"turn_state/collapsed": "collapsed turns (nothing usable)",
+               "turn_state/polluted": "polluted turns (a format error, content usable)"}
+#: A "higher is healthier" share and what its complement means.
+COMPLEMENTS = {"calls_right": "calls that do not match the gold call (wrong tool, values or missing)"}
+
+
+@dataclass
+class FailureMode:
+    """One kind of failure: its signal, what it means, and its share before and at the trough."""
+
+    signal: str  # e.g. "format_error/invalid_json", "turn_state/collapsed", "calls_right" (complement)
+    label: str  # e.g. "a call body that is not JSON"
+    unit: str  # "of turns" / "of calls"
+    before: float
+    at_trough: float
+
+    @property
+    def rise(self) -> float:
+        return self.at_trough - self.before
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        """``a call body that is not JSON 3% -> 25% of turns``."""
+        return f"{self.label} {self.before:.0%} -> {self.at_trough:.0%} {self.unit}"
+
+
+def _values(signals: pl.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
+    df = signals.select("step", pl.col(name).cast(pl.Float64)).drop_nulls().filter(pl.col(name).is_finite())
+    return df.get_column("step").to_numpy(), df.get_column(name).to_numpy()
+
+
+def _median(s: np.ndarray, v: np.ndarray, lo: float, hi: float) -> float:
+    m = (s >= lo) & (s <= hi)
+    return float(np.median(v[m])) if m.any() else math.nan
+
+
+def failure_modes(signals: pl.DataFrame, onset: int, trough: int, end_step: int, *, window: int = 20,
+                  min_rise: float = 0.05, min_level: float = 0.05) -> list[FailureMode]:
+    """The failure modes of the episode ``onset..end_step`` with its minimum at ``trough``, largest
+    rise first (empty when none grew by ``min_rise``)."""
+    if "step" not in signals.columns:
+        return []
+    candidates: list[tuple[str, str, str, bool]] = []  # signal, label, unit, complement
+    for name in signals.columns:
+        if name.startswith("format_error/"):
+            kind = name.removeprefix("format_error/")
+            label = SHORT.get(FormatError(kind), kind) if kind in FormatError.__members__.values() else kind
+            candidates.append((name, label, "of turns", False))
+    candidates += [(n, label, "of turns", False) for n, label in TURN_STATES.items() if n in signals.columns]
+    candidates += [(n, label, "of calls", True) for n, label in COMPLEMENTS.items() if n in signals.columns]
+    lo, hi = max(onset, trough - 1), min(end_step, trough + 1)
+    out = []
+    for name, label, unit, complement in candidates:
+        s, v = _values(signals, name)
+        if complement:
+            v = 1.0 - v
+        before = _median(s, v, onset - window, onset - 1)
+        at = _median(s, v, lo, hi)
+        if math.isfinite(before) and math.isfinite(at) and at - before >= min_rise and at >= min_level:
+            out.append(FailureMode(name, label, unit, before, at))
+    out.sort(key=lambda f: (-round(f.rise, 9), f.signal))
+    return out
