@@ -55,14 +55,16 @@ RL_FROM_BASE: dict[str, Any] = {
     "log": {"probe_every": 1, "probe_tasks": 8, "eval_every": 10, "checkpoint_every": 2, "keep_checkpoints": 20},
 }
 
-# The demo's run (scripts/demo.sh): RL_FROM_BASE with the learning rate warmed up over 12 RL steps
-# (linear, then TRL's default linear decay) and 28 RL steps. At the 2-step warm-up the reward fell 3-5
-# RL steps in, too soon for any signal to show a lead over a baseline that short; warmed up, the
-# collapse comes after 11-13 healthy RL steps (3 seeds, docs/experiments.md section 0.7).
+# The demo's run (scripts/demo.sh): RL_FROM_BASE with the learning rate warmed up linearly over 12
+# RL steps and then held (transformers' constant_with_warmup), 28 RL steps. With RL_FROM_BASE's 2-step
+# warm-up the reward fell 3-5 RL steps in, too soon for any signal to show a lead over a baseline that
+# short; warmed up, it holds for 11 RL steps and collapses once the lr reaches 1e-3 (3 of 3 seeds;
+# with a linear decay after the warm-up one seed of three only halved its reward; docs/experiments.md
+# section 0.7).
 COLLAPSE: dict[str, Any] = {
     **RL_FROM_BASE,
     "name": "collapse",
-    "grpo": {**RL_FROM_BASE["grpo"], "steps": 28, "warmup_steps": 12},
+    "grpo": {**RL_FROM_BASE["grpo"], "steps": 28, "warmup_steps": 12, "lr_schedule": "constant"},
 }
 
 # RL_FROM_BASE with supervisory signals: interleaved SFT on recently failed tasks (1 SFT step
