@@ -239,6 +239,20 @@ def _write_report(path: Path, write) -> None:
     err_console.print(f"report written to {_esc(out)}", highlight=False, soft_wrap=True)
 
 
+def _probe_results(run: Path, result):
+    """What ``diagnose probe`` found on this run (`diagnose.capability.reading.ProbeReading`), or
+    None and the hint to run it (after a collapse); probe results that cannot be read are named
+    on stderr."""
+    from diagnose.capability.reading import probe_reading
+
+    probe, error = probe_reading(run) if run.is_dir() else (None, None)
+    if error:
+        err_console.print(f"[yellow]note:[/] the capability probe's results cannot be read: {_esc(error)}",
+                          highlight=False, soft_wrap=True)
+    hint = f"run `diagnose probe {run}`" if probe is None and result.verdict == "collapse" else None
+    return probe, hint
+
+
 SCAN_EPILOG = (
     "Exit codes: 0 = no collapse found (healthy, or too little data); 1 = collapse found (with --fail-on "
     "pathology also a pathology; with --fail-on never the scan always exits 0 once it ran); 2 = usage error or "
@@ -295,17 +309,17 @@ def scan(
     Results are cached in the run (re-scans recompute only new or changed steps)."""
     result = _scan_or_exit(run, format, not no_cache, progress=err_console.is_terminal and not as_json,
                            opts=LoadOptions(metrics, run_name, tokenizer))
-    hint = f"run `diagnose probe {run}`"  # where to check capability after a collapse
+    probe, hint = _probe_results(run, result)
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), allow_nan=False) + "\n")
     else:
         from diagnose.scan.report import render_scan
 
-        render_scan(result, console, capability_hint=hint)
+        render_scan(result, console, capability_hint=hint, probe=probe)
     if report is not None:  # after the report on the terminal, so that its path is the last line
         from diagnose.scan.html import write_scan_html
 
-        _write_report(report, lambda p: write_scan_html(result, p, capability_hint=hint))
+        _write_report(report, lambda p: write_scan_html(result, p, capability_hint=hint, probe=probe))
     code = EXIT_OK
     if fail_on != FailOn.never:
         if result.verdict == "collapse" or (fail_on == FailOn.pathology and result.pathologies):

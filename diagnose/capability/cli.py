@@ -415,9 +415,9 @@ def print_reading(written: Path | None, summary: list[dict], results: list[dict]
     reading = read_probe(cap)
     console.print(Text("what it means", style="bold"))
     for line in reading.measures:
-        console.print(Padding(Text(line, style="dim"), (0, 0, 0, 2)))
+        console.print(Padding(Text(line, style="dim"), (0, 0, 0, 2), expand=False))
     for c in reading.checkpoints:
-        console.print(Padding(Text.assemble((c.checkpoint, "bold"), ": ", c.words), (0, 0, 0, 2)))
+        console.print(Padding(Text.assemble((c.checkpoint, "bold"), ": ", c.words), (0, 0, 0, 2), expand=False))
     console.print(Text.assemble(("the evidence supports: ", "bold"), reading.claim))
 
 

@@ -14,17 +14,18 @@ read, so results written before this module existed are explained too.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from diagnose.capability.config import CONTENT_MEASURES, HEALTHY, INTACT_FORMAT_BROKEN, LOST, ProbeConfig
-from diagnose.capability.results import CapabilityResults
+from diagnose.capability.results import CapabilityReadError, CapabilityResults, read_capability
 from diagnose.capability.verdict import likelihood_skill
 
 REPAIR_LABELS = {"repair_forbid": "forbidding the collapse tokens", "repair_prefill": "prefilling the call start",
                  "alt_pythonic": "the python-list syntax", "alt_json": "the JSON syntax"}
 
-#: The claims a probe can support, worded once.
+#: The claims a probe can support, worded once (and in a few words: `SHORT_CLAIM`).
 CLAIM_HIDDEN = ("the skill is intact under a broken format: taking the format out of the way restores most of "
                 "the accuracy (the paper's claim)")
 CLAIM_KNOWS = ("the model still recognises the right calls but no longer generates them: teacher-forced it ranks "
@@ -33,6 +34,9 @@ CLAIM_KNOWS = ("the model still recognises the right calls but no longer generat
 CLAIM_LOST = ("the skill is lost: the model neither generates working calls (with or without a format repair) "
               "nor ranks the gold call above chance")
 CLAIM_NONE = "no checkpoint after the onset lost the skill: the probe finds no collapse of capability"
+SHORT_CLAIM = {CLAIM_HIDDEN: "skill intact under a broken format (a format repair restores it)",
+               CLAIM_KNOWS: "the right calls still recognised, no longer generated (no format repair helps)",
+               CLAIM_LOST: "skill lost", CLAIM_NONE: "no loss of skill"}
 
 
 @dataclass
@@ -70,11 +74,26 @@ class ProbeReading:
 
     checkpoints: list[CheckpointReading] = field(default_factory=list)
     claim: str = ""
+    n_tasks: int | None = None
+    summary: Any = None  # the probe's summary table (polars), for figures
     measures: tuple[str, ...] = (
         "generation (native, format repairs, other syntaxes): does the model produce calls that solve the task? "
         "(greedy, end to end)",
         "likelihood: teacher-forced on the gold conversation, does the gold call score above one-edit distractors "
         "(wrong tool, value or argument name)? (does it know the right call when it need not produce it)")
+
+
+    @property
+    def claim_short(self) -> str:
+        return SHORT_CLAIM.get(self.claim, self.claim)
+
+    def headline(self) -> str:
+        """One clause for a verdict line: ``the right calls still recognised, no longer generated (no
+        format repair helps; probe of 3 checkpoints, 32 tasks)``."""
+        n = f", {self.n_tasks} tasks" if self.n_tasks else ""
+        short = self.claim_short
+        where = f"probe of {len(self.checkpoints)} checkpoint(s){n}"
+        return short[:-1] + f"; {where})" if short.endswith(")") else f"{short} ({where})"
 
 
 def _measure_rows(cap: CapabilityResults, checkpoint: str) -> dict[str, dict[str, Any]]:
@@ -160,4 +179,19 @@ def read_probe(cap: CapabilityResults, cfg: ProbeConfig | None = None) -> ProbeR
     ref = cps[0] if cps else None
     for c in cps:
         c.words = _words(c, ref, cfg)
-    return ProbeReading(cps, _claim(cps, cfg))
+    n = (cap.meta.get("tasks") or {}).get("n") if isinstance(cap.meta.get("tasks"), dict) else None
+    return ProbeReading(cps, _claim(cps, cfg), n, cap.summary)
+
+
+def probe_reading(run_dir: str | os.PathLike[str]) -> tuple[ProbeReading | None, str | None]:
+    """The reading of a run's probe results, if any: (reading, None), (None, None) when the run
+    was not probed, (None, why) when its results cannot be read."""
+    try:
+        cap = read_capability(run_dir)
+    except CapabilityReadError as e:
+        return None, str(e)
+    except OSError as e:
+        return None, f"{run_dir}: {e}"
+    if cap is None or cap.summary.is_empty():
+        return None, None
+    return read_probe(cap), None

@@ -38,6 +38,8 @@ from diagnose.scan.detect import (
     robust_sigma,
     rolling_baseline,
 )
+from diagnose.scan.excerpts import broken_turn_excerpt
+from diagnose.scan.failures import failure_modes
 from diagnose.scan.result import (
     CollapseEpisode,
     ContextRise,
@@ -360,13 +362,36 @@ def _moves(signals: _Table, primary: str, onset: int, end_step: int, cfg: Detect
     return out
 
 
+MIN_BEFORE = 3  # points a "before" level of an implicated-token signal is the median of
+
+
+def _before_level(v: np.ndarray, s: np.ndarray, onset: int, b_hi: int, cfg: DetectConfig) -> tuple[float, str | None]:
+    """The level a token signal rose from: the median of its ``window`` points ending
+    ``lead_window`` steps before the onset (a rise in the lead window is then inside the
+    comparison); when those are fewer than 3 (a series that starts late, e.g. rollout tokens from
+    the first RL step, or one that rose from its first points), the median of all its points
+    before the onset, so that the first point alone never is the baseline; NaN with fewer than 3
+    of those either. The second value says which (None: the standard window)."""
+    m = (s >= b_hi - cfg.window) & (s <= b_hi - 1)
+    if m.sum() >= MIN_BEFORE:
+        return float(np.median(v[m])), None
+    pre = s < onset
+    if pre.sum() >= MIN_BEFORE:
+        return float(np.median(v[pre])), f"its {int(pre.sum())} points before the onset (from step {int(s[pre][0])})"
+    return math.nan, None
+
+
 def _implicated(signals: _Table, onset: int, end_step: int, moves: list[SignalMove], cfg: DetectConfig,
-                control_tokens: Sequence[Mapping[str, Any]]) -> list[ImplicatedToken]:
+                control_tokens: Sequence[Mapping[str, Any]]) -> tuple[list[ImplicatedToken], str | None]:
+    """The implicated tokens, strongest first, and a note: when none is, the largest rise that
+    fell short (or why nothing could be judged)."""
     info = {t.get("name"): t for t in control_tokens}
     moved = {m.signal: m for m in moves}
     b_hi = onset - cfg.lead_window
     a_hi = min(onset + cfg.lag_window, max(end_step, onset))
     rises: dict[str, list[ContextRise]] = {}
+    best: tuple[float, str] | None = None  # the largest rise short of the bar, for the note
+    unjudged: list[str] = []
     for name in signals.columns:
         parts = name.split("/")
         if len(parts) != 3:
@@ -380,14 +405,18 @@ def _implicated(signals: _Table, onset: int, end_step: int, moves: list[SignalMo
         v, s = _series(signals, name)
         if v.size == 0:
             continue
-        before = _window_median(v, s, b_hi - cfg.window, b_hi - 1)
-        if not math.isfinite(before):
-            before = _window_median(v, s, -math.inf, onset - 1)
+        before, fallback = _before_level(v, s, onset, b_hi, cfg)
         after = _window_median(v, s, onset, a_hi)
-        if not (math.isfinite(before) and math.isfinite(after)):
+        if not math.isfinite(after):
+            continue
+        if not math.isfinite(before):
+            unjudged.append(f"{name} ({int((s < onset).sum())} point(s) before the onset)")
             continue
         ratio = after / max(before, 1e-12)
         if ratio < cfg.implicate_min_ratio or after - before < cfg.implicate_min_abs:
+            if after > before and (best is None or ratio > best[0]):
+                best = (ratio, f"{name} {before:.3g} -> {after:.3g} (x{ratio:.1f}"
+                               + (f"; before = {fallback}" if fallback else "") + ")")
             continue
         role = info.get(tok, {}).get("role")
         roles = KEY_CONTEXT_ROLES.get(ctx, {})
@@ -406,7 +435,14 @@ def _implicated(signals: _Table, onset: int, end_step: int, moves: list[SignalMo
             aa = _window_median(v, s, onset - cfg.lead_window, a_hi)
         out.append(ImplicatedToken(tok, t.get("role"), t.get("text"), math.log10(ctxs[0].ratio), ctxs, ab, aa))
     out.sort(key=lambda t: (-round(t.score, 9), t.token))
-    return out
+    note = None
+    if not out and best is not None:
+        note = (f"no control-token probability rose {cfg.implicate_min_ratio:g}x and by {cfg.implicate_min_abs:g} "
+                f"from before the onset to after it; the largest rise: {best[1]}")
+    if unjudged:
+        note = ((note + "; ") if note else "") + (f"not judged, too few points before the onset: "
+                                                   f"{', '.join(unjudged[:5])}" + (" ..." if len(unjudged) > 5 else ""))
+    return out, note
 
 
 def _examples(rollouts: pl.LazyFrame | None, before_lt: int, after_step: int,
@@ -436,11 +472,25 @@ def _examples(rollouts: pl.LazyFrame | None, before_lt: int, after_step: int,
     df = df.with_columns(collapsed.alias("_c"), reward.alias("_r"))
 
     def rows(frame: pl.DataFrame) -> list[RolloutExample]:
-        out = []
-        for r in frame.head(cfg.n_examples).iter_rows(named=True):
+        """Up to ``n_examples`` rollouts of ``frame`` in its order, each as the excerpt around its first
+        broken turn, no two alike (a group's members often sample the same turns): one per GRPO group
+        first, then from any group."""
+        cands = []
+        for r in frame.iter_rows(named=True):
             text = r.get("completion")
-            out.append(RolloutExample(int(r["step"]), int(r["sample_id"]), r.get("group_id"), r.get("reward"),
-                                      r.get("turn_states"), text[: cfg.excerpt_chars] if isinstance(text, str) else None))
+            ex = broken_turn_excerpt(text, r.get("turn_states"), cfg.excerpt_chars) if isinstance(text, str) else None
+            cands.append(RolloutExample(int(r["step"]), int(r["sample_id"]), r.get("group_id"), r.get("reward"),
+                                        r.get("turn_states"), str(ex) if ex is not None else None,
+                                        ex.broken_turn if ex is not None else None))
+        out: list[RolloutExample] = []
+        for one_per_group in (True, False):
+            for ex in cands:
+                if len(out) >= cfg.n_examples:
+                    return out
+                if any(o.excerpt == ex.excerpt or o is ex for o in out) or (
+                        one_per_group and any(o.group_id == ex.group_id for o in out)):
+                    continue
+                out.append(ex)
         return out
 
     before = after = []
@@ -517,16 +567,17 @@ def find_episodes(signals: pl.DataFrame, src_meta: RunSource | Any | None = None
         moves = prior.moves(signals, name, onset, end_step, cfg) if prior is not None else None
         if moves is None:
             moves = _moves(table, name, onset, end_step, cfg, control_tokens)
-        implicated = _implicated(table, onset, end_step, moves, cfg, control_tokens)
+        implicated, token_note = _implicated(table, onset, end_step, moves, cfg, control_tokens)
         examples = prior.examples(name, onset, trough_step) if prior is not None else None
         before, after = examples if examples is not None else _examples(rollouts, onset, trough_step, cfg)
+        failures = failure_modes(signals, onset, trough_step, end_step, window=cfg.window)
         rel = (d.peak - float(x[d.trough])) / abs(d.peak) if d.peak != 0 else float("nan")
         episodes.append(CollapseEpisode(
             signal=name, onset_step=onset, detected_step=int(s[d.detected]), trough_step=trough_step,
             recovery_step=int(s[d.recovery]) if d.recovery is not None else None, end_step=end_step,
             pre_level=d.pre_level, peak=d.peak, trough_value=float(x[d.trough]), relative_drop=rel,
             collapsed_share_at_trough=collapsed, onset_changes=d.changes, moves=moves, implicated=implicated,
-            examples_before=before, examples_after=after,
+            examples_before=before, examples_after=after, failure_modes=failures, token_note=token_note,
         ))
     return episodes
 

@@ -17,12 +17,11 @@ rollouts: too noisy alone). A mode counts when it grew by at least ``min_rise`` 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import polars as pl
 
 from diagnose.format_errors import SHORT, FormatError
+from diagnose.scan.result import FailureMode
 
 __all__ = ["FailureMode", "failure_modes"]
 
@@ -30,29 +29,7 @@ __all__ = ["FailureMode", "failure_modes"]
 TURN_STATES = {"turn_state/collapsed": "collapsed turns (nothing usable)",
                "turn_state/polluted": "polluted turns (a format error, content usable)"}
 #: A "higher is healthier" share and what its complement means.
-COMPLEMENTS = {"calls_right": "calls that do not match the gold call (wrong tool, values or missing)"}
-
-
-@dataclass
-class FailureMode:
-    """One kind of failure: its signal, what it means, and its share before and at the trough."""
-
-    signal: str  # e.g. "format_error/invalid_json", "turn_state/collapsed", "calls_right" (complement)
-    label: str  # e.g. "a call body that is not JSON"
-    unit: str  # "of turns" / "of calls"
-    before: float
-    at_trough: float
-
-    @property
-    def rise(self) -> float:
-        return self.at_trough - self.before
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def text(self) -> str:
-        """``a call body that is not JSON 3% -> 25% of turns``."""
-        return f"{self.label} {self.before:.0%} -> {self.at_trough:.0%} {self.unit}"
+COMPLEMENTS = {"calls_right": "calls not matching the gold calls"}
 
 
 def _values(signals: pl.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
