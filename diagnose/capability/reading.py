@@ -75,7 +75,13 @@ class ProbeReading:
     checkpoints: list[CheckpointReading] = field(default_factory=list)
     claim: str = ""
     n_tasks: int | None = None
-    summary: Any = None  # the probe's summary table (polars), for figures
+    summary: Any = None  # the probe's summary and results tables (polars), for figures
+    results: Any = None
+
+    @property
+    def chance(self) -> float | None:
+        """The likelihood probe's chance level (the same task set at every checkpoint)."""
+        return next((c.chance for c in self.checkpoints if c.chance is not None), None)
     measures: tuple[str, ...] = (
         "generation (native, format repairs, other syntaxes): does the model produce calls that solve the task? "
         "(greedy, end to end)",
@@ -180,7 +186,7 @@ def read_probe(cap: CapabilityResults, cfg: ProbeConfig | None = None) -> ProbeR
     for c in cps:
         c.words = _words(c, ref, cfg)
     n = (cap.meta.get("tasks") or {}).get("n") if isinstance(cap.meta.get("tasks"), dict) else None
-    return ProbeReading(cps, _claim(cps, cfg), n, cap.summary)
+    return ProbeReading(cps, _claim(cps, cfg), n, cap.summary, cap.results)
 
 
 def probe_reading(run_dir: str | os.PathLike[str]) -> tuple[ProbeReading | None, str | None]:

@@ -84,7 +84,8 @@ MAX_TREE_FILES = 200_000
 _SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.adapters", "diagnose.rundir.reader", "diagnose.turns",
                 "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl", "diagnose.source",
                 "diagnose.rescore.tables")  # the rescored tables attached to a source
-_EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.episodes", "diagnose.scan.result")
+_EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.episodes", "diagnose.scan.result", "diagnose.scan.failures",
+                 "diagnose.scan.excerpts", "diagnose.format_errors")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import plotly.graph_objects as go
 
 from diagnose import __version__
 from diagnose.atomic import atomic_write_text
-from diagnose.figures import capability_figure, compare_figure, esc, scan_figures
+from diagnose.figures import capability_measures_figure, compare_figure, esc, scan_figures
 from diagnose.scan.result import CollapseEpisode, RolloutExample, ScanResult, issues_summary
 from diagnose.scan.report import (
     finite_series,
@@ -98,7 +98,7 @@ def highlight(text: str | None, extra: Iterable[str] = ()) -> str:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers) if any(headers) else ""
     body = []
     for r in rows:
         cells = []
@@ -106,7 +106,8 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Seque
             cls = ' class="num"' if i in numeric else ""
             cells.append(f"<td{cls}>{c if isinstance(c, _Raw) else esc(c)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table>{thead}<tbody>{''.join(body)}</tbody></table>"
 
 
 class _Raw(str):
@@ -190,7 +191,7 @@ def _probe_html(probe: Any, fig_html: Any) -> str:
         roles = f" ({', '.join(c.roles)})" if c.roles else ""
         parts.append(f"<p><b>step {esc(c.step)}{esc(roles)}</b>: {esc(c.words)}</p>")
     parts.append(f"<p><b>the evidence supports:</b> {esc(probe.claim)}.</p></div>")
-    fig = capability_figure(probe.summary) if probe.summary is not None else None
+    fig = capability_measures_figure(probe.results, probe.chance) if probe.results is not None else None
     if fig is not None:
         parts.append(fig_html(fig))
     return "".join(parts)
