@@ -28,8 +28,7 @@ def story(run: Path) -> list[str]:
     reading = read_probe(cap)
     lines = [f"measures: {'; '.join(reading.measures)}."]
     for c in reading.checkpoints:
-        roles = f" [{', '.join(c.roles)}]" if c.roles else ""
-        lines.append(f"step {c.step}{roles}: {c.words}")
+        lines.append(f"{c.title()}: {c.words}")
     lines.append(f"=> the evidence supports: {reading.claim}.")
     return lines
 

@@ -417,7 +417,7 @@ def print_reading(written: Path | None, summary: list[dict], results: list[dict]
     for line in reading.measures:
         console.print(Padding(Text(line, style="dim"), (0, 0, 0, 2), expand=False))
     for c in reading.checkpoints:
-        console.print(Padding(Text.assemble((c.checkpoint, "bold"), ": ", c.words), (0, 0, 0, 2), expand=False))
+        console.print(Padding(Text.assemble((c.title(), "bold"), ": ", c.words), (0, 0, 0, 2), expand=False))
     console.print(Text.assemble(("the evidence supports: ", "bold"), reading.claim))
 
 

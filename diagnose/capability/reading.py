@@ -55,6 +55,11 @@ class CheckpointReading:
     healthy_share: float | None  # native turns that are healthy calls or answers
     words: str = ""
 
+    def title(self) -> str:
+        """``step 28 · trough (episode 1)`` (the checkpoint's name for a bare model)."""
+        head = f"step {self.step}" if self.step is not None else self.checkpoint
+        return head + (f" · {', '.join(self.roles)}" if self.roles else "")
+
     def figures(self) -> str:
         """``native 9%; best repair (the python-list syntax) 9%; likelihood 95% (chance 17%)``."""
         parts = []

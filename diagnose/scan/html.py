@@ -188,8 +188,7 @@ def _probe_html(probe: Any, fig_html: Any) -> str:
     parts = ['<h2>Is the skill still there? (diagnose probe)</h2><div class="probe">']
     parts += [f'<p class="dim">{esc(line)}</p>' for line in probe.measures]
     for c in probe.checkpoints:
-        roles = f" ({', '.join(c.roles)})" if c.roles else ""
-        parts.append(f"<p><b>step {esc(c.step)}{esc(roles)}</b>: {esc(c.words)}</p>")
+        parts.append(f"<p><b>{esc(c.title())}</b>: {esc(c.words)}</p>")
     parts.append(f"<p><b>the evidence supports:</b> {esc(probe.claim)}.</p></div>")
     fig = capability_measures_figure(probe.results, probe.chance) if probe.results is not None else None
     if fig is not None:

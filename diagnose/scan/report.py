@@ -416,8 +416,7 @@ def probe_block(probe: Any) -> list[Any]:
     for line in probe.measures:
         out.append(Padding(Text(line, style="dim"), (0, 0, 0, 2), expand=False))
     for c in probe.checkpoints:
-        roles = f" ({', '.join(c.roles)})" if c.roles else ""
-        out.append(Padding(Text.assemble((f"step {c.step}{roles}", "bold"), ": ", c.words), (0, 0, 0, 2),
+        out.append(Padding(Text.assemble((c.title(), "bold"), ": ", c.words), (0, 0, 0, 2),
                            expand=False))
     out.append(Padding(Text.assemble(("the evidence supports: ", "bold"), probe.claim), (0, 0, 0, 2), expand=False))
     return out
