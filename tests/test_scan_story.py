@@ -145,6 +145,7 @@ def test_reports_hold_the_probe_and_labelled_numbers(demo_run):
     # identifiers in table cells are never wrapped: every moved signal shown is whole on its line
     for m in r.episodes[0].moves[:15]:
         assert any(m.signal in line for line in out.splitlines()), m.signal
+    assert not [line for line in out.splitlines() if "│" in line and "…" in line]  # no cell cut short
     assert "1,000σ" not in out and fmt_shift(1000.0) == ">100σ" and fmt_shift(5.44) == "5.4σ"
 
 

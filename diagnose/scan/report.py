@@ -303,19 +303,19 @@ def _plain(out: Text, s: str) -> None:
 
 
 def _moves_table(e: CollapseEpisode, limit: int = MAX_MOVES) -> Table:
-    """Signal names are identifiers: never wrapped inside (``no_wrap``); the other columns are kept
-    narrow so the table fits 80 columns."""
-    t = Table(title="signals that moved (earliest first; lead = steps before the onset; ! = in the direction of "
-                    "concern)", title_justify="left", show_edge=False, pad_edge=False)
-    for col, kw in (("signal", {"no_wrap": True}), ("step", {"justify": "right"}), ("lead", {"justify": "right"}),
-                    ("", {}), ("before -> after", {"no_wrap": True}), ("shift", {"justify": "right", "no_wrap": True})):
+    """Signal names are identifiers: never wrapped inside (``no_wrap``); the other columns are
+    compact (``16 +6``, ``↓! 0.999→0.897``) so that the table fits 80 columns."""
+    t = Table(title="signals that moved (earliest first; step and lead: +6 = 6 steps before the onset; ! = in the "
+                    "direction of concern)", title_justify="left", show_edge=False, pad_edge=False)
+    for col, kw in (("signal", {"no_wrap": True}), ("step", {"justify": "right", "no_wrap": True}),
+                    ("move", {"no_wrap": True}), ("shift", {"justify": "right", "no_wrap": True})):
         t.add_column(col, **kw)
     for m in e.moves[:limit]:
-        arrow = Text(("↑" if m.direction == "up" else "↓") + ("!" if m.concern else ""),
-                     style="yellow" if m.concern else "")
-        lead = Text(f"{m.lead:+d}", style="bold" if m.lead > 0 else "")
-        t.add_row(Text(m.signal), str(m.step), lead, arrow, f"{fmt_num(m.before, 3)} -> {fmt_num(m.after, 3)}",
-                  fmt_shift(m.score))
+        when = Text(f"{m.step} {m.lead:+d}", style="bold" if m.lead > 0 else "")
+        move = Text(("↑" if m.direction == "up" else "↓") + ("!" if m.concern else " "),
+                    style="yellow" if m.concern else "")
+        move.append(f" {fmt_num(m.before, 3)}→{fmt_num(m.after, 3)}")
+        t.add_row(Text(m.signal), when, move, fmt_shift(m.score))
     return t
 
 
