@@ -21,7 +21,8 @@ from diagnose.scan.episodes import find_episodes
 from diagnose.scan.excerpts import broken_turn_excerpt, safe_cut
 from diagnose.scan.failures import failure_modes
 from diagnose.scan.html import scan_html
-from diagnose.scan.report import fmt_shift, render_scan, verdict_details
+from diagnose.scan.formatting import fmt_shift, verdict_details
+from diagnose.scan.report import render_scan
 from diagnose.scan.run import scan_run
 from diagnose.synth import write_synthetic_run
 

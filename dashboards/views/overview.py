@@ -6,24 +6,16 @@ import streamlit as st
 from dashboards import data, ui
 from diagnose.capability.reading import read_probe
 from diagnose.figures import key_signals_figure, overview_figure
-from diagnose.scan.report import (
-    finite_series,
-    fmt_num,
-    fmt_pct,
-    level,
-    smoothed_peak,
-    table_presence,
-    token_label,
-    verdict_details,
-    verdict_line,
-)
+from diagnose.scan.formatting import fmt_num, fmt_pct, token_label, verdict_details, verdict_line
+from diagnose.scan.names import table_presence
+from diagnose.scan.series import finite_series, level, smoothed_peak
 from diagnose.scan.result import issues_summary
 
 st.title("Overview")
 entry, result = ui.run_and_scan_or_stop()
 
 st.caption(f"`{entry.path}` · format **{result.source_format}** · tables: "
-           f"{', '.join(k for k, ok in table_presence(result).items() if ok) or 'none'}")
+           f"{', '.join(k for k, ok in table_presence(result.signals.columns).items() if ok) or 'none'}")
 hint, probe = None, None
 cap = data.load_capability(entry.path)
 if cap.ok and cap.value is not None and cap.value.summary.height:

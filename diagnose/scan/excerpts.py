@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from diagnose.adapters import split_assistant_turns
 from diagnose.chat import CONTROL_STRINGS
+from diagnose.transcripts import Dialect, split_turns
 
 __all__ = ["BROKEN_STATES", "Excerpt", "broken_turn_excerpt", "safe_cut"]
 
@@ -45,11 +45,11 @@ class Excerpt(str):
         return out
 
 
-def _turn_offsets(completion: str) -> list[int]:
-    """Where each assistant turn of ``completion`` starts (the adapters' turn splitter, located in
-    the text); turns that cannot be located (a splitter that rewrote them) are left out."""
+def _turn_offsets(turns: list[str], completion: str) -> list[int]:
+    """Where each of the assistant ``turns`` of ``completion`` starts (located in the text); turns
+    that cannot be located (a splitter that rewrote them) are left out."""
     out, cursor = [], 0
-    for turn in split_assistant_turns(completion):
+    for turn in turns:
         if not turn:
             continue
         i = completion.find(turn, cursor)
@@ -61,16 +61,18 @@ def _turn_offsets(completion: str) -> list[int]:
 
 
 def broken_turn_excerpt(completion: str | None, turn_states: Sequence[str] | None, limit: int = 400,
-                        context: int = 120) -> Excerpt | None:
+                        context: int = 120, dialect: Dialect | str = Dialect.CHATML) -> Excerpt | None:
     """The excerpt of ``completion`` (at most ``limit`` characters plus ellipses) around its first
-    broken turn: up to ``context`` characters before it, then the turn. A rollout with no broken
-    turn (or whose turns cannot be located) gives its first ``limit`` characters."""
+    broken turn: up to ``context`` characters before it, then the turn; its turns split as
+    ``dialect`` writes them (the source's, as its turn states were classified). A rollout with
+    no broken turn (or whose turns cannot be located) gives its first ``limit`` characters."""
     if completion is None:
         return None
     states = list(turn_states or [])
     k = next((i for i, st in enumerate(states) if st in BROKEN_STATES), None)
-    offsets = _turn_offsets(completion) if k is not None else []
-    if k is None or k >= len(offsets) or len(states) != len(split_assistant_turns(completion)):
+    turns = split_turns(completion, dialect) if k is not None else []
+    offsets = _turn_offsets(turns, completion)
+    if k is None or k >= len(offsets) or len(states) != len(turns):
         end = safe_cut(completion, limit, forward=False)
         return Excerpt(completion[:end] + (ELLIPSIS if end < len(completion) else ""))
     at = offsets[k]

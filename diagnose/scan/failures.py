@@ -17,11 +17,12 @@ rollouts: too noisy alone). A mode counts when it grew by at least ``min_rise`` 
 from __future__ import annotations
 
 import math
-import numpy as np
+
 import polars as pl
 
 from diagnose.format_errors import SHORT, FormatError
 from diagnose.scan.result import FailureMode
+from diagnose.scan.series import SignalTable, window_median
 
 __all__ = ["FailureMode", "failure_modes"]
 
@@ -32,38 +33,29 @@ TURN_STATES = {"turn_state/collapsed": "collapsed turns (nothing usable)",
 COMPLEMENTS = {"calls_right": "calls not matching the gold calls"}
 
 
-def _values(signals: pl.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
-    df = signals.select("step", pl.col(name).cast(pl.Float64)).drop_nulls().filter(pl.col(name).is_finite())
-    return df.get_column("step").to_numpy(), df.get_column(name).to_numpy()
-
-
-def _median(s: np.ndarray, v: np.ndarray, lo: float, hi: float) -> float:
-    m = (s >= lo) & (s <= hi)
-    return float(np.median(v[m])) if m.any() else math.nan
-
-
-def failure_modes(signals: pl.DataFrame, onset: int, trough: int, end_step: int, *, window: int = 20,
+def failure_modes(signals: pl.DataFrame | SignalTable, onset: int, trough: int, end_step: int, *, window: int = 20,
                   min_rise: float = 0.05, min_level: float = 0.05) -> list[FailureMode]:
     """The failure modes of the episode ``onset..end_step`` with its minimum at ``trough``, largest
     rise first (empty when none grew by ``min_rise``)."""
-    if "step" not in signals.columns:
+    table = signals if isinstance(signals, SignalTable) else SignalTable(signals)
+    if "step" not in table.columns:
         return []
     candidates: list[tuple[str, str, str, bool]] = []  # signal, label, unit, complement
-    for name in signals.columns:
+    for name in table.columns:
         if name.startswith("format_error/"):
             kind = name.removeprefix("format_error/")
             label = SHORT.get(FormatError(kind), kind) if kind in FormatError.__members__.values() else kind
             candidates.append((name, label, "of turns", False))
-    candidates += [(n, label, "of turns", False) for n, label in TURN_STATES.items() if n in signals.columns]
-    candidates += [(n, label, "of calls", True) for n, label in COMPLEMENTS.items() if n in signals.columns]
+    candidates += [(n, label, "of turns", False) for n, label in TURN_STATES.items() if n in table.columns]
+    candidates += [(n, label, "of calls", True) for n, label in COMPLEMENTS.items() if n in table.columns]
     lo, hi = max(onset, trough - 1), min(end_step, trough + 1)
     out = []
     for name, label, unit, complement in candidates:
-        s, v = _values(signals, name)
+        s, v = table.series(name)
         if complement:
             v = 1.0 - v
-        before = _median(s, v, onset - window, onset - 1)
-        at = _median(s, v, lo, hi)
+        before = window_median(s, v, onset - window, onset - 1)
+        at = window_median(s, v, lo, hi)
         if math.isfinite(before) and math.isfinite(at) and at - before >= min_rise and at >= min_level:
             out.append(FailureMode(name, label, unit, before, at))
     out.sort(key=lambda f: (-round(f.rise, 9), f.signal))

@@ -32,23 +32,20 @@ from diagnose import __version__
 from diagnose.atomic import atomic_write_text
 from diagnose.figures import capability_measures_figure, compare_figure, esc, scan_figures
 from diagnose.scan.result import CollapseEpisode, RolloutExample, ScanResult, issues_summary
-from diagnose.scan.report import (
-    finite_series,
+from diagnose.scan.formatting import (
     fmt_num,
     fmt_pct,
     fmt_prob,
     fmt_rise,
     fmt_shift,
-    has_token_probabilities,
     highlight_strings,
     implicated_texts,
-    level,
-    smoothed_peak,
-    table_presence,
     token_label,
     verdict_details,
     verdict_line,
 )
+from diagnose.scan.names import has_token_probabilities, table_presence
+from diagnose.scan.series import finite_series, level, smoothed_peak
 
 if TYPE_CHECKING:
     from diagnose.scan.compare import Comparison
@@ -138,7 +135,7 @@ def _key_numbers(result: ScanResult) -> str:
         ("steps", f"{result.signals.height}" + (f" ({result.signals.get_column('step').min()}.."
                                                 f"{result.signals.get_column('step').max()})"
                                                 if result.signals.height else "")),
-        ("tables", ", ".join(k for k, ok in table_presence(result).items() if ok) or "none"),
+        ("tables", ", ".join(k for k, ok in table_presence(result.signals.columns).items() if ok) or "none"),
         ("verdict", result.verdict),
         (f"{name}: first / highest / last value (raw)", _raw_span(result, name)),
         (f"{name}: start / peak / end (medians of 5 steps: first 5, best 5 in a row, last 5)",
@@ -206,7 +203,7 @@ def _moves_html(e: CollapseEpisode) -> str:
 
 def _tokens_html(e: CollapseEpisode, result: ScanResult) -> str:
     if not e.implicated:
-        if not has_token_probabilities(result):
+        if not has_token_probabilities(result.signals.columns):
             return ('<p class="dim">No token probabilities in this run (text-only format, or no tokens/ or probe/ '
                     'tables): control tokens cannot be implicated from probabilities; see the rollouts.</p>')
         if e.token_note:
