@@ -16,14 +16,16 @@ from diagnose.capability.verdict import summarize
 CHANCE = 0.17
 
 
-def probe_of(checkpoints: dict[int, dict[str, float]], *, healthy: float = 0.9) -> CapabilityResults:
-    """Results for checkpoints {step: {measure: accuracy}}, summarised by the real verdict rule."""
+def probe_of(checkpoints: dict[int, dict[str, float]], *, healthy: float | dict[int, float] = 0.9) -> CapabilityResults:
+    """Results for checkpoints {step: {measure: accuracy}}, summarised by the real verdict rule;
+    ``healthy``: the native turns' healthy share, one for all or per step."""
     cfg = ProbeConfig()
     results, summary, meta = [], [], {"checkpoints": {}, "thresholds": cfg.thresholds()}
     for step, accs in checkpoints.items():
         name = f"step-{step:06d}"
+        h = healthy[step] if isinstance(healthy, dict) else healthy
         rows = [{"checkpoint": name, "step": step, "measure": m, "accuracy": a, "n": 32,
-                 **({"healthy_call": healthy, "healthy_response": 0.0} if m == "native" else {})}
+                 **({"healthy_call": h, "healthy_response": 0.0} if m == "native" else {})}
                 for m, a in accs.items()]
         results += rows
         summary.append(summarize(name, step, rows, chance=CHANCE, cfg=cfg))
@@ -57,6 +59,21 @@ def test_hidden_by_the_format_when_a_repair_restores_it():
     assert r.checkpoints[1].verdict == "capability intact, format broken"
     assert "forbidding the collapse tokens it solves 55%" in r.checkpoints[1].words
     assert r.claim == CLAIM_HIDDEN
+
+
+def test_intact_by_likelihood_alone_is_not_a_format_that_hides_the_skill():
+    """The demo run of issue 22: at the last checkpoint nothing is generated, with or without a
+    repair, its turns malformed, the teacher-forced ranking at 89%: the probe's verdict is
+    "capability intact, format broken" (by the likelihood), but no repair restores anything, so
+    the claim is that the calls are recognised, not that the format hides them."""
+    trough = {"native": 0.19, "repair_forbid": 0.19, "repair_prefill": 0.19, "alt_pythonic": 0.0, "alt_json": 0.0,
+              "likelihood": 0.95}
+    last = {"native": 0.0, "repair_forbid": 0.0, "repair_prefill": 0.0, "alt_pythonic": 0.0, "alt_json": 0.0,
+            "likelihood": 0.89}
+    r = read_probe(probe_of({20: BEFORE, 24: trough, 38: last}, healthy={20: 0.9, 24: 0.7, 38: 0.1}))
+    assert [c.verdict for c in r.checkpoints] == ["healthy", "capability lost", "capability intact, format broken"]
+    assert "no repair restores generation" in r.checkpoints[2].words
+    assert r.claim == CLAIM_KNOWS and "restores" not in r.claim_short
 
 
 def test_lost_when_the_ranking_is_at_chance_too():

@@ -159,17 +159,26 @@ def _words(c: CheckpointReading, ref: CheckpointReading | None, cfg: ProbeConfig
     return f"{c.verdict}: nothing could be measured at this checkpoint."
 
 
+def _repair_restores(c: CheckpointReading) -> bool:
+    """A format repair or another syntax solves more tasks than the model as trained (the probe's
+    "capability intact, format broken" by its gap rule, not by the likelihood alone)."""
+    return c.best_content_acc is not None and c.native is not None and c.best_content_acc > c.native
+
+
 def _claim(cps: list[CheckpointReading], cfg: ProbeConfig) -> str:
-    """Which claim the later checkpoints support, judged against the first probed one."""
+    """Which claim the later checkpoints support, judged against the first probed one. A checkpoint
+    the probe calls "capability intact, format broken" on its likelihood alone (no repair helps;
+    its turns malformed) supports the claim that the model recognises the calls, not that the
+    format hides a skill a repair would bring back."""
     if len(cps) < 2:
         return "one checkpoint probed: nothing to compare it with (probe one before the onset too)."
     ref, later = cps[0], cps[1:]
-    if any(c.verdict == INTACT_FORMAT_BROKEN for c in later):
+    if any(c.verdict == INTACT_FORMAT_BROKEN and _repair_restores(c) for c in later):
         return CLAIM_HIDDEN
     ref_native = ref.native or 0.0
     if ref_native == 0:
         return f"the first probed checkpoint (step {ref.step}) solves no task either: there is no skill to compare with."
-    fell = [c for c in later if c.native is not None and c.native < 0.5 * ref_native]
+    fell = [c for c in later if c.verdict == INTACT_FORMAT_BROKEN or (c.native is not None and c.native < 0.5 * ref_native)]
     if not fell:
         return CLAIM_NONE
     if any(c.best_content_acc is not None and c.best_content_acc >= 0.8 * ref_native for c in fell):
