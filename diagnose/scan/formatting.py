@@ -1,9 +1,10 @@
 """How a scan's numbers and tokens are written for people, the same in the terminal report
 (`diagnose.scan.report`), the HTML reports (`diagnose.scan.html`), the figures, the dashboard and
 the notebooks: numbers, probabilities and rises, control-token labels, the highlighted control
-strings of rollout excerpts, and the one-line verdict.
+strings of rollout excerpts, the one-line verdict and the lines under it.
 
     verdict_line(result)      # "COLLAPSE at step 34 (reward 0.61 -> 0.08, 87% turns ...)"
+    verdict_details(result, probe)  # ["what broke: ...", "first to move: ...", "control token: ...", "capability: ..."]
 """
 
 from __future__ import annotations
