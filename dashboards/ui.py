@@ -130,6 +130,15 @@ def page(rel: str | None) -> contextlib.AbstractContextManager[None]:
                    "DIAGNOSE_DEBUG=1 shows the traceback)")
 
 
+ROW_PX, HEADER_PX, MAX_TABLE_PX = 35, 38, 400
+
+
+def table_height(n_rows: int) -> int:
+    """A dataframe's height in pixels for ``n_rows`` rows: as tall as its rows (no empty rows below
+    them), scrolling beyond ``MAX_TABLE_PX``."""
+    return min(MAX_TABLE_PX, HEADER_PX + ROW_PX * max(1, n_rows) + 2)
+
+
 def plot(fig: go.Figure | None, missing: str, key: str | None = None) -> None:
     if fig is None:
         st.info(missing)
@@ -137,8 +146,12 @@ def plot(fig: go.Figure | None, missing: str, key: str | None = None) -> None:
         st.plotly_chart(fig, config=PLOT_CONFIG, key=key)
 
 
-def verdict_box(result: Any, text: str) -> None:
-    st.html(f'<div class="dg-verdict dg-{html.escape(result.verdict)}">{html.escape(text)}</div>')
+def verdict_box(result: Any, text: str, details: Sequence[str] = ()) -> None:
+    """The verdict line, with the lines under it (`diagnose.scan.report.verdict_details`)."""
+    items = "".join(f"<li>{html.escape(d)}</li>" for d in details)
+    st.html(f'<div class="dg-verdict dg-{html.escape(result.verdict)}">{html.escape(text)}'
+            + (f'<ul style="margin:6px 0 0 0;font-size:0.85em;font-weight:normal">{items}</ul>' if items else "")
+            + "</div>")
 
 
 def rollout_html(row: Mapping[str, Any], extra: Sequence[str] = ()) -> str:
@@ -197,7 +210,10 @@ def token_html(rows: pl.DataFrame, texts: Mapping[int, str], control_tokens: Seq
         tip += [f"p({label[n]}) = {p:.3g}" for p, n in top]
         cls = "t" + (" c" if tid in ctrl_ids else "") + ("" if gen[i] else " o")
         shown = text.replace("\n", "↵\n") if tid in ctrl_ids and text.strip() == "" else text
-        out.append(f'<span class="{cls}" style="background:{_color(vals[i], color_by, vmax)}" '
+        # tool output / template tokens are grey text, not coloured: the policy did not sample them,
+        # so their probability is not a finding (a digit of a tool's output is "unlikely" to any model)
+        bg = _color(vals[i], color_by, vmax) if gen[i] else "transparent"
+        out.append(f'<span class="{cls}" style="background:{bg}" '
                    f'title="{html.escape(chr(10).join(tip), quote=True)}">{html.escape(shown)}</span>')
     legend = ('<div class="dg-legend" style="margin-bottom:6px">'
               + ('<span style="background:rgba(220,60,70,0.68)">p≈0</span><span style="background:rgba(140,115,70,0.43)">'

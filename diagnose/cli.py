@@ -22,6 +22,7 @@ from rich.table import Table
 
 from diagnose.adapters import FORMATS
 from diagnose.capability.cli import PROBE_EPILOG, probe
+from diagnose.cli_usage import PlainUsageCommand
 from diagnose.cli_errors import EXIT_USAGE, command_errors, require
 from diagnose.jsonl import LineError
 from diagnose.regular_file import DIRECTORY, not_regular
@@ -66,9 +67,9 @@ def errors_table(summary: dict) -> Table:
     return table
 
 
-@app.command()
+@app.command(cls=PlainUsageCommand, short_help="Classify every assistant turn of a conversation JSONL file.")
 def formats(
-    path: Path = typer.Argument(..., help="Conversation JSONL: one {id, messages, tools?} per line."),
+    path: Path = typer.Argument(..., metavar="PATH", help="Conversation JSONL: one {id, messages, tools?} per line."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
 ) -> None:
     """Classify every assistant turn (healthy call / healthy response / polluted / collapsed)."""
@@ -98,7 +99,8 @@ def formats(
         console.print(errors_table(summary))
 
 
-@app.command("build-model")
+@app.command("build-model", cls=PlainUsageCommand,
+             short_help="Build the embedded tiny model and tokenizer (no downloads).")
 def build_model(
     out: Path = typer.Option(None, help="Output directory (default: the embedded default's cache dir)."),
     size: str = typer.Option("tiny", help="tiny | small"),
@@ -114,14 +116,15 @@ def build_model(
     console.print(f"model ready: {path}")
 
 
-@app.command()
+@app.command(cls=PlainUsageCommand, short_help="A one-minute tour of the format engine on the tiny model.")
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where to write the demo conversations."),
     tasks: int = typer.Option(24, help="Tasks per source."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Main job on the embedded default: build the tiny model, roll it out on the tool-use
-    environment beside gold trajectories, and classify every turn (needs the model extra)."""
+    """A one-minute tour of the format engine: the embedded tiny model rolled out on the tool-use
+    environment beside gold trajectories and a labelled synthetic bare-<tool_call> policy, every
+    turn classified (needs the model extra). The main job is `bash scripts/demo.sh` (README)."""
     with command_errors("running the demo", err_console, command="diagnose demo"):
         require("model", "diagnose demo")
         from diagnose.demo import run_demo
@@ -163,6 +166,7 @@ METRICS_HELP = ("Where the run's metrics are, when not found with it: verl's fil
                 "tracker (a W&B run folder or wandb/ folder, a TensorBoard events folder, a console log).")
 RUN_HELP = ("Which run, when the folder holds several: the trainer's, or a W&B run id, an events folder, "
             "a log file (the error or the issues list their names; runs are never merged).")
+FORMAT_HELP = f"Run layout: {', '.join(RunFormat.__members__)} (auto: detected from the files)."
 TOKENIZER_HELP = "Tokenizer (a local directory or a cached hub id) to decode token-id traces (open-instruct)."
 
 
@@ -245,6 +249,20 @@ def _write_report(path: Path, write) -> None:
     err_console.print(f"report written to {_esc(out)}", highlight=False, soft_wrap=True)
 
 
+def _probe_results(run: Path, result):
+    """What ``diagnose probe`` found on this run (`diagnose.capability.reading.ProbeReading`), or
+    None and the hint to run it (after a collapse); probe results that cannot be read are named
+    on stderr."""
+    from diagnose.capability.reading import probe_reading
+
+    probe, error = probe_reading(run) if run.is_dir() else (None, None)
+    if error:
+        err_console.print(f"[yellow]note:[/] the capability probe's results cannot be read: {_esc(error)}",
+                          highlight=False, soft_wrap=True)
+    hint = f"run `diagnose probe {run}`" if probe is None and result.verdict == "collapse" else None
+    return probe, hint
+
+
 SCAN_EPILOG = (
     "Exit codes: 0 = no collapse found (healthy, or too little data); 1 = collapse found (with --fail-on "
     "pathology also a pathology; with --fail-on never the scan always exits 0 once it ran); 2 = usage error or "
@@ -253,9 +271,9 @@ SCAN_EPILOG = (
 )
 
 
-@app.command()
+@app.command(cls=PlainUsageCommand, short_help="A synthetic run with an injected collapse, to try scan on.")
 def synth(
-    out: Path = typer.Argument(..., help="Run directory to write (must not exist)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Run directory to write (must not exist)."),
     steps: int = typer.Option(60, help="Training steps."),
     collapse_at: int = typer.Option(30, help="Step at which the injected collapse begins; -1 for a stable run."),
     recover_at: int = typer.Option(-1, help="Step at which it recovers; -1 for none."),
@@ -280,13 +298,14 @@ def synth(
     console.print(f"synthetic run written to {out}: {truth.n_token_rows:,} token rows, {what}")
 
 
-@app.command(epilog=SCAN_EPILOG)
+@app.command(cls=PlainUsageCommand, epilog=SCAN_EPILOG, short_help="Did the run collapse, when, and what moved first?")
 def scan(
-    run: Path = typer.Argument(..., help="The run: a directory (ours, TRL, verl, open-instruct, conversation "
-                                         "dumps), the launch folder holding one beside wandb/, runs/ or "
-                                         "tensorboard_log/, a tracker's own folder (wandb/, a W&B run, TensorBoard "
-                                         "events), a console log, or a conversation JSONL file.", show_default=False),
-    format: RunFormat = typer.Option(RunFormat.auto, "--format", "-f", help="Run layout; auto-detected by default.",
+    run: Path = typer.Argument(..., metavar="RUN",
+                               help="The run: a directory (ours, TRL, verl, open-instruct, conversation "
+                                    "dumps), the launch folder holding one beside wandb/, runs/ or "
+                                    "tensorboard_log/, a tracker's own folder (wandb/, a W&B run, TensorBoard "
+                                    "events), a console log, or a conversation JSONL file.", show_default=False),
+    format: RunFormat = typer.Option(RunFormat.auto, "--format", "-f", metavar="FORMAT", help=FORMAT_HELP,
                                      case_sensitive=False),
     as_json: bool = typer.Option(False, "--json", help="Print the scan result as JSON on stdout (nothing else "
                                                        "goes to stdout; schema in docs/scan.md)."),
@@ -307,17 +326,17 @@ def scan(
     Results are cached in the run (re-scans recompute only new or changed steps)."""
     result = _scan_or_exit(run, format, not no_cache, progress=err_console.is_terminal and not as_json,
                            opts=LoadOptions(metrics, run_name, tokenizer))
-    hint = f"run `diagnose probe {run}`"  # where to check capability after a collapse
-    if report is not None:
-        from diagnose.scan.html import write_scan_html
-
-        _write_report(report, lambda p: write_scan_html(result, p, capability_hint=hint))
+    probe, hint = _probe_results(run, result)
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), allow_nan=False) + "\n")
     else:
         from diagnose.scan.report import render_scan
 
-        render_scan(result, console, capability_hint=hint)
+        render_scan(result, console, capability_hint=hint, probe=probe)
+    if report is not None:  # after the report on the terminal, so that its path is the last line
+        from diagnose.scan.html import write_scan_html
+
+        _write_report(report, lambda p: write_scan_html(result, p, capability_hint=hint, probe=probe))
     code = EXIT_OK
     if fail_on != FailOn.never:
         if result.verdict == "collapse" or (fail_on == FailOn.pathology and result.pathologies):
@@ -325,19 +344,21 @@ def scan(
     raise typer.Exit(code)
 
 
-@app.command(epilog="Exit codes: 0 = compared; 2 = usage error, unreadable run, or a file of either run unreadable "
+@app.command(cls=PlainUsageCommand, short_help="Two runs side by side.",
+             epilog="Exit codes: 0 = compared; 2 = usage error, unreadable run, or a file of either run unreadable "
                     "(each named on stderr; the comparison of what could be read is still printed); 3 = internal "
                     "error.")
 def compare(
-    run_a: Path = typer.Argument(..., help="First run (any layout `diagnose scan` reads).", show_default=False),
-    run_b: Path = typer.Argument(..., help="Second run.", show_default=False),
+    run_a: Path = typer.Argument(..., metavar="RUN_A", help="First run (any layout `diagnose scan` reads).",
+                                 show_default=False),
+    run_b: Path = typer.Argument(..., metavar="RUN_B", help="Second run.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout (schema in "
                                                        "docs/scan.md)."),
     report: Path = typer.Option(None, "--report", help="Also write a self-contained HTML report to this file.",
                                 dir_okay=False),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the scan caches."),
-    format: RunFormat = typer.Option(RunFormat.auto, "--format", "-f", help="Layout of both runs; auto-detected by "
-                                     "default.", case_sensitive=False),
+    format: RunFormat = typer.Option(RunFormat.auto, "--format", "-f", metavar="FORMAT",
+                                     help=FORMAT_HELP + " For both runs.", case_sensitive=False),
     metrics_a: Path = typer.Option(None, "--metrics-a", help="As scan --metrics, for the first run.",
                                    show_default=False),
     metrics_b: Path = typer.Option(None, "--metrics-b", help="As scan --metrics, for the second run.",
@@ -377,9 +398,10 @@ def compare(
         raise typer.Exit(EXIT_USAGE)
 
 
-@app.command()
+@app.command(cls=PlainUsageCommand, short_help="Streamlit dashboard over the runs under RUNS_ROOT.")
 def dashboard(
-    runs_root: Path = typer.Argument(Path("runs"), help="Folder holding run directories (any layout `diagnose scan` "
+    runs_root: Path = typer.Argument(Path("runs"), metavar="RUNS_ROOT",
+                                     help="Folder holding run directories (any layout `diagnose scan` "
                                                         "reads), looked for up to 3 levels down."),
     port: int = typer.Option(8501, help="Port to serve on."),
     host: str = typer.Option("127.0.0.1", help="Address to bind. The default serves this machine only; anything else "
@@ -407,13 +429,16 @@ def dashboard(
         raise typer.Exit(EXIT_USAGE) from None
 
 
-app.command("probe", epilog=PROBE_EPILOG)(probe)
+app.command("probe", cls=PlainUsageCommand, epilog=PROBE_EPILOG,
+            short_help="Is the skill still there? Format vs capability per checkpoint.")(probe)
 
 
-@app.command(epilog="Exit codes: 0 = rescored (unusable checkpoints named on stderr, the others scored); 2 = usage "
+@app.command(cls=PlainUsageCommand, short_help="Recover control-token signals from any run's checkpoints.",
+             epilog="Exit codes: 0 = rescored (unusable checkpoints named on stderr, the others scored); 2 = usage "
                     "error, unreadable run, no usable checkpoint, missing [model] extra; 3 = internal error.")
 def rescore(
-    run: Path = typer.Argument(..., help="Run directory (any layout `diagnose scan` reads) with HF checkpoints."),
+    run: Path = typer.Argument(..., metavar="RUN",
+                               help="Run directory (any layout `diagnose scan` reads) with HF checkpoints."),
     checkpoints: str = typer.Option(None, help="Checkpoint dirs: a glob or a comma-separated list (default: found in RUN)."),
     tokenizer: str = typer.Option(None, help="The run's tokenizer directory (default: the first checkpoint's)."),
     samples: int = typer.Option(32, help="Early healthy rollouts in the fixed control-token probe."),
@@ -429,9 +454,9 @@ def rescore(
     rescore_command(run, checkpoints, tokenizer, samples, device, dtype, batch_tokens, format)
 
 
-@app.command()
+@app.command(cls=PlainUsageCommand, short_help="Write a real Qwen tokenizer, built offline.")
 def tokenizer(
-    family: str = typer.Argument(..., help="qwen2.5 | qwen3 | qwen3.5 | qwen3.6"),
+    family: str = typer.Argument(..., metavar="FAMILY", help="qwen2.5 | qwen3 | qwen3.5 | qwen3.6"),
     out: Path = typer.Option(..., "--out", help="Directory to write (a normal HF tokenizer directory)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:

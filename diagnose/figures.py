@@ -24,6 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     # shared pieces
-    "EPISODE_COLOR", "KEY_SIGNALS", "RUN_COLORS", "STATE_COLORS", "add_episode_bands", "esc", "last_step", "plot_text",
+    "EPISODE_COLOR", "KEY_SIGNALS", "RUN_COLORS", "STATE_COLORS", "add_episode_bands", "esc", "keep_overlaps_visible",
+    "last_step", "plot_text",
     # a scan
     "overview_figure", "token_figure", "onset_order_figure", "scan_figures",
     # a comparison
@@ -72,6 +74,8 @@ MAX_TOKEN_TRACES = 80
 MAX_ORDER_SIGNALS = 40
 #: Without an implicated token, the control-token chart shows this many series (largest spread).
 DEFAULT_TOKEN_SERIES = 6
+#: What a signal that is 0 at every step means.
+FLAT_ZERO = {"kl": "no KL penalty in this run (beta = 0: no reference model)"}
 #: Line style of a control-token probability by where it is measured (fixed probe, rollout
 #: tokens at a key context, rollout tokens at every generated position).
 _FAMILY_DASH = {PROBE: "solid", CTX: "dot", CTRL: "dash"}
@@ -86,6 +90,40 @@ KEY_SIGNALS: tuple[tuple[str, str], ...] = (
 # ---------------------------------------------------------------------------------------------
 # shared pieces
 # ---------------------------------------------------------------------------------------------
+
+
+def _same_points(a: Any, b: Any) -> bool:
+    """Two scatter traces on the same axes whose points all coincide (NaN-safe)."""
+    if (a.xaxis or "x") != (b.xaxis or "x") or (a.yaxis or "y") != (b.yaxis or "y"):
+        return False
+    if a.x is None or b.x is None or a.y is None or b.y is None or len(a.y) != len(b.y) or len(a.x) != len(b.x):
+        return False
+    if list(a.x) != list(b.x):
+        return False
+    for u, v in zip(a.y, b.y, strict=True):
+        if u is None or v is None:
+            if (u is None) != (v is None):
+                return False
+        elif not math.isclose(float(u), float(v), rel_tol=1e-9, abs_tol=1e-12):
+            return False
+    return True
+
+
+def keep_overlaps_visible(fig: go.Figure) -> go.Figure:
+    """A line whose points all coincide with a line drawn after it would be hidden under it (the
+    probe's format and capability scores when no repair helps; reward and accuracy of a binary
+    task): each such line is drawn wider and lighter, once per line that covers it, so it shows
+    as a halo around them and every series stays visible."""
+    lines = [t for t in fig.data if getattr(t, "type", None) == "scatter" and "lines" in (t.mode or "lines")
+             and not getattr(t, "stackgroup", None)]
+    for i, t in enumerate(lines):
+        covering = sum(1 for u in lines[i + 1:] if _same_points(t, u))
+        if covering:
+            t.line.width = (t.line.width or 2) + 4 * covering
+            t.opacity = 0.45
+            if t.marker is not None:
+                t.marker.size = (t.marker.size or 6) + 4 * covering
+    return fig
 
 
 def esc(v: Any) -> str:
@@ -148,6 +186,7 @@ def overview_figure(result: ScanResult) -> go.Figure:
         fig.add_annotation(text="no turn states in this run", xref="x2 domain", yref="y2 domain", x=0.5, y=0.5,
                            showarrow=False)
     add_episode_bands(fig, result.episodes, last_step(result), label="episode", grid=True)
+    keep_overlaps_visible(fig)
     fig.update_yaxes(title_text="reward / accuracy", row=1, col=1)
     fig.update_yaxes(title_text="turn states (share)", range=[0, 1.0], row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
@@ -317,6 +356,11 @@ def key_signals_figure(result: ScanResult, signals: Sequence[tuple[str, str]] = 
             fig.add_trace(go.Scatter(x=s, y=v, mode="lines+markers", marker={"size": 3}, name=plot_text(name),
                                      showlegend=False, hovertemplate=plot_text(name) + " at step %{x}: %{y:.4g}<extra></extra>"),
                           row=r, col=c)
+            if np.all(v == 0):  # e.g. kl of a run without a KL term: a flat 0 that reads like a measurement
+                k = i + 1
+                fig.add_annotation(text=f"0 at every step: {FLAT_ZERO.get(name, 'not in use in this run')}",
+                                   xref=f"x{k if k > 1 else ''} domain", yref=f"y{k if k > 1 else ''} domain", x=0.5,
+                                   y=0.75, showarrow=False, font={"color": "#555"})
         else:
             k = i + 1
             fig.add_annotation(text="not logged in this run", xref=f"x{k if k > 1 else ''} domain",
@@ -471,25 +515,38 @@ def capability_figure(summary: pl.DataFrame) -> go.Figure | None:
                                  hovertemplate=name + " %{y:.3f}<br>%{text}<extra></extra>",
                                  fill="tonexty" if col == "format_score" else None,
                                  fillcolor="rgba(214,39,40,0.08)"))
+    keep_overlaps_visible(fig)
     fig.update_xaxes(title_text=xtitle)
     fig.update_yaxes(title_text="accuracy", range=[-0.02, 1.02])
     fig.update_layout(height=380, margin={"t": 40, "l": 60, "r": 20, "b": 40}, hovermode="x unified",
-                      title="format vs capability per checkpoint (shaded: the format gap)")
+                      title="format vs capability per checkpoint (shaded: the format gap; a wide pale line "
+                            "runs under an equal one)")
     return fig
 
 
-def capability_measures_figure(results: pl.DataFrame) -> go.Figure | None:
-    """Accuracy of every probe measure per checkpoint."""
+MEASURE_SYMBOLS = ("circle", "diamond", "square", "triangle-up", "x", "star")
+
+
+def capability_measures_figure(results: pl.DataFrame, chance: float | None = None) -> go.Figure | None:
+    """Accuracy of every probe measure per checkpoint (generation measures solid, the teacher-forced
+    likelihood dashed, with its chance level dotted when given); measures with equal values stay
+    visible (`keep_overlaps_visible`, and a marker symbol each)."""
     if results.height == 0:
         return None
     df = results.sort(["step", "checkpoint"], nulls_last=True)
     fig = go.Figure()
-    for (measure,), part in df.group_by("measure", maintain_order=True):
+    xtitle = "checkpoint step"
+    for i, ((measure,), part) in enumerate(df.group_by("measure", maintain_order=True)):
         x, xtitle = _checkpoint_x(part)
         fig.add_trace(go.Scatter(x=x, y=part.get_column("accuracy").to_list(), mode="lines+markers",
-                                 name=plot_text(measure), marker={"size": 6}))
-    fig.update_xaxes(title_text="checkpoint step")
+                                 name=plot_text(measure), line={"dash": "dash" if measure == "likelihood" else "solid"},
+                                 marker={"size": 7, "symbol": MEASURE_SYMBOLS[i % len(MEASURE_SYMBOLS)]}))
+    keep_overlaps_visible(fig)
+    if chance is not None and math.isfinite(chance):
+        fig.add_hline(y=chance, line={"dash": "dot", "color": "#888"}, annotation_text="likelihood: chance",
+                      annotation_position="bottom right")
+    fig.update_xaxes(title_text="checkpoint step" if xtitle == "step" else xtitle)
     fig.update_yaxes(title_text="accuracy", range=[-0.02, 1.02])
     fig.update_layout(height=360, margin={"t": 40, "l": 60, "r": 20, "b": 40}, hovermode="x unified",
-                      title="accuracy per probe measure")
+                      title="accuracy per probe measure (generation solid; likelihood, teacher-forced, dashed)")
     return fig

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["FormatError"]
+__all__ = ["SHORT", "FormatError"]
 
 
 class FormatError(StrEnum):
@@ -31,3 +31,25 @@ class FormatError(StrEnum):
     INVENTED_TOOL_OUTPUT = "invented_tool_output"  # the model writes <tool_response> itself
     STRAY_CONTROL_TOKEN = "stray_control_token"  # <|im_start|>, <|im_end|>, ... inside the turn
     WRONG_SYNTAX = "wrong_syntax"  # a well-formed call in another syntax than the one asked
+
+
+#: Each error in a few words, for verdicts and reports ("what broke"); the full definitions and
+#: examples are in docs/turn-states.md.
+SHORT: dict[FormatError, str] = {
+    FormatError.EMPTY_TURN: "empty turn",
+    FormatError.OPEN_TAG_ONLY: "a bare <tool_call> and the turn ends",
+    FormatError.EMPTY_CALL: "an empty call",
+    FormatError.UNCLOSED_TAG: "a call never closed",
+    FormatError.NESTED_TAG: "a <tool_call> inside a call",
+    FormatError.CLOSE_WITHOUT_OPEN: "a </tool_call> without an open call",
+    FormatError.INVALID_JSON: "a call body that is not JSON",
+    FormatError.INVALID_SYNTAX: "a python call list that is not python",
+    FormatError.MISSING_NAME: "a call without a tool name",
+    FormatError.BAD_ARGUMENTS: "malformed arguments",
+    FormatError.UNKNOWN_TOOL: "an unknown tool",
+    FormatError.REPEATED_CALL: "the same call twice in a turn",
+    FormatError.TEXT_AFTER_CALL: "text after a call",
+    FormatError.INVENTED_TOOL_OUTPUT: "the model writes the tool output itself",
+    FormatError.STRAY_CONTROL_TOKEN: "a stray control token",
+    FormatError.WRONG_SYNTAX: "a call in another syntax",
+}

@@ -27,6 +27,9 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 from diagnose.synth import write_synthetic_run  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _dashboard_runs import make_demo_like_root  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_S = 90
 PAGE_MS = 45_000
@@ -53,6 +56,16 @@ def free_port() -> int:
 def server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("browser") / "runs"
     write_synthetic_run(root / "collapse", steps=40, collapse_at=22, samples_per_step=16, tokens_per_sample=48)
+    yield from serve(root, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory):
+    yield from serve(make_demo_like_root(tmp_path_factory.mktemp("browser_demo") / "runs"), tmp_path_factory)
+
+
+def serve(root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`diagnose dashboard ROOT` on a free port until the module's tests are done; yields its URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("browser_log") / "streamlit.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -142,3 +155,94 @@ def test_dashboard_in_browser(server, browser, tmp_path):
     no_exception(page)
     page.screenshot(path=str(tmp_path / "episode_to_tokens.png"))
     assert not errors, errors
+
+
+# --- every page of a demo-like run, as a newcomer sees it (issue 22) ---------------------------
+
+PAGES = ("", "control-tokens", "episodes", "tokens", "probe", "compare")
+
+#: Line traces (in order of drawing) whose points all coincide with a later one that is not wider
+#: and not dashed: the earlier one is invisible under it.
+HIDDEN_SERIES_JS = """() => {
+  const out = [];
+  for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+    const d = (gd._fullData || []).filter(t => t.type === 'scatter' && t.visible === true && !t.stackgroup
+                                                && String(t.mode).includes('lines') && t.x && t.y);
+    for (let i = 0; i < d.length; i++) for (let j = i + 1; j < d.length; j++) {
+      const a = d[i], b = d[j];
+      if (a.xaxis !== b.xaxis || a.yaxis !== b.yaxis || a.x.length !== b.x.length || a.y.length !== b.y.length) continue;
+      let same = true;
+      for (let k = 0; k < a.y.length && same; k++) same = a.x[k] === b.x[k] && Math.abs(a.y[k] - b.y[k]) < 1e-12;
+      const dashed = (b.line.dash || 'solid') !== 'solid';
+      if (same && !dashed && !(a.line.width > b.line.width)) out.push(a.name + ' under ' + b.name);
+    }
+  }
+  return out;
+}"""
+
+#: Dataframes taller than their rows (empty rows below the last one): [rows, height in px].
+EMPTY_ROWS_JS = """() => Array.from(document.querySelectorAll('[data-testid="stDataFrame"]')).map(el => {
+  const g = el.querySelector('table'); const rows = g ? Number(g.getAttribute('aria-rowcount')) : 0;
+  return [rows, el.getBoundingClientRect().height];
+}).filter(([rows, h]) => rows > 0 && h > Math.min(400, 36 * rows + 24) + 2)"""
+
+#: Metric tiles whose label is cut (an ellipsis): their text.
+CUT_LABELS_JS = """() => Array.from(document.querySelectorAll('[data-testid="stMetricLabel"] .stMarkdownEllipsis'))
+  .filter(el => el.scrollWidth > el.clientWidth + 1).map(el => el.textContent)"""
+
+
+def test_every_page_of_a_demo_like_run(demo_server, browser, tmp_path):
+    """Every page of the run `scripts/demo.sh` leaves, in Chromium: no exception, no page error, no
+    table with empty rows, no line hidden under another, no cut tile label; the flat-zero KL panel
+    says why it is flat; the probe's results are on the overview and the probe page in words; the
+    cache details are not in the overview header; tool output is grey, not coloured by probability."""
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    for name in PAGES:
+        page.goto(f"{demo_server}/{name}?run=collapse")
+        settle(page, 1)
+        no_exception(page)
+        page.screenshot(path=str(tmp_path / f"demo_{name or 'overview'}.png"), full_page=True)
+        assert page.evaluate(HIDDEN_SERIES_JS) == [], name
+        assert page.evaluate(EMPTY_ROWS_JS) == [], name
+        assert page.evaluate(CUT_LABELS_JS) == [], name
+        text = page.inner_text("body")
+        if name == "":
+            assert "no KL penalty" in page.evaluate(
+                "() => Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap("
+                "gd => (gd.layout.annotations || []).map(a => a.text)).join(' ')")
+            assert "capability:" in text and "what broke:" in text and "first to move:" in text
+            caption = page.locator('[data-testid="stCaptionContainer"]').first.inner_text()
+            assert "cache" not in caption and "computed" not in caption, caption
+        if name == "probe":
+            assert "the evidence supports" in text and "by generation, not by knowledge" in text
+        if name == "tokens":
+            page.wait_for_selector("div.dg-tokens span.t", timeout=PAGE_MS)
+            tool = page.locator("div.dg-tokens span.t.o")
+            assert tool.count() > 0
+            assert {tool.nth(i).evaluate("e => getComputedStyle(e).backgroundColor") for i in range(min(20, tool.count()))} \
+                == {"rgba(0, 0, 0, 0)"}
+        if name == "episodes":
+            assert "What broke" in text
+    assert not errors, errors
+
+
+def test_hidden_series_check_catches_a_line_under_another(browser, tmp_path):
+    """The check above fails on two equal lines of equal width (the probe page before issue 22)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure([go.Scatter(x=[1, 2], y=[0.5, 0.1], mode="lines", name="capability"),
+                     go.Scatter(x=[1, 2], y=[0.5, 0.1], mode="lines", name="format")])
+    html = tmp_path / "fig.html"
+    html.write_text(fig.to_html(include_plotlyjs=True, full_html=True))
+    page = browser.new_page()
+    page.goto(html.as_uri())
+    settle(page, 1)
+    assert page.evaluate(HIDDEN_SERIES_JS) == ["capability under format"]
+    from diagnose.figures import keep_overlaps_visible
+
+    html.write_text(keep_overlaps_visible(fig).to_html(include_plotlyjs=True, full_html=True))
+    page.goto(html.as_uri())
+    settle(page, 1)
+    assert page.evaluate(HIDDEN_SERIES_JS) == []

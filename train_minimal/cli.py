@@ -13,7 +13,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from diagnose.cli_usage import PlainUsageCommand
 from train_minimal.config import ConfigError, TrainConfig, build_config, merge
+from train_minimal.presets import PRESETS
 from train_minimal.presets import preset as get_preset
 
 app = typer.Typer(name="train-minimal", help="Minimal SFT/GRPO trainer for multi-step tool use.",
@@ -21,7 +23,7 @@ app = typer.Typer(name="train-minimal", help="Minimal SFT/GRPO trainer for multi
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
 
-PresetOpt = typer.Option(None, "--preset", help="Named configuration (smoke, collapse, stable).")
+PresetOpt = typer.Option(None, "--preset", help="Named configuration: " + ", ".join(PRESETS) + " (train_minimal/presets.py).")
 ConfigOpt = typer.Option(None, "--config", help="TOML or YAML config file (applied over the preset).")
 OutOpt = typer.Option(None, "--out", help="Run directory (default runs/<name>).")
 SetOpt = typer.Option([], "--set", help="Override, e.g. --set grpo.lr=3e-4 (repeatable).")
@@ -60,21 +62,21 @@ def _run(cfg: TrainConfig, out: Path | None, resume: bool, init_from: str | None
     console.print(f"run written to {out_dir}")
 
 
-@app.command()
+@app.command(cls=PlainUsageCommand, short_help="SFT warm start, then GRPO, as configured.")
 def run(preset: str = PresetOpt, config: Path = ConfigOpt, out: Path = OutOpt, set_: list[str] = SetOpt,
         resume: bool = ResumeOpt, init_from: str = InitOpt, stop_after: int = StopOpt) -> None:
     """SFT warm start then GRPO, as configured."""
     _run(_config(preset, config, set_, {}), out, resume, init_from, stop_after)
 
 
-@app.command()
+@app.command(cls=PlainUsageCommand, short_help="SFT on gold trajectories only.")
 def sft(preset: str = PresetOpt, config: Path = ConfigOpt, out: Path = OutOpt, set_: list[str] = SetOpt,
         resume: bool = ResumeOpt, init_from: str = InitOpt, stop_after: int = StopOpt) -> None:
     """SFT on gold trajectories only (the configuration's GRPO steps are dropped)."""
     _run(_config(preset, config, set_ + ["grpo.steps=0"], {}), out, resume, init_from, stop_after)
 
 
-@app.command()
+@app.command(cls=PlainUsageCommand, short_help="GRPO only (start from --init-from).")
 def grpo(preset: str = PresetOpt, config: Path = ConfigOpt, out: Path = OutOpt, set_: list[str] = SetOpt,
          resume: bool = ResumeOpt, init_from: str = InitOpt, stop_after: int = StopOpt) -> None:
     """GRPO only (the configuration's SFT warm start is dropped); start from --init-from."""

@@ -507,8 +507,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
     s.model.train()
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    # a bar on a terminal; elsewhere (a pipe, a CI log, where a bar only shows at the end) one line per step
+    lines, t0 = not console.is_terminal, time.perf_counter()
     try:
-        with GracefulStop() as stop, Progress(*columns, console=console, transient=False) as progress:
+        with GracefulStop() as stop, Progress(*columns, console=console, transient=False, disable=lines) as progress:
             bar = progress.add_task(cfg.name, total=s.total, completed=state.step, info="")
             while state.step < s.total and not stop.requested:
                 step = state.step + 1
@@ -516,6 +518,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, consol
                 info = f"{m['phase']} " + (f"reward {m['reward']:.2f} collapsed {m['turn_state/collapsed']:.0%}"
                                            if "reward" in m else f"sft_loss {m.get('sft_loss', 0):.3f}")
                 progress.update(bar, completed=step, info=info)
+                if lines:
+                    elapsed = int(time.perf_counter() - t0)
+                    console.print(f"{cfg.name} step {step}/{s.total} {info} ({elapsed // 60}:{elapsed % 60:02d})",
+                                  highlight=False, markup=False)
                 if state.nonfinite_streak >= 3:
                     save_checkpoint(s.writer, step, s.model, s.tokenizer, s.opt, state, cfg.log.keep_checkpoints)
                     raise TrainingError(f"step {step}: non-finite gradients 3 steps in a row; stopped "

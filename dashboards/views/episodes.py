@@ -7,7 +7,7 @@ import streamlit as st
 
 from dashboards import data, ui
 from diagnose.figures import onset_order_figure
-from diagnose.scan.formatting import fmt_num, fmt_pct, fmt_prob, implicated_texts, token_label
+from diagnose.scan.formatting import fmt_num, fmt_pct, fmt_prob, fmt_shift, implicated_texts, token_label
 
 st.title("Episode explorer")
 entry, result = ui.run_and_scan_or_stop()
@@ -27,7 +27,17 @@ c[2].metric("trough", e.trough_step)
 c[3].metric("recovery", "—" if e.recovery_step is None else e.recovery_step)
 c[4].metric(f"{e.signal} drop", fmt_pct(e.relative_drop), f"{fmt_num(e.pre_level)} → {fmt_num(e.trough_value)}",
             delta_color="off", delta_arrow="off")
-c[5].metric("collapsed turns at trough", fmt_pct(e.collapsed_share_at_trough))
+c[5].metric("collapsed at trough", fmt_pct(e.collapsed_share_at_trough),
+            help="share of the assistant turns at the trough step that are collapsed (nothing usable)")
+
+with ui.section("The failure-mode table"):
+    st.subheader("What broke")
+    if e.failure_modes:
+        st.dataframe(pl.DataFrame([{"what broke": f.label, "before the onset": fmt_pct(f.before),
+                                    "around the trough": fmt_pct(f.at_trough), "share": f.unit, "signal": f.signal}
+                                   for f in e.failure_modes]), hide_index=True)
+    else:
+        st.info("No format error, turn state or call-match share grew by 5 points or more.")
 
 with ui.section("The onset-ordering figure"):
     st.subheader("What moved, in order")
@@ -36,8 +46,9 @@ with ui.section("The onset-ordering figure"):
         st.dataframe(pl.DataFrame([{
             "signal": m.signal, "change step": m.step, "lead (steps before the onset)": m.lead,
             "direction": m.direction, "before → after": f"{fmt_num(m.before, 3)} → {fmt_num(m.after, 3)}",
-            "shift (σ)": round(m.score, 1), "detector": m.method, "concerning": m.concern} for m in e.moves]),
-            hide_index=True, height=260)
+            "shift": fmt_shift(m.score), "detector": m.method, "concerning": m.concern} for m in e.moves]),
+            hide_index=True, height=ui.table_height(len(e.moves)),
+            column_config={"signal": st.column_config.TextColumn(width="large")})
 
 with ui.section("The implicated-token list"):
     if e.implicated:
@@ -47,6 +58,8 @@ with ui.section("The implicated-token list"):
                      f"({x.source}" + (f", moved at step {x.step}, lead {x.lead}" if x.step is not None else "") + ")"
                      for x in t.contexts[:4]]
             st.markdown(f"- **{token_label(t.token, t.text)}**: " + "; ".join(parts))
+    if e.token_note:
+        st.caption(("No control token implicated: " if not e.implicated else "") + e.token_note)
 
 st.subheader("Rollouts before and after the onset")
 stamp = data.run_stamp(entry.path)

@@ -4,23 +4,25 @@ import polars as pl
 import streamlit as st
 
 from dashboards import data, ui
+from diagnose.capability.reading import read_probe
 from diagnose.figures import key_signals_figure, overview_figure
-from diagnose.scan.formatting import fmt_num, fmt_pct, token_label, verdict_line
+from diagnose.scan.formatting import fmt_num, fmt_pct, token_label, verdict_details, verdict_line
 from diagnose.scan.names import table_presence
-from diagnose.scan.series import level, smoothed_peak
+from diagnose.scan.series import finite_series, level, smoothed_peak
 from diagnose.scan.result import issues_summary
 
 st.title("Overview")
 entry, result = ui.run_and_scan_or_stop()
 
 st.caption(f"`{entry.path}` · format **{result.source_format}** · tables: "
-           f"{', '.join(k for k, ok in table_presence(result.signals.columns).items() if ok) or 'none'} · {result.cache.describe()}")
-hint = None
-if result.verdict == "collapse":
-    cap = data.load_capability(entry.path)
-    if cap.ok and cap.value is None:
-        hint = f"run `diagnose probe {entry.path}` (Probe page)"
-ui.verdict_box(result, verdict_line(result, capability_hint=hint))
+           f"{', '.join(k for k, ok in table_presence(result.signals.columns).items() if ok) or 'none'}")
+hint, probe = None, None
+cap = data.load_capability(entry.path)
+if cap.ok and cap.value is not None and cap.value.summary.height:
+    probe = read_probe(cap.value)
+elif result.verdict == "collapse" and cap.ok:
+    hint = f"run `diagnose probe {entry.path}` (Probe page)"
+ui.verdict_box(result, verdict_line(result), verdict_details(result, probe, hint))
 issues = getattr(result, "issues", [])
 if result.signals.height == 0:
     st.warning("Nothing readable in this run" + (f": {issues[0]}" if issues else ".")
@@ -28,12 +30,17 @@ if result.signals.height == 0:
 
 name = result.primary_signal or "reward"
 e0 = result.episodes[0] if result.episodes else None
+steps, values = finite_series(result.signals, name)
 cols = st.columns(5)
 cols[0].metric("steps", f"{result.signals.height}")
-cols[1].metric(f"peak {name}", fmt_num(smoothed_peak(result.signals, name)))
-cols[2].metric(f"final {name}", fmt_num(level(result.signals, name, "end")))
+cols[1].metric(f"{name}: first → last", f"{fmt_num(values[0])} → {fmt_num(values[-1])}" if values.size else "—",
+               help=f"the logged values at steps {steps[0]} and {steps[-1]}; highest {fmt_num(values.max())}"
+               if values.size else None)
+cols[2].metric(f"5-step peak {name}", fmt_num(smoothed_peak(result.signals, name)),
+               help="the best median of 5 consecutive steps (one lucky step does not make a peak)")
 cols[3].metric("collapse onset", "none" if e0 is None else f"step {e0.onset_step}")
-cols[4].metric("collapsed turns at end", fmt_pct(level(result.signals, "turn_state/collapsed", "end")))
+cols[4].metric("collapsed (last 5)", fmt_pct(level(result.signals, "turn_state/collapsed", "end")),
+               help="median share of collapsed turns over the last 5 steps")
 
 with ui.section("The reward and turn-state figure"):
     st.subheader("Reward, accuracy and turn states")
@@ -67,6 +74,13 @@ with ui.section("The pathology list"):
         st.subheader("Pathologies")
         st.dataframe(pl.DataFrame([p.to_dict() for p in result.pathologies]), hide_index=True)
 
+if probe is not None:
+    with ui.section("The probe summary"):
+        st.subheader("Is the skill still there?")
+        st.markdown(f"**{probe.claim_short}** — {probe.claim}. Details: Probe page.")
+
+with st.expander("scan cache", expanded=False):
+    st.text(result.cache.describe())
 if result.notes:
     with st.expander(f"notes ({len(result.notes)})", expanded=False):
         for n in result.notes:

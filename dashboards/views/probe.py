@@ -5,6 +5,7 @@ import json
 import streamlit as st
 
 from dashboards import data, ui
+from diagnose.capability.reading import read_probe
 from diagnose.figures import capability_figure, capability_measures_figure
 from diagnose.scan.formatting import fmt_num
 
@@ -19,20 +20,28 @@ if cap is None:
     st.stop()
 
 summary = cap.summary
+reading = read_probe(cap) if summary.height else None
 if summary.height == 0:
     st.info("The probe wrote no checkpoint summary.")
 else:
     last = summary.sort(["step", "checkpoint"], nulls_last=True).tail(1).row(0, named=True)
     c = st.columns(4)
     c[0].metric("checkpoint", str(last["checkpoint"]))
-    c[1].metric("format score", fmt_num(last["format_score"]))
-    c[2].metric("capability score", fmt_num(last["capability_score"]))
-    c[3].metric("gap", fmt_num(last["format_gap"]))
-    st.markdown(f"**verdict at the last checkpoint:** {last['verdict'] or '—'}")
+    c[1].metric("format score", fmt_num(last["format_score"]), help="native accuracy: tasks solved as trained")
+    c[2].metric("capability score", fmt_num(last["capability_score"]),
+                help="the best accuracy with the format out of the way (native, repairs, other syntaxes)")
+    c[3].metric("gap", fmt_num(last["format_gap"]), help="capability score - format score")
+with ui.section("The probe in plain words"):
+    if reading is not None:
+        st.markdown(f"**the evidence supports:** {reading.claim}.")
+        for c in reading.checkpoints:
+            st.markdown(f"- **{c.title()}**: {c.words}")
+        st.caption(" · ".join(reading.measures))
+with ui.section("The per-measure figure"):
+    ui.plot(capability_measures_figure(cap.results, reading.chance if reading else None), "No per-measure results.",
+            key="cap_measures_fig")
 with ui.section("The format-vs-capability figure"):
     ui.plot(capability_figure(summary), "No checkpoint summary to plot.", key="cap_fig")
-with ui.section("The per-measure figure"):
-    ui.plot(capability_measures_figure(cap.results), "No per-measure results.", key="cap_measures_fig")
 st.subheader("Per checkpoint")
 st.dataframe(summary, hide_index=True)
 with st.expander("all measures", expanded=False):

@@ -70,12 +70,14 @@ class Target:
 
 
 class _Progress:
-    """Rich progress over checkpoints x tasks x measures, on stderr; a no-op when not shown."""
+    """Rich progress over checkpoints x tasks x measures, on stderr. Without a terminal (a pipe, a
+    log: where a bar would only show at the end) one line per checkpoint instead."""
 
-    def __init__(self, total: int, show: bool):
+    def __init__(self, total: int, show: bool, n_checkpoints: int = 0):
         self.show = show
         self.total = total
         self.label = ""
+        self.n_checkpoints, self.done, self.t0 = n_checkpoints, 0, time.perf_counter()
 
     def __enter__(self) -> _Progress:
         if self.show:
@@ -89,6 +91,11 @@ class _Progress:
 
     def checkpoint(self, name: str) -> None:
         self.label = name
+        self.done += 1
+        if not self.show:
+            t = int(time.perf_counter() - self.t0)
+            err_console.print(f"probing {escape(name)} ({self.done}/{self.n_checkpoints}; {t // 60}:{t % 60:02d})",
+                              highlight=False)
 
     def __call__(self, measure: str, n: int) -> None:
         if self.show:
@@ -213,7 +220,7 @@ def _probe_targets(targets: list[Target], tasks: list, cfg: Any, device: str, to
     def skip(tgt: Target, reason: str) -> None:
         out.skipped.append({"checkpoint": tgt.name, "path": str(tgt.path), "reason": reason})
 
-    with _Progress(per_target * len(targets), err_console.is_terminal) as progress:
+    with _Progress(per_target * len(targets), err_console.is_terminal, len(targets)) as progress:
         for tgt in targets:
             progress.checkpoint(tgt.name)
             t1 = time.perf_counter()
@@ -264,8 +271,9 @@ def _probe_targets(targets: list[Target], tasks: list, cfg: Any, device: str, to
     return out
 
 
-def probe(    run: Path = typer.Argument(None, help="A run directory written by train-minimal (its checkpoints/ are probed).",
-                               show_default=False),
+def probe(
+    run: Path = typer.Argument(None, metavar="RUN", show_default=False,
+                               help="A run directory written by train-minimal (its checkpoints/ are probed)."),
     model: Path = typer.Option(None, "--model", help="Probe one Hugging Face model directory instead of a run.",
                                show_default=False),
     task_file: Path = typer.Option(None, "--task-file", help="Tasks from a JSONL task file (docs/environment.md) "
@@ -416,9 +424,34 @@ def _probe(run: Path | None, model: Path | None, task_file: Path | None, checkpo
             notes = per_ckpt.get(s["checkpoint"], {}).get("notes") or []
             for n in notes:
                 _note(f"{s['checkpoint']}: {n}", "dim")
+        print_reading(written, summary, results, meta)
         if written:
             err_console.print(f"results written to {escape(str(written))}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_INTERNAL if outcome.internal else EXIT_OK)
+
+
+def print_reading(written: Path | None, summary: list[dict], results: list[dict], meta: dict) -> None:
+    """The verdicts in plain words and the claim the evidence supports (``diagnose.capability.reading``),
+    over every checkpoint probed so far (the merged files when written)."""
+    import polars as pl
+
+    from diagnose.capability.reading import read_probe
+    from diagnose.capability.results import RESULT_SCHEMA, SUMMARY_SCHEMA, CapabilityResults, read_capability
+
+    cap = read_capability(written.parent) if written else None
+    if cap is None:
+        cap = CapabilityResults(Path("."), pl.DataFrame(results, schema=RESULT_SCHEMA, strict=False),
+                                pl.DataFrame(summary, schema=SUMMARY_SCHEMA, strict=False), meta)
+    from rich.padding import Padding
+    from rich.text import Text
+
+    reading = read_probe(cap)
+    console.print(Text("what it means", style="bold"))
+    for line in reading.measures:
+        console.print(Padding(Text(line, style="dim"), (0, 0, 0, 2), expand=False))
+    for c in reading.checkpoints:
+        console.print(Padding(Text.assemble((c.title(), "bold"), ": ", c.words), (0, 0, 0, 2), expand=False))
+    console.print(Text.assemble(("the evidence supports: ", "bold"), reading.claim))
 
 
 def _finite(v: Any) -> Any:

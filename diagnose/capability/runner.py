@@ -75,7 +75,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.Pa
     directory has none (checkpoints saved without one). Raises ProbeInputError with a message
     naming the file for anything that is not loadable."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+
+    from diagnose.model.resolve import quiet_loading
 
     p = Path(path)
     if not p.is_dir():
@@ -92,9 +93,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.Pa
             check_model_files(tok_dir, model=False)
     except ModelFileError as e:
         raise ProbeInputError(str(e)) from None
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_loading():
         try:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any failure is reported with the file
@@ -113,9 +112,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.Pa
         except Exception as e:  # noqa: BLE001
             where = weights[0] if len(weights) == 1 else p
             raise ProbeInputError(f"{where}: model does not load ({error_line(e)})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:  # a diverged checkpoint: any score of it would be noise, not a finding
         where = weights[0] if len(weights) == 1 else p

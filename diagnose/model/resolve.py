@@ -6,18 +6,21 @@ Public API::
 
     resolve_model_path(path_or_name) -> Path
     load_model_and_tokenizer(path_or_name, *, dtype=None, device="cpu") -> (model, tokenizer)
+    quiet_loading()  # a context without transformers' per-load "Loading weights" bars
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from diagnose.model.build import BASE_NAMES, ensure_base_model, ensure_default_model
 from diagnose.model.files import check_model_files
 
-__all__ = ["load_model_and_tokenizer", "resolve_model_path"]
+__all__ = ["load_model_and_tokenizer", "quiet_loading", "resolve_model_path"]
 
 
 def _cached_hub_snapshot(name: str) -> Path | None:
@@ -58,6 +61,21 @@ def resolve_model_path(path_or_name: str | os.PathLike[str]) -> Path:
     return path
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' progress bars off while loading (a "Loading weights" bar per checkpoint is noise
+    in a trainer's or the probe's output, and a mess in a log); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model_and_tokenizer(
     path_or_name: str | os.PathLike[str],
     *,
@@ -76,11 +94,12 @@ def load_model_and_tokenizer(
 
     path = resolve_model_path(path_or_name)
     check_model_files(path)  # a broken file is named (ModelFileError), not left to transformers' message
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -89,6 +89,7 @@ _SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.scan.token_signals", "diagnos
                 "diagnose.rescore.tables")  # the rescored tables attached to a source
 _EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.verdict", "diagnose.scan.episodes", "diagnose.scan.drops",
                  "diagnose.scan.moves", "diagnose.scan.implicated", "diagnose.scan.examples",
+                 "diagnose.scan.excerpts", "diagnose.scan.failures", "diagnose.format_errors",
                  "diagnose.scan.pathologies", "diagnose.scan.series", "diagnose.scan.names", "diagnose.scan.result")
 
 

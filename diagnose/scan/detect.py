@@ -57,6 +57,8 @@ class DetectConfig:
     min_episode_len: int = 3  #: consecutive collapse steps needed for an episode
     drop_rank_p: float = 0.005  #: ... or, a long low stretch after a short or noisy baseline: the rank
     #:   test (Mann-Whitney, one-sided) of the whole low stretch against the baseline below this
+    drop_rank_p_long: float = 1e-4  #: ... the same test's level after a baseline of min_periods points or
+    #:   more (a reward of few prompts is so noisy that its 3-sigma bar lies below zero)
     min_drop_baseline: int = 3  #: points of the primary signal before a drop for it to count (a short
     #:   RL phase can collapse within its first steps; with fewer than min_periods points the
     #:   significance bar is widened by sqrt(min_periods / n))

@@ -174,22 +174,23 @@ def _significant_drop(x: np.ndarray, before: np.ndarray, decline: int, i: int, w
                       base: tuple[float, float], cfg: DetectConfig) -> bool:
     """The drop sustained at ``i`` (decline from ``decline``, baseline points ``before``) is
     significant: the median of its first ``min_episode_len`` values is ``collapse_z`` sigmas
-    under the baseline; or, when the baseline is shorter than ``min_periods`` (its sigma
-    unreliable), the whole low stretch (from ``decline`` while values stay under ``threshold``,
-    at least 2 x ``min_episode_len`` of them under it) ranks below the baseline points
-    (`rank_drop_pvalue` <= ``drop_rank_p``). The second test needs no sigma: a collapse after
-    only 3 noisy points (whose sigma, widened for the small sample, puts the first bar below
-    zero reward) is still found once its low stretch is long enough."""
+    under the baseline; or the whole low stretch (from ``decline`` while values stay under
+    ``threshold``, at least 2 x ``min_episode_len`` of them under it) ranks below the baseline
+    points (`rank_drop_pvalue` <= ``drop_rank_p``, or ``drop_rank_p_long`` after a baseline of
+    ``min_periods`` points or more). The second test needs no sigma: a collapse after only 3
+    noisy points (whose sigma, widened for the small sample, puts the first bar below zero
+    reward) is still found once its low stretch is long enough, and so is one after a long but
+    noisy baseline (4 prompts x 8 samples per step: a healthy reward swings 0.3-0.9, so its
+    3-sigma bar lies below zero as well)."""
     if float(np.median(x[i:window_end])) <= base[0] - cfg.collapse_z * base[1]:
         return True
-    if before.size >= cfg.min_periods:
-        return False  # a baseline long enough for its sigma: the first test is the test
     low_end = i
     while low_end < x.size and x[low_end] < threshold:
         low_end += 1
     if low_end - i < 2 * cfg.min_episode_len:
         return False
-    return rank_drop_pvalue(before, x[decline:low_end]) <= cfg.drop_rank_p
+    level = cfg.drop_rank_p if before.size < cfg.min_periods else cfg.drop_rank_p_long
+    return rank_drop_pvalue(before, x[decline:low_end]) <= level
 
 
 def _decline_start(x: np.ndarray, lo: int, i: int, window_end: int, min_pre: int) -> int:

@@ -7,7 +7,8 @@ after.
 The stages of one episode, each in its own module: the drop, its onset and recovery
 (`diagnose.scan.drops`); every other signal's change point around the onset with its lead
 (`diagnose.scan.moves`); the control tokens whose probability rose (`diagnose.scan.implicated`);
-representative rollouts (`diagnose.scan.examples`). A re-scan reuses an unchanged episode's
+representative rollouts (`diagnose.scan.examples`); what broke, the failure modes that grew
+(`diagnose.scan.failures`). A re-scan reuses an unchanged episode's
 moves and rollouts from the earlier scan (`PriorScan`).
 """
 
@@ -22,6 +23,7 @@ import polars as pl
 from diagnose.scan.detect import DetectConfig
 from diagnose.scan.drops import Drop, find_drops
 from diagnose.scan.examples import example_rollouts
+from diagnose.scan.failures import failure_modes
 from diagnose.scan.implicated import implicated_tokens
 from diagnose.scan.moves import signal_moves
 from diagnose.scan.result import CollapseEpisode, RolloutExample, SignalMove
@@ -109,7 +111,9 @@ def _episode(drop: Drop, name: str, steps: np.ndarray, values: np.ndarray, signa
         moves = signal_moves(table, name, onset, end_step, cfg, control_tokens)
     examples = prior.examples(name, onset, trough_step) if prior is not None else None
     if examples is None:
-        examples = example_rollouts(getattr(src_meta, "rollouts", None), onset, trough_step, cfg)
+        examples = example_rollouts(getattr(src_meta, "rollouts", None), onset, trough_step, cfg,
+                                    getattr(src_meta, "dialect", None) or "chatml")
+    implicated, token_note = implicated_tokens(table, onset, end_step, moves, cfg, control_tokens)
     trough_value = float(values[drop.trough])
     return CollapseEpisode(
         signal=name, onset_step=onset, detected_step=int(steps[drop.detected]), trough_step=trough_step,
@@ -118,8 +122,8 @@ def _episode(drop: Drop, name: str, steps: np.ndarray, values: np.ndarray, signa
         relative_drop=(drop.peak - trough_value) / abs(drop.peak) if drop.peak != 0 else float("nan"),
         collapsed_share_at_trough=_collapsed_share(table, trough_step, onset, end_step),
         onset_changes=drop.changes, moves=moves,
-        implicated=implicated_tokens(table, onset, end_step, moves, cfg, control_tokens),
-        examples_before=examples[0], examples_after=examples[1],
+        implicated=implicated, token_note=token_note, examples_before=examples[0], examples_after=examples[1],
+        failure_modes=failure_modes(table, onset, trough_step, end_step, window=cfg.window),
     )
 
 

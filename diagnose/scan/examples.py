@@ -1,26 +1,29 @@
 """Representative rollouts of a collapse episode: on-policy rollouts of the last logged step
 before the onset and of the first logged step from the trough (`RolloutExample`). Before: the
 healthiest first (no collapsed turn, highest reward); at the trough: the most collapsed first
-(a collapsed turn, lowest reward); ties by sample id."""
+(a collapsed turn, lowest reward); ties by sample id. Each is shown as the turn that broke with
+the text before it (`diagnose.scan.excerpts`), no two alike."""
 
 from __future__ import annotations
 
 import polars as pl
 
 from diagnose.scan.detect import DetectConfig
+from diagnose.scan.excerpts import broken_turn_excerpt
 from diagnose.scan.result import RolloutExample
 from diagnose.source import on_policy
+from diagnose.transcripts import Dialect
 
 __all__ = ["example_rollouts"]
 
 _COLUMNS = ("step", "sample_id", "group_id", "reward", "turn_states", "completion")
 
 
-def example_rollouts(rollouts: pl.LazyFrame | None, before_lt: int, after_step: int,
-                     cfg: DetectConfig) -> tuple[list[RolloutExample], list[RolloutExample]]:
+def example_rollouts(rollouts: pl.LazyFrame | None, before_lt: int, after_step: int, cfg: DetectConfig,
+                     dialect: Dialect | str = Dialect.CHATML) -> tuple[list[RolloutExample], list[RolloutExample]]:
     """Up to ``n_examples`` rollouts of the last step before ``before_lt`` and of the first step
     at or after ``after_step`` (failing that, at or after ``before_lt``); their text cut to
-    ``excerpt_chars``."""
+    ``excerpt_chars`` around the first broken turn (turns split as ``dialect`` writes them)."""
     if rollouts is None or cfg.n_examples <= 0:
         return [], []
     schema = rollouts.collect_schema()
@@ -42,22 +45,39 @@ def example_rollouts(rollouts: pl.LazyFrame | None, before_lt: int, after_step: 
                  if "turn_states" in df.columns else pl.lit(False))
     reward = pl.col("reward").fill_nan(None) if "reward" in df.columns else pl.lit(None, pl.Float64)
     df = df.with_columns(collapsed.alias("_collapsed"), reward.alias("_reward"))
-    return _ranked(df, before, cfg, most_collapsed=False), _ranked(df, after, cfg, most_collapsed=True)
+    return (_ranked(df, before, cfg, dialect, most_collapsed=False),
+            _ranked(df, after, cfg, dialect, most_collapsed=True))
 
 
-def _ranked(df: pl.DataFrame, step: int | None, cfg: DetectConfig, most_collapsed: bool) -> list[RolloutExample]:
+def _ranked(df: pl.DataFrame, step: int | None, cfg: DetectConfig, dialect: Dialect | str,
+            most_collapsed: bool) -> list[RolloutExample]:
     """The step's rollouts, the healthiest (or the most collapsed) first, ties by sample id."""
     if step is None:
         return []
     order = df.filter(pl.col("step") == step).sort(["_collapsed", "_reward", "sample_id"], nulls_last=True,
                                                    descending=[most_collapsed, not most_collapsed, False])
-    return _examples(order, cfg)
+    return _examples(order, cfg, dialect)
 
 
-def _examples(frame: pl.DataFrame, cfg: DetectConfig) -> list[RolloutExample]:
-    out = []
-    for r in frame.head(cfg.n_examples).iter_rows(named=True):
+def _examples(frame: pl.DataFrame, cfg: DetectConfig, dialect: Dialect | str) -> list[RolloutExample]:
+    """Up to ``n_examples`` rollouts of ``frame`` in its order, each as the excerpt around its first
+    broken turn, no two alike (a group's members often sample the same turns): one per GRPO group
+    first, then from any group."""
+    cands = []
+    for r in frame.iter_rows(named=True):
         text = r.get("completion")
-        out.append(RolloutExample(int(r["step"]), int(r["sample_id"]), r.get("group_id"), r.get("reward"),
-                                  r.get("turn_states"), text[: cfg.excerpt_chars] if isinstance(text, str) else None))
+        ex = (broken_turn_excerpt(text, r.get("turn_states"), cfg.excerpt_chars, dialect=dialect)
+              if isinstance(text, str) else None)
+        cands.append(RolloutExample(int(r["step"]), int(r["sample_id"]), r.get("group_id"), r.get("reward"),
+                                    r.get("turn_states"), str(ex) if ex is not None else None,
+                                    ex.broken_turn if ex is not None else None))
+    out: list[RolloutExample] = []
+    for one_per_group in (True, False):
+        for ex in cands:
+            if len(out) >= cfg.n_examples:
+                return out
+            if any(o is ex or o.excerpt == ex.excerpt for o in out) or (
+                    one_per_group and any(o.group_id == ex.group_id for o in out)):
+                continue
+            out.append(ex)
     return out

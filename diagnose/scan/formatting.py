@@ -1,9 +1,10 @@
 """How a scan's numbers and tokens are written for people, the same in the terminal report
 (`diagnose.scan.report`), the HTML reports (`diagnose.scan.html`), the figures, the dashboard and
 the notebooks: numbers, probabilities and rises, control-token labels, the highlighted control
-strings of rollout excerpts, and the one-line verdict.
+strings of rollout excerpts, the one-line verdict and the lines under it.
 
     verdict_line(result)      # "COLLAPSE at step 34 (reward 0.61 -> 0.08, 87% turns ...)"
+    verdict_details(result, probe)  # ["what broke: ...", "first to move: ...", "control token: ...", "capability: ..."]
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ __all__ = [
     "fmt_pct",
     "fmt_prob",
     "fmt_rise",
+    "fmt_shift",
     "highlight_strings",
     "implicated_texts",
     "token_label",
+    "verdict_details",
     "verdict_line",
 ]
 
@@ -75,6 +78,17 @@ def fmt_rise(before: Any, after: Any) -> str:
     return f"×{ratio:.1f}" if ratio < 10 else f"×{ratio:,.0f}" if ratio < 1e6 else f"×{ratio:.1e}"
 
 
+SHIFT_SHOWN_MAX = 100.0
+
+
+def fmt_shift(score: Any) -> str:
+    """A move's shift in sigmas: ``5.4σ``; ``>100σ`` beyond 100 (a nearly constant baseline has a
+    floored, tiny sigma, so its shifts are huge numbers that mean "left a flat line")."""
+    if not _finite(score):
+        return "—"
+    return f">{SHIFT_SHOWN_MAX:.0f}σ" if score > SHIFT_SHOWN_MAX else f"{score:.1f}σ"
+
+
 def fmt_pct(v: Any) -> str:
     return f"{float(v):.0%}" if _finite(v) else "—"
 
@@ -112,6 +126,9 @@ def implicated_texts(result: ScanResult) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+MAX_FAILURES_IN_VERDICT = 2
+
+
 def _episode_summary(e: CollapseEpisode) -> str:
     parts = [f"{e.signal} {fmt_num(e.pre_level)} -> {fmt_num(e.trough_value)}"]
     if e.collapsed_share_at_trough is not None and _finite(e.collapsed_share_at_trough):
@@ -119,6 +136,46 @@ def _episode_summary(e: CollapseEpisode) -> str:
     if e.recovery_step is not None:
         parts.append(f"recovered at step {e.recovery_step}")
     return ", ".join(parts)
+
+
+def _move_text(m: Any) -> str:
+    word = "rose" if m.direction == "up" else "fell"
+    return f"{m.signal} {word} {fmt_num(m.before, 3)} -> {fmt_num(m.after, 3)} from step {m.step}"
+
+
+def verdict_details(result: ScanResult, probe: Any = None, capability_hint: str | None = None) -> list[str]:
+    """The lines under the verdict of a collapse (its first episode): what broke, what moved first,
+    which control token, and what the capability probe found (``probe``: a `ProbeReading`) or how
+    to find out (``capability_hint``). Empty for a run without an episode."""
+    from diagnose.scan.names import has_token_probabilities  # names imports this module
+
+    if not result.episodes:
+        return []
+    e = result.episodes[0]
+    lines = []
+    if e.failure_modes:
+        lines.append("what broke: " + "; ".join(f.text() for f in e.failure_modes[:MAX_FAILURES_IN_VERDICT]))
+    lead = e.leading
+    if lead:
+        lines.append(f"first to move: {_move_text(lead[0])}, {lead[0].lead} step(s) before the {e.signal} drop")
+    else:
+        lines.append(f"first to move: nothing moved before the {e.signal} drop (within "
+                     f"{result.config.lead_window} steps)")
+    if e.implicated:
+        t = e.implicated[0]
+        c = t.contexts[0]
+        when = (f"moved at step {c.step}" + (f", {c.lead} step(s) before the onset" if c.lead and c.lead > 0 else
+                                              " (not before the onset)")) if c.step is not None else "no change point"
+        lines.append(f"control token: p({token_label(t.token, t.text)} | {c.context}) {fmt_prob(c.before)} -> "
+                     f"{fmt_prob(c.after)} ({fmt_rise(c.before, c.after)}, "
+                     f"{'fixed probe' if c.source == 'probe' else 'rollout tokens'}; {when})")
+    elif has_token_probabilities(result.signals.columns):
+        lines.append("control token: none implicated" + (f": {e.token_note}" if e.token_note else ""))
+    if probe is not None:
+        lines.append(f"capability: {probe.headline()}")
+    elif capability_hint:
+        lines.append(f"capability: not probed yet: {capability_hint}")
+    return lines
 
 
 def verdict_line(result: ScanResult, capability_hint: str | None = None) -> str:

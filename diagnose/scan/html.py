@@ -30,21 +30,23 @@ import plotly.graph_objects as go
 
 from diagnose import __version__
 from diagnose.atomic import atomic_write_text
-from diagnose.figures import compare_figure, esc, scan_figures
+from diagnose.figures import capability_measures_figure, compare_figure, esc, scan_figures
 from diagnose.scan.result import CollapseEpisode, RolloutExample, ScanResult, issues_summary
 from diagnose.scan.formatting import (
     fmt_num,
     fmt_pct,
     fmt_prob,
     fmt_rise,
+    fmt_shift,
     highlight_strings,
     implicated_texts,
     run_info_text,
     token_label,
+    verdict_details,
     verdict_line,
 )
 from diagnose.scan.names import has_token_probabilities, table_presence
-from diagnose.scan.series import level, smoothed_peak
+from diagnose.scan.series import finite_series, level, smoothed_peak
 
 if TYPE_CHECKING:
     from diagnose.scan.compare import Comparison
@@ -67,7 +69,10 @@ th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-al
 th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 pre.rollout { background: #f7f7f7; border: 1px solid #e3e3e3; padding: 8px; white-space: pre-wrap;
               word-break: break-word; font-size: 0.85em; max-height: 320px; overflow: auto; }
-span.ctl { background: #f3d9f7; color: #6a1b7a; font-weight: bold; border-radius: 3px; padding: 0 2px; }
+span.ctl { background: #f3d9f7; color: #6a1b7a; font-weight: bold; border-radius: 3px; padding: 0 2px;
+           white-space: nowrap; }
+.verdict ul { margin: 6px 0 0 0; font-size: 0.85em; font-weight: normal; }
+.probe p { margin: 4px 0; }
 .issues li { color: #8a5a00; } .dim { color: #777; }
 """
 
@@ -91,7 +96,7 @@ def highlight(text: str | None, extra: Iterable[str] = ()) -> str:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers) if any(headers) else ""
     body = []
     for r in rows:
         cells = []
@@ -99,7 +104,8 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Seque
             cls = ' class="num"' if i in numeric else ""
             cells.append(f"<td{cls}>{c if isinstance(c, _Raw) else esc(c)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table>{thead}<tbody>{''.join(body)}</tbody></table>"
 
 
 class _Raw(str):
@@ -132,11 +138,13 @@ def _key_numbers(result: ScanResult) -> str:
                                                 if result.signals.height else "")),
         ("tables", ", ".join(k for k, ok in table_presence(result.signals.columns).items() if ok) or "none"),
         ("verdict", result.verdict),
-        (f"{name}: start / peak / end", f"{fmt_num(level(result.signals, name, 'start'))} / "
-                                        f"{fmt_num(smoothed_peak(result.signals, name))} / "
-                                        f"{fmt_num(level(result.signals, name, 'end'))}"),
-        ("collapsed turns: start / end", f"{fmt_pct(level(result.signals, 'turn_state/collapsed', 'start'))} / "
-                                         f"{fmt_pct(level(result.signals, 'turn_state/collapsed', 'end'))}"),
+        (f"{name}: first / highest / last value (raw)", _raw_span(result, name)),
+        (f"{name}: start / peak / end (medians of 5 steps: first 5, best 5 in a row, last 5)",
+         f"{fmt_num(level(result.signals, name, 'start'))} / {fmt_num(smoothed_peak(result.signals, name))} / "
+         f"{fmt_num(level(result.signals, name, 'end'))}"),
+        ("collapsed turns: start / end (medians of the first / last 5 steps)",
+         f"{fmt_pct(level(result.signals, 'turn_state/collapsed', 'start'))} / "
+         f"{fmt_pct(level(result.signals, 'turn_state/collapsed', 'end'))}"),
         ("episodes", str(len(result.episodes))), ("pathologies", str(len(result.pathologies))),
     ]
     for i, e in enumerate(result.episodes, start=1):
@@ -155,9 +163,40 @@ def _key_numbers(result: ScanResult) -> str:
     return _table(("", ""), rows)
 
 
+def _raw_span(result: ScanResult, name: str) -> str:
+    """The first, highest and last value of a signal as logged (with their steps)."""
+    s, v = finite_series(result.signals, name)
+    if v.size == 0:
+        return "—"
+    i = int(v.argmax())
+    return (f"{fmt_num(v[0])} (step {s[0]}) / {fmt_num(v[i])} (step {s[i]}) / "
+            f"{fmt_num(v[-1])} (step {s[-1]})")
+
+
+def _failures_html(e: CollapseEpisode) -> str:
+    if not e.failure_modes:
+        return '<p class="dim">No format error, turn state or call-match share grew by 5 points or more.</p>'
+    return _table(("what broke", "before the onset", "around the trough", "", "signal"),
+                  [(f.label, fmt_pct(f.before), fmt_pct(f.at_trough), f.unit, f.signal) for f in e.failure_modes],
+                  numeric=(1, 2))
+
+
+def _probe_html(probe: Any, fig_html: Any) -> str:
+    """The capability probe's results: per checkpoint in plain words, the claim, the figure."""
+    parts = ['<h2>Is the skill still there? (diagnose probe)</h2><div class="probe">']
+    parts += [f'<p class="dim">{esc(line)}</p>' for line in probe.measures]
+    for c in probe.checkpoints:
+        parts.append(f"<p><b>{esc(c.title())}</b>: {esc(c.words)}</p>")
+    parts.append(f"<p><b>the evidence supports:</b> {esc(probe.claim)}.</p></div>")
+    fig = capability_measures_figure(probe.results, probe.chance) if probe.results is not None else None
+    if fig is not None:
+        parts.append(fig_html(fig))
+    return "".join(parts)
+
+
 def _moves_html(e: CollapseEpisode) -> str:
     rows = [(i, m.signal, m.step, m.lead, m.direction, f"{fmt_num(m.before, 3)} -> {fmt_num(m.after, 3)}",
-             f"{fmt_num(m.score, 1)}σ", m.method, "yes" if m.concern else "no")
+             fmt_shift(m.score), m.method, "yes" if m.concern else "no")
             for i, m in enumerate(e.moves, start=1)]
     return _table(("#", "signal", "step", "lead", "direction", "before -> after", "shift", "detector", "concern"),
                   rows, numeric=(0, 2, 3, 6))
@@ -168,6 +207,8 @@ def _tokens_html(e: CollapseEpisode, result: ScanResult) -> str:
         if not has_token_probabilities(result.signals.columns):
             return ('<p class="dim">No token probabilities in this run (text-only format, or no tokens/ or probe/ '
                     'tables): control tokens cannot be implicated from probabilities; see the rollouts.</p>')
+        if e.token_note:
+            return f'<p class="dim">None implicated: {esc(e.token_note)}.</p>'
         return '<p class="dim">No control-token probability rose notably around the onset.</p>'
     rows = []
     for t in e.implicated:
@@ -194,6 +235,8 @@ def _examples_html(title: str, examples: Sequence[RolloutExample], extra: Iterab
         meta += f", reward {fmt_num(ex.reward)}"
         if ex.turn_states:
             meta += f", turns: {', '.join(ex.turn_states)}"
+        if ex.broken_turn is not None:
+            meta += f"; shown: turn {ex.broken_turn + 1}, the first that broke, and what came before it"
         parts.append(f'<p class="meta">{esc(meta)}</p><pre class="rollout">{highlight(ex.excerpt, extra)}</pre>')
     return "".join(parts)
 
@@ -222,16 +265,19 @@ def _notes_issues(result: ScanResult) -> str:
     return "".join(out)
 
 
-def scan_html(result: ScanResult, *, capability_hint: str | None = None) -> str:
-    """The HTML text of a scan report."""
+def scan_html(result: ScanResult, *, capability_hint: str | None = None, probe: Any = None) -> str:
+    """The HTML text of a scan report; ``probe``: the capability probe's reading
+    (`diagnose.capability.reading.ProbeReading`) when the run was probed."""
     fig_html = _FigureWriter()
     extra = implicated_texts(result)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = run_info_text(getattr(result, "run_info", {}) or {})
+    details = "".join(f"<li>{esc(d)}</li>" for d in verdict_details(result, probe, capability_hint))
     body = [f"<h1>diagnose scan: {esc(result.source_path or '?')}</h1>",
             f'<p class="meta">{esc(result.source_format or "?")} run{esc("; " + info) if info else ""}; report '
             f"generated {now} by collapse-diagnostics {esc(__version__)}</p>",
-            f'<div class="verdict v-{esc(result.verdict)}">{esc(verdict_line(result, capability_hint))}</div>',
+            f'<div class="verdict v-{esc(result.verdict)}">{esc(verdict_line(result))}'
+            + (f"<ul>{details}</ul>" if details else "") + "</div>",
             "<h2>Key numbers</h2>", _key_numbers(result)]
     figures = scan_figures(result)
     for title, fig in figures[:2]:
@@ -254,17 +300,22 @@ def scan_html(result: ScanResult, *, capability_hint: str | None = None) -> str:
             body.append(fig_html(f))
         body.append("<h3>Signals that moved (earliest first)</h3>")
         body.append(_moves_html(e) if e.moves else '<p class="dim">No other signal moved near the onset.</p>')
+        body.append("<h3>What broke (share before the onset -> around the trough)</h3>")
+        body.append(_failures_html(e))
         body.append("<h3>Control tokens implicated</h3>")
         body.append(_tokens_html(e, result))
         body.append(_examples_html("Rollouts before the onset", e.examples_before, extra))
         body.append(_examples_html("Rollouts at the trough", e.examples_after, extra))
+    if probe is not None:
+        body.append(_probe_html(probe, fig_html))
     body.append(_notes_issues(result))
     return _page(f"diagnose scan: {result.source_path or ''}", "".join(body))
 
 
-def write_scan_html(result: ScanResult, path: str | os.PathLike[str], *, capability_hint: str | None = None) -> Path:
+def write_scan_html(result: ScanResult, path: str | os.PathLike[str], *, capability_hint: str | None = None,
+                    probe: Any = None) -> Path:
     """Write the scan report to ``path`` atomically; returns the path."""
-    return atomic_write_text(path, scan_html(result, capability_hint=capability_hint))
+    return atomic_write_text(path, scan_html(result, capability_hint=capability_hint, probe=probe))
 
 
 # ---------------------------------------------------------------------------------------------

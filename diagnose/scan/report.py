@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console, Group
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -25,21 +26,24 @@ from diagnose.scan.formatting import (
     fmt_pct,
     fmt_prob,
     fmt_rise,
+    fmt_shift,
     implicated_texts,
     run_info_text,
     token_label,
+    verdict_details,
     verdict_line,
 )
 from diagnose.scan.names import has_token_probabilities, table_presence
 from diagnose.scan.result import CollapseEpisode, ImplicatedToken, RolloutExample, ScanResult, issues_summary
 
-__all__ = ["excerpt_text", "header_text", "render_scan"]
+__all__ = ["excerpt_lines", "excerpt_text", "header_text", "probe_block", "render_scan"]
 
 MAX_MOVES = 15  # rows of the "what moved" table in the terminal
 MAX_TOKENS = 5
 MAX_CONTEXTS = 4
 MAX_EXAMPLES = 2
 EXCERPT_CHARS = 240
+MAX_EXCERPT_LINES = 12  # lines of a rollout excerpt in the terminal
 MAX_ISSUES = 20
 
 _STYLE = {"collapse": "bold red", "pathology": "bold yellow", "healthy": "bold green", "insufficient_data": "bold blue"}
@@ -78,17 +82,19 @@ def _plain(out: Text, s: str) -> None:
 
 
 def _moves_table(e: CollapseEpisode, limit: int = MAX_MOVES) -> Table:
-    t = Table(title="signals that moved (earliest first; lead = steps before the onset)", title_justify="left",
-              show_edge=False, pad_edge=False)
-    for col, kw in (("#", {"justify": "right"}), ("signal", {"overflow": "fold", "min_width": 24}), ("step", {"justify": "right"}),
-                    ("lead", {"justify": "right"}), ("move", {}), ("before -> after", {}),
-                    ("shift", {"justify": "right"}), ("", {})):
+    """Signal names are identifiers: never wrapped inside (``no_wrap``); the other columns are
+    compact (``16 +6``, ``↓! 0.999→0.897``) so that the table fits 80 columns."""
+    t = Table(title="signals that moved (earliest first; step and lead: +6 = 6 steps before the onset; ! = in the "
+                    "direction of concern)", title_justify="left", show_edge=False, pad_edge=False)
+    for col, kw in (("signal", {"no_wrap": True}), ("step", {"justify": "right", "no_wrap": True}),
+                    ("move", {"no_wrap": True}), ("shift", {"justify": "right", "no_wrap": True})):
         t.add_column(col, **kw)
-    for i, m in enumerate(e.moves[:limit], start=1):
-        arrow = "↑ up" if m.direction == "up" else "↓ down"
-        lead = Text(f"{m.lead:+d}", style="bold" if m.lead > 0 else "")
-        t.add_row(str(i), Text(m.signal), str(m.step), lead, arrow, f"{fmt_num(m.before, 3)} -> {fmt_num(m.after, 3)}",
-                  f"{fmt_num(m.score, 1)}σ", Text("concern" if m.concern else "", style="yellow"))
+    for m in e.moves[:limit]:
+        when = Text(f"{m.step} {m.lead:+d}", style="bold" if m.lead > 0 else "")
+        move = Text(("↑" if m.direction == "up" else "↓") + ("!" if m.concern else " "),
+                    style="yellow" if m.concern else "")
+        move.append(f" {fmt_num(m.before, 3)}→{fmt_num(m.after, 3)}")
+        t.add_row(Text(m.signal), when, move, fmt_shift(m.score))
     return t
 
 
@@ -115,6 +121,8 @@ def _tokens_block(e: CollapseEpisode, result: ScanResult) -> list[Any]:
             out.append(Text("  none measurable: this run has no token probabilities (text-only format, or no "
                             "tokens/ or probe/ tables); control tokens can only be seen in the rollouts below",
                             style="dim"))
+        elif e.token_note:
+            out.append(Text(f"  none: {e.token_note}", style="dim"))
         else:
             out.append(Text("  none: no control-token probability rose "
                             f"≥{result.config.implicate_min_ratio:g}× around the onset", style="dim"))
@@ -133,7 +141,32 @@ def _tokens_block(e: CollapseEpisode, result: ScanResult) -> list[Any]:
                             f"{fmt_num(tok.attribution_after, 4)}", style="dim"))
     if len(e.implicated) > MAX_TOKENS:
         out.append(Text(f"  ... {len(e.implicated) - MAX_TOKENS} more token(s) (see --json)", style="dim"))
+    if e.token_note:  # series that could not be judged
+        out.append(Text(f"  ({e.token_note})", style="dim"))
     return out
+
+
+def _failures_block(e: CollapseEpisode) -> list[Any]:
+    out: list[Any] = [Text("what broke (share before the onset -> around the trough)", style="bold")]
+    if not e.failure_modes:
+        out.append(Text("  no format error, turn state or call-match share grew by 5 points or more", style="dim"))
+    for f in e.failure_modes:
+        line = Text(f"  {f.label} ")
+        line.append(f"{f.before:.0%} -> {f.at_trough:.0%}", style="bold")
+        line.append(f" {f.unit}  ({f.signal})", style="dim")
+        out.append(line)
+    return out
+
+
+def excerpt_lines(text: str | None, pattern: re.Pattern[str]) -> list[Text]:
+    """A rollout excerpt as it reads: one line per line of the text (so lines wrap between words,
+    never inside a control string), control strings highlighted."""
+    if text is None:
+        return [Text("(no text)", style="dim")]
+    lines = text.rstrip("\n").split("\n")
+    if len(lines) > MAX_EXCERPT_LINES:  # the end holds the broken turn: keep it
+        lines = ["…"] + lines[-MAX_EXCERPT_LINES:]
+    return [excerpt_text(line, pattern, limit=len(line)) for line in lines]
 
 
 def _examples_block(title: str, examples: Sequence[RolloutExample], pattern: re.Pattern[str]) -> list[Any]:
@@ -148,10 +181,23 @@ def _examples_block(title: str, examples: Sequence[RolloutExample], pattern: re.
         head.append(f"  reward {fmt_num(ex.reward)}")
         if ex.turn_states:
             head.append(f"  turns: {', '.join(ex.turn_states)}", style="dim")
+        if ex.broken_turn is not None and ex.turn_states and ex.broken_turn < len(ex.turn_states):
+            head.append(f"  (shown: the turn that broke, turn {ex.broken_turn + 1}, and what came before it)",
+                        style="dim")
         out.append(head)
-        body = Text("    ")
-        body.append_text(excerpt_text(ex.excerpt, pattern))
-        out.append(body)
+        out.extend(Padding(line, (0, 0, 0, 4), expand=False) for line in excerpt_lines(ex.excerpt, pattern))
+    return out
+
+
+def probe_block(probe: Any) -> list[Any]:
+    """The capability probe's results in plain words (a `diagnose.capability.reading.ProbeReading`)."""
+    out: list[Any] = [Text("is the skill still there? (diagnose probe)", style="bold")]
+    for line in probe.measures:
+        out.append(Padding(Text(line, style="dim"), (0, 0, 0, 2), expand=False))
+    for c in probe.checkpoints:
+        out.append(Padding(Text.assemble((c.title(), "bold"), ": ", c.words), (0, 0, 0, 2),
+                           expand=False))
+    out.append(Padding(Text.assemble(("the evidence supports: ", "bold"), probe.claim), (0, 0, 0, 2), expand=False))
     return out
 
 
@@ -196,15 +242,18 @@ def header_text(result: ScanResult) -> Text:
 
 
 def render_scan(result: ScanResult, console: Console, *, capability_hint: str | None = None,
-                show_cache: bool = True) -> None:
+                show_cache: bool = True, probe: Any = None) -> None:
     """Print the scan report: verdict line first, then per episode the timeline, what moved
-    (with lead times), implicated control tokens, rollouts before/after; pathologies, notes
+    (with lead times), what broke, implicated control tokens, rollouts before/after; the
+    capability probe's results when ``probe`` (a `ProbeReading`) is given; pathologies, notes
     and issues last."""
     console.print(header_text(result), soft_wrap=True)
     cache = getattr(result, "cache", None)
     if show_cache and cache is not None:
         console.print(Text(f"cache: {cache.describe()}", style="dim"), soft_wrap=True)
-    console.print(Text(verdict_line(result, capability_hint), style=_STYLE.get(result.verdict, "bold")), soft_wrap=True)
+    console.print(Text(verdict_line(result), style=_STYLE.get(result.verdict, "bold")), soft_wrap=True)
+    for line in verdict_details(result, probe, capability_hint):
+        console.print(Padding(Text(line), (0, 0, 0, 2), expand=False))
     pattern = control_pattern(implicated_texts(result))
     for i, e in enumerate(result.episodes, start=1):
         console.print()
@@ -221,9 +270,13 @@ def render_scan(result: ScanResult, console: Console, *, capability_hint: str | 
                 console.print(Text(f"... {len(e.moves) - MAX_MOVES} more moved signal(s) (see --json)", style="dim"))
         else:
             console.print(Text("no other signal moved within the lead/lag window", style="dim"))
+        console.print(Group(*_failures_block(e)))
         console.print(Group(*_tokens_block(e, result)))
         console.print(Group(*_examples_block("rollouts before the onset", e.examples_before, pattern)))
         console.print(Group(*_examples_block("rollouts at the trough", e.examples_after, pattern)))
+    if probe is not None:
+        console.print()
+        console.print(Group(*probe_block(probe)))
     if result.pathologies:
         console.print()
         console.print(_pathology_table(result))

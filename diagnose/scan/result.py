@@ -36,6 +36,7 @@ __all__ = [
     "CacheInfo",
     "CollapseEpisode",
     "ContextRise",
+    "FailureMode",
     "ImplicatedToken",
     "Pathology",
     "RolloutExample",
@@ -235,12 +236,37 @@ class ImplicatedToken(_Record):
 
 @dataclass
 class RolloutExample(_Record):
+    """A rollout shown as an example: ``excerpt`` is its first broken turn with the text before it
+    (``diagnose.scan.excerpts``), or its beginning when no turn broke; ``broken_turn`` the index
+    of that assistant turn (None: none broke)."""
+
     step: int
     sample_id: int
     group_id: int | None
     reward: float | None
     turn_states: list[str] | None
     excerpt: str | None
+    broken_turn: int | None = None
+
+
+@dataclass
+class FailureMode(_Record):
+    """One kind of failure that grew in a collapse episode (``diagnose.scan.failures``): its
+    signal, what it means, and its share before the onset and around the trough."""
+
+    signal: str  # e.g. "format_error/invalid_json", "turn_state/collapsed", "calls_right" (its complement)
+    label: str  # e.g. "a call body that is not JSON"
+    unit: str  # "of turns" | "of calls"
+    before: float
+    at_trough: float
+
+    @property
+    def rise(self) -> float:
+        return self.at_trough - self.before
+
+    def text(self) -> str:
+        """``a call body that is not JSON 4% -> 20% of turns``."""
+        return f"{self.label} {self.before:.0%} -> {self.at_trough:.0%} {self.unit}"
 
 
 @dataclass
@@ -263,6 +289,8 @@ class CollapseEpisode(_Record):
     implicated: list[ImplicatedToken] = field(default_factory=list)
     examples_before: list[RolloutExample] = field(default_factory=list)
     examples_after: list[RolloutExample] = field(default_factory=list)
+    failure_modes: list[FailureMode] = field(default_factory=list)  # what broke, largest rise first
+    token_note: str | None = None  # why no control token is implicated, or which series could not be judged
 
     @property
     def recovered(self) -> bool:
