@@ -21,7 +21,9 @@ __all__ = ["Display", "alert_lines", "status_text"]
 
 
 def _moving(moving: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{m['signal']} {'↑' if m['z'] > 0 else '↓'}{abs(m['z']):.1f}σ" for m in moving)
+    """``name ↑5.2σ``; beyond 99 sigmas (a flat baseline) ``>99σ``."""
+    return ", ".join(f"{m['signal']} {'↑' if m['z'] > 0 else '↓'}"
+                     f"{'>99' if abs(m['z']) > 99 else format(abs(m['z']), '.1f')}σ" for m in moving)
 
 
 def status_text(run: str, step: dict[str, Any] | None, note: str | None = None) -> str:
