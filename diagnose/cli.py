@@ -379,6 +379,8 @@ def watch(
     json_events: Path = typer.Option(None, "--json-events", help="Append one JSON line per event (started, step, "
                                      "episode, recovered, restarted, issue, stopped) to this file.", dir_okay=False,
                                      show_default=False),
+    max_cpu: float = typer.Option(0.02, "--max-cpu", min=0, help="Share of one core the re-scans may use: a "
+                                  "re-scan waits until the last one's CPU time fits (0: re-scan at every change)."),
     format: RunFormat = typer.Option(RunFormat.auto, "--format", "-f", help="Run layout; auto-detected by default.",
                                      case_sensitive=False),
     metrics: Path = typer.Option(None, "--metrics", help=METRICS_HELP, dir_okay=False, show_default=False),
@@ -395,7 +397,7 @@ def watch(
 
     target = WatchTarget(run, None if format == RunFormat.auto else format.value, metrics, run_name, tokenizer)
     cfg = WatchConfig(interval=interval, on_collapse=on_collapse, exit_on_collapse=exit_on_collapse,
-                      json_events=json_events)
+                      json_events=json_events, max_cpu=max_cpu)
     with command_errors(f"watching {run}", err_console, command="diagnose watch"):
         try:
             code = run_watch(target, cfg, Display(console, str(run)))

@@ -240,3 +240,20 @@ def test_mid_write_deferral_is_bounded(tmp_path: Path, verl_src: Path, monkeypat
     watcher = Watcher(WatchTarget(tmp_path / "run"))
     assert watcher.poll() == [] and watcher.poll() == []
     assert [e.kind for e in watcher.poll()] == ["step"]
+
+
+def test_cpu_budget_spaces_rescans_out(tmp_path: Path, collapsed_run: Path) -> None:
+    """With ``max_cpu``, a change waits until the last re-scan's CPU time fits the budget; the
+    first scan (building the cache) is not counted."""
+    w = LiveWriter(collapsed_run, tmp_path / "run", "native", pause=0)
+    w.start()
+    for s in range(5):
+        w.write_step(s)
+    watcher = Watcher(WatchTarget(tmp_path / "run"), max_cpu=1e-6)
+    assert watcher.poll()[0].data["step"] == 4
+    w.write_step(5)
+    assert watcher.poll()[0].data["step"] == 5  # the first re-scan: not held back by the first scan
+    w.write_step(6)
+    assert watcher.poll() == [] and watcher.scans == 2  # held back: ~days at 1e-6 of a core
+    watcher.next_scan = 0.0
+    assert watcher.poll()[0].data["step"] == 6

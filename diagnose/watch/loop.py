@@ -39,6 +39,7 @@ class WatchConfig:
     settle: float = 30.0
     hook_timeout: float = 600.0
     max_polls: int | None = None
+    max_cpu: float = 0.02
 
 
 def _act(ev: Event, cfg: WatchConfig, target: WatchTarget, display: Display) -> None:
@@ -60,7 +61,7 @@ def run_watch(target: WatchTarget, cfg: WatchConfig, display: Display, stop: thr
     ``exit_on_collapse`` ended it). Ctrl-C and SIGTERM (main thread) end it cleanly with a
     ``stopped`` event."""
     stop = stop or threading.Event()
-    watcher = Watcher(target, settle=cfg.settle)
+    watcher = Watcher(target, settle=cfg.settle, max_cpu=cfg.max_cpu)
     log = EventLog(cfg.json_events)
     code, reason = EXIT_OK, "stopped"
     restore = _on_sigterm(stop)
@@ -104,6 +105,9 @@ def _note(w: Watcher) -> str | None:
         return f"waiting: {w.waiting}"
     if w.error:
         return f"retrying ({w.error[:120]})"
+    wait = w.next_scan - time.monotonic()
+    if wait > 1 and w.tree is not None:
+        return f"next re-scan in {wait:.0f}s at most (--max-cpu)"
     return None
 
 

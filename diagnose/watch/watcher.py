@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from diagnose.scan import cache
 from diagnose.scan.detect import DetectConfig, robust_zscores
@@ -89,12 +90,12 @@ def moving_signals(result: RunScanResult, cfg: DetectConfig, n: int = MAX_MOVING
     sig = result.signals
     if sig.height < cfg.min_periods + 1:
         return []
-    tail = sig.tail(cfg.window + 1)
+    names = [c for c, t in sig.schema.items() if c != "step" and t.is_numeric() and not is_bookkeeping(c)
+             and not is_context_count(c)]
+    tail = sig.tail(cfg.window + 1).select(names).cast(pl.Float64).to_numpy()  # one conversion, all columns
     out = []
-    for name in tail.columns:
-        if name == "step" or is_bookkeeping(name) or is_context_count(name) or not tail[name].dtype.is_numeric():
-            continue
-        v = tail[name].cast(float).to_numpy()
+    for j, name in enumerate(names):
+        v = tail[:, j]
         if not np.isfinite(v[-1]) or np.isfinite(v).sum() < cfg.min_periods + 1:
             continue
         z = float(robust_zscores(v, cfg)[-1])
@@ -120,11 +121,15 @@ def _same_episode(a: CollapseEpisode, b: CollapseEpisode, cfg: DetectConfig) -> 
 class Watcher:
     """Follows one run; `poll` returns what changed since the last poll (see the module
     docstring). ``settle``: seconds a file must stay unchanged before an issue in it is
-    reported (shorter-lived ones are files being written)."""
+    reported (shorter-lived ones are files being written). ``max_cpu``: a share of one core;
+    after a scan that took ``c`` CPU seconds, changes wait ``c / max_cpu`` seconds before the
+    next (idle polls go on: a stat walk); None or 0: scan at every change."""
 
-    def __init__(self, target: WatchTarget, settle: float = 30.0) -> None:
+    def __init__(self, target: WatchTarget, settle: float = 30.0, max_cpu: float | None = None) -> None:
         self.target = target
         self.settle = settle
+        self.max_cpu = max_cpu or None
+        self.next_scan = 0.0  # monotonic time before which a change waits (the CPU budget)
         self.root = cache.run_root(cache.abs_path(target.path))
         self.extra: list[str] = [str(cache.abs_path(target.metrics))] if target.metrics is not None else []
         self.tree: dict[str, list[int]] | None = None  # the walk of the last scan shown
@@ -144,9 +149,13 @@ class Watcher:
     def poll(self) -> list[Event]:
         """Walk the run; re-scan it if anything changed; return the events."""
         tree = cache.run_tree(self.root, self.extra)
-        if tree is not None and tree == self.tree and not self.retry:
+        if (tree is not None and tree == self.tree and not self.retry) or time.monotonic() < self.next_scan:
             return self._settled_issues()
+        cpu = time.process_time()
         result = self._scan()
+        if self.max_cpu is not None and self.scans:  # the next scan waits until this one's CPU fits the
+            # budget (not after the first: building the cache is paid once)
+            self.next_scan = time.monotonic() + (time.process_time() - cpu) / self.max_cpu
         if result is None:  # waiting: rescan when the folder changes; an error: retry
             self.retry = self.waiting is None
             if self.waiting:
