@@ -23,7 +23,7 @@ from _live_writers import LiveWriter
 from diagnose.cli import app
 from diagnose.watch import Watcher, WatchTarget
 from diagnose.watch import watcher as watcher_mod
-from diagnose.watch.display import Display, alert_lines, status_text
+from diagnose.watch.display import Display, alert_lines, hook_line, status_text
 from diagnose.watch.watcher import Event
 
 pytestmark = pytest.mark.usefixtures("diagnose_home")
@@ -162,8 +162,9 @@ def test_display_escapes_and_shows_the_alert() -> None:
           "pre_level": 0.8, "trough_value": 0.1, "first_mover": "ctx/after_call_open/im_end", "first_mover_lead": 2,
           "leading": [{"signal": "ctx/after_call_open/im_end", "lead": 2, "direction": "up"}],
           "implicated": [{"token": "im_end", "text": "<|im_end|>", "context": "after_call_open", "score": 2.0}],
-          "report": "/r/episode-onset-14.json", "hook": {"cmd": "kill 1", "returncode": 0}}
+          "report": "/r/episode-onset-14.json"}
     d.show(Event("episode", ep))
+    d.line(hook_line({"cmd": "kill 1", "returncode": 0}))
     text = out.getvalue()
     assert "ctrl/[bold]x[/bold]/p ↑>99σ" in text and "step 7 (8 steps)" in text
     assert alert_lines(Event("episode", ep))[0] in text

@@ -17,7 +17,7 @@ from rich.text import Text
 from diagnose.scan.formatting import fmt_num, token_label
 from diagnose.watch.watcher import Event
 
-__all__ = ["Display", "alert_lines", "status_text"]
+__all__ = ["Display", "alert_lines", "hook_line", "status_text"]
 
 
 def _moving(moving: list[dict[str, Any]]) -> str:
@@ -59,11 +59,13 @@ def alert_lines(ev: Event) -> list[str]:
             f"{token_label(t['token'], t['text'])} at {t['context']}" for t in d["implicated"][:5]))
     if d.get("report"):
         lines.append(f"  report: {d['report']}")
-    hook = d.get("hook")
-    if hook:
-        rc = hook["returncode"]
-        lines.append(f"  ran: {hook['cmd']} (exit {rc}{', ' + hook['error'] if hook.get('error') else ''})")
     return lines
+
+
+def hook_line(hook: dict[str, Any]) -> str:
+    """What the ``--on-collapse`` command did (printed after it ran)."""
+    err = f", {hook['error']}" if hook.get("error") else ""
+    return f"  ran: {hook['cmd']} (exit {hook['returncode']}{err})"
 
 
 class Display:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diagnose.watch.actions import EventLog, hook_env, report_dir, run_hook, write_report
-from diagnose.watch.display import Display
+from diagnose.watch.display import Display, hook_line
 from diagnose.watch.watcher import Event, Watcher, WatchTarget
 
 __all__ = ["EXIT_COLLAPSE", "EXIT_OK", "WatchConfig", "run_watch"]
@@ -42,8 +42,8 @@ class WatchConfig:
     max_cpu: float = 0.02
 
 
-def _act(ev: Event, cfg: WatchConfig, target: WatchTarget, display: Display) -> None:
-    """An episode: its report, then the hook (with the report's path)."""
+def _report(ev: Event, cfg: WatchConfig, target: WatchTarget, display: Display) -> Path | None:
+    """An episode's JSON report (outside the run), its path also in the event."""
     folder = cfg.reports or report_dir(target.path, target.run)
     report = None
     try:
@@ -51,9 +51,14 @@ def _act(ev: Event, cfg: WatchConfig, target: WatchTarget, display: Display) -> 
     except OSError as e:
         display.line(f"cannot write the report to {folder}: {e.strerror or e}", style="yellow")
     ev.data["report"] = str(report) if report is not None else None
-    if cfg.on_collapse:
-        with display.paused():
-            ev.data["hook"] = run_hook(cfg.on_collapse, hook_env(ev, report), cfg.hook_timeout)
+    return report
+
+
+def _hook(ev: Event, report: Path | None, cfg: WatchConfig, display: Display) -> None:
+    """The user's command, after the alert is on screen; its exit code in the event."""
+    with display.paused():
+        ev.data["hook"] = hook = run_hook(cfg.on_collapse, hook_env(ev, report), cfg.hook_timeout)
+    display.line(hook_line(hook), style=None if hook["returncode"] == 0 else "yellow")
 
 
 def run_watch(target: WatchTarget, cfg: WatchConfig, display: Display, stop: threading.Event | None = None) -> int:
@@ -74,10 +79,12 @@ def run_watch(target: WatchTarget, cfg: WatchConfig, display: Display, stop: thr
                 events = watcher.poll()
                 polls += 1
                 for ev in events:
-                    if ev.kind == "episode":
-                        _act(ev, cfg, target, display)
+                    report = _report(ev, cfg, target, display) if ev.kind == "episode" else None
                     if ev.kind != "waiting":
                         display.show(ev)
+                    if ev.kind == "episode" and cfg.on_collapse:
+                        _hook(ev, report, cfg, display)
+                    if ev.kind != "waiting":
                         log.write(ev)
                     if ev.kind == "episode" and cfg.exit_on_collapse:
                         code, reason = EXIT_COLLAPSE, "collapse"

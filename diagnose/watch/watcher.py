@@ -106,10 +106,11 @@ def moving_signals(result: RunScanResult, cfg: DetectConfig, n: int = MAX_MOVING
 
 
 def first_mover(e: CollapseEpisode) -> tuple[str, int]:
-    """The signal that moved first around the episode's onset and its lead (steps before the
-    onset); the primary signal itself (lead 0) when nothing moved before it."""
-    moves = sorted(e.moves, key=lambda m: (-m.lead, m.signal))
-    return (moves[0].signal, moves[0].lead) if moves and moves[0].lead > 0 else (e.signal, 0)
+    """The signal that moved first before the episode's onset (the scan's `leading` order:
+    earliest first) and its lead in steps; the primary signal itself (lead 0) when nothing moved
+    before it."""
+    lead = e.leading
+    return (lead[0].signal, lead[0].lead) if lead else (e.signal, 0)
 
 
 def _same_episode(a: CollapseEpisode, b: CollapseEpisode, cfg: DetectConfig) -> bool:
