@@ -74,10 +74,10 @@ def _seen(events: Path, step: int, alive=lambda: True, timeout: float = 20.0) ->
 class LiveRun:
     """A watch thread over a run that a `LiveWriter` grows."""
 
-    def __init__(self, tmp: Path, style: str, **cfg) -> None:
+    def __init__(self, tmp: Path, style: str, rename: bool = False, **cfg) -> None:
         _source(style, tmp / "src")
         self.run = tmp / "run"
-        self.writer = LiveWriter(tmp / "src", self.run, style, pause=0.05)
+        self.writer = LiveWriter(tmp / "src", self.run, style, pause=0.05, rename=rename)
         self.events, self.hook_out = tmp / "events.jsonl", tmp / "hook.jsonl"
         self.reports = tmp / "reports"
         hook = f"{shlex.quote(sys.executable)} -c {shlex.quote(HOOK)} {shlex.quote(str(self.hook_out))}"
@@ -141,9 +141,12 @@ def _check_alert(live: LiveRun, events: list[dict]) -> dict:
     return ep
 
 
-@pytest.mark.parametrize("style", ["trl", "verl", "native"])
-def test_watch_alerts_within_two_steps_of_the_onset(tmp_path: Path, style: str) -> None:
-    live = LiveRun(tmp_path, style)
+@pytest.mark.parametrize("style, rename", [("trl", False), ("trl", True), ("verl", False), ("native", True)],
+                         ids=["trl-in-place", "trl-renamed", "verl", "native"])
+def test_watch_alerts_within_two_steps_of_the_onset(tmp_path: Path, style: str, rename: bool) -> None:
+    """TRL's Parquet written in place (pandas ``to_parquet``, half a file visible) or renamed
+    into place; verl's dumps and metrics lines written in two halves; ours renamed + appended."""
+    live = LiveRun(tmp_path, style, rename)
     live.writer.start()
     live.thread.start()
     live.write(live.writer.steps)
