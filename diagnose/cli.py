@@ -394,6 +394,7 @@ def watch(
     from diagnose.rundir.schema import RunFormatError
     from diagnose.watch import WatchConfig, WatchTarget, run_watch
     from diagnose.watch.display import Display
+    from diagnose.watch.loop import WatchSetupError
 
     target = WatchTarget(run, None if format == RunFormat.auto else format.value, metrics, run_name, tokenizer)
     cfg = WatchConfig(interval=interval, on_collapse=on_collapse, exit_on_collapse=exit_on_collapse,
@@ -401,7 +402,7 @@ def watch(
     with command_errors(f"watching {run}", err_console, command="diagnose watch"):
         try:
             code = run_watch(target, cfg, Display(console, str(run)))
-        except (AmbiguousRun, RunFormatError) as e:
+        except (AmbiguousRun, RunFormatError, WatchSetupError) as e:
             err_console.print(f"[red]error:[/] {_esc(e)}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USAGE) from None
     raise typer.Exit(code)

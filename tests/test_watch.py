@@ -258,3 +258,33 @@ def test_cpu_budget_spaces_rescans_out(tmp_path: Path, collapsed_run: Path) -> N
     assert watcher.poll() == [] and watcher.scans == 2  # held back: ~days at 1e-6 of a core
     watcher.next_scan = 0.0
     assert watcher.poll()[0].data["step"] == 6
+
+
+def test_event_log_inside_the_run_is_refused(tmp_path: Path, collapsed_run: Path) -> None:
+    r = CliRunner().invoke(app, ["watch", str(collapsed_run), "--json-events", str(collapsed_run / "events.jsonl")])
+    assert r.exit_code == 2 and "inside the run" in r.output
+    assert not (collapsed_run / "events.jsonl").exists()
+
+
+def test_a_failing_scan_is_said_once_and_retried(tmp_path: Path, collapsed_run: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import diagnose.scan.run as scan_mod
+
+    real, fails = scan_mod.scan_run, [2]
+
+    def flaky(*a, **k):
+        if fails[0]:
+            fails[0] -= 1
+            raise OSError("a file vanished under the reader")
+        return real(*a, **k)
+
+    monkeypatch.setattr(scan_mod, "scan_run", flaky)
+    w = LiveWriter(collapsed_run, tmp_path / "run", "native", pause=0)
+    w.start()
+    for s in range(3):
+        w.write_step(s)
+    watcher = Watcher(WatchTarget(tmp_path / "run"))
+    first = watcher.poll()
+    assert [e.kind for e in first] == ["error"] and "vanished" in first[0].data["error"]
+    assert watcher.poll() == []  # the same failure again: retried, not said again
+    assert [e.kind for e in watcher.poll()] == ["step"]  # nothing changed on disk, yet retried

@@ -122,6 +122,10 @@ class Display:
             self.line(f"restarted: the run went back from step {ev.data['previous_step']} to {ev.data['step']}"
                       + (f" ({', '.join(ev.data['shrunk_files'])} shrank)" if ev.data["shrunk_files"] else "")
                       + "; re-read", style="yellow")
+        elif ev.kind == "waiting":
+            self.line(f"waiting: {ev.data['reason']}", style="dim")
+        elif ev.kind == "error":
+            self.line(f"scan failed, retrying: {ev.data['error']}", style="yellow")
         elif ev.kind == "issue":
             where = f"{ev.data['path']}:{ev.data['line']}" if ev.data["line"] else ev.data["path"]
             self.line(f"skipped {where}: {ev.data['message']}", style="yellow")

@@ -14,9 +14,13 @@ from diagnose.watch.actions import EventLog, hook_env, report_dir, run_hook, wri
 from diagnose.watch.display import Display, hook_line
 from diagnose.watch.watcher import Event, Watcher, WatchTarget
 
-__all__ = ["EXIT_COLLAPSE", "EXIT_OK", "WatchConfig", "run_watch"]
+__all__ = ["EXIT_COLLAPSE", "EXIT_OK", "WatchConfig", "WatchSetupError", "run_watch"]
 
 EXIT_OK, EXIT_COLLAPSE = 0, 1
+
+
+class WatchSetupError(ValueError):
+    """The watch cannot start as asked (e.g. its event log inside the run)."""
 
 
 @dataclass
@@ -66,6 +70,7 @@ def run_watch(target: WatchTarget, cfg: WatchConfig, display: Display, stop: thr
     ``exit_on_collapse`` ended it). Ctrl-C and SIGTERM (main thread) end it cleanly with a
     ``stopped`` event."""
     stop = stop or threading.Event()
+    _outside_run(target, cfg)
     watcher = Watcher(target, settle=cfg.settle, max_cpu=cfg.max_cpu)
     log = EventLog(cfg.json_events)
     code, reason = EXIT_OK, "stopped"
@@ -80,12 +85,10 @@ def run_watch(target: WatchTarget, cfg: WatchConfig, display: Display, stop: thr
                 polls += 1
                 for ev in events:
                     report = _report(ev, cfg, target, display) if ev.kind == "episode" else None
-                    if ev.kind != "waiting":
-                        display.show(ev)
+                    display.show(ev)
                     if ev.kind == "episode" and cfg.on_collapse:
                         _hook(ev, report, cfg, display)
-                    if ev.kind != "waiting":
-                        log.write(ev)
+                    log.write(ev)
                     if ev.kind == "episode" and cfg.exit_on_collapse:
                         code, reason = EXIT_COLLAPSE, "collapse"
                         stop.set()
@@ -105,6 +108,18 @@ def run_watch(target: WatchTarget, cfg: WatchConfig, display: Display, stop: thr
                                     "step": watcher.last_step, "episodes": len(watcher.known)}))
         log.close()
     return code
+
+
+def _outside_run(target: WatchTarget, cfg: WatchConfig) -> None:
+    """The event log and the reports must not be written in the run: the watch would see its
+    own writes as the run changing (and an adapter might read them)."""
+    from diagnose.scan import cache
+
+    root = cache.run_root(cache.abs_path(target.path))
+    for what, p in (("--json-events", cfg.json_events), ("the reports folder", cfg.reports)):
+        if p is not None and root.is_dir() and cache.abs_path(p).is_relative_to(root):
+            raise WatchSetupError(f"{what} {p} is inside the run {target.path}: write it elsewhere (the watch writes "
+                             "nothing in the run but the scan cache)")
 
 
 def _note(w: Watcher) -> str | None:

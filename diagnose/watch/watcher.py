@@ -73,7 +73,9 @@ class WatchTarget:
 @dataclass
 class Event:
     """One thing the watch saw: ``kind`` in ``started``, ``step``, ``episode``, ``recovered``,
-    ``restarted``, ``issue``, ``waiting``, ``stopped``; ``data``: its JSON fields."""
+    ``restarted``, ``issue``, ``waiting`` (the run is not there yet), ``error`` (a scan failed: retried
+    at the next poll), ``stopped``; ``data``: its JSON fields. ``waiting`` and ``error`` are
+    raised once per new reason."""
 
     kind: str
     data: dict[str, Any]
@@ -153,15 +155,18 @@ class Watcher:
         if (tree is not None and tree == self.tree and not self.retry) or time.monotonic() < self.next_scan:
             return self._settled_issues()
         cpu = time.process_time()
+        before = (self.waiting, self.error)
         result = self._scan()
-        if self.max_cpu is not None and self.scans:  # the next scan waits until this one's CPU fits the
-            # budget (not after the first: building the cache is paid once)
+        if self.max_cpu is not None and (self.scans or self.error):  # the next scan waits until this one's
+            # CPU fits the budget (not after the first: building the cache is paid once)
             self.next_scan = time.monotonic() + (time.process_time() - cpu) / self.max_cpu
-        if result is None:  # waiting: rescan when the folder changes; an error: retry
+        if result is None:  # waiting: rescan when the folder changes; an error: retry at the next poll
             self.retry = self.waiting is None
             if self.waiting:
                 self.tree = tree
-            return [Event("waiting", {"reason": self.waiting})] if self.waiting else []
+            if (self.waiting, self.error) == before:
+                return []  # said already
+            return [Event("waiting", {"reason": self.waiting}) if self.waiting else Event("error", {"error": self.error})]
         self.scans += 1
         if self.deferred < MAX_DEFERRED and any(self._age(i) < MID_WRITE_S for i in result.issues):
             self.deferred, self.retry = self.deferred + 1, True  # a file mid-write: redo at the next poll
