@@ -26,11 +26,16 @@ def _moving(moving: list[dict[str, Any]]) -> str:
                      f"{'>99' if abs(m['z']) > 99 else format(abs(m['z']), '.1f')}σ" for m in moving)
 
 
-def status_text(run: str, step: dict[str, Any] | None, note: str | None = None) -> str:
-    """The status line: run, last step, the primary signal's value, the signals moving."""
+def _ago(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}min" if seconds < 7200 else f"{seconds / 3600:.0f}h"
+
+
+def status_text(run: str, step: dict[str, Any] | None, note: str | None = None, age: float | None = None) -> str:
+    """The status line: run, last step (and how long ago it came, ``age``), the primary
+    signal's value, the signals moving."""
     parts = [f"watching {run}"]
     if step is not None:
-        parts.append(f"step {step['step']} ({step['n_steps']} steps)")
+        parts.append(f"step {step['step']} ({step['n_steps']} steps" + (f", {_ago(age)} ago)" if age else ")"))
         parts.append(f"{step['signal']} {fmt_num(step['value'])}")
         if step["moving"]:
             parts.append("moving: " + _moving(step["moving"]))
@@ -78,6 +83,7 @@ class Display:
         self.live: Live | None = None
         self.step: dict[str, Any] | None = None
         self.polled = time.monotonic()
+        self.step_at = time.monotonic()  # when the last new step was seen
         self.note: str | None = None
 
     def __enter__(self) -> Display:
@@ -94,7 +100,9 @@ class Display:
     def _render(self) -> Text:
         ago = time.monotonic() - self.polled
         note = self.note or (f"polled {ago:.0f}s ago" if ago >= 1 else None)
-        return Text(status_text(self.run, self.step, note), overflow="ellipsis", no_wrap=True)
+        age = time.monotonic() - self.step_at
+        return Text(status_text(self.run, self.step, note, age if age >= 1 else None), overflow="ellipsis",
+                    no_wrap=True)
 
     def refresh(self, note: str | None = None) -> None:
         """After a poll: the status line with ``note`` (waiting / retrying), if any."""
@@ -109,7 +117,7 @@ class Display:
     def show(self, ev: Event) -> None:
         """An event: a step updates the status (plain: prints it), the others print lines."""
         if ev.kind == "step":
-            self.step = ev.data
+            self.step, self.step_at = ev.data, time.monotonic()
             if self.live is None:
                 self.line(status_text(self.run, self.step))
         elif ev.kind == "episode":
