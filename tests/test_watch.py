@@ -227,20 +227,31 @@ def test_ctrl_c_and_sigterm_end_it_cleanly(tmp_path: Path, collapsed_run: Path, 
     assert last["episodes"] == 1 and "COLLAPSE in" in out
 
 
-def test_mid_write_deferral_is_bounded(tmp_path: Path, verl_src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file that looks mid-write forever (a clock skew, a writer stuck mid-line) does not
-    silence the watch: after MAX_DEFERRED scans the result is shown."""
-    monkeypatch.setattr(watcher_mod, "MAX_DEFERRED", 2)
+def test_mid_write_hold_is_bounded(tmp_path: Path, verl_src: Path) -> None:
+    """A file that looks mid-write for long (a writer stuck mid-line) does not silence the
+    watch: scans are held back for at most MID_WRITE_S; an issue already shown (a bad line in a
+    log that goes on growing) holds nothing back."""
     w = LiveWriter(verl_src, tmp_path / "run", "verl", pause=0)
     w.start()
     for s in range(4):
         w.write_step(s)
     log = next((tmp_path / "run").rglob("qwen2.5_grpo_tooluse.jsonl"))
-    with open(log, "ab") as fh:
-        fh.write(b'{"step": 4, "da')
+    good = log.read_bytes()
+    log.write_bytes(good + b'{"step": 4, "da')
     watcher = Watcher(WatchTarget(tmp_path / "run"))
-    assert watcher.poll() == [] and watcher.poll() == []
+    assert watcher.poll() == [] and watcher.retry  # a new issue in a file just written: held back
+    os.utime(log)
+    assert watcher.poll() == []
+    watcher.held_since -= watcher_mod.MID_WRITE_S  # ... for MID_WRITE_S already
+    os.utime(log)
     assert [e.kind for e in watcher.poll()] == ["step"]
+    # a bad line that stays (not the last one): shown once settled, then the log grows on
+    log.write_bytes(good + b"garbage, not a JSON line\n")  # longer than the cut line: the file grows
+    _age(log, 10)
+    assert [e.kind for e in watcher.poll()] == []  # nothing new to show; not held (old file)
+    assert [i.line for i in watcher.result.issues] == [5]
+    w.write_step(4)  # appended now: the file is fresh, its issue is the same
+    assert [e.data["step"] for e in watcher.poll() if e.kind == "step"] == [4]
 
 
 def test_cpu_budget_spaces_rescans_out(tmp_path: Path, collapsed_run: Path) -> None:

@@ -29,7 +29,7 @@ from diagnose.watch.display import Display
 
 pytestmark = pytest.mark.usefixtures("diagnose_home")
 
-STEPS, ONSET = 22, 14
+STEPS, ONSET = 18, 14
 STEP_EVERY = 0.2
 
 #: the hook: appends its DIAGNOSE_* environment as one JSON line to the file given

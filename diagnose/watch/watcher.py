@@ -9,8 +9,8 @@ one incremental re-scan, and nothing read is read again.
 What a run being written looks like, and what the watcher does about it:
 
 * a half-written last JSONL line, a Parquet file still being written: the adapter reports the
-  file as an issue. A scan with an issue in a file modified less than ``MID_WRITE_S`` ago is
-  not shown at all (the file is mid-write: a half line can make an adapter read the run
+  file as an issue. A scan with a *new* issue (not in the last scan shown) in a file modified
+  less than ``MID_WRITE_S`` ago is not shown at all, for at most ``MID_WRITE_S`` (the file is mid-write: a half line can make an adapter read the run
   differently, e.g. verl's dumps past its metrics' last step look abandoned); it is redone at
   the next poll. An issue in a file modified less than ``settle`` seconds ago is *pending*,
   never shown; the file is re-read when it changes (its size or mtime moves);
@@ -48,10 +48,9 @@ __all__ = ["Event", "Watcher", "WatchTarget", "first_mover", "moving_signals"]
 #: a signal is "moving" when its last value is this many robust sigmas off its trailing baseline
 MOVING_Z = 3.0
 MAX_MOVING = 3
-#: a scan with an issue in a file modified this recently is not shown (the file is mid-write) ...
+#: a scan with a new issue in a file modified this recently is not shown (the file is mid-write),
+#: for at most this long
 MID_WRITE_S = 2.0
-#: ... unless this many scans in a row were held back that way
-MAX_DEFERRED = 20
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,8 @@ class Watcher:
         self.error: str | None = None  # the last poll's failure, retried
         self.waiting: str | None = None  # the run is not there yet
         self.scans = 0
-        self.deferred = 0  # scans in a row not shown: a file was mid-write
+        self.held_since: float | None = None  # since when scans are held back: a file was mid-write
+        self.shown_issues: set[tuple[str, int | None, str]] = set()  # the issues of the last scan shown
         self.retry = False  # re-scan at the next poll even if nothing changed
 
     # -- one poll ------------------------------------------------------------------------------
@@ -168,10 +168,11 @@ class Watcher:
                 return []  # said already
             return [Event("waiting", {"reason": self.waiting}) if self.waiting else Event("error", {"error": self.error})]
         self.scans += 1
-        if self.deferred < MAX_DEFERRED and any(self._age(i) < MID_WRITE_S for i in result.issues):
-            self.deferred, self.retry = self.deferred + 1, True  # a file mid-write: redo at the next poll
+        if self._mid_write(result):
+            self.retry = True  # redo at the next poll
             return []
-        self.deferred, self.retry = 0, False
+        self.held_since, self.retry = None, False
+        self.shown_issues = {self._key(i) for i in result.issues}
         shrunk = self._shrunk(tree)
         removed = self.tree is not None and tree is not None and bool(set(self.tree) - set(tree))
         self.tree, self.result = tree, result
@@ -180,6 +181,18 @@ class Watcher:
         self.pending = [i for i in result.issues if self._key(i) not in self.reported_issues]
         events += self._settled_issues()
         return events
+
+    def _mid_write(self, result: RunScanResult) -> bool:
+        """Whether to hold the scan back: a new issue in a file just modified (a half line, a
+        Parquet file without its footer yet), for at most ``MID_WRITE_S`` in a row. An issue
+        already shown (a file that stays bad while it grows) holds nothing back."""
+        now = time.monotonic()
+        if self.held_since is not None and now - self.held_since >= MID_WRITE_S:
+            return False
+        if any(self._key(i) not in self.shown_issues and self._age(i) < MID_WRITE_S for i in result.issues):
+            self.held_since = self.held_since if self.held_since is not None else now
+            return True
+        return False
 
     def _scan(self) -> RunScanResult | None:
         from diagnose.adapters import AmbiguousRun, UnknownRunLayout
