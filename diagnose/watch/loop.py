@@ -72,7 +72,10 @@ def run_watch(target: WatchTarget, cfg: WatchConfig, display: Display, stop: thr
     stop = stop or threading.Event()
     _outside_run(target, cfg)
     watcher = Watcher(target, settle=cfg.settle, max_cpu=cfg.max_cpu)
-    log = EventLog(cfg.json_events)
+    try:
+        log = EventLog(cfg.json_events)
+    except OSError as e:
+        raise WatchSetupError(f"cannot open --json-events {cfg.json_events}: {e.strerror or e}") from None
     code, reason = EXIT_OK, "stopped"
     restore = _on_sigterm(stop)
     log.write(Event("started", {"run": str(target.path), "interval": cfg.interval, "pid": os.getpid()}))
@@ -118,8 +121,8 @@ def _outside_run(target: WatchTarget, cfg: WatchConfig) -> None:
     root = cache.run_root(cache.abs_path(target.path))
     for what, p in (("--json-events", cfg.json_events), ("the reports folder", cfg.reports)):
         if p is not None and root.is_dir() and cache.abs_path(p).is_relative_to(root):
-            raise WatchSetupError(f"{what} {p} is inside the run {target.path}: write it elsewhere (the watch writes "
-                             "nothing in the run but the scan cache)")
+            raise WatchSetupError(f"{what} {p} is inside the run {target.path}: write it elsewhere "
+                                  "(the watch writes nothing in the run but the scan cache)")
 
 
 def _note(w: Watcher) -> str | None:
