@@ -299,3 +299,17 @@ def test_a_failing_scan_is_said_once_and_retried(tmp_path: Path, collapsed_run: 
     assert [e.kind for e in first] == ["error"] and "vanished" in first[0].data["error"]
     assert watcher.poll() == []  # the same failure again: retried, not said again
     assert [e.kind for e in watcher.poll()] == ["step"]  # nothing changed on disk, yet retried
+
+
+def test_terminal_status_line_and_paused_hook(tmp_path: Path, collapsed_run: Path) -> None:
+    """On a terminal the status line is a rich Live line: the alert prints above it, the hook
+    runs with it stopped, and it is gone (transient) when the watch ends."""
+    from diagnose.watch import WatchConfig, run_watch
+
+    out = StringIO()
+    console = Console(file=out, force_terminal=True, width=160, color_system=None)
+    cfg = WatchConfig(interval=0.01, exit_on_collapse=True, on_collapse="true", reports=tmp_path / "r")
+    code = run_watch(WatchTarget(collapsed_run), cfg, Display(console, "runs/x"))
+    text = out.getvalue()
+    assert code == 1
+    assert "watching runs/x · step 29 (30 steps)" in text and "COLLAPSE in" in text and "ran: true (exit 0)" in text
