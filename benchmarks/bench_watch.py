@@ -17,6 +17,7 @@ watch re-scans every k steps (and alerts up to k - 1 steps later) instead of usi
 
     python benchmarks/bench_watch.py                       # N = 50, 200, 800; ~2 min
     python benchmarks/bench_watch.py --lengths 100 400 --repeats 10
+    python benchmarks/bench_watch.py --formats verl --lengths 100 --verl-samples 256   # a real batch size
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ def _native(path: Path, n: int) -> None:
 class _Verl:
     """A verl run written whole with ``n + extra`` steps, shown first ``n`` steps at a time."""
 
-    def __init__(self, path: Path, n: int, extra: int) -> None:
-        from diagnose.synth.foreign import write_verl_run
+    def __init__(self, path: Path, n: int, extra: int, samples: int = 16) -> None:
+        from diagnose.synth.foreign import Sampling, write_verl_run
 
         self.src = path.with_name(path.name + "-src")
-        write_verl_run(self.src, steps=n + extra, validation=False)
+        sampling = Sampling(group_size=min(8, samples), prompts_per_step=max(1, samples // min(8, samples)))
+        write_verl_run(self.src, steps=n + extra, validation=False, sampling=sampling)
         self.log = next(self.src.rglob("qwen2.5_grpo_tooluse.jsonl")).relative_to(self.src)
         self.lines = {json.loads(ln)["step"]: ln for ln in (self.src / self.log).read_bytes().splitlines(keepends=True)}
         (path / "rollout_data").mkdir(parents=True)
@@ -70,7 +72,7 @@ class _Verl:
                 fh.write(self.lines[step])
 
 
-def measure(fmt: str, n: int, repeats: int, idle: int, workdir: Path) -> dict[str, float]:
+def measure(fmt: str, n: int, repeats: int, idle: int, workdir: Path, verl_samples: int = 16) -> dict[str, float]:
     from diagnose.watch import Watcher, WatchTarget
 
     run = workdir / f"{fmt}-{n}"
@@ -81,7 +83,7 @@ def measure(fmt: str, n: int, repeats: int, idle: int, workdir: Path) -> dict[st
         def add(step: int) -> None:
             add_step_copy(run, step)
     else:
-        v = _Verl(run, n, repeats)
+        v = _Verl(run, n, repeats, verl_samples)
         last, add = n, v.add
     watcher = Watcher(WatchTarget(run))
     clock = Clock()
@@ -116,6 +118,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="new steps appended per run length")
     ap.add_argument("--idle", type=int, default=10, help="idle polls after each new step")
     ap.add_argument("--interval", type=float, default=5.0, help="the watch's poll interval, for the CPU share")
+    ap.add_argument("--verl-samples", type=int, default=16, help="dumped samples per verl step (a real GRPO batch: "
+                    "256-1024)")
     args = ap.parse_args()
     os.environ.setdefault("DIAGNOSE_HOME", tempfile.mkdtemp(prefix="bench_watch_home"))
     print(f"CPU seconds per poll (median); share of one core at one step per {STEP_PERIOD:g} s, "
@@ -127,7 +131,7 @@ def main() -> None:
         for fmt in args.formats:
             rows = {}
             for n in args.lengths:
-                r = rows[n] = measure(fmt, n, args.repeats, args.idle, Path(d))
+                r = rows[n] = measure(fmt, n, args.repeats, args.idle, Path(d), args.verl_samples)
                 s = share(r, args.interval)
                 ok &= s < TARGET
                 k = max(1, math.ceil(r["step"] / TARGET / STEP_PERIOD))
