@@ -313,3 +313,27 @@ def test_terminal_status_line_and_paused_hook(tmp_path: Path, collapsed_run: Pat
     text = out.getvalue()
     assert code == 1
     assert "watching runs/x · step 29 (30 steps)" in text and "COLLAPSE in" in text and "ran: true (exit 0)" in text
+
+
+def test_follows_a_growing_tensorboard_log(tmp_path: Path) -> None:
+    """A launch folder whose only record is TensorBoard (verl ``Tracking`` with ``tensorboard``:
+    ``tensorboard_log/<project>/<experiment>/``, ``add_scalar(key, value, step)``, flushed each
+    step): the watch follows the growing events file and alerts within 2 steps of the onset."""
+    tb_mod = pytest.importorskip("torch.utils.tensorboard")
+    from diagnose.synth.foreign import write_verl_run
+
+    write_verl_run(tmp_path / "src", steps=18, collapse_at=14, rollouts=False, validation=False)
+    lines = [json.loads(ln) for ln in next((tmp_path / "src").rglob("*.jsonl")).read_text().splitlines()]
+    writer = tb_mod.SummaryWriter(str(tmp_path / "launch" / "tensorboard_log" / "proj" / "exp"))
+    watcher = Watcher(WatchTarget(tmp_path / "launch"))
+    alerts = []
+    for rec in lines:
+        for k, v in rec["data"].items():
+            writer.add_scalar(k, v, rec["step"])
+        writer.flush()
+        events = watcher.poll()
+        assert [e.data["step"] for e in events if e.kind == "step"] == [rec["step"]]
+        alerts += [e.data for e in events if e.kind == "episode"]
+    writer.close()
+    assert len(alerts) == 1 and alerts[0]["onset_step"] == 14 and alerts[0]["seen_at_step"] <= 16
+    assert watcher.result.cache.signals in ("cached", "incremental")
