@@ -48,6 +48,15 @@ def verl_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _grown(src: Path, run: Path, steps, style: str = "native") -> LiveWriter:
+    """``run`` started and written up to ``steps`` (an iterable of steps) from ``src``."""
+    w = LiveWriter(src, run, style, pause=0)
+    w.start()
+    for s in steps:
+        w.write_step(s)
+    return w
+
+
 def _age(path: Path, seconds: float) -> None:
     t = time.time() - seconds
     os.utime(path, (t, t))
@@ -60,10 +69,7 @@ def test_idle_polls_scan_nothing_and_new_steps_rescan_incrementally(tmp_path: Pa
     calls = []
     real = scan_mod.scan_run
     monkeypatch.setattr(scan_mod, "scan_run", lambda *a, **k: calls.append(1) or real(*a, **k))
-    w = LiveWriter(collapsed_run, tmp_path / "run", "native", pause=0)
-    w.start()
-    for s in range(12):
-        w.write_step(s)
+    w = _grown(collapsed_run, tmp_path / "run", range(12))
     watcher = Watcher(WatchTarget(tmp_path / "run"))
     events = watcher.poll()
     assert [e.kind for e in events] == ["step"] and events[0].data["step"] == 11
@@ -92,10 +98,7 @@ def test_episode_and_recovery_each_reported_once(tmp_path: Path, collapsed_run: 
 def test_half_written_metrics_line_is_pending_then_read(tmp_path: Path, verl_src: Path) -> None:
     """A verl file-logger line cut mid-write: no issue, no crash; once complete, its step is read.
     The same line left cut (a crashed writer) is reported once the file has settled."""
-    w = LiveWriter(verl_src, tmp_path / "run", "verl", pause=0)
-    w.start()
-    for s in range(4):
-        w.write_step(s)
+    w = _grown(verl_src, tmp_path / "run", range(4), "verl")
     log = next((tmp_path / "run").rglob("qwen2.5_grpo_tooluse.jsonl"))
     line = w.lines[log.relative_to(tmp_path / "run")][4][0]
     with open(log, "ab") as fh:
@@ -145,10 +148,7 @@ def test_waits_for_a_run_not_yet_written(tmp_path: Path, collapsed_run: Path) ->
     watcher = Watcher(WatchTarget(tmp_path / "run"))
     events = watcher.poll()
     assert [e.kind for e in events] == ["waiting"] and "run" in events[0].data["reason"]
-    w = LiveWriter(collapsed_run, tmp_path / "run", "native", pause=0)
-    w.start()
-    for s in range(3):
-        w.write_step(s)
+    _grown(collapsed_run, tmp_path / "run", range(3))
     assert [e.kind for e in watcher.poll()] == ["step"]
 
 
@@ -231,10 +231,7 @@ def test_mid_write_hold_is_bounded(tmp_path: Path, verl_src: Path) -> None:
     """A file that looks mid-write for long (a writer stuck mid-line) does not silence the
     watch: scans are held back for at most MID_WRITE_S; an issue already shown (a bad line in a
     log that goes on growing) holds nothing back."""
-    w = LiveWriter(verl_src, tmp_path / "run", "verl", pause=0)
-    w.start()
-    for s in range(4):
-        w.write_step(s)
+    w = _grown(verl_src, tmp_path / "run", range(4), "verl")
     log = next((tmp_path / "run").rglob("qwen2.5_grpo_tooluse.jsonl"))
     good = log.read_bytes()
     log.write_bytes(good + b'{"step": 4, "da')
@@ -257,10 +254,7 @@ def test_mid_write_hold_is_bounded(tmp_path: Path, verl_src: Path) -> None:
 def test_cpu_budget_spaces_rescans_out(tmp_path: Path, collapsed_run: Path) -> None:
     """With ``max_cpu``, a change waits until the last re-scan's CPU time fits the budget; the
     first scan (building the cache) is not counted."""
-    w = LiveWriter(collapsed_run, tmp_path / "run", "native", pause=0)
-    w.start()
-    for s in range(5):
-        w.write_step(s)
+    w = _grown(collapsed_run, tmp_path / "run", range(5))
     watcher = Watcher(WatchTarget(tmp_path / "run"), max_cpu=1e-6)
     assert watcher.poll()[0].data["step"] == 4
     w.write_step(5)
@@ -290,10 +284,7 @@ def test_a_failing_scan_is_said_once_and_retried(tmp_path: Path, collapsed_run: 
         return real(*a, **k)
 
     monkeypatch.setattr(scan_mod, "scan_run", flaky)
-    w = LiveWriter(collapsed_run, tmp_path / "run", "native", pause=0)
-    w.start()
-    for s in range(3):
-        w.write_step(s)
+    _grown(collapsed_run, tmp_path / "run", range(3))
     watcher = Watcher(WatchTarget(tmp_path / "run"))
     first = watcher.poll()
     assert [e.kind for e in first] == ["error"] and "vanished" in first[0].data["error"]
