@@ -32,6 +32,17 @@ PAGES = (
 st.set_page_config(page_title="collapse diagnostics", layout="wide")
 ui.css()
 
+
+def follow(path: Path, stamp: tuple) -> None:
+    """The live marker of the selected run, and the app rerun when the run changed on disk
+    (a fragment on a timer: only a listing of the run's top-level entries per tick)."""
+    now = data.run_stamp(path)
+    if now != stamp:
+        st.rerun(scope="app")
+    age = data.last_write_age(now)
+    st.caption(f":green-badge[live] written {age:.0f}s ago; refreshes every {data.REFRESH_SECONDS}s")
+
+
 root = ui.root()
 entries = ui.runs()
 with st.sidebar:
@@ -41,6 +52,10 @@ with st.sidebar:
         rel = st.selectbox("run", list(formats), key=ui.RUN_KEY, bind="query-params",
                            help=f"run directories found under {root} (also ?run=NAME in the URL)")
         st.caption(f"format: {formats.get(rel, '?')}")
+        chosen = next((e for e in entries if e.rel == rel), None)
+        stamp = data.run_stamp(chosen.path) if chosen is not None else ()
+        if chosen is not None and data.is_live(stamp):
+            st.fragment(follow, run_every=data.REFRESH_SECONDS)(chosen.path, stamp)
     else:
         st.warning(f"No run found under `{root}`.")
     if st.button("reload", help="look for new runs and re-read the selected one"):

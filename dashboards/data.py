@@ -215,6 +215,25 @@ def run_stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(out))
 
 
+#: a run whose newest top-level entry was written less than this many seconds ago is live
+LIVE_SECONDS = 300
+#: how often the page of a live run checks it for new steps (a listing of its top-level entries)
+REFRESH_SECONDS = 10
+
+
+def last_write_age(stamp: tuple[tuple[str, int, int], ...]) -> float | None:
+    """Seconds since the newest entry of a `run_stamp` was modified (None: an empty stamp)."""
+    import time
+
+    return time.time() - max(m for _, _, m in stamp) / 1e9 if stamp else None
+
+
+def is_live(stamp: tuple[tuple[str, int, int], ...]) -> bool:
+    """Whether a trainer is still writing the run (its newest entry is under `LIVE_SECONDS` old)."""
+    age = last_write_age(stamp)
+    return age is not None and age < LIVE_SECONDS
+
+
 # ---------------------------------------------------------------------------------------------
 # results of loaders: a value or a message for the page (never an exception)
 # ---------------------------------------------------------------------------------------------

@@ -398,6 +398,55 @@ def compare(
         raise typer.Exit(EXIT_USAGE)
 
 
+WATCH_EPILOG = ("Exit codes: 0 = stopped (Ctrl-C, SIGTERM); 1 = a collapse, with --exit-on-collapse (after the "
+                "--on-collapse command); 2 = usage error, several runs in the folder without --run. A run not yet "
+                "written is waited for. See docs/integrations.md (Live).")
+
+
+@app.command(cls=PlainUsageCommand, epilog=WATCH_EPILOG,
+             short_help="Follow a run while it trains; alert, and run your command, at a collapse.")
+def watch(
+    run: Path = typer.Argument(..., metavar="RUN", help="The run, while it trains (any layout `diagnose scan` "
+                               "reads).", show_default=False),
+    interval: float = typer.Option(5.0, "--interval", min=0.01, help="Seconds between polls (an idle poll only "
+                                                                     "lists the run's files)."),
+    on_collapse: str = typer.Option(None, "--on-collapse", help="Shell command run once per new collapse episode, "
+                                    "with DIAGNOSE_RUN, DIAGNOSE_ONSET_STEP, DIAGNOSE_DETECTED_STEP, "
+                                    "DIAGNOSE_FIRST_MOVER, DIAGNOSE_REPORT (a JSON report) set.", show_default=False),
+    exit_on_collapse: bool = typer.Option(False, "--exit-on-collapse", help="Exit 1 after the first collapse (and "
+                                                                            "its --on-collapse command)."),
+    json_events: Path = typer.Option(None, "--json-events", help="Append one JSON line per event (started, step, "
+                                     "episode, recovered, restarted, issue, stopped) to this file.", dir_okay=False,
+                                     show_default=False),
+    max_cpu: float = typer.Option(0.02, "--max-cpu", min=0, help="Share of one core the re-scans may use: a "
+                                  "re-scan waits until the last one's CPU time fits (0: re-scan at every change)."),
+    format: RunFormat = typer.Option(RunFormat.auto, "--format", "-f", metavar="FORMAT", help=FORMAT_HELP,
+                                     case_sensitive=False),
+    metrics: Path = typer.Option(None, "--metrics", help=METRICS_HELP, show_default=False),
+    run_name: str = typer.Option(None, "--run", help=RUN_HELP, show_default=False),
+    tokenizer: str = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP, show_default=False),
+) -> None:
+    """Follow a run while it trains: a status line (step, reward, the signals moving) and, at a
+    collapse, an alert (onset, what moved first, the implicated control tokens) and your command.
+    Re-scans incrementally when files change; writes nothing in the run but the scan cache."""
+    from diagnose.adapters import AmbiguousRun
+    from diagnose.rundir.schema import RunFormatError
+    from diagnose.watch import WatchConfig, WatchTarget, run_watch
+    from diagnose.watch.display import Display
+    from diagnose.watch.loop import WatchSetupError
+
+    target = WatchTarget(run, None if format == RunFormat.auto else format.value, metrics, run_name, tokenizer)
+    cfg = WatchConfig(interval=interval, on_collapse=on_collapse, exit_on_collapse=exit_on_collapse,
+                      json_events=json_events, max_cpu=max_cpu)
+    with command_errors(f"watching {run}", err_console, command="diagnose watch"):
+        try:
+            code = run_watch(target, cfg, Display(console, str(run)))
+        except (AmbiguousRun, RunFormatError, WatchSetupError) as e:
+            err_console.print(f"[red]error:[/] {_esc(e)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from None
+    raise typer.Exit(code)
+
+
 @app.command(cls=PlainUsageCommand, short_help="Streamlit dashboard over the runs under RUNS_ROOT.")
 def dashboard(
     runs_root: Path = typer.Argument(Path("runs"), metavar="RUNS_ROOT",

@@ -25,6 +25,7 @@ import pytest
 pytest.importorskip("streamlit")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 
+from _live_writers import LiveWriter  # noqa: E402
 from diagnose.synth import write_synthetic_run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,10 +54,23 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``collapse`` (40 steps), and ``growing``: 12 of the 15 steps of ``growing-src`` (beside
+    the root), which `test_live_run_refreshes_itself` writes on while the page is open."""
     root = tmp_path_factory.mktemp("browser") / "runs"
     write_synthetic_run(root / "collapse", steps=40, collapse_at=22, samples_per_step=16, tokens_per_sample=48)
-    yield from serve(root, tmp_path_factory)
+    write_synthetic_run(root.parent / "growing-src", steps=15, collapse_at=None, samples_per_step=8,
+                        tokens_per_sample=48)
+    grow = LiveWriter(root.parent / "growing-src", root / "growing", "native", pause=0)
+    grow.start()
+    for s in range(12):
+        grow.write_step(s)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(runs_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    yield from serve(runs_root, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +260,24 @@ def test_hidden_series_check_catches_a_line_under_another(browser, tmp_path):
     page.goto(html.as_uri())
     settle(page, 1)
     assert page.evaluate(HIDDEN_SERIES_JS) == []
+
+
+def test_live_run_refreshes_itself(server, browser, runs_root):
+    """A run still being written is marked live and its page follows new steps without a reload
+    (the sidebar's timer fragment reruns the app when the run's files change)."""
+    from dashboards.data import REFRESH_SECONDS
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    page.goto(server + "/?run=growing")
+    settle(page, 2)
+    no_exception(page)
+    steps = page.locator('[data-testid="stMetricValue"]').first
+    assert steps.inner_text().strip() == "12"
+    assert page.get_by_text("live", exact=True).count() >= 1
+    grow = LiveWriter(runs_root.parent / "growing-src", runs_root / "growing", "native", pause=0)
+    for s in range(12, 15):
+        grow.write_step(s)
+    page.wait_for_function("document.querySelector('[data-testid=\"stMetricValue\"]').innerText.trim() === '15'",
+                           timeout=(REFRESH_SECONDS * 3 + 30) * 1000)
+    settle(page, 2)
+    no_exception(page)

@@ -109,12 +109,14 @@ def run_root(path: Path) -> Path:
     return path
 
 
-def home_cache_dir(root: Path, run: str | None = None) -> Path:
+def home_cache_dir(root: Path, run: str | None = None, kind: str = "scan") -> Path:
+    """The run's folder under ``$DIAGNOSE_HOME/<kind>/`` (``scan``: its cache; ``watch``: the
+    reports of `diagnose watch`), for runs whose own folder is not to be written."""
     base = os.environ.get("DIAGNOSE_HOME")
     home = Path(base).expanduser() if base else Path.home() / ".cache" / "collapse-diagnostics"
     key = str(root) if run is None else f"{root}\0run={run}"
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-    return home / "scan" / digest
+    return home / kind / digest
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
