@@ -404,7 +404,7 @@ WATCH_EPILOG = ("Exit codes: 0 = stopped (Ctrl-C, SIGTERM); 1 = a collapse, with
 
 
 @app.command(cls=PlainUsageCommand, epilog=WATCH_EPILOG,
-             short_help="Follow a run while it trains; alert, and run your command, at a collapse.")
+             short_help="Follow a run while it trains; alert at a collapse.")
 def watch(
     run: Path = typer.Argument(..., metavar="RUN", help="The run, while it trains (any layout `diagnose scan` "
                                "reads).", show_default=False),
