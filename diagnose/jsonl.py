@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,29 @@ class LineError:
 def _reject_constant(name: str) -> float:
     # json accepts NaN/Infinity by default; keep them as floats (they are data, e.g. a NaN loss)
     return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
+
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a core dependency; the json path is the reference anyway
+    orjson = None
+
+# What orjson reads differently from json: integers of 19+ digits (floats, or out of range), and
+# nesting deeper than Python's recursion limit (json raises, orjson reads it); such lines, and
+# any line orjson refuses (NaN, a BOM, lone surrogates, bad UTF-8, ...), go through json.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+_MAX_BRACKETS = 400
+
+
+def _fast_loads(raw: bytes) -> Any:
+    """The object ``json.loads`` gives for ``raw``, through orjson (~5x faster), or None when
+    only json can say (the caller then uses json, which also words the error)."""
+    if orjson is None or raw.count(b"[") + raw.count(b"{") > _MAX_BRACKETS or _LONG_DIGITS.search(raw):
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict[str, Any] | LineError]]:
@@ -65,6 +89,10 @@ def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Ite
                 yield line_no, LineError(name, line_no, f"line longer than {max_line_bytes} bytes, skipped")
                 continue
             if not raw.strip():
+                continue
+            obj = _fast_loads(raw)
+            if isinstance(obj, dict):
+                yield line_no, obj
                 continue
             try:
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM (Windows editors) is no error

@@ -123,8 +123,17 @@ def classify_turns(turns: pl.Series | Sequence[str | None],
         if states[i] is None:
             text = raw[i]
             states[i], errors[i] = fallback("" if text is None else text, tools_of(i))
-    return pl.DataFrame({"state": states, "errors": [list(e) for e in errors], "fast": fast},  # type: ignore[union-attr]
-                        schema={"state": pl.String, "errors": pl.List(pl.String), "fast": pl.Boolean})
+    return _frame(states, errors, fast)  # type: ignore[arg-type]
+
+
+def _frame(states: list[str], errors: list[tuple[str, ...]], fast: list[bool]) -> pl.DataFrame:
+    """The result frame; the few distinct (state, errors) pairs are built once and gathered
+    (building a list column from millions of small Python lists is slow)."""
+    codes: dict[tuple[str, tuple[str, ...]], int] = {}
+    keys = [codes.setdefault(pair, len(codes)) for pair in zip(states, errors)]
+    uniques = pl.DataFrame({"state": [s for s, _ in codes], "errors": [list(e) for _, e in codes]},
+                           schema={"state": pl.String, "errors": pl.List(pl.String)})
+    return uniques[pl.Series(keys, dtype=pl.UInt32)].with_columns(pl.Series("fast", fast, dtype=pl.Boolean))
 
 
 def _as_series(turns: pl.Series | Sequence[Any]) -> tuple[pl.Series, list[Any] | None, list[int]]:
@@ -250,3 +259,71 @@ def _call(body: str) -> tuple[str, Any] | None:
     if not isinstance(name, str) or not name.strip() or not isinstance(args, dict):
         return None
     return name, args
+
+
+# ---------------------------------------------------------------------------------------------
+# completions: split into turns, classify, and back to one list per completion
+# ---------------------------------------------------------------------------------------------
+
+#: `split(text) -> turns`: the reference splitter of a trainer's transcripts.
+Splitter = Callable[[str], "list[str]"]
+
+# verl's tool round as `diagnose.adapters._verl_turns` matches it, when every "user\n" of the text
+# opens a tool response (the interaction-round alternative, with its look-arounds, cannot match)
+_VERL_ROUND = (r"(?s)\n?(?:user|tool)\n<tool_response>\n.*?\n</tool_response>"
+               r"(?:\n<tool_response>\n.*?\n</tool_response>)*\nassistant\n")
+_SEP = "\x00"
+
+
+def split_completions(texts: pl.Series, split: Splitter, fast: str | None = None) -> pl.DataFrame:
+    """``row`` (index into ``texts``), ``turn`` (text): the assistant turns of each completion,
+    in order, exactly as ``split`` gives them (a null completion: one empty turn). ``fast="verl"``
+    splits verl dumps (special tokens skipped) with one polars regex pass when the text has only
+    tool rounds; the rest goes through ``split``."""
+    df = pl.DataFrame({"row": pl.int_range(len(texts), dtype=pl.Int64, eager=True), "t": texts.fill_null("")})
+    done = df.head(0).select("row", pl.col("t").alias("turn"))
+    if fast == "verl":
+        t = pl.col("t")
+        ok = (~t.str.contains_any(["<|im_start|>", "<|im_end|>", _SEP])
+              & (t.str.count_matches("user\n", literal=True)
+                 == t.str.count_matches("user\n<tool_response>\n", literal=True)))
+        cand = df.filter(ok).select("row", t.str.replace_all(_VERL_ROUND, _SEP).str.split(_SEP).alias("turn"))
+        # an unfinished round in the last piece may be cut (`_CUT_ROUND`): the reference decides
+        cand = cand.filter(~pl.col("turn").list.last().str.contains("user\n", literal=True))
+        done = cand.explode("turn")
+        df = df.filter(~pl.col("row").is_in(cand.get_column("row").implode()))
+    if df.height:
+        rows, turns = [], []
+        for r, text in df.iter_rows():
+            got = split(text)
+            rows.extend([r] * len(got))
+            turns.extend(got)
+        done = pl.concat([done, pl.DataFrame({"row": rows, "turn": turns}, schema=done.schema)])
+    return done.sort("row", maintain_order=True)
+
+
+def classify_completions(texts: pl.Series, split: Splitter, *, fast_split: str | None = None,
+                         tool_names: Sequence[tuple[str, ...] | None] | tuple[str, ...] | None = None,
+                         syntax: CallSyntax = CallSyntax.HERMES, fallback: Fallback | None = None) -> pl.DataFrame:
+    """``turn_states``, ``error_types`` (list[str], the errors of all turns in turn order) and
+    ``n_turns`` of each completion (null where the completion is null), as splitting with
+    ``split`` and classifying each turn with `classify_turn` gives them. ``tool_names``: per
+    completion (or one tuple for all, or None)."""
+    turns = split_completions(texts, split, fast_split)
+    rows = turns.get_column("row")
+    per_turn = tool_names
+    if tool_names is not None and not (isinstance(tool_names, tuple) and all(isinstance(x, str) for x in tool_names)):
+        per_turn = [tool_names[r] for r in rows.to_list()]  # type: ignore[index]
+    got = classify_turns(turns.get_column("turn"), per_turn, syntax, fallback=fallback)
+    per = pl.DataFrame({"row": rows, "turn_states": got.get_column("state"), "error_types": got.get_column("errors")})
+    states = per.group_by("row", maintain_order=True).agg("turn_states")
+    errors = per.select("row", "error_types").explode("error_types").drop_nulls("error_types") \
+        .group_by("row", maintain_order=True).agg("error_types")
+    out = pl.DataFrame({"row": pl.int_range(len(texts), dtype=pl.Int64, eager=True)}) \
+        .join(states, on="row", how="left").join(errors, on="row", how="left").sort("row") \
+        .with_columns(pl.col("error_types").fill_null(pl.lit([], dtype=pl.List(pl.String))))
+    null = texts.is_null()
+    return out.select(
+        pl.when(~null).then(pl.col("turn_states")).alias("turn_states"),
+        pl.when(~null).then(pl.col("error_types")).alias("error_types"),
+        pl.when(~null).then(pl.col("turn_states").list.len().cast(pl.Int32)).alias("n_turns"))
