@@ -150,9 +150,12 @@ class LoadOptions:
     metrics: Path | None = None
     run: str | None = None
     tokenizer: str | None = None
+    sample: int | None = None
+    sample_seed: int = 0
 
     def kwargs(self) -> dict:
-        return {"metrics": self.metrics, "run": self.run, "tokenizer": self.tokenizer}
+        return {"metrics": self.metrics, "run": self.run, "tokenizer": self.tokenizer, "sample": self.sample,
+                "sample_seed": self.sample_seed}
 
 
 METRICS_HELP = "A trainer metrics file to read with the run (verl: the file logger's JSONL)."
@@ -282,6 +285,11 @@ def scan(
     metrics: Path = typer.Option(None, "--metrics", help=METRICS_HELP, dir_okay=False, show_default=False),
     run_name: str = typer.Option(None, "--run", help=RUN_HELP, show_default=False),
     tokenizer: str = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP, show_default=False),
+    sample: int = typer.Option(None, "--sample", min=1, show_default=False,
+                               help="Classify the turns of N random rollouts per step only (faster on huge runs); "
+                                    "turn-state shares are then estimates, reported with 95% confidence intervals. "
+                                    "Default: every rollout (exact)."),
+    sample_seed: int = typer.Option(0, "--sample-seed", help="Seed of the --sample draw."),
 ) -> None:
     """Did the run collapse, when, and what moved first? Verdict, collapse episodes (onset,
     trough, recovery, severity), signals that moved before the drop with their lead, implicated
@@ -289,7 +297,7 @@ def scan(
 
     Results are cached in the run (re-scans recompute only new or changed steps)."""
     result = _scan_or_exit(run, format, not no_cache, progress=err_console.is_terminal and not as_json,
-                           opts=LoadOptions(metrics, run_name, tokenizer))
+                           opts=LoadOptions(metrics, run_name, tokenizer, sample, sample_seed))
     hint = f"run `diagnose probe {run}`"  # where to check capability after a collapse
     if report is not None:
         from diagnose.scan.html import write_scan_html

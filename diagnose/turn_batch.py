@@ -26,7 +26,9 @@ ever *accepts* a shape it can decide exactly; it never concludes an error from t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -36,7 +38,8 @@ from diagnose.format_errors import FormatError
 from diagnose.toolcall import CallSyntax
 from diagnose.turns import TurnState, classify_turn
 
-__all__ = ["PY_WHITESPACE", "Fallback", "classify_turns", "reference_fallback"]
+__all__ = ["PY_WHITESPACE", "Fallback", "classify_completions", "classify_turn_lists", "classify_turns",
+           "current_sampling", "reference_fallback", "sample_mask", "sampling", "split_completions"]
 
 #: ``(text, tool names or None) -> (state, error types)``: the reference for what the fast path
 #: leaves (a memoised `classify_turn`, e.g. `diagnose.adapters.TurnClassifier.turn`).
@@ -304,26 +307,110 @@ def split_completions(texts: pl.Series, split: Splitter, fast: str | None = None
 
 def classify_completions(texts: pl.Series, split: Splitter, *, fast_split: str | None = None,
                          tool_names: Sequence[tuple[str, ...] | None] | tuple[str, ...] | None = None,
-                         syntax: CallSyntax = CallSyntax.HERMES, fallback: Fallback | None = None) -> pl.DataFrame:
+                         syntax: CallSyntax = CallSyntax.HERMES, fallback: Fallback | None = None,
+                         keep: Sequence[bool] | None = None) -> pl.DataFrame:
     """``turn_states``, ``error_types`` (list[str], the errors of all turns in turn order) and
     ``n_turns`` of each completion (null where the completion is null), as splitting with
     ``split`` and classifying each turn with `classify_turn` gives them. ``tool_names``: per
-    completion (or one tuple for all, or None)."""
-    turns = split_completions(texts, split, fast_split)
+    completion (or one tuple for all, or None). ``keep``: classify only these rows (`sample_mask`;
+    the others get nulls)."""
+    null = texts.is_null()
+    if keep is not None:
+        null = null | ~pl.Series(keep, dtype=pl.Boolean)
+        texts = pl.select(pl.when(~null).then(texts)).to_series()
+    out = classify_split(split_completions(texts, split, fast_split), len(texts), tool_names, syntax, fallback,
+                         skip=null if null.any() else None)
+    return out.select(pl.when(~null).then(pl.col(c)).alias(c) for c in out.columns)
+
+
+def classify_turn_lists(turn_lists: Sequence[Sequence[str]],
+                        tool_names: Sequence[tuple[str, ...] | None] | tuple[str, ...] | None = None,
+                        syntax: CallSyntax = CallSyntax.HERMES, fallback: Fallback | None = None,
+                        keep: Sequence[bool] | None = None) -> pl.DataFrame:
+    """`classify_completions` for completions already split: one list of turn texts each
+    (``keep``: classify only these rows, the others get nulls)."""
+    keep = keep if keep is not None else [True] * len(turn_lists)
+    rows = [r for r, turns in enumerate(turn_lists) if keep[r] for _ in turns]
+    flat = [t for r, turns in enumerate(turn_lists) if keep[r] for t in turns]
+    frame = pl.DataFrame({"row": rows, "turn": flat}, schema={"row": pl.Int64, "turn": pl.Object}) \
+        if not _all_str(flat) else pl.DataFrame({"row": rows, "turn": flat}, schema={"row": pl.Int64, "turn": pl.String})
+    skip = pl.Series([not k for k in keep], dtype=pl.Boolean)
+    out = classify_split(frame, len(turn_lists), tool_names, syntax, fallback, skip=skip if skip.any() else None)
+    return out.select(pl.when(~skip).then(pl.col(c)).alias(c) for c in out.columns) if skip.any() else out
+
+
+def _all_str(texts: list[Any]) -> bool:
+    try:
+        pl.Series(texts, dtype=pl.String)
+    except (UnicodeEncodeError, TypeError, pl.exceptions.PolarsError):
+        return False
+    return True
+
+
+def classify_split(turns: pl.DataFrame, n: int,
+                   tool_names: Sequence[tuple[str, ...] | None] | tuple[str, ...] | None = None,
+                   syntax: CallSyntax = CallSyntax.HERMES, fallback: Fallback | None = None,
+                   skip: pl.Series | None = None) -> pl.DataFrame:
+    """Per completion ``0..n-1``: its turns' states, errors and count, from ``row``/``turn``
+    (the turns of each completion in order; a completion without turns gets empty lists).
+    ``skip``: completions not to classify (their turns are dropped here)."""
+    if skip is not None:
+        turns = turns.filter(~pl.col("row").is_in(pl.Series(range(n), dtype=pl.Int64).filter(skip).implode()))
     rows = turns.get_column("row")
     per_turn = tool_names
     if tool_names is not None and not (isinstance(tool_names, tuple) and all(isinstance(x, str) for x in tool_names)):
         per_turn = [tool_names[r] for r in rows.to_list()]  # type: ignore[index]
-    got = classify_turns(turns.get_column("turn"), per_turn, syntax, fallback=fallback)
+    col = turns.get_column("turn")
+    got = classify_turns(col if col.dtype == pl.String else col.to_list(), per_turn, syntax, fallback=fallback)
     per = pl.DataFrame({"row": rows, "turn_states": got.get_column("state"), "error_types": got.get_column("errors")})
     states = per.group_by("row", maintain_order=True).agg("turn_states")
     errors = per.select("row", "error_types").explode("error_types").drop_nulls("error_types") \
         .group_by("row", maintain_order=True).agg("error_types")
-    out = pl.DataFrame({"row": pl.int_range(len(texts), dtype=pl.Int64, eager=True)}) \
-        .join(states, on="row", how="left").join(errors, on="row", how="left").sort("row") \
-        .with_columns(pl.col("error_types").fill_null(pl.lit([], dtype=pl.List(pl.String))))
-    null = texts.is_null()
-    return out.select(
-        pl.when(~null).then(pl.col("turn_states")).alias("turn_states"),
-        pl.when(~null).then(pl.col("error_types")).alias("error_types"),
-        pl.when(~null).then(pl.col("turn_states").list.len().cast(pl.Int32)).alias("n_turns"))
+    empty = pl.lit([], dtype=pl.List(pl.String))
+    return pl.DataFrame({"row": pl.int_range(n, dtype=pl.Int64, eager=True)}) \
+        .join(states, on="row", how="left").join(errors, on="row", how="left").sort("row").select(
+            pl.col("turn_states").fill_null(empty), pl.col("error_types").fill_null(empty),
+            pl.col("turn_states").list.len().fill_null(0).cast(pl.Int32).alias("n_turns"))
+
+
+def sample_mask(steps: Sequence[int | None], n: int | None, seed: int = 0) -> list[bool] | None:
+    """Which rows to classify when sampling ``n`` rollouts per step (``diagnose scan --sample``):
+    at each step a uniform random subset of ``n`` of its rows (all when it has fewer), drawn
+    from a generator seeded by ``(seed, step)``, so the sample does not depend on the order in
+    which files are read. None (no sampling) when ``n`` is None."""
+    if n is None:
+        return None
+    import numpy as np
+
+    by_step: dict[int | None, list[int]] = {}
+    for i, s in enumerate(steps):
+        by_step.setdefault(s, []).append(i)
+    keep = [False] * len(steps)
+    for s, rows in by_step.items():
+        if len(rows) <= n:
+            chosen = rows
+        else:
+            rng = np.random.default_rng([seed, 0 if s is None else int(s) + 1])
+            chosen = [rows[k] for k in rng.choice(len(rows), size=n, replace=False)]
+        for i in chosen:
+            keep[i] = True
+    return keep
+
+
+_SAMPLING: ContextVar[tuple[int, int] | None] = ContextVar("diagnose_turn_sampling", default=None)
+
+
+@contextmanager
+def sampling(n: int | None, seed: int = 0) -> Iterator[None]:
+    """Within the block, adapters classify the turns of ``n`` rollouts per step only (a seeded
+    random sample, `sample_mask`); the others get null turn states. None: every rollout."""
+    token = _SAMPLING.set(None if n is None else (int(n), int(seed)))
+    try:
+        yield
+    finally:
+        _SAMPLING.reset(token)
+
+
+def current_sampling() -> tuple[int, int] | None:
+    """``(rollouts per step, seed)`` set by `sampling`, or None."""
+    return _SAMPLING.get()

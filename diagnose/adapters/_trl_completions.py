@@ -31,7 +31,7 @@ import polars as pl
 
 from diagnose.adapters._io import check_parquet, read_parquet
 from diagnose.adapters._issues import IssueLog
-from diagnose.adapters._rollouts import ListColumn, groups_consecutive, rollouts_frame
+from diagnose.adapters._rollouts import groups_consecutive, rollouts_frame
 from diagnose.adapters._turns import TurnClassifier
 from diagnose.adapters._values import as_step
 from diagnose.chat import IM_END, IM_START
@@ -224,19 +224,14 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) 
     prompts = [prompt_text(v) for v in df.get_column("prompt").to_list()] if "prompt" in df.columns else [None] * df.height
     if "prompt" not in df.columns:
         issues.add(f, None, "no 'prompt' column: each row is its own group")
-    states, errors = ListColumn(), ListColumn()
-    n_turns = []
-    for c in cells:
-        s, e = classifier.turns(c.texts if c is not None else [""])
-        states.append(s)
-        errors.append(e)
-        n_turns.append(len(s))
+    turns = classifier.turn_lists([c.texts if c is not None else [""] for c in cells], steps=steps)
     groups = groups_consecutive(prompts)
     floats = [c for c, dt in df.schema.items() if dt in _FLOAT and c not in CORE]
     cols: dict[str, Any] = {
         "step": steps, "sample_id": list(range(df.height)), "group_id": groups, "prompt": prompts,
         "completion": [c.chatml if c is not None else "" for c in cells],
-        "turn_states": states.series("turn_states"), "error_types": errors.series("error_types"), "n_turns": n_turns,
+        "turn_states": turns.get_column("turn_states"), "error_types": turns.get_column("error_types"),
+        "n_turns": turns.get_column("n_turns"),
     }
     extras: dict[str, pl.Series] = {}
     for c in df.columns:

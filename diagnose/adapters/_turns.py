@@ -8,8 +8,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import polars as pl
+
 from diagnose.chat import IM_END, IM_START
 from diagnose.toolcall import CallSyntax
+from diagnose.turn_batch import classify_completions, classify_turn_lists, current_sampling, sample_mask
 from diagnose.turns import classify_turn
 
 
@@ -67,6 +70,8 @@ class TurnClassifier:
 
     def __init__(self, syntax: CallSyntax = CallSyntax.HERMES) -> None:
         self.syntax = CallSyntax(syntax)
+        #: (rollouts per step, seed) when only a sample is classified (`diagnose.turn_batch.sampling`)
+        self.sample = current_sampling()
         self._turns: dict[tuple[str, tuple[str, ...] | None], tuple[str, tuple[str, ...]]] = {}
         self._completions: dict[str, tuple[list[str], list[str]]] = {}
 
@@ -99,6 +104,30 @@ class TurnClassifier:
             hit = self.turns(split_assistant_turns(key))
             self._completions[key] = hit
         return hit
+
+    #: how `completions` splits: the reference splitter, and the vectorised one of
+    #: `diagnose.turn_batch.split_completions` (None: the reference only)
+    split = staticmethod(split_assistant_turns)
+    fast_split: str | None = None
+
+    def completions(self, texts: pl.Series, tool_names: Any = None, steps: Sequence[int] | None = None) -> pl.DataFrame:
+        """`completion` of many completions at once (`diagnose.turn_batch`, the same results):
+        ``turn_states``, ``error_types``, ``n_turns`` (nulls for a null completion, and for the
+        rollouts left out of a sample). ``tool_names``: per completion, one tuple for all, or
+        None; ``steps``: per completion, for sampling (`diagnose.turn_batch.sampling`)."""
+        return classify_completions(texts, self.split, fast_split=self.fast_split, tool_names=tool_names,
+                                    syntax=self.syntax, fallback=self.turn, keep=self._keep(steps))
+
+    def turn_lists(self, turn_lists: Sequence[Sequence[str]], tool_names: Any = None,
+                   steps: Sequence[int] | None = None) -> pl.DataFrame:
+        """`turns` of many completions already split, at once: ``turn_states``, ``error_types``,
+        ``n_turns`` (``steps``: as in `completions`)."""
+        return classify_turn_lists(turn_lists, tool_names, self.syntax, fallback=self.turn, keep=self._keep(steps))
+
+    def _keep(self, steps: Sequence[int] | None) -> list[bool] | None:
+        if self.sample is None or steps is None:
+            return None
+        return sample_mask(steps, *self.sample)
 
 
 def tool_names_of(tools: Any) -> tuple[str, ...] | None:

@@ -78,6 +78,9 @@ class VerlTurnClassifier(TurnClassifier):
     `answer_part`; with the prompt's tool names, a call to another tool is ``unknown_tool``
     (``ToolAgentLoop._call_tool`` answers it with an error)."""
 
+    split = staticmethod(split_turns)
+    fast_split = "verl"
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._verl: dict[tuple[str, tuple[str, ...] | None], tuple[list[str], list[str]]] = {}
@@ -88,14 +91,3 @@ class VerlTurnClassifier(TurnClassifier):
         if hit is None:
             hit = self._verl[key] = self.turns(split_turns(key[0]), tool_names)  # classify_turn sets reasoning aside (answer_part)
         return hit
-
-
-class WithPromptTools:
-    """`turn_columns` takes one completion per row; this feeds it ``(completion, tool names)``
-    pairs and classifies each with its prompt's tools."""
-
-    def __init__(self, classifier: VerlTurnClassifier) -> None:
-        self.classifier = classifier
-
-    def completion(self, pair: tuple[str, tuple[str, ...] | None]) -> tuple[list[str], list[str]]:
-        return self.classifier.completion(*pair)

@@ -36,7 +36,7 @@ from diagnose.adapters._rollouts import empty_rollouts, groups_by_key, json_scal
 from diagnose.adapters._source import make_source
 from diagnose.adapters._values import as_float, as_step
 from diagnose.adapters._verl_turns import (  # noqa: F401 (answer_part, split_turns re-exported)
-    VerlTurnClassifier, WithPromptTools, answer_part, prompt_tool_names, split_turns)
+    VerlTurnClassifier, answer_part, prompt_tool_names, split_turns)
 from diagnose.adapters._verl_layout import (
     STEP_FILE_RE,
     VerlRun,
@@ -189,8 +189,7 @@ def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: 
     for r in rows:
         if r[1] not in tools:
             tools[r[1]] = prompt_tool_names(r[1])
-    pairs = [(r[2], tools[r[1]]) for r in rows]
-    cols.update(turn_columns(WithPromptTools(classifier), pairs))  # type: ignore[arg-type]
+    cols.update(turn_columns(classifier, completions, [tools[r[1]] for r in rows], cols["step"]))
     return rollouts_frame(cols, extras)
 
 

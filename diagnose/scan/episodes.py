@@ -64,6 +64,7 @@ IGNORED_SIGNALS: tuple[str, ...] = (
     r"lr", r"learning_rate", r"time/.*", r".*_time", r"epoch", r"global_step", r"phase", r"n_rollouts",
     r"ctx/[^/]+/n", r"skipped_update", r"completions/truncated", r"sft_examples", r"sft_loss",
     r"timing_s/.*", r"timing_per_token_ms/.*", r"perf/.*", r"training/(global_step|epoch|rollout_probs_diff_valid)",
+    r"turn_state/[^/]+/ci95",
 )
 _IGNORED = re.compile("|".join(f"(?:{p})" for p in IGNORED_SIGNALS) + r"\Z")
 

@@ -24,6 +24,7 @@ import polars as pl
 
 from diagnose.control_tokens import KEY_CONTEXT_ROLES
 from diagnose.rundir.schema import CTRL_PREFIX, CTRL_SEQ_PREFIX, ctrl_names_from_columns
+from diagnose.scan.sampling import turn_state_ci
 from diagnose.source import RunSource
 from diagnose.turns import TurnState
 
@@ -75,6 +76,8 @@ SIGNAL_SPECS: tuple[SignalSpec, ...] = (
     SignalSpec(r"turn_state/healthy_response", "rollouts|metrics", "both", "share of turns that are healthy final answers"),
     SignalSpec(r"turn_state/polluted", "rollouts|metrics", "up", "share of turns with a format error but usable content"),
     SignalSpec(r"turn_state/collapsed", "rollouts|metrics", "up", "share of turns with nothing usable (e.g. a bare <tool_call>)"),
+    SignalSpec(r"turn_state/[^/]+/ci95", "rollouts", "both",
+               "95% CI half-width of the turn-state share when turn states come from a sample (--sample)"),
     SignalSpec(r"format_error/.+", "rollouts|metrics", "up", "occurrences of that FormatError per assistant turn"),
     SignalSpec(r"rollouts/any_collapsed", "rollouts", "up", "share of rollouts with at least one collapsed turn"),
     SignalSpec(r"completion_chars", "rollouts", "both", "mean completion length in characters"),
@@ -266,7 +269,9 @@ def rollout_signals(rollouts: pl.LazyFrame) -> pl.DataFrame:
         ]
     if "accuracy" in schema:
         aggs.append(_finite_or_null(pl.col("accuracy")).mean().alias("accuracy"))
-    if "completion" in schema:
+    if "completion_chars" in schema:  # counted when the adapter read the text (which stays on disk)
+        aggs.append(pl.col("completion_chars").cast(pl.Float64).mean().alias("completion_chars"))
+    elif "completion" in schema:
         aggs.append(pl.col("completion").str.len_chars().cast(pl.Float64).mean().alias("completion_chars"))
     has_states = "turn_states" in schema and isinstance(schema["turn_states"], pl.List)
     if has_states:
@@ -298,6 +303,8 @@ def rollout_signals(rollouts: pl.LazyFrame) -> pl.DataFrame:
                                .drop_nulls("_err").group_by("step", "_err").len())
     res = dict(zip(named, pl.collect_all(list(named.values()), engine="streaming")))
     frames = [res["main"]] + ([res["groups"]] if "groups" in res else [])
+    if has_states:
+        frames.append(turn_state_ci(lf))  # only when the turn states come from a sample
     if "states" in res:
         states = res["states"]
         totals = (states.group_by("step").agg(pl.col("len").sum().alias("_turns"))
