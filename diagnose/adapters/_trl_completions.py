@@ -18,6 +18,7 @@ or non-conversational data) or a list of messages (TRL 1.16, conversational:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -147,11 +148,12 @@ class FileRows:
 
     frame: pl.DataFrame
     float_columns: list[str]
-    key: int  #: hash of (prompt, completion, advantage): an identical re-log has the same key
+    key: bytes  #: digest of (prompt, completion, advantage): an identical re-log has the same key
     messages: bool
     both: int = 0
     nulls: int = 0
     steps: set[int] = field(default_factory=set)
+    path: Path | None = None
 
 
 def _steps(df: pl.DataFrame, step: int, f: Path, issues: IssueLog) -> list[int]:
@@ -199,8 +201,10 @@ def _check_shapes(df: pl.DataFrame, f: Path, issues: IssueLog) -> None:
                                 "not read as model turns")
 
 
-def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) -> FileRows | None:
-    """The rows of ``completions_<step>.parquet`` (None: unreadable, reported)."""
+def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier, with_text: bool = True) -> FileRows | None:
+    """The rows of ``completions_<step>.parquet`` (None: unreadable, reported); without the
+    ``prompt``/``completion`` texts unless ``with_text`` (``completion_chars`` instead; `texts`
+    reads them again)."""
     schema, err = check_parquet(f)
     if err:
         issues.add(f, None, f"{err}; file skipped")
@@ -227,12 +231,14 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) 
     turns = classifier.turn_lists([c.texts if c is not None else [""] for c in cells], steps=steps)
     groups = groups_consecutive(prompts)
     floats = [c for c, dt in df.schema.items() if dt in _FLOAT and c not in CORE]
+    chatml = [c.chatml if c is not None else "" for c in cells]
     cols: dict[str, Any] = {
-        "step": steps, "sample_id": list(range(df.height)), "group_id": groups, "prompt": prompts,
-        "completion": [c.chatml if c is not None else "" for c in cells],
+        "step": steps, "sample_id": list(range(df.height)), "group_id": groups,
         "turn_states": turns.get_column("turn_states"), "error_types": turns.get_column("error_types"),
         "n_turns": turns.get_column("n_turns"),
     }
+    if with_text:
+        cols.update(prompt=prompts, completion=chatml)
     extras: dict[str, pl.Series] = {}
     for c in df.columns:
         if c in ("step", "prompt", "completion"):
@@ -242,9 +248,27 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) 
             s = pl.Series(c, [None if v is None else json.dumps(v, default=str) for v in s.to_list()], dtype=pl.String)
         extras[c] = s
     adv = df.get_column("advantage").cast(pl.Float64, strict=False).to_list() if "advantage" in df.columns else []
-    key = hash((tuple(map(str, raw)), tuple(prompts), tuple(_round(a) for a in adv)))
-    return FileRows(rollouts_frame(cols, extras), floats, key, any(isinstance(v, list) for v in raw),
-                    sum(c.both for c in cells if c), sum(c.nulls for c in cells if c), set(steps))
+    # a digest, not hash(): files may be read in other processes (another string-hash seed)
+    key = hashlib.blake2b(repr((tuple(map(str, raw)), tuple(prompts), tuple(_round(a) for a in adv)))
+                          .encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    frame = rollouts_frame(cols, extras)
+    if not with_text:
+        frame = frame.with_columns(pl.Series("completion_chars", [len(c) for c in chatml], dtype=pl.Int64))
+    return FileRows(frame, floats, key, any(isinstance(v, list) for v in raw),
+                    sum(c.both for c in cells if c), sum(c.nulls for c in cells if c), set(steps), f)
+
+
+TEXT = {"prompt": pl.String(), "completion": pl.String()}
+
+
+def texts(f: Path) -> pl.DataFrame:
+    """``prompt`` and ``completion`` of every row of a completions file, as `read_file` reads them."""
+    df, _ = read_parquet(f)
+    n = df.height if df is not None else 0
+    raw = df.get_column("completion").to_list() if n else []
+    prompts = [prompt_text(v) for v in df.get_column("prompt").to_list()] if n and "prompt" in df.columns else [None] * n
+    chatml = [c.chatml if c is not None else "" for c in map(cell_turns, raw)]
+    return pl.DataFrame({"prompt": prompts, "completion": chatml}, schema=TEXT)
 
 
 def _round(v: Any) -> Any:

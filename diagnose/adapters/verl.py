@@ -29,13 +29,13 @@ from typing import Any
 import polars as pl
 
 from diagnose.adapters._io import first_object, subdirs
-from diagnose.adapters._issues import IssueLog, NonFinite
+from diagnose.adapters._issues import IssueLog
 from diagnose.adapters._metrics import (derived_metrics, map_names, metrics_frame, non_numeric_metric_issues,
                                        nonfinite_metric_issues)
-from diagnose.adapters._rollouts import empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame, turn_columns
 from diagnose.adapters._source import make_source
-from diagnose.adapters._values import as_float, as_step
-from diagnose.adapters._verl_turns import (  # noqa: F401 (answer_part, split_turns re-exported)
+from diagnose.adapters._values import as_step
+from diagnose.adapters._verl_rollouts import read_rollouts
+from diagnose.adapters._verl_turns import (  # noqa: F401 (re-exported)
     VerlTurnClassifier, answer_part, prompt_tool_names, split_turns)
 from diagnose.adapters._verl_layout import (
     STEP_FILE_RE,
@@ -70,8 +70,6 @@ NAME_MAP: dict[str, str] = {
     "training/rollout_probs_diff_mean": "mismatch/abs_prob_diff",
 }
 
-_CORE = ("input", "output", "score", "step")
-_ACCURACY_KEYS = ("acc", "accuracy")
 
 # ---- detection ----------------------------------------------------------------------
 
@@ -102,95 +100,6 @@ def runs(p: Path) -> list[str]:
 
 
 # ---- rollouts -----------------------------------------------------------------------
-
-
-def _read_rollouts(files: list[tuple[int, Path]], issues: IssueLog, classifier: VerlTurnClassifier) -> pl.DataFrame:
-    rows: list[tuple[int, str | None, str, float | None, dict[str, Any]]] = []
-    nonfinite = NonFinite()
-    for fstep, f in files:
-        n_good = bad_step = missing_input = missing_score = 0
-        first: dict[str, int] = {}  # the first line of each counted problem: the issue names it
-        other_steps: set[int] = set()
-        for line_no, obj in iter_jsonl(f):
-            if isinstance(obj, LineError):
-                issues.line_error(obj)
-                continue
-            output = obj.get("output")
-            if not isinstance(output, str):
-                issues.add(f, line_no, f"no 'output' string (got {type(output).__name__}); line skipped")
-                continue
-            step = as_step(obj.get("step"))
-            if step is None:
-                bad_step += 1
-                first.setdefault("step", line_no)
-                step = fstep
-            elif step != fstep:
-                other_steps.add(step)
-            inp = obj.get("input")
-            if not isinstance(inp, str):
-                missing_input += 1
-                first.setdefault("input", line_no)
-                inp = None
-            score = obj.get("score")
-            reward = as_float(score)
-            if reward is None:
-                if score is None:
-                    missing_score += 1
-                else:
-                    issues.add(f, line_no, f"'score' is not a number ({type(score).__name__}); reward set to null")
-            nonfinite.check(f, "score", reward, line_no)
-            extra = {k: v for k, v in obj.items() if k not in _CORE}
-            for k, v in extra.items():
-                if isinstance(v, float):
-                    nonfinite.check(f, k, v, line_no)
-            rows.append((step, inp, output, reward, extra))
-            n_good += 1
-        if bad_step:
-            issues.add(f, first["step"], f"{bad_step} line(s) without a valid 'step' (this the first); the file "
-                       f"name's step {fstep} used")
-        if other_steps:
-            issues.step_mismatch(f, "lines", sorted(other_steps)[:5], fstep, "the 'step' key")
-        if missing_input:
-            issues.add(f, first["input"], f"{missing_input} line(s) without an 'input' string (this the first): each "
-                       "is its own group")
-        if missing_score:
-            issues.add(f, None, f"{missing_score} line(s) without 'score': reward is null")
-        if n_good == 0:
-            issues.add(f, None, "no readable rollout lines in this file")
-    nonfinite.flush(issues)
-    if not rows:
-        return empty_rollouts()
-    # ids within each step, in file/line order; groups: identical decoded prompt (no uid is
-    # dumped, and trainer.balance_batch reorders the batch)
-    by_step: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_step.setdefault(r[0], []).append(i)
-    sample_ids = [0] * len(rows)
-    group_ids = [0] * len(rows)
-    for idx in by_step.values():
-        gs = groups_by_key([rows[i][1] for i in idx])
-        for k, i in enumerate(idx):
-            sample_ids[i], group_ids[i] = k, gs[k]
-    completions = [r[2] for r in rows]
-    cols: dict[str, list[Any]] = {
-        "step": [r[0] for r in rows], "sample_id": sample_ids, "group_id": group_ids,
-        "prompt": [r[1] for r in rows], "completion": completions, "reward": [r[3] for r in rows],
-    }
-    keys: dict[str, None] = {}
-    for r in rows:
-        for k in r[4]:
-            keys.setdefault(k, None)
-    extras = {k: json_scalar_column(k, [r[4].get(k) for r in rows]) for k in keys}
-    for k in _ACCURACY_KEYS:
-        if k in extras and extras[k].dtype in (pl.Float64, pl.Int64, pl.Boolean):
-            cols["accuracy"] = extras[k].cast(pl.Float64).to_list()
-            break
-    tools: dict[str | None, tuple[str, ...] | None] = {}
-    for r in rows:
-        if r[1] not in tools:
-            tools[r[1]] = prompt_tool_names(r[1])
-    cols.update(turn_columns(classifier, completions, [tools[r[1]] for r in rows], cols["step"]))
-    return rollouts_frame(cols, extras)
 
 
 # ---- metrics ------------------------------------------------------------------------
@@ -322,8 +231,12 @@ def _without_validation(files: list[tuple[int, Path]], notes: list[str]) -> list
     return [x for x in files if x not in val]
 
 
-def _with_overlong_penalty(rollouts: pl.DataFrame, metrics: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
-    """The reward trained on, when the dump's ``score`` lacks DAPO's overlong penalty.
+_WITH_PENALTY = (pl.col("reward") + pl.col("overlong_reward").cast(pl.Float64)).alias("reward")
+
+
+def _overlong_penalty_applies(rollouts: pl.DataFrame, metrics: pl.DataFrame, notes: list[str]) -> bool:
+    """Whether the reward trained on is ``score + overlong_reward`` (`_WITH_PENALTY`), when the
+    dump's ``score`` lacks DAPO's overlong penalty.
 
     ``DAPORewardManager`` (``verl/workers/reward_manager/dapo.py``) trains on ``score +
     overlong_reward``; with a dict-returning ``compute_score`` its pre-penalty ``score`` key
@@ -332,13 +245,13 @@ def _with_overlong_penalty(rollouts: pl.DataFrame, metrics: pl.DataFrame, notes:
     does: the penalty is added only where the dumped scores miss it and the sum matches."""
     if "overlong_reward" not in rollouts.columns or "critic/score/mean" not in metrics.columns or \
             rollouts.schema["overlong_reward"] not in (pl.Float64, pl.Int64):
-        return rollouts
+        return False
     with_pen = pl.col("reward") + pl.col("overlong_reward").cast(pl.Float64)
     per = rollouts.group_by("step").agg(pl.col("reward").mean().alias("dumped"), with_pen.mean().alias("penalised")) \
         .join(metrics.select("step", pl.col("critic/score/mean").alias("trained")), on="step").drop_nulls() \
         .filter(pl.col("trained").is_finite())
     if per.height == 0:
-        return rollouts
+        return False
 
     def matches(c: str) -> bool:
         tol = 1e-3 * pl.max_horizontal(pl.lit(1.0), pl.col("trained").abs())
@@ -348,8 +261,8 @@ def _with_overlong_penalty(rollouts: pl.DataFrame, metrics: pl.DataFrame, notes:
         notes.append("the dumped 'score' is the reward function's own score, before DAPO's overlong penalty (a "
                      "dict-returning compute_score replaces verl's score key); reward = score + overlong_reward, as "
                      "trained (it matches critic/score/mean)")
-        return rollouts.with_columns(with_pen.alias("reward"))
-    return rollouts
+        return True
+    return False
 
 
 def _own_dumps(files: list[tuple[int, Path]], metrics: pl.DataFrame, mfile: Path,
@@ -407,7 +320,6 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
     of a folder holding several. Other options are ignored."""
     issues = IssueLog()
     notes: list[str] = []
-    classifier = VerlTurnClassifier()
     files: list[tuple[int, Path]] = []
     mfiles: list[Path] = []
     chosen: VerlRun | None = None
@@ -449,7 +361,7 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
     mdf = read_metrics(mfiles, issues)
     if mdf is not None and len(files) > 1:
         files = _own_dumps(files, mdf, mfiles[0], issues)
-    rollouts = _read_rollouts(files, issues, classifier)
+    small, rollouts = read_rollouts(files, issues)
     if not files:
         notes.append("no <step>.jsonl rollout dumps (trainer.rollout_data_dir unset?): no rollouts, no turn states")
     else:
@@ -459,9 +371,10 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
                      "(user\\n...\\nassistant\\n); a turn is classified by its text after </think> (Qwen3 reasoning); "
                      "no token probabilities")
     if mdf is not None:
-        mdf = _map_lengths(mdf, rollouts, notes)
-        rollouts = _with_overlong_penalty(rollouts, mdf, notes)
-    derived = derived_metrics(rollouts)
+        mdf = _map_lengths(mdf, small, notes)
+        if _overlong_penalty_applies(small, mdf, notes):
+            small, rollouts = small.with_columns(_WITH_PENALTY), rollouts.with_columns(_WITH_PENALTY)
+    derived = derived_metrics(small)
     for k in sorted(_options):
         notes.append(f"option {k} is not used by the verl adapter; ignored")
     if mdf is None:

@@ -83,7 +83,8 @@ MAX_TREE_FILES = 200_000
 
 _SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.adapters", "diagnose.rundir.reader", "diagnose.turns",
                 "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl", "diagnose.source",
-                "diagnose.rescore.tables")  # the rescored tables attached to a source
+                "diagnose.rescore.tables",  # the rescored tables attached to a source
+                "diagnose.turn_batch", "diagnose.scan.sampling")
 _EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.episodes", "diagnose.scan.result")
 
 

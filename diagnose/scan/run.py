@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -174,10 +175,16 @@ def _quick_check(scan: _Scan) -> RunScanResult | None:
 def _load(scan: _Scan) -> RunSource:
     """Stage 2: the run, with the file checks the cache kept and the load options."""
     from diagnose.adapters import load_run
+    from diagnose.adapters._stream import step_memo
 
     scan.report("load", 0, None)
     checks = scan.cached.file_checks(scan.format) if scan.cached is not None else None
-    with sampling(*scan.sample) if scan.sample is not None else contextlib.nullcontext():
+    memo = None
+    if scan.use_cache:  # what each step file gave, kept beside the cache: a re-scan reads only new files
+        d = cache.cache_dir_candidates(scan.root, scan.options.get("run"))[0]
+        memo = d.with_name(d.name + "-steps")
+    salt = json.dumps([cache.signals_key(scan.cfg, scan.format or "", scan.options_key)["code"], scan.options_key])
+    with sampling(*scan.sample) if scan.sample is not None else contextlib.nullcontext(), step_memo(memo, salt):
         src = load_run(scan.arg, format=scan.format, file_checks=checks, **scan.options)  # rescored tables attached
     scan.report("load", 1, 1)
     return src
