@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_scan import Clock, Launcher, vm_hwm  # noqa: E402  (launcher first: before heavy imports)
+from bench_scan import Launcher, vm_hwm  # noqa: E402  (launcher first: before heavy imports)
 
 GOAL_FLOOR = {"verl": 3.0, "trl": 3.0, "open_instruct": 5.0}
 GOAL_RSS = 2e9
@@ -70,6 +70,33 @@ def load_options(layout: str, run: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # contenders (in a fresh process)
 # ---------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Wall and CPU seconds between start() and lap(): CPU of this process's threads and of the
+    children it waited for (the scan's pool workers)."""
+
+    def start(self) -> None:
+        self.t, self.c = time.perf_counter(), _cpu()
+
+    def lap(self) -> tuple[float, float]:
+        t, c = time.perf_counter(), _cpu()
+        out = (t - self.t, c - self.c)
+        self.t, self.c = t, c
+        return out
+
+
+def _cpu() -> float:
+    import resource
+
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _children_peak() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
 def floor(layout: str, files: list[Path]):
@@ -149,6 +176,7 @@ def worker(name: str, layout: str, run: Path, out: Path, opts: dict[str, Any]) -
     elif name == "incremental":
         res.update(incremental(layout, run, Path(opts["tmp"])))
     res["vm_hwm"] = vm_hwm()
+    res["children_peak"] = _children_peak()  # the largest pool worker (0: no pool)
     (out / "result.json").write_text(json.dumps(res, default=str))
 
 
@@ -248,6 +276,10 @@ def run_worker(launcher: Launcher, name: str, layout: str, run: Path, tmp: Path,
         raise SystemExit(f"worker {layout}/{name} failed with exit code {r['rc']}")
     res = json.loads((out / "result.json").read_text())
     res["peak_rss"] = r["maxrss"]
+    # with a pool: the parent's peak plus every worker at the largest worker's peak (an upper
+    # bound of what the processes held at once)
+    workers = min(8, len(os.sched_getaffinity(0))) if res.get("children_peak") else 0
+    res["peak_rss_tree"] = r["maxrss"] + workers * res.get("children_peak", 0)
     return res
 
 
@@ -295,6 +327,7 @@ def main() -> None:
                     b["seconds"] = min(b["seconds"], r["seconds"])
                     b["cpu"] = min(b["cpu"], r["cpu"])
                     b["peak_rss"] = max(b["peak_rss"], r["peak_rss"])
+                    b["peak_rss_tree"] = max(b["peak_rss_tree"], r["peak_rss_tree"])
             if not a.no_incremental:
                 best["incremental"] = run_worker(launcher, "incremental", layout, run, tmp, {})
             report[layout] = best
@@ -307,19 +340,23 @@ def main() -> None:
 
 
 def show(layout: str, best: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
-    print(f"{'contender':<12} {'wall':>9} {'CPU':>9} {'peak RSS':>10}")
+    print(f"{'contender':<12} {'wall':>9} {'CPU':>9} {'peak RSS':>10} {'with pool':>10}")
     for name in ("scan", "floor", "pandas", "incremental"):
         r = best.get(name)
         if r:
             extra = f"  (x{r['scaled']:.1f} scaled)" if r.get("scaled") else ""
-            print(f"{name:<12} {r['seconds']:>8.2f}s {r['cpu']:>8.2f}s {r['peak_rss'] / 1e9:>8.2f}GB{extra}")
+            print(f"{name:<12} {r['seconds']:>8.2f}s {r['cpu']:>8.2f}s {r['peak_rss'] / 1e9:>8.2f}GB "
+                  f"{r['peak_rss_tree'] / 1e9:>8.2f}GB{extra}")
     s, f = best["scan"], best["floor"]
     print(f"scan: verdict {s.get('verdict')}, onset {s.get('onset')}, {s.get('steps')} steps, {s.get('issues')} issues")
     ratio = s["seconds"] / f["seconds"]
     goal = GOAL_FLOOR[layout]
-    print(f"  scan / decode floor   {ratio:6.2f}   goal <= {goal}   {'PASS' if ratio <= goal else 'FAIL'}")
+    print(f"  scan / decode floor   {ratio:6.2f}   goal <= {goal}   {'PASS' if ratio <= goal else 'FAIL'}"
+          f"   (CPU seconds: {s['cpu'] / f['cpu']:.2f})")
     print(f"  pandas / scan         {best['pandas']['seconds'] / s['seconds']:6.2f}")
-    print(f"  scan peak RSS         {s['peak_rss'] / 1e9:6.2f} GB  goal <= 2 GB  {'PASS' if s['peak_rss'] <= GOAL_RSS else 'FAIL'}")
+    rss = s["peak_rss_tree"]
+    print(f"  scan peak RSS         {rss / 1e9:6.2f} GB  goal <= 2 GB  {'PASS' if rss <= GOAL_RSS else 'FAIL'}"
+          "   (parent + pool workers)")
     inc = best.get("incremental")
     if inc:
         q = inc["seconds"] / s["seconds"]

@@ -9,6 +9,7 @@ import json
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from diagnose.adapters import load_run
 from diagnose.adapters import _stream
@@ -143,7 +144,8 @@ def test_rescan_reads_only_the_new_step_file(run, tmp_path, monkeypatch):
     assert read == [f"{last + 1}.jsonl"]
     assert again.cache.signals == "incremental" and again.cache.steps_recomputed == [last + 1]
     fresh = scan_run(copy, use_cache=False)
-    assert again.signals.equals(fresh.signals)
+    # equal up to the order polars sums groups in (group_reward_std differs in the last bit run to run)
+    assert_frame_equal(again.signals, fresh.signals, check_exact=False)
     assert [str(i) for i in again.issues] == [str(i) for i in fresh.issues]
     assert first.signals.height + 1 == again.signals.height
 
@@ -154,10 +156,11 @@ def test_sampled_scan_reports_intervals(run):
     exact = scan_run(run.path, use_cache=False)
     est = scan_run(run.path, use_cache=False, sample=8, sample_seed=3)
     assert not any(c.endswith("/ci95") for c in exact.signals.columns)
-    ci = est.signals.get_column("turn_state/collapsed/ci95")
-    assert ci.drop_nulls().len() == est.signals.height and (ci > 0).any()
+    rows = est.signals.filter(pl.col("turn_state/collapsed").is_not_null())  # steps with rollouts
+    ci = rows.get_column("turn_state/collapsed/ci95")
+    assert ci.null_count() == 0 and (ci > 0).any()
     assert any("random sample of 8 rollout(s) per step" in n and "±" in n for n in est.notes)
     both = exact.signals.select("step", "turn_state/collapsed").join(
-        est.signals.select("step", pl.col("turn_state/collapsed").alias("e"), ci.alias("ci")), on="step")
+        rows.select("step", pl.col("turn_state/collapsed").alias("e"), ci.alias("ci")), on="step")
     inside = both.select(((pl.col("turn_state/collapsed") - pl.col("e")).abs() <= pl.col("ci") + 1e-12).mean()).item()
     assert inside >= 0.75  # 95% intervals; 8 steps
