@@ -37,13 +37,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_scan import Launcher, vm_hwm  # noqa: E402  (launcher first: before heavy imports)
+from bench_scan import Clock, Launcher, vm_hwm  # noqa: E402  (launcher first: before heavy imports)
 
 GOAL_FLOOR = {"verl": 3.0, "trl": 3.0, "open_instruct": 5.0}
 GOAL_RSS = 2e9
@@ -70,27 +69,6 @@ def load_options(layout: str, run: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # contenders (in a fresh process)
 # ---------------------------------------------------------------------------------------------
-
-
-class Clock:
-    """Wall and CPU seconds between start() and lap(): CPU of this process's threads and of the
-    children it waited for (the scan's pool workers)."""
-
-    def start(self) -> None:
-        self.t, self.c = time.perf_counter(), _cpu()
-
-    def lap(self) -> tuple[float, float]:
-        t, c = time.perf_counter(), _cpu()
-        out = (t - self.t, c - self.c)
-        self.t, self.c = t, c
-        return out
-
-
-def _cpu() -> float:
-    import resource
-
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 def _children_peak() -> int:
@@ -151,7 +129,7 @@ def pandas_per_file(layout: str, files: list[Path]):
 
 def worker(name: str, layout: str, run: Path, out: Path, opts: dict[str, Any]) -> None:
     res: dict[str, Any] = {"name": name}
-    clock = Clock()
+    clock = Clock(children=True)
     files = data_files(layout, run)
     if name == "scan":
         from diagnose.scan.run import scan_run
@@ -248,7 +226,7 @@ def incremental(layout: str, run: Path, tmp: Path) -> dict[str, Any]:
     copy = Path(tempfile.mkdtemp(prefix=f"inc-{layout}-", dir=tmp)) / run.name
     linked_copy(run, copy)
     opts = load_options(layout, run)
-    clock = Clock()
+    clock = Clock(children=True)
     clock.start()
     scan_run(copy, **opts)
     build = clock.lap()
