@@ -89,7 +89,10 @@ def floor(layout: str, files: list[Path]):
         reward = pl.col("score")
     elif layout == "trl":
         lf = pl.scan_parquet(files).select("step", "prompt", "completion", "accuracy_reward", "format_reward")
-        length = pl.col("completion").list.len()
+        # the message texts and calls decoded (a list length alone would skip the strings)
+        msg = pl.element().struct
+        length = (pl.col("completion").list.eval(msg.field("content").str.len_chars()).list.sum()
+                  + pl.col("completion").list.eval(msg.field("tool_calls").list.len()).list.sum())
         prompt = pl.col("prompt").list.last().struct.field("content")
         reward = pl.col("accuracy_reward") + pl.col("format_reward")
     else:

@@ -216,12 +216,10 @@ def _hermes(df: pl.DataFrame, states: list[str | None], errors: list[tuple[str, 
         (pl.col("body").str.count_matches(r"[\[{]").max() > _MAX_BRACKETS).alias("deep"),
         pl.col("body").str.contains(_BIG_INT).any().alias("big_int"),
     ).filter(~pl.col("deep") & ~pl.col("big_int") & (pl.col("text_after") | ~pl.col("gap_non_ascii")))
-    keep = set(after.get_column("i").to_list())
     text_after = dict(zip(after.get_column("i").to_list(), after.get_column("text_after").to_list()))
+    bodies = pieces.filter(pl.col("i").is_in(after.get_column("i").implode()))
     calls: dict[int, list[tuple[str, Any]] | None] = {}
-    for i, body in pieces.select("i", "body").iter_rows():
-        if i not in keep:
-            continue
+    for i, body in zip(bodies.get_column("i").to_list(), bodies.get_column("body").to_list()):
         got = calls.setdefault(i, [])
         if got is None:
             continue

@@ -221,11 +221,11 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier, 
         return None
     steps = _steps(df, step, f, issues)
     _check_shapes(df, f, issues)
-    raw = df.get_column("completion").to_list()
+    raw = _values(df.get_column("completion"))
     cells = [cell_turns(v) for v in raw]
     if any(c is None for c in cells):
         issues.add(f, None, f"{sum(c is None for c in cells)} row(s) with a null 'completion' (read as empty)")
-    prompts = [prompt_text(v) for v in df.get_column("prompt").to_list()] if "prompt" in df.columns else [None] * df.height
+    prompts = [prompt_text(v) for v in _values(df.get_column("prompt"))] if "prompt" in df.columns else [None] * df.height
     if "prompt" not in df.columns:
         issues.add(f, None, "no 'prompt' column: each row is its own group")
     turns = classifier.turn_lists([c.texts if c is not None else [""] for c in cells], steps=steps)
@@ -249,8 +249,7 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier, 
         extras[c] = s
     adv = df.get_column("advantage").cast(pl.Float64, strict=False).to_list() if "advantage" in df.columns else []
     # a digest, not hash(): files may be read in other processes (another string-hash seed)
-    key = hashlib.blake2b(repr((tuple(map(str, raw)), tuple(prompts), tuple(_round(a) for a in adv)))
-                          .encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    key = _table_key(df, adv)
     frame = rollouts_frame(cols, extras)
     if not with_text:
         frame = frame.with_columns(pl.Series("completion_chars", [len(c) for c in chatml], dtype=pl.Int64))
@@ -265,10 +264,26 @@ def texts(f: Path) -> pl.DataFrame:
     """``prompt`` and ``completion`` of every row of a completions file, as `read_file` reads them."""
     df, _ = read_parquet(f)
     n = df.height if df is not None else 0
-    raw = df.get_column("completion").to_list() if n else []
-    prompts = [prompt_text(v) for v in df.get_column("prompt").to_list()] if n and "prompt" in df.columns else [None] * n
+    raw = _values(df.get_column("completion")) if n else []
+    prompts = [prompt_text(v) for v in _values(df.get_column("prompt"))] if n and "prompt" in df.columns else [None] * n
     chatml = [c.chatml if c is not None else "" for c in map(cell_turns, raw)]
     return pl.DataFrame({"prompt": prompts, "completion": chatml}, schema=TEXT)
+
+
+def _values(s: pl.Series) -> list[Any]:
+    """The column as Python values (nested columns through Arrow: the same values, 2x faster)."""
+    return s.to_arrow().to_pylist() if s.dtype.is_nested() else s.to_list()
+
+
+def _table_key(df: pl.DataFrame, adv: list[Any]) -> bytes:
+    """A digest of (completion, prompt, rounded advantage): an identical re-log has the same one.
+    polars' row hash has fixed seeds, so it is the same in every process (files may be read on a
+    pool); not Python's ``hash`` (seeded per process)."""
+    cols = [c for c in ("completion", "prompt") if c in df.columns]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(df.select(cols).hash_rows().to_numpy().tobytes())
+    h.update(repr(tuple(_round(a) for a in adv)).encode())
+    return h.digest()
 
 
 def _round(v: Any) -> Any:

@@ -183,7 +183,8 @@ def _load(scan: _Scan) -> RunSource:
     if scan.use_cache:  # what each step file gave, kept beside the cache: a re-scan reads only new files
         d = cache.cache_dir_candidates(scan.root, scan.options.get("run"))[0]
         memo = d.with_name(d.name + "-steps")
-    salt = json.dumps([cache.signals_key(scan.cfg, scan.format or "", scan.options_key)["code"], scan.options_key])
+    salt = json.dumps([cache.signals_key(scan.cfg, scan.format or "", scan.options_key)["code"], scan.options_key,
+                       pl.__version__])  # (polars' row hash keys TRL files)
     with sampling(*scan.sample) if scan.sample is not None else contextlib.nullcontext(), step_memo(memo, salt):
         src = load_run(scan.arg, format=scan.format, file_checks=checks, **scan.options)  # rescored tables attached
     scan.report("load", 1, 1)
