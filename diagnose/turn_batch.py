@@ -36,6 +36,7 @@ import polars as pl
 
 from diagnose.format_errors import FormatError
 from diagnose.toolcall import CallSyntax
+from diagnose.transcripts import VERL_TOOL_ROUND
 from diagnose.turns import TurnState, classify_turn
 
 __all__ = ["PY_WHITESPACE", "Fallback", "classify_completions", "classify_turn_lists", "classify_turns",
@@ -269,10 +270,9 @@ def _call(body: str) -> tuple[str, Any] | None:
 #: `split(text) -> turns`: the reference splitter of a trainer's transcripts.
 Splitter = Callable[[str], "list[str]"]
 
-# verl's tool round as `diagnose.adapters._verl_turns` matches it, when every "user\n" of the text
-# opens a tool response (the interaction-round alternative, with its look-arounds, cannot match)
-_VERL_ROUND = (r"(?s)\n?(?:user|tool)\n<tool_response>\n.*?\n</tool_response>"
-               r"(?:\n<tool_response>\n.*?\n</tool_response>)*\nassistant\n")
+# verl's tool round (`diagnose.transcripts`), when every "user\n" of the text opens a tool
+# response (the interaction-round alternative, with its look-arounds, cannot match)
+_VERL_ROUND = "(?s)" + VERL_TOOL_ROUND
 _SEP = "\x00"
 
 

@@ -1,7 +1,7 @@
-"""Rollouts read file by file (`diagnose.adapters._verl_rollouts`, `_stream`) are the rollouts read
-all at once: same rows, ids, groups, turn states and column types, serially and on the process
-pool; texts come back when asked for, one step's files at a time; sampling keeps the seeded
-subset of each step, whatever the file order."""
+"""Rollouts read file by file (`diagnose.adapters.verl.rollouts`, `diagnose.adapters._common.stream`)
+are the rollouts read all at once: same rows, ids, groups, turn states and column types, serially
+and on the process pool; texts come back when asked for, one step's files at a time; sampling keeps
+the seeded subset of each step, whatever the file order."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from diagnose.adapters import load_run
-from diagnose.adapters import _stream
-from diagnose.adapters._issues import IssueLog
-from diagnose.adapters._verl_layout import step_files
-from diagnose.adapters._verl_rollouts import read_in_memory, read_rollouts
+from diagnose.adapters._common import stream as _stream
+from diagnose.adapters._common.issues import IssueLog
+from diagnose.adapters.verl.layout import step_files
+from diagnose.adapters.verl.rollouts import read_in_memory, read_rollouts
 from diagnose.synth.foreign import write_verl_run
 from diagnose.turn_batch import sample_mask, sampling
 
@@ -107,8 +107,8 @@ def test_sampled_load_classifies_the_sample_only(run):
 
 @pytest.mark.parametrize("completions", ["messages", "text"])
 def test_trl_texts_read_back_as_read_file_reads_them(tmp_path, completions, monkeypatch):
-    from diagnose.adapters._trl_completions import read_file
-    from diagnose.adapters._turns import TurnClassifier
+    from diagnose.adapters.trl.completions import read_file
+    from diagnose.adapters._common.turns import TurnClassifier
     from diagnose.synth.foreign import write_trl_run
 
     r = write_trl_run(tmp_path / "trl", 6, 4, seed=2, group_size=3, prompts_per_step=4, completions=completions)
@@ -127,7 +127,7 @@ def test_trl_texts_read_back_as_read_file_reads_them(tmp_path, completions, monk
 def test_rescan_reads_only_the_new_step_file(run, tmp_path, monkeypatch):
     import shutil
 
-    from diagnose.adapters import _verl_rollouts
+    from diagnose.adapters.verl import rollouts as _verl_rollouts
     from diagnose.scan.run import scan_run
 
     copy = tmp_path / "launch"

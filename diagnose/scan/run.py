@@ -38,10 +38,12 @@ from diagnose import __version__
 from diagnose.scan import cache
 from diagnose.scan.cache import Cached
 from diagnose.scan.detect import DetectConfig
-from diagnose.scan.episodes import PriorScan, scan_source
+from diagnose.scan.episodes import PriorScan
+from diagnose.scan.names import is_context_count
 from diagnose.scan.result import CacheInfo, RunScanResult, wrap_result
 from diagnose.scan.sampling import sample_note
 from diagnose.scan.signals import combine_signals, merge_signals, metric_signals, step_signals
+from diagnose.scan.verdict import scan_source
 from diagnose.source import RunSource
 from diagnose.turn_batch import sampling
 
@@ -175,7 +177,7 @@ def _quick_check(scan: _Scan) -> RunScanResult | None:
 def _load(scan: _Scan) -> RunSource:
     """Stage 2: the run, with the file checks the cache kept and the load options."""
     from diagnose.adapters import load_run
-    from diagnose.adapters._stream import step_memo
+    from diagnose.adapters._common.stream import step_memo
 
     scan.report("load", 0, None)
     checks = scan.cached.file_checks(scan.format) if scan.cached is not None else None
@@ -324,7 +326,7 @@ def _fill_counts(df: pl.DataFrame) -> pl.DataFrame:
     if "n_tokens" in df.columns:
         has = pl.col("n_tokens").is_not_null()
         fills += [pl.when(has & pl.col(c).is_null()).then(pl.lit(0.0)).otherwise(pl.col(c)).alias(c)
-                  for c in df.columns if c.startswith("ctx/") and c.endswith("/n")]
+                  for c in df.columns if is_context_count(c)]
     return df.with_columns(fills) if fills else df
 
 
