@@ -16,13 +16,14 @@ from diagnose.adapters._common import stream as _stream
 from diagnose.adapters._common.issues import IssueLog
 from diagnose.adapters.verl.layout import step_files
 from diagnose.adapters.verl.rollouts import read_in_memory, read_rollouts
-from diagnose.synth.foreign import write_verl_run
+from diagnose.synth.foreign import Sampling, write_verl_run
 from diagnose.turn_batch import sample_mask, sampling
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return write_verl_run(tmp_path_factory.mktemp("verl") / "launch", 8, 5, seed=3, group_size=4, prompts_per_step=6)
+    return write_verl_run(tmp_path_factory.mktemp("verl") / "launch", 8, 5, seed=3,
+                          sampling=Sampling(group_size=4, prompts_per_step=6))
 
 
 def files_of(path):
@@ -111,7 +112,8 @@ def test_trl_texts_read_back_as_read_file_reads_them(tmp_path, completions, monk
     from diagnose.adapters._common.turns import TurnClassifier
     from diagnose.synth.foreign import write_trl_run
 
-    r = write_trl_run(tmp_path / "trl", 6, 4, seed=2, group_size=3, prompts_per_step=4, completions=completions)
+    r = write_trl_run(tmp_path / "trl", 6, 4, seed=2, sampling=Sampling(group_size=3, prompts_per_step=4),
+                      completions=completions)
     got = load_run(r.path).rollouts.collect()
     log = IssueLog()
     want = pl.concat([read_file(s, f, log, TurnClassifier()).frame
