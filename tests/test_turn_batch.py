@@ -170,3 +170,51 @@ def test_states_and_errors_are_the_taxonomy():
     got = classify_turns(grammar.turns(3, "hermes", 300), grammar.tool_lists(3, 300))
     assert set(got.get_column("state")) <= {s.value for s in TurnState}
     assert set(got.get_column("errors").explode().drop_nulls()) <= {e.value for e in FormatError}
+
+
+# ---- completions: the verl split (one polars pass) against diagnose.transcripts.split_turns ----
+
+_TOOL_ROUND = st.builds(lambda who, bodies: f"\n{who}\n" + "\n".join(f"<tool_response>\n{b}\n</tool_response>" for b in bodies)
+                        + "\nassistant\n", st.sampled_from(["user", "tool"]),
+                        st.lists(st.sampled_from(["42", '{"ok": true}', "a\nb", "", "user\nx"]), min_size=1, max_size=3))
+_ROUND = st.one_of(
+    _TOOL_ROUND,
+    _TOOL_ROUND.map(lambda r: r[1:]),  # no newline before the role: verl's stripped <|im_end|>
+    st.just("user\nplease try again\nassistant\n"),  # an interaction round
+    st.just(" user\nnot a round\nassistant\n"),
+    st.just("user\nfeedback cut by response_length"),
+    st.just("user\n<tool_response>\na tool round cut by response_length"),
+    st.just("<|im_end|>\n<|im_start|>user\n<tool_response>\n1\n</tool_response><|im_end|>\n<|im_start|>assistant\n"),
+)
+_PIECE = st.one_of(TURNS, st.sampled_from(["", "user", "assistant\n", "\x00", "tool\n"]))
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(_PIECE, st.lists(_ROUND, max_size=2)), min_size=1, max_size=4))
+def test_verl_split_matches_split_turns(parts):
+    """`split_completions(..., fast="verl")` cuts exactly where the reference splitter of the
+    verl dialect does, on texts with tool rounds, interaction rounds, cut rounds, ChatML left in."""
+    from diagnose.transcripts import Dialect, split_turns
+    from diagnose.turn_batch import split_completions
+
+    texts = ["".join(p + "".join(rounds) for p, rounds in parts[:k]) for k in range(1, len(parts) + 1)] + [None]
+    calls: list[str] = []
+
+    def reference_split(t):
+        calls.append(t)
+        return split_turns(t, Dialect.VERL)
+
+    got = split_completions(pl.Series(texts, dtype=pl.String), reference_split, fast="verl")
+    for row, text in enumerate(texts):
+        turns = got.filter(pl.col("row") == row).get_column("turn").to_list()
+        assert turns == split_turns(text, Dialect.VERL), repr(text)
+
+
+def test_verl_split_fast_path_is_taken():
+    """Texts with tool rounds only never reach the reference splitter (the fast path is real)."""
+    from diagnose.turn_batch import split_completions
+
+    rnd = "user\n<tool_response>\n{\"r\": 1}\n</tool_response>\nassistant\n"
+    texts = pl.Series([f"<tool_call>\n{{}}\n</tool_call>{rnd}done", "plain answer", f"a{rnd}b{rnd}"])
+    got = split_completions(texts, lambda t: pytest.fail(f"reference split called on {t!r}"), fast="verl")
+    assert got.get_column("turn").to_list() == ["<tool_call>\n{}\n</tool_call>", "done", "plain answer", "a", "b", ""]
