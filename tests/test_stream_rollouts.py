@@ -46,6 +46,20 @@ def test_streamed_equals_in_memory(run):
     check_same(files_of(run.path))
 
 
+def test_batch_turn_states_equal_the_reference(run):
+    """The batch classification (fast split, fast path) gives what `TurnClassifier.completion`
+    (`split_turns` in the verl dialect, then `classify_turn` turn by turn) gives, row by row."""
+    from diagnose.adapters._common.turns import TurnClassifier
+    from diagnose.adapters.verl.dumps import prompt_tool_names
+    from diagnose.transcripts import Dialect
+
+    df = load_run(run.path).rollouts.collect()
+    ref = TurnClassifier(dialect=Dialect.VERL)
+    for prompt, text, states, errors in df.select("prompt", "completion", "turn_states", "error_types").iter_rows():
+        assert (states, errors) == ref.completion(text, prompt_tool_names(prompt)), repr(text)
+    assert df.get_column("turn_states").list.len().max() > 1  # multi-turn texts were split
+
+
 def test_pool_equals_serial(run, monkeypatch):
     monkeypatch.setattr(_stream, "POOL_MIN_BYTES", 0)
     small, _ = check_same(files_of(run.path))
