@@ -216,23 +216,36 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier, 
     if df.height == 0:
         issues.add(f, None, "no rows; file skipped")
         return None
-    steps = _steps(df, step, f, issues)
     _check_shapes(df, f, issues)
-    raw = _values(df.get_column("completion"))
-    cells = [cell_turns(v) for v in raw]
-    if any(c is None for c in cells):
-        issues.add(f, None, f"{sum(c is None for c in cells)} row(s) with a null 'completion' (read as empty)")
-    prompts = [prompt_text(v) for v in _values(df.get_column("prompt"))] if "prompt" in df.columns else [None] * df.height
-    if "prompt" not in df.columns:
+    return frame_rows(step, df, f, issues, classifier, with_text=with_text)
+
+
+def frame_rows(step: int, df: pl.DataFrame, f: Path, issues: IssueLog, classifier: TurnClassifier,
+               cells: dict[str, list[Any]] | None = None, with_text: bool = True) -> FileRows:
+    """The rows of one logged completions table: ``df`` as TRL's ``pd.DataFrame(table)`` was
+    stored (a parquet file, or a W&B ``completions`` table), ``step`` its log's step. ``cells``:
+    the ``prompt`` / ``completion`` values as Python objects where ``df`` cannot hold them
+    (message lists of a W&B table); else they are ``df``'s columns. Turns are classified as one
+    batch (`TurnClassifier.turn_lists`); without the texts unless ``with_text`` (see `read_file`)."""
+    cells = cells or {}
+    steps = _steps(df, step, f, issues)
+    raw = cells["completion"] if "completion" in cells else _values(df.get_column("completion"))
+    turns = [cell_turns(v) for v in raw]
+    if any(c is None for c in turns):
+        issues.add(f, None, f"{sum(c is None for c in turns)} row(s) with a null 'completion' (read as empty)")
+    prompt_cells = cells["prompt"] if "prompt" in cells else (_values(df.get_column("prompt")) if "prompt" in df.columns
+                                                               else None)
+    prompts = [prompt_text(v) for v in prompt_cells] if prompt_cells is not None else [None] * len(raw)
+    if prompt_cells is None:
         issues.add(f, None, "no 'prompt' column: each row is its own group")
-    turns = classifier.turn_lists([c.texts if c is not None else [""] for c in cells], steps=steps)
+    got = classifier.turn_lists([c.texts if c is not None else [""] for c in turns], steps=steps)
     groups = groups_consecutive(prompts)
     floats = [c for c, dt in df.schema.items() if dt in _FLOAT and c not in CORE]
-    chatml = [c.chatml if c is not None else "" for c in cells]
+    chatml = [c.chatml if c is not None else "" for c in turns]
     cols: dict[str, Any] = {
-        "step": steps, "sample_id": list(range(df.height)), "group_id": groups,
-        "turn_states": turns.get_column("turn_states"), "error_types": turns.get_column("error_types"),
-        "n_turns": turns.get_column("n_turns"),
+        "step": steps, "sample_id": list(range(len(raw))), "group_id": groups,
+        "turn_states": got.get_column("turn_states"), "error_types": got.get_column("error_types"),
+        "n_turns": got.get_column("n_turns"),
     }
     if with_text:
         cols.update(prompt=prompts, completion=chatml)
@@ -246,12 +259,12 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier, 
         extras[c] = s
     adv = df.get_column("advantage").cast(pl.Float64, strict=False).to_list() if "advantage" in df.columns else []
     # a digest, not hash(): files may be read in other processes (another string-hash seed)
-    key = _table_key(df, adv)
+    key = _table_key(df, adv) if not cells else _cells_key(raw, prompts, adv)
     frame = rollouts_frame(cols, extras)
     if not with_text:
         frame = frame.with_columns(pl.Series("completion_chars", [len(c) for c in chatml], dtype=pl.Int64))
     return FileRows(frame, floats, key, any(isinstance(v, list) for v in raw),
-                    sum(c.both for c in cells if c), sum(c.nulls for c in cells if c), set(steps), f)
+                    sum(c.both for c in turns if c), sum(c.nulls for c in turns if c), set(steps), f)
 
 
 TEXT = {"prompt": pl.String(), "completion": pl.String()}
@@ -280,6 +293,13 @@ def _table_key(df: pl.DataFrame, adv: list[Any]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(df.select(cols).hash_rows().to_numpy().tobytes())
     h.update(repr(tuple(_round(a) for a in adv)).encode())
+    return h.digest()
+
+
+def _cells_key(raw: list[Any], prompts: list[str | None], adv: list[Any]) -> bytes:
+    """`_table_key` of a table whose texts are Python cells (a W&B table)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(map(str, raw)), tuple(prompts), tuple(_round(a) for a in adv))).encode("utf-8", "surrogatepass"))
     return h.digest()
 
 
