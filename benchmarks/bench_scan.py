@@ -107,7 +107,6 @@ TARGET_INCREMENTAL = 0.05  # incremental / full < this
 # ---------------------------------------------------------------------------------------------
 
 
-
 def worker(name: str, data: Path, out: Path, opts: dict[str, Any]) -> None:
     """Runs in a fresh process; writes ``out/result.json`` (+ ``out/result.parquet``): ``seconds``
     (wall) and ``cpu`` (CPU seconds) of the timed part, imports excluded."""

@@ -15,23 +15,31 @@ from typing import Any
 
 
 class Clock:
-    """Wall and CPU seconds (all threads of this process) of the code between start() and lap()."""
+    """Wall and CPU seconds (all threads of this process; with ``children``, also of the child
+    processes it waited for, e.g. a pool) of the code between start() and lap()."""
+
+    def __init__(self, children: bool = False) -> None:
+        self.children = children
 
     def start(self) -> None:
-        self.t, self.c = time.perf_counter(), _cpu()
+        self.t, self.c = time.perf_counter(), _cpu(self.children)
 
     def lap(self) -> tuple[float, float]:
-        t, c = time.perf_counter(), _cpu()
+        t, c = time.perf_counter(), _cpu(self.children)
         out = (t - self.t, c - self.c)
         self.t, self.c = t, c
         return out
 
 
-def _cpu() -> float:
+def _cpu(children: bool = False) -> float:
     import resource
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    out = ru.ru_utime + ru.ru_stime
+    if children:
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out += ch.ru_utime + ch.ru_stime
+    return out
 
 
 def add_step_copy(run: Path, new_step: int) -> None:

@@ -157,9 +157,12 @@ class LoadOptions:
     metrics: Path | None = None
     run: str | None = None
     tokenizer: str | None = None
+    sample: int | None = None
+    sample_seed: int = 0
 
     def kwargs(self) -> dict:
-        return {"metrics": self.metrics, "run": self.run, "tokenizer": self.tokenizer}
+        return {"metrics": self.metrics, "run": self.run, "tokenizer": self.tokenizer, "sample": self.sample,
+                "sample_seed": self.sample_seed}
 
 
 METRICS_HELP = ("Where the run's metrics are, when not found with it: verl's file-logger JSONL, or an experiment "
@@ -318,6 +321,11 @@ def scan(
     metrics: Path = typer.Option(None, "--metrics", help=METRICS_HELP, show_default=False),
     run_name: str = typer.Option(None, "--run", help=RUN_HELP, show_default=False),
     tokenizer: str = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP, show_default=False),
+    sample: int = typer.Option(None, "--sample", min=1, show_default=False,
+                               help="Classify the turns of N random rollouts per step only (faster on huge runs); "
+                                    "turn-state shares are then estimates, reported with 95% confidence intervals. "
+                                    "Default: every rollout (exact)."),
+    sample_seed: int = typer.Option(0, "--sample-seed", help="Seed of the --sample draw."),
 ) -> None:
     """Did the run collapse, when, and what moved first? Verdict, collapse episodes (onset,
     trough, recovery, severity), signals that moved before the drop with their lead, implicated
@@ -325,7 +333,7 @@ def scan(
 
     Results are cached in the run (re-scans recompute only new or changed steps)."""
     result = _scan_or_exit(run, format, not no_cache, progress=err_console.is_terminal and not as_json,
-                           opts=LoadOptions(metrics, run_name, tokenizer))
+                           opts=LoadOptions(metrics, run_name, tokenizer, sample, sample_seed))
     probe, hint = _probe_results(run, result)
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), allow_nan=False) + "\n")

@@ -38,6 +38,53 @@ def _reject_constant(name: str) -> float:
     return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
 
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a core dependency; the json path is the reference anyway
+    orjson = None
+
+# What orjson reads differently from json: integers beyond 64 bits (orjson makes them floats)
+# and nesting deeper than Python's recursion limit (json raises, orjson reads it). A parsed
+# object is checked for both (`_exact`, cheap on lines of a few values); lines with long lists
+# (token ids) are checked on their bytes instead (no 19-digit run, few brackets). Such lines, and
+# any line orjson refuses (NaN, a BOM, lone surrogates, bad UTF-8, ...), go through json.
+_DIGITS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))  # digits -> "0", the rest -> " "
+_LONG_DIGITS = b"0" * 19
+_MAX_DEPTH = 200
+_BIG = 9.2e18  # below 2**63: a float this large may be an integer orjson could not hold
+
+
+def _exact(obj: Any, raw: bytes) -> bool:
+    """Whether ``json.loads(raw)`` gives ``obj`` (what orjson gave)."""
+    stack = [(obj, 0)]
+    while stack:
+        o, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            return False
+        if type(o) is list and len(o) > 64:  # long lists: one pass over the bytes is cheaper
+            return raw.count(b"[") + raw.count(b"{") <= _MAX_DEPTH and _LONG_DIGITS not in raw.translate(_DIGITS)
+        for v in (o.values() if type(o) is dict else o):
+            t = type(v)
+            if t is float:
+                if not -_BIG < v < _BIG:
+                    return False
+            elif t is dict or t is list:
+                stack.append((v, depth + 1))
+    return True
+
+
+def _fast_loads(raw: bytes) -> Any:
+    """The object ``json.loads`` gives for ``raw``, through orjson (~5x faster), or None when
+    only json can say (the caller then uses json, which also words the error)."""
+    if orjson is None:
+        return None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if (type(obj) is dict or type(obj) is list) and _exact(obj, raw) else None
+
+
 def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES,
                limit_name: str = "MAX_LINE_BYTES") -> Iterator[tuple[int, dict[str, Any] | LineError]]:
     """Yield ``(line_no, object)`` for each JSON-object line and ``(line_no, LineError)`` for each
@@ -70,6 +117,10 @@ def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES,
                 yield line_no, LineError(name, line_no, f"line longer than {max_line_bytes} bytes ({limit_name}), skipped")
                 continue
             if not raw.strip():
+                continue
+            obj = _fast_loads(raw)
+            if isinstance(obj, dict):
+                yield line_no, obj
                 continue
             try:
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM (Windows editors) is no error

@@ -112,8 +112,10 @@ _TRL_TOOL_SUFFIX = re.compile(r"\nuser(?:\n<tool_response>\n.*?\n</tool_response
 # block per executed call) then the generation prompt "\nassistant\n"; or an interaction's user
 # message (ToolAgentLoop._handle_interacting_state): "user\n<feedback>\nassistant\n", right after
 # the turn (its <|im_end|> stripped, so no whitespace before "user") or at the very start
-_VERL_ROUND = re.compile(r"(\n?(?:user|tool)\n<tool_response>\n.*?\n</tool_response>"
-                         r"(?:\n<tool_response>\n.*?\n</tool_response>)*\nassistant\n)"
+#: one tool round (`diagnose.turn_batch` splits with it where a text has no other round)
+VERL_TOOL_ROUND = (r"\n?(?:user|tool)\n<tool_response>\n.*?\n</tool_response>"
+                   r"(?:\n<tool_response>\n.*?\n</tool_response>)*\nassistant\n")
+_VERL_ROUND = re.compile(rf"({VERL_TOOL_ROUND})"
                          r"|(?:\A|(?<![ \t]))user\n(?!<tool_response>\n).*?\nassistant\n", re.DOTALL)
 # an interaction round cut by response_length (run() keeps response_ids[:response_length]; the
 # user message is appended without a length check), at the end of the response

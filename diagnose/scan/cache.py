@@ -86,7 +86,8 @@ _SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.scan.token_signals", "diagnos
                 "diagnose.scan.names", "diagnose.adapters", "diagnose.rundir", "diagnose.turns",
                 "diagnose.transcripts", "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl",
                 "diagnose.source", "diagnose.parquet_check", "diagnose.regular_file",
-                "diagnose.rescore.tables")  # the rescored tables attached to a source
+                "diagnose.rescore.tables",  # the rescored tables attached to a source
+                "diagnose.turn_batch", "diagnose.scan.sampling")
 _EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.verdict", "diagnose.scan.episodes", "diagnose.scan.drops",
                  "diagnose.scan.moves", "diagnose.scan.implicated", "diagnose.scan.examples",
                  "diagnose.scan.excerpts", "diagnose.scan.failures", "diagnose.format_errors",

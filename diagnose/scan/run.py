@@ -22,7 +22,9 @@ The stages, cheapest first (the store is `diagnose.scan.cache`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,9 +41,11 @@ from diagnose.scan.detect import DetectConfig
 from diagnose.scan.episodes import PriorScan
 from diagnose.scan.names import is_context_count
 from diagnose.scan.result import CacheInfo, RunScanResult, wrap_result
+from diagnose.scan.sampling import sample_note
 from diagnose.scan.signals import combine_signals, merge_signals, metric_signals, step_signals
 from diagnose.scan.verdict import scan_source
 from diagnose.source import RunSource
+from diagnose.turn_batch import sampling
 
 __all__ = ["CHUNK_BYTES", "MAX_CHUNKS", "Progress", "scan_run"]
 
@@ -67,6 +71,7 @@ class _Scan:
     use_cache: bool
     progress: Progress | None
     info: CacheInfo
+    sample: tuple[int, int] | None = None  # (rollouts per step, seed): turn states of a sample only
     cached: Cached | None = None
     tree: dict[str, list[int]] | None = None
     rkey: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +86,8 @@ class _Scan:
         out = {}
         for k, v in sorted(self.options.items()):
             out[k] = str(cache.abs_path(v)) if isinstance(v, os.PathLike) else str(v)
+        if self.sample is not None:
+            out["sample"] = f"{self.sample[0]} per step, seed {self.sample[1]}"
         return out
 
     def report(self, stage: str, done: int, total: int | None) -> None:
@@ -91,7 +98,7 @@ class _Scan:
 def scan_run(path: str | os.PathLike[str], *, format: str | None = None,  # noqa: A002
              cfg: DetectConfig | None = None, use_cache: bool = True, progress: Progress | None = None,
              metrics: str | os.PathLike[str] | None = None, run: str | None = None,
-             tokenizer: str | None = None) -> RunScanResult:
+             tokenizer: str | None = None, sample: int | None = None, sample_seed: int = 0) -> RunScanResult:
     """Scan the run at ``path`` (any layout `diagnose.adapters.load_run` reads; ``format``
     forces one), reusing and updating its cache unless ``use_cache`` is False.
 
@@ -101,11 +108,16 @@ def scan_run(path: str | os.PathLike[str], *, format: str | None = None,  # noqa
     folder of several runs without ``run``) and `diagnose.rundir.RunFormatError` (a native run
     of a newer format version). Unreadable files inside the run are ``issues`` of the result,
     never errors. ``progress``: see `Progress`; with it, large step tables are processed in
-    chunks to report progress.
+    chunks to report progress. ``sample``: classify the turns of that many rollouts per step only
+    (seeded by ``sample_seed``; `diagnose.turn_batch.sampling`): the turn-state shares become
+    estimates with their 95 % confidence intervals (``turn_state/<state>/ci95``, and a note).
     """
+    if sample is not None and sample < 1:
+        raise ValueError(f"sample must be >= 1 rollout per step (got {sample})")
     options = {"metrics": Path(metrics) if metrics is not None else None, "run": run, "tokenizer": tokenizer}
     scan = _start(path, format, cfg or DetectConfig(), use_cache, progress,
-                  {k: v for k, v in options.items() if v is not None})
+                  {k: v for k, v in options.items() if v is not None},
+                  None if sample is None else (int(sample), int(sample_seed)))
     result = _quick_check(scan)
     if result is not None:
         return result
@@ -113,13 +125,15 @@ def scan_run(path: str | os.PathLike[str], *, format: str | None = None,  # noqa
     derived, changed = _derived_layer(scan, src)
     signals = combine_signals(derived, metric_signals(src.metrics) if src.metrics is not None else None)
     result = _detect(scan, src, signals, changed)
+    if scan.sample is not None:
+        result.notes.append(sample_note(result.signals, scan.sample, result.episodes))
     if use_cache:
         _store(scan, src, derived, result)
     return result
 
 
 def _start(path: str | os.PathLike[str], fmt: str | None, cfg: DetectConfig, use_cache: bool,
-           progress: Progress | None, options: dict[str, Any]) -> _Scan:
+           progress: Progress | None, options: dict[str, Any], sample: tuple[int, int] | None = None) -> _Scan:
     """Check the path and find the cache."""
     from diagnose.adapters import require_path
 
@@ -128,7 +142,7 @@ def _start(path: str | os.PathLike[str], fmt: str | None, cfg: DetectConfig, use
     arg = cache.abs_path(path)
     require_path(arg, fmt)
     scan = _Scan(arg=arg, root=cache.run_root(arg), format=fmt, cfg=cfg, options=options, use_cache=use_cache,
-                 progress=progress, info=CacheInfo(enabled=use_cache), rkey=cache.result_key(cfg))
+                 progress=progress, info=CacheInfo(enabled=use_cache), rkey=cache.result_key(cfg), sample=sample)
     if use_cache:
         scan.cached, scan.info.reason = cache.find_cache(scan.root, options.get("run"))
     return scan
@@ -163,10 +177,18 @@ def _quick_check(scan: _Scan) -> RunScanResult | None:
 def _load(scan: _Scan) -> RunSource:
     """Stage 2: the run, with the file checks the cache kept and the load options."""
     from diagnose.adapters import load_run
+    from diagnose.adapters._common.stream import step_memo
 
     scan.report("load", 0, None)
     checks = scan.cached.file_checks(scan.format) if scan.cached is not None else None
-    src = load_run(scan.arg, format=scan.format, file_checks=checks, **scan.options)  # rescored tables attached
+    memo = None
+    if scan.use_cache:  # what each step file gave, kept beside the cache: a re-scan reads only new files
+        d = cache.cache_dir_candidates(scan.root, scan.options.get("run"))[0]
+        memo = d.with_name(d.name + "-steps")
+    salt = json.dumps([cache.signals_key(scan.cfg, scan.format or "", scan.options_key)["code"], scan.options_key,
+                       pl.__version__])  # (polars' row hash keys TRL files)
+    with sampling(*scan.sample) if scan.sample is not None else contextlib.nullcontext(), step_memo(memo, salt):
+        src = load_run(scan.arg, format=scan.format, file_checks=checks, **scan.options)  # rescored tables attached
     scan.report("load", 1, 1)
     return src
 

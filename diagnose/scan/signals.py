@@ -20,6 +20,7 @@ import polars as pl
 from diagnose.rundir.schema import CTRL_PREFIX, CTRL_SEQ_PREFIX, ctrl_names_from_columns
 from diagnose.scan.frames import as_f64, finite_or_null, join_steps, restrict_steps
 from diagnose.scan.names import PROBE, token_signal_expr
+from diagnose.scan.sampling import turn_state_ci
 from diagnose.scan.token_signals import token_signals
 from diagnose.source import RunSource, on_policy
 from diagnose.turns import TurnState
@@ -69,7 +70,9 @@ def rollout_signals(rollouts: pl.LazyFrame) -> pl.DataFrame:
         ]
     if "accuracy" in schema:
         aggs.append(finite_or_null(pl.col("accuracy")).mean().alias("accuracy"))
-    if "completion" in schema:
+    if "completion_chars" in schema:  # counted when the adapter read the text (which stays on disk)
+        aggs.append(pl.col("completion_chars").cast(pl.Float64).mean().alias("completion_chars"))
+    elif "completion" in schema:
         aggs.append(pl.col("completion").str.len_chars().cast(pl.Float64).mean().alias("completion_chars"))
     has_states = "turn_states" in schema and isinstance(schema["turn_states"], pl.List)
     if has_states:
@@ -101,6 +104,8 @@ def rollout_signals(rollouts: pl.LazyFrame) -> pl.DataFrame:
                                .drop_nulls("_err").group_by("step", "_err").len())
     res = dict(zip(named, pl.collect_all(list(named.values()), engine="streaming")))
     frames = [res["main"]] + ([res["groups"]] if "groups" in res else [])
+    if has_states:
+        frames.append(turn_state_ci(lf))  # only when the turn states come from a sample
     if "states" in res:
         states = res["states"]
         totals = (states.group_by("step").agg(pl.col("len").sum().alias("_turns"))

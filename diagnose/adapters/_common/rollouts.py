@@ -111,12 +111,17 @@ class ListColumn:
         self.keys: list[int] = []
 
     def append(self, value: Sequence[str] | None) -> None:
+        self.keys.append(0)
+        self.set(len(self.keys) - 1, value)
+
+    def set(self, i: int, value: Sequence[str] | None) -> None:
+        """Replace the ``i``-th value."""
         k = None if value is None else tuple(value)
-        i = self._ids.get(k)
-        if i is None:
-            i = self._ids[k] = len(self._uniques)
+        j = self._ids.get(k)
+        if j is None:
+            j = self._ids[k] = len(self._uniques)
             self._uniques.append(None if value is None else list(value))
-        self.keys.append(i)
+        self.keys[i] = j
 
     def series(self, name: str) -> pl.Series:
         uniques = pl.Series(name, self._uniques, dtype=STR_LIST)
@@ -124,12 +129,23 @@ class ListColumn:
 
 
 def turn_columns(classifier: TurnClassifier, completions: Sequence[str | None],
-                 tool_names: Sequence[tuple[str, ...] | None] | None = None) -> dict[str, Any]:
+                 tool_names: Sequence[tuple[str, ...] | None] | None = None,
+                 steps: Sequence[int] | None = None) -> dict[str, Any]:
     """``turn_states``, ``error_types`` (Series) and ``n_turns`` for a list of completions
-    (a null completion gets nulls); ``tool_names``: per completion, the tools its prompt offers."""
+    (a null completion gets nulls), classified as a batch (`TurnClassifier.completions`).
+    ``tool_names``: per completion, the tools its prompt offers (None: no unknown-tool check);
+    ``steps``: per completion, for sampling (rollouts left out of the sample get nulls)."""
+    try:
+        texts = pl.Series(list(completions), dtype=pl.String)
+    except (UnicodeEncodeError, TypeError, pl.exceptions.PolarsError):  # lone surrogates: one by one
+        texts = None
+    if texts is not None:
+        df = classifier.completions(texts, tool_names, steps)
+        return {c: df.get_column(c) for c in ("turn_states", "error_types", "n_turns")}
     states, errors, n = ListColumn(), ListColumn(), []
+    keep = classifier.keep(steps)
     for i, c in enumerate(completions):
-        if c is None:
+        if c is None or (keep is not None and not keep[i]):
             states.append(None)
             errors.append(None)
             n.append(None)

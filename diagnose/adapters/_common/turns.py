@@ -7,8 +7,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import polars as pl
+
 from diagnose.toolcall import CallSyntax
 from diagnose.transcripts import Dialect, split_turns
+from diagnose.turn_batch import classify_completions, classify_turn_lists, current_sampling, sample_mask
 from diagnose.turns import classify_turn
 
 
@@ -21,6 +24,8 @@ class TurnClassifier:
     def __init__(self, syntax: CallSyntax = CallSyntax.HERMES, dialect: Dialect = Dialect.CHATML) -> None:
         self.syntax = CallSyntax(syntax)
         self.dialect = Dialect(dialect)
+        #: (rollouts per step, seed) when only a sample is classified (`diagnose.turn_batch.sampling`)
+        self.sample = current_sampling()
         self._turns: dict[tuple[str, tuple[str, ...] | None], tuple[str, tuple[str, ...]]] = {}
         self._completions: dict[tuple[str, tuple[str, ...] | None], tuple[list[str], list[str]]] = {}
 
@@ -55,6 +60,31 @@ class TurnClassifier:
         if hit is None:
             hit = self._completions[key] = self.turns(split_turns(key[0], self.dialect), tool_names)
         return hit
+
+    def split(self, text: str) -> list[str]:
+        """`split_turns` in this classifier's dialect."""
+        return split_turns(text, self.dialect)
+
+    def completions(self, texts: pl.Series, tool_names: Any = None, steps: Sequence[int] | None = None) -> pl.DataFrame:
+        """`completion` of many completions at once (`diagnose.turn_batch`, the same results):
+        ``turn_states``, ``error_types``, ``n_turns`` (nulls for a null completion, and for the
+        rollouts left out of a sample). ``tool_names``: per completion, one tuple for all, or
+        None; ``steps``: per completion, for sampling (`diagnose.turn_batch.sampling`)."""
+        fast = "verl" if self.dialect is Dialect.VERL else None
+        return classify_completions(texts, self.split, fast_split=fast, tool_names=tool_names,
+                                    syntax=self.syntax, fallback=self.turn, keep=self.keep(steps))
+
+    def turn_lists(self, turn_lists: Sequence[Sequence[str]], tool_names: Any = None,
+                   steps: Sequence[int] | None = None) -> pl.DataFrame:
+        """`turns` of many completions already split, at once: ``turn_states``, ``error_types``,
+        ``n_turns`` (``steps``: as in `completions`)."""
+        return classify_turn_lists(turn_lists, tool_names, self.syntax, fallback=self.turn, keep=self.keep(steps))
+
+    def keep(self, steps: Sequence[int] | None) -> list[bool] | None:
+        """Which rollouts to classify under sampling (None: all)."""
+        if self.sample is None or steps is None:
+            return None
+        return sample_mask(steps, *self.sample)
 
 
 def tool_names_of(tools: Any) -> tuple[str, ...] | None:

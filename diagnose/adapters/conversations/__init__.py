@@ -28,7 +28,6 @@ from diagnose.adapters._common.io import first_object, visible_files
 from diagnose.adapters._common.issues import IssueLog, NonFinite
 from diagnose.adapters._common.metrics import derived_metrics
 from diagnose.adapters._common.rollouts import (
-    ListColumn,
     empty_rollouts,
     groups_by_key,
     json_scalar_column,
@@ -118,13 +117,6 @@ def _prompt(conv: Conversation, tool_names: tuple[str, ...] | None, memo: dict[A
     return text
 
 
-def _list_column(name: str, values: list[list[str]]) -> pl.Series:
-    col = ListColumn()
-    for v in values:
-        col.append(v)
-    return col.series(name)
-
-
 def load(p: Path) -> RunSource:
     issues = IssueLog()
     notes = ["conversation dumps carry text only: no token probabilities, no control-token signals, no trainer "
@@ -163,7 +155,6 @@ def load(p: Path) -> RunSource:
             if not texts:
                 no_assistant += 1
             names = tool_names_of(conv.tools)
-            states, errors = classifier.turns(texts, names)
             reward_raw = conv.extra.get("reward")
             reward = as_float(reward_raw)
             if reward is None and reward_raw is not None:
@@ -181,8 +172,8 @@ def load(p: Path) -> RunSource:
                 "accuracy": as_float(acc_raw),
                 "has_accuracy": acc_raw is not None,
                 "group": group,
-                "turn_states": states,
-                "error_types": errors,
+                "texts": texts,  # classified below, all at once
+                "names": names,
                 "id": conv.id,
                 "extra": {k: v for k, v in conv.extra.items() if k not in _RESERVED},
             })
@@ -209,6 +200,7 @@ def load(p: Path) -> RunSource:
             sample_ids[i] = k
             group_ids[i] = gs[k]
     if rows:
+        turns = classifier.turn_lists([r["texts"] for r in rows], [r["names"] for r in rows], [r["step"] for r in rows])
         cols: dict[str, list[Any]] = {
             "step": [r["step"] for r in rows],
             "sample_id": sample_ids,
@@ -216,9 +208,9 @@ def load(p: Path) -> RunSource:
             "prompt": [r["prompt"] for r in rows],
             "completion": [r["completion"] for r in rows],
             "reward": [r["reward"] for r in rows],
-            "n_turns": [len(r["turn_states"]) for r in rows],
-            "turn_states": _list_column("turn_states", [r["turn_states"] for r in rows]),
-            "error_types": _list_column("error_types", [r["error_types"] for r in rows]),
+            "n_turns": turns.get_column("n_turns"),
+            "turn_states": turns.get_column("turn_states"),
+            "error_types": turns.get_column("error_types"),
         }
         if any(r["has_accuracy"] for r in rows):
             cols["accuracy"] = [r["accuracy"] for r in rows]

@@ -84,6 +84,7 @@ class TableBuilder:
         n_tool: list[int | None] = []
         parts: list[tuple[Record, int, np.ndarray, np.ndarray]] = []  # record, sample id, is_tool, turn
         suspect: dict[Path | None, int] = {}
+        pending: list[tuple[int, list[str], list[tuple[int, int]], int]] = []  # row, turn texts, spans, length
         beyond = 0
         for r, sid in zip(records, sids):
             if r.ids is None:
@@ -116,13 +117,13 @@ class TableBuilder:
                 states.append(None)
                 errors.append(None)
                 continue
-            st, er = self.classifier.turns(texts)
-            self.answered += _answered_calls(st, texts, seg.turns, len(r.ids))
-            states.append(st)
-            errors.append(er)
-            n_turns.append(len(st))
+            pending.append((len(n_turns), texts, seg.turns, len(r.ids)))
+            states.append(None)  # classified below, all at once
+            errors.append(None)
+            n_turns.append(None)
             completions.append(completion)
             prompts.append(prompt)
+        self._classify(pending, [records[row].step for row, *_ in pending], states, errors, n_turns)
         for path, k in suspect.items():
             self.issues.add(path or "", None, f"{k} tool-output block(s) hold log-probs other than 0.0: each ended "
                                               "there (the tokens after it are read as generated)")
@@ -156,6 +157,23 @@ class TableBuilder:
         tokens = self._tokens(parts)
         ctrl = [] if self.registry is None else [{**t, "lp_coverage": "sampled"} for t in self.registry.to_json()]
         return {"rollouts": rollouts, "tokens": tokens, "metrics": trace_metrics(rollouts), "control_tokens": ctrl}
+
+    def _classify(self, pending: list[tuple[int, list[str], list[tuple[int, int]], int]], steps: list[int],
+                  states: ListColumn, errors: ListColumn, n_turns: list[int | None]) -> None:
+        """Turn states of the decoded rollouts, classified as one batch (`TurnClassifier.turn_lists`;
+        a sample of them under `diagnose.turn_batch.sampling`), with the calls open-instruct's
+        parser answered (`_answered_calls`)."""
+        if not pending:
+            return
+        got = self.classifier.turn_lists([texts for _, texts, _, _ in pending], steps=steps)
+        for (row, texts, spans, n), st, er in zip(pending, got.get_column("turn_states").to_list(),
+                                                  got.get_column("error_types").to_list()):
+            if st is None:  # left out of the sample
+                continue
+            self.answered += _answered_calls(st, texts, spans, n)
+            states.set(row, st)
+            errors.set(row, er)
+            n_turns[row] = len(st)
 
     def _tokens(self, parts: list[tuple[Record, int, np.ndarray, np.ndarray]]) -> pl.LazyFrame:
         if not parts:

@@ -24,6 +24,7 @@ Followed: ``trl/trainer/grpo_trainer.py`` of TRL 1.16.0 (and 1.10.0.dev where it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -34,16 +35,18 @@ import polars as pl
 
 from diagnose.adapters._common.hooks import run_alias  # a run has no other name: the default hook
 from diagnose.adapters._common.io import subdirs, visible_files
-from diagnose.adapters._common.issues import IssueLog
+from diagnose.adapters._common.issues import IssueLog, NonFinite
 from diagnose.adapters._common.metrics import (derived_metrics, map_names, merge_metrics, metrics_frame,
                                                non_numeric_metric_issues, nonfinite_metric_issues)
 from diagnose.adapters._common.rollouts import concat_frames, empty_rollouts
 from diagnose.adapters._common.source import make_source
+from diagnose.adapters._common.stream import RecordedIssues, TextPart, lazy_rollouts, memo_map
 from diagnose.adapters._common.turns import TurnClassifier
 from diagnose.adapters._common.values import as_step
-from diagnose.adapters.trl.completions import FileRows, read_file, reward_sum
+from diagnose.adapters.trl.completions import TEXT, FileRows, read_file, reward_sum, texts
 from diagnose.source import RunSource
 from diagnose.transcripts import Dialect
+from diagnose.turn_batch import current_sampling, sampling
 
 __all__ = ["CHECKPOINT_RE", "FILE_RE", "FORMAT", "NAME_MAP", "OPTIONS", "completion_files", "detect",
            "has_candidates", "load", "run_alias", "runs", "state_files", "step_of_file"]
@@ -308,7 +311,6 @@ def load(p: Path, *, run: str | None = None, trackers: Any = None) -> RunSource:
         p = p / run
     issues = IssueLog()
     notes = [SPECIAL_NOTE]
-    classifier = TurnClassifier()
     files = completion_files(p)
     read: list[FileRows] = []
     seen: dict[int, Path] = {}
@@ -316,19 +318,19 @@ def load(p: Path, *, run: str | None = None, trackers: Any = None) -> RunSource:
         if step in seen:
             issues.add(f, None, f"a second completions file for step {step} (also {seen[step].name}); both read")
         seen.setdefault(step, f)
-        try:
-            r = read_file(step, f, issues, classifier)
-        except (KeyboardInterrupt, SystemExit, MemoryError):
-            raise
-        except Exception as e:  # noqa: BLE001 - unexpected column types: report, keep the other files
-            issues.add(f, None, f"unreadable completions table ({type(e).__name__}: {str(e)[:200]}); file skipped")
-            continue
+    size = sum(f.stat().st_size for _, f in files if f.exists())
+    nonfinite = NonFinite()
+    sample = current_sampling()
+    for r, found in memo_map(_read_one, [(s, f, sample) for s, f in files], [f for _, f in files], size,
+                             _encode, _decode, extra=["trl", sample]):
+        found.replay(issues, nonfinite)
         if r is not None:
             read.append(r)
+    nonfinite.flush(issues)
     if trackers is not None:
         from diagnose.adapters.trackers.tables import trl_table_rows
 
-        read = sorted(read + trl_table_rows(trackers.tables, {s for s, _ in files}, issues, classifier),
+        read = sorted(read + trl_table_rows(trackers.tables, {s for s, _ in files}, issues, TurnClassifier()),
                       key=lambda r: min(r.steps, default=0))
     found = newest_state(p, issues)
     state = found[1] if found else None
@@ -364,7 +366,7 @@ def load(p: Path, *, run: str | None = None, trackers: Any = None) -> RunSource:
     acc = next((c for c in rewards if "accuracy" in c.lower()), None)
     if acc is not None:
         frames = [f.with_columns(pl.col(acc).cast(pl.Float64).alias("accuracy")) if acc in f.columns else f for f in frames]
-    rollouts = concat_frames(frames, empty_rollouts(accuracy=acc is not None)).sort(["step", "sample_id"])
+    small, rollouts = _with_texts(kept, frames, empty_rollouts(accuracy=acc is not None))
     if files and not read:
         issues.add(p, None, "no readable completions rows in any completions file")
     if not files and not read:
@@ -380,7 +382,7 @@ def load(p: Path, *, run: str | None = None, trackers: Any = None) -> RunSource:
     if any(r.nulls for r in kept):
         notes.append("null tool-call arguments dropped (parquet stores every call's arguments as one struct, so "
                      "other calls' keys come back as null)")
-    derived = derived_metrics(rollouts, rewards)
+    derived = derived_metrics(small, rewards)
     if metrics is None:
         notes.append("no trainer_state.json with log_history (TRL saves it in checkpoint-*/): metrics derived from the "
                      "logged completions; no entropy, KL, clip ratio or grad norm")
@@ -393,7 +395,7 @@ def load(p: Path, *, run: str | None = None, trackers: Any = None) -> RunSource:
         notes.append(f"metrics from {found[0]} (newest trainer_state.json); turn_state/* and format_error/* derived "
                      "from the logged completions")
         metrics = merge_metrics(metrics, derived)
-    _sampling_note(read, state, metrics, rollouts, notes)
+    _sampling_note(read, state, metrics, small, notes)
     if rewards:
         notes.append("reward = unweighted sum of the reward-function columns (NaN left out, as TRL's nansum); "
                      "reward_weights are not in the files (the trainer's `reward` metric is weighted)")
@@ -402,6 +404,71 @@ def load(p: Path, *, run: str | None = None, trackers: Any = None) -> RunSource:
     dialect = Dialect.CHATML if any(r.messages for r in kept) else Dialect.TRL
     return make_source(p, FORMAT, metrics=metrics, rollouts=rollouts, issues=issues, notes=notes, files=all_files,
                        dialect=dialect)
+
+
+_CLASSIFIERS: dict[Any, TurnClassifier] = {}
+
+
+def _read_one(job: tuple[int, Path, tuple[int, int] | None]) -> tuple[FileRows | None, RecordedIssues]:
+    """`read_file` without the texts, in a pool worker or here (one classifier per process and
+    sampling setting); what it finds is recorded, to be replayed in file order."""
+    step, f, sample = job
+    found = RecordedIssues()
+    with sampling(*sample) if sample is not None else contextlib.nullcontext():
+        classifier = _CLASSIFIERS.get(sample)
+        if classifier is None:
+            _CLASSIFIERS.clear()
+            classifier = _CLASSIFIERS[sample] = TurnClassifier()
+        try:
+            return read_file(step, f, found, classifier, with_text=False), found  # type: ignore[arg-type]
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - unexpected column types: report, keep the other files
+            found.add(f, None, f"unreadable completions table ({type(e).__name__}: {str(e)[:200]}); file skipped")
+            return None, found
+
+
+def _encode(got: tuple[FileRows | None, RecordedIssues]) -> tuple[pl.DataFrame | None, dict[str, Any]]:
+    r, found = got
+    rows = None if r is None else {"float_columns": r.float_columns, "key": r.key.hex(), "messages": r.messages,
+                                   "both": r.both, "nulls": r.nulls, "steps": sorted(r.steps), "path": str(r.path)}
+    return (None if r is None else r.frame), {"issues": found.to_json(), "rows": rows}
+
+
+def _decode(frame: pl.DataFrame | None, meta: dict[str, Any]) -> tuple[FileRows | None, RecordedIssues]:
+    m = meta["rows"]
+    r = None if m is None or frame is None else FileRows(frame, m["float_columns"], bytes.fromhex(m["key"]), m["messages"],
+                                                         m["both"], m["nulls"], set(m["steps"]), Path(m["path"]))
+    return r, RecordedIssues.from_json(meta["issues"])
+
+
+def _with_texts(kept: list[FileRows], frames: list[pl.DataFrame], empty: pl.DataFrame) -> tuple[pl.DataFrame, pl.LazyFrame]:
+    """``(small, rollouts)``: the rollouts sorted by step and sample id, their texts read again
+    from each file when asked for; in memory when the files do not hold one step each, in order,
+    or some rows hold their texts already (a W&B table's)."""
+    steps = [min(r.steps) if r.steps else None for r in kept]
+    held = ["completion" in f.columns for f in frames]
+    one_each = all(len(r.steps) == 1 for r in kept) and all(a < b for a, b in zip(steps, steps[1:]))  # type: ignore[operator]
+    if not one_each or any(held):
+        full = [f if has or not f.height else f.hstack(texts(r.path))  # type: ignore[arg-type]
+                for r, f, has in zip(kept, frames, held)]
+        df = concat_frames(full, empty).sort(["step", "sample_id"])
+        df = df.select(_text_after_ids([c for c in df.columns if c not in TEXT and c != "completion_chars"]))
+        return df, df.lazy()
+    small = concat_frames(frames, empty.drop("prompt", "completion"))
+    order = _text_after_ids(small.columns)
+    parts, offset = [], 0
+    for r, f in zip(kept, frames):
+        if f.height:
+            parts.append(TextPart(offset, f.height, min(r.steps), lambda path=r.path: texts(path)))
+        offset += f.height
+    return small, lazy_rollouts(small, parts, TEXT, order)
+
+
+def _text_after_ids(columns: list[str]) -> list[str]:
+    """The columns with ``prompt``, ``completion`` where `read_file` puts them (after the ids)."""
+    k = columns.index("group_id") + 1 if "group_id" in columns else len(columns)
+    return columns[:k] + list(TEXT) + columns[k:]
 
 
 def files_by_step(files: list[tuple[int, Path]], step: int) -> Path:

@@ -17,6 +17,7 @@ or non-conversational data) or a list of messages (TRL 1.16, conversational:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ import polars as pl
 
 from diagnose.adapters._common.io import check_parquet, read_parquet
 from diagnose.adapters._common.issues import IssueLog
-from diagnose.adapters._common.rollouts import ListColumn, groups_consecutive, rollouts_frame
+from diagnose.adapters._common.rollouts import groups_consecutive, rollouts_frame
 from diagnose.adapters._common.turns import TurnClassifier
 from diagnose.adapters._common.values import as_step
 from diagnose.chat import IM_END, IM_START
@@ -144,11 +145,12 @@ class FileRows:
 
     frame: pl.DataFrame
     float_columns: list[str]
-    key: int  #: hash of (prompt, completion, advantage): an identical re-log has the same key
+    key: bytes  #: digest of (prompt, completion, advantage): an identical re-log has the same key
     messages: bool
     both: int = 0
     nulls: int = 0
     steps: set[int] = field(default_factory=set)
+    path: Path | None = None
 
 
 def _steps(df: pl.DataFrame, step: int, f: Path, issues: IssueLog) -> list[int]:
@@ -196,8 +198,10 @@ def _check_shapes(df: pl.DataFrame, f: Path, issues: IssueLog) -> None:
                                 "not read as model turns")
 
 
-def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) -> FileRows | None:
-    """The rows of ``completions_<step>.parquet`` (None: unreadable, reported)."""
+def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier, with_text: bool = True) -> FileRows | None:
+    """The rows of ``completions_<step>.parquet`` (None: unreadable, reported); without the
+    ``prompt``/``completion`` texts unless ``with_text`` (``completion_chars`` instead; `texts`
+    reads them again)."""
     schema, err = check_parquet(f)
     if err:
         issues.add(f, None, f"{err}; file skipped")
@@ -213,40 +217,38 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) 
         issues.add(f, None, "no rows; file skipped")
         return None
     _check_shapes(df, f, issues)
-    return frame_rows(step, df, f, issues, classifier)
+    return frame_rows(step, df, f, issues, classifier, with_text=with_text)
 
 
 def frame_rows(step: int, df: pl.DataFrame, f: Path, issues: IssueLog, classifier: TurnClassifier,
-               cells: dict[str, list[Any]] | None = None) -> FileRows:
+               cells: dict[str, list[Any]] | None = None, with_text: bool = True) -> FileRows:
     """The rows of one logged completions table: ``df`` as TRL's ``pd.DataFrame(table)`` was
     stored (a parquet file, or a W&B ``completions`` table), ``step`` its log's step. ``cells``:
     the ``prompt`` / ``completion`` values as Python objects where ``df`` cannot hold them
-    (message lists of a W&B table); else they are ``df``'s columns."""
+    (message lists of a W&B table); else they are ``df``'s columns. Turns are classified as one
+    batch (`TurnClassifier.turn_lists`); without the texts unless ``with_text`` (see `read_file`)."""
     cells = cells or {}
     steps = _steps(df, step, f, issues)
-    raw = cells["completion"] if "completion" in cells else df.get_column("completion").to_list()
+    raw = cells["completion"] if "completion" in cells else _values(df.get_column("completion"))
     turns = [cell_turns(v) for v in raw]
     if any(c is None for c in turns):
         issues.add(f, None, f"{sum(c is None for c in turns)} row(s) with a null 'completion' (read as empty)")
-    prompt_cells = cells["prompt"] if "prompt" in cells else (df.get_column("prompt").to_list() if "prompt" in df.columns
+    prompt_cells = cells["prompt"] if "prompt" in cells else (_values(df.get_column("prompt")) if "prompt" in df.columns
                                                                else None)
     prompts = [prompt_text(v) for v in prompt_cells] if prompt_cells is not None else [None] * len(raw)
     if prompt_cells is None:
         issues.add(f, None, "no 'prompt' column: each row is its own group")
-    states, errors = ListColumn(), ListColumn()
-    n_turns = []
-    for c in turns:
-        s, e = classifier.turns(c.texts if c is not None else [""])
-        states.append(s)
-        errors.append(e)
-        n_turns.append(len(s))
+    got = classifier.turn_lists([c.texts if c is not None else [""] for c in turns], steps=steps)
     groups = groups_consecutive(prompts)
     floats = [c for c, dt in df.schema.items() if dt in _FLOAT and c not in CORE]
+    chatml = [c.chatml if c is not None else "" for c in turns]
     cols: dict[str, Any] = {
-        "step": steps, "sample_id": list(range(len(raw))), "group_id": groups, "prompt": prompts,
-        "completion": [c.chatml if c is not None else "" for c in turns],
-        "turn_states": states.series("turn_states"), "error_types": errors.series("error_types"), "n_turns": n_turns,
+        "step": steps, "sample_id": list(range(len(raw))), "group_id": groups,
+        "turn_states": got.get_column("turn_states"), "error_types": got.get_column("error_types"),
+        "n_turns": got.get_column("n_turns"),
     }
+    if with_text:
+        cols.update(prompt=prompts, completion=chatml)
     extras: dict[str, pl.Series] = {}
     for c in df.columns:
         if c in ("step", "prompt", "completion"):
@@ -256,9 +258,49 @@ def frame_rows(step: int, df: pl.DataFrame, f: Path, issues: IssueLog, classifie
             s = pl.Series(c, [None if v is None else json.dumps(v, default=str) for v in s.to_list()], dtype=pl.String)
         extras[c] = s
     adv = df.get_column("advantage").cast(pl.Float64, strict=False).to_list() if "advantage" in df.columns else []
-    key = hash((tuple(map(str, raw)), tuple(prompts), tuple(_round(a) for a in adv)))
-    return FileRows(rollouts_frame(cols, extras), floats, key, any(isinstance(v, list) for v in raw),
-                    sum(c.both for c in turns if c), sum(c.nulls for c in turns if c), set(steps))
+    # a digest, not hash(): files may be read in other processes (another string-hash seed)
+    key = _table_key(df, adv) if not cells else _cells_key(raw, prompts, adv)
+    frame = rollouts_frame(cols, extras)
+    if not with_text:
+        frame = frame.with_columns(pl.Series("completion_chars", [len(c) for c in chatml], dtype=pl.Int64))
+    return FileRows(frame, floats, key, any(isinstance(v, list) for v in raw),
+                    sum(c.both for c in turns if c), sum(c.nulls for c in turns if c), set(steps), f)
+
+
+TEXT = {"prompt": pl.String(), "completion": pl.String()}
+
+
+def texts(f: Path) -> pl.DataFrame:
+    """``prompt`` and ``completion`` of every row of a completions file, as `read_file` reads them."""
+    df, _ = read_parquet(f)
+    n = df.height if df is not None else 0
+    raw = _values(df.get_column("completion")) if n else []
+    prompts = [prompt_text(v) for v in _values(df.get_column("prompt"))] if n and "prompt" in df.columns else [None] * n
+    chatml = [c.chatml if c is not None else "" for c in map(cell_turns, raw)]
+    return pl.DataFrame({"prompt": prompts, "completion": chatml}, schema=TEXT)
+
+
+def _values(s: pl.Series) -> list[Any]:
+    """The column as Python values (nested columns through Arrow: the same values, 2x faster)."""
+    return s.to_arrow().to_pylist() if s.dtype.is_nested() else s.to_list()
+
+
+def _table_key(df: pl.DataFrame, adv: list[Any]) -> bytes:
+    """A digest of (completion, prompt, rounded advantage): an identical re-log has the same one.
+    polars' row hash has fixed seeds, so it is the same in every process (files may be read on a
+    pool); not Python's ``hash`` (seeded per process)."""
+    cols = [c for c in ("completion", "prompt") if c in df.columns]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(df.select(cols).hash_rows().to_numpy().tobytes())
+    h.update(repr(tuple(_round(a) for a in adv)).encode())
+    return h.digest()
+
+
+def _cells_key(raw: list[Any], prompts: list[str | None], adv: list[Any]) -> bytes:
+    """`_table_key` of a table whose texts are Python cells (a W&B table)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(map(str, raw)), tuple(prompts), tuple(_round(a) for a in adv))).encode("utf-8", "surrogatepass"))
+    return h.digest()
 
 
 def _round(v: Any) -> Any:

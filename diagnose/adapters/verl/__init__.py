@@ -32,8 +32,7 @@ from diagnose.adapters._common.io import first_object, subdirs
 from diagnose.adapters._common.issues import IssueLog
 from diagnose.adapters._common.metrics import derived_metrics
 from diagnose.adapters._common.source import make_source
-from diagnose.adapters._common.turns import TurnClassifier
-from diagnose.adapters.verl.dumps import own_dumps, read_dumps, with_overlong_penalty, without_validation
+from diagnose.adapters.verl.dumps import WITH_PENALTY, overlong_penalty_applies, own_dumps, without_validation
 from diagnose.adapters.verl.layout import (
     STEP_FILE_RE,
     VerlRun,
@@ -45,6 +44,7 @@ from diagnose.adapters.verl.layout import (
     step_files,
 )
 from diagnose.adapters.verl.metrics import NAME_MAP, map_lengths, merge_derived, read_metrics, resume_check, verl_names
+from diagnose.adapters.verl.rollouts import read_rollouts
 from diagnose.source import RunSource
 from diagnose.transcripts import Dialect
 
@@ -105,7 +105,6 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
     the same keys to every backend), whose metrics fill what the file logger's lack."""
     issues = IssueLog()
     notes: list[str] = []
-    classifier = TurnClassifier(dialect=Dialect.VERL)
     files: list[tuple[int, Path]] = []
     mfiles: list[Path] = []
     chosen: VerlRun | None = None
@@ -152,7 +151,7 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
         mdf = tm if mdf is None else fill_metrics(mdf, tm)
     if mdf is not None and mfiles and len(files) > 1:
         files = own_dumps(files, mdf, mfiles[0], issues)
-    rollouts = read_dumps(files, issues, classifier)
+    small, rollouts = read_rollouts(files, issues)
     if not files:
         notes.append("no <step>.jsonl rollout dumps (trainer.rollout_data_dir unset?): no rollouts, no turn states")
     else:
@@ -162,9 +161,10 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, 
                      "(user\\n...\\nassistant\\n); a turn is classified by its text after </think> (Qwen3 reasoning); "
                      "no token probabilities")
     if mdf is not None:
-        mdf = map_lengths(mdf, rollouts, notes)
-        rollouts = with_overlong_penalty(rollouts, mdf, notes)
-    derived = derived_metrics(rollouts)
+        mdf = map_lengths(mdf, small, notes)
+        if overlong_penalty_applies(small, mdf, notes):
+            small, rollouts = small.with_columns(WITH_PENALTY), rollouts.with_columns(WITH_PENALTY)
+    derived = derived_metrics(small)
     if mdf is None and trackers is None:
         notes.append("no verl file-logger metrics found (verl writes them, with trainer.logger including 'file', to "
                      "$VERL_FILE_LOGGER_ROOT, default the launch folder, /<project_name>/<experiment_name>.jsonl): "

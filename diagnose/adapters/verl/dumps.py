@@ -11,22 +11,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
 from diagnose.adapters._common.io import first_object
-from diagnose.adapters._common.issues import IssueLog, NonFinite
-from diagnose.adapters._common.rollouts import empty_rollouts, groups_by_key, json_scalar_column, rollouts_frame, turn_columns
-from diagnose.adapters._common.turns import TurnClassifier, tool_names_of
-from diagnose.adapters._common.values import as_float, as_step
+from diagnose.adapters._common.issues import IssueLog
+from diagnose.adapters._common.turns import tool_names_of
 from diagnose.adapters.verl.layout import is_validation_line
 from diagnose.adapters.verl.metrics import training_steps
-from diagnose.jsonl import LineError, iter_jsonl
-
-_CORE = ("input", "output", "score", "step")
-_ACCURACY_KEYS = ("acc", "accuracy")
-
 
 _TOOLS_BLOCK = re.compile(r"<tools>\n(.*?)\n</tools>", re.DOTALL)
 
@@ -48,96 +40,6 @@ def prompt_tool_names(prompt: str | None) -> tuple[str, ...] | None:
     return tool_names_of(schemas)
 
 
-def read_dumps(files: list[tuple[int, Path]], issues: IssueLog, classifier: TurnClassifier) -> pl.DataFrame:
-    """The rollout rows of the dump files ``(step, file)`` (``classifier``: in the verl dialect)."""
-    rows: list[tuple[int, str | None, str, float | None, dict[str, Any]]] = []
-    nonfinite = NonFinite()
-    for fstep, f in files:
-        n_good = bad_step = missing_input = missing_score = 0
-        first: dict[str, int] = {}  # the first line of each counted problem: the issue names it
-        other_steps: set[int] = set()
-        for line_no, obj in iter_jsonl(f):
-            if isinstance(obj, LineError):
-                issues.line_error(obj)
-                continue
-            output = obj.get("output")
-            if not isinstance(output, str):
-                issues.add(f, line_no, f"no 'output' string (got {type(output).__name__}); line skipped")
-                continue
-            step = as_step(obj.get("step"))
-            if step is None:
-                bad_step += 1
-                first.setdefault("step", line_no)
-                step = fstep
-            elif step != fstep:
-                other_steps.add(step)
-            inp = obj.get("input")
-            if not isinstance(inp, str):
-                missing_input += 1
-                first.setdefault("input", line_no)
-                inp = None
-            score = obj.get("score")
-            reward = as_float(score)
-            if reward is None:
-                if score is None:
-                    missing_score += 1
-                else:
-                    issues.add(f, line_no, f"'score' is not a number ({type(score).__name__}); reward set to null")
-            nonfinite.check(f, "score", reward, line_no)
-            extra = {k: v for k, v in obj.items() if k not in _CORE}
-            for k, v in extra.items():
-                if isinstance(v, float):
-                    nonfinite.check(f, k, v, line_no)
-            rows.append((step, inp, output, reward, extra))
-            n_good += 1
-        if bad_step:
-            issues.add(f, first["step"], f"{bad_step} line(s) without a valid 'step' (this the first); the file "
-                       f"name's step {fstep} used")
-        if other_steps:
-            issues.step_mismatch(f, "lines", sorted(other_steps)[:5], fstep, "the 'step' key")
-        if missing_input:
-            issues.add(f, first["input"], f"{missing_input} line(s) without an 'input' string (this the first): each "
-                       "is its own group")
-        if missing_score:
-            issues.add(f, None, f"{missing_score} line(s) without 'score': reward is null")
-        if n_good == 0:
-            issues.add(f, None, "no readable rollout lines in this file")
-    nonfinite.flush(issues)
-    if not rows:
-        return empty_rollouts()
-    # ids within each step, in file/line order; groups: identical decoded prompt (no uid is
-    # dumped, and trainer.balance_batch reorders the batch)
-    by_step: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_step.setdefault(r[0], []).append(i)
-    sample_ids = [0] * len(rows)
-    group_ids = [0] * len(rows)
-    for idx in by_step.values():
-        gs = groups_by_key([rows[i][1] for i in idx])
-        for k, i in enumerate(idx):
-            sample_ids[i], group_ids[i] = k, gs[k]
-    completions = [r[2] for r in rows]
-    cols: dict[str, list[Any]] = {
-        "step": [r[0] for r in rows], "sample_id": sample_ids, "group_id": group_ids,
-        "prompt": [r[1] for r in rows], "completion": completions, "reward": [r[3] for r in rows],
-    }
-    keys: dict[str, None] = {}
-    for r in rows:
-        for k in r[4]:
-            keys.setdefault(k, None)
-    extras = {k: json_scalar_column(k, [r[4].get(k) for r in rows]) for k in keys}
-    for k in _ACCURACY_KEYS:
-        if k in extras and extras[k].dtype in (pl.Float64, pl.Int64, pl.Boolean):
-            cols["accuracy"] = extras[k].cast(pl.Float64).to_list()
-            break
-    tools: dict[str | None, tuple[str, ...] | None] = {}
-    for r in rows:
-        if r[1] not in tools:
-            tools[r[1]] = prompt_tool_names(r[1])
-    cols.update(turn_columns(classifier, [r[2] for r in rows], [tools[r[1]] for r in rows]))
-    return rollouts_frame(cols, extras)
-
-
 def without_validation(files: list[tuple[int, Path]], notes: list[str]) -> list[tuple[int, Path]]:
     """Training dumps without the validation files among them: with ``validation_data_dir`` =
     ``rollout_data_dir``, ``_validate`` (called after ``_log_rollout_data`` in ``fit``) writes the
@@ -154,8 +56,13 @@ def without_validation(files: list[tuple[int, Path]], notes: list[str]) -> list[
     return [x for x in files if x not in val]
 
 
-def with_overlong_penalty(rollouts: pl.DataFrame, metrics: pl.DataFrame, notes: list[str]) -> pl.DataFrame:
-    """The reward trained on, when the dump's ``score`` lacks DAPO's overlong penalty.
+#: the reward trained on when `overlong_penalty_applies`
+WITH_PENALTY = (pl.col("reward") + pl.col("overlong_reward").cast(pl.Float64)).alias("reward")
+
+
+def overlong_penalty_applies(rollouts: pl.DataFrame, metrics: pl.DataFrame, notes: list[str]) -> bool:
+    """Whether the reward trained on is ``score + overlong_reward`` (`WITH_PENALTY`), when the
+    dump's ``score`` lacks DAPO's overlong penalty.
 
     ``DAPORewardManager`` (``verl/workers/reward_manager/dapo.py``) trains on ``score +
     overlong_reward``; with a dict-returning ``compute_score`` its pre-penalty ``score`` key
@@ -164,13 +71,12 @@ def with_overlong_penalty(rollouts: pl.DataFrame, metrics: pl.DataFrame, notes: 
     does: the penalty is added only where the dumped scores miss it and the sum matches."""
     if "overlong_reward" not in rollouts.columns or "critic/score/mean" not in metrics.columns or \
             rollouts.schema["overlong_reward"] not in (pl.Float64, pl.Int64):
-        return rollouts
-    with_pen = pl.col("reward") + pl.col("overlong_reward").cast(pl.Float64)
-    per = rollouts.group_by("step").agg(pl.col("reward").mean().alias("dumped"), with_pen.mean().alias("penalised")) \
+        return False
+    per = rollouts.group_by("step").agg(pl.col("reward").mean().alias("dumped"), WITH_PENALTY.mean().alias("penalised")) \
         .join(metrics.select("step", pl.col("critic/score/mean").alias("trained")), on="step").drop_nulls() \
         .filter(pl.col("trained").is_finite())
     if per.height == 0:
-        return rollouts
+        return False
 
     def matches(c: str) -> bool:
         tol = 1e-3 * pl.max_horizontal(pl.lit(1.0), pl.col("trained").abs())
@@ -180,8 +86,8 @@ def with_overlong_penalty(rollouts: pl.DataFrame, metrics: pl.DataFrame, notes: 
         notes.append("the dumped 'score' is the reward function's own score, before DAPO's overlong penalty (a "
                      "dict-returning compute_score replaces verl's score key); reward = score + overlong_reward, as "
                      "trained (it matches critic/score/mean)")
-        return rollouts.with_columns(with_pen.alias("reward"))
-    return rollouts
+        return True
+    return False
 
 
 def own_dumps(files: list[tuple[int, Path]], metrics: pl.DataFrame, mfile: Path,
