@@ -137,7 +137,8 @@ def _check_alert(live: LiveRun, events: list[dict]) -> dict:
     files = {p.relative_to(live.run) for p in live.run.rglob("*") if p.is_file()}
     ours = {p for p in files if p.parts[0] == ".diagnose"}
     assert files - ours == live.writer.written
-    assert ours and all(p.parts[:2] == (".diagnose", "scan") for p in ours)
+    # the scan cache: its tables, and what each step file gave (`<cache>-steps`, scan/run.py `_load`)
+    assert ours and all(p.parts[0] == ".diagnose" and p.parts[1] in ("scan", "scan-steps") for p in ours)
     return ep
 
 
