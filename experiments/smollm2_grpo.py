@@ -129,17 +129,35 @@ def warmstart(out: Path = typer.Option(..., help="Output folder (the adapter goe
     typer.echo(f"adapter: {out / 'adapter'}")
 
 
-def _supervised_trainer_class():
+def _trainer_class():
     from trl import GRPOTrainer
 
-    class SupervisedGRPOTrainer(GRPOTrainer):
-        """GRPO plus ``sft_weight`` x the SFT loss of gold trajectories in the same step
-        (synchronous supervision); the SFT loss is logged as ``sft/loss``."""
+    class ExperimentGRPOTrainer(GRPOTrainer):
+        """`GRPOTrainer` plus two things this experiment needs:
+
+        * the logit-gradient attribution of the control tokens on each step's rollouts
+          (`diagnose.model.attribution`), from the policy's own final hidden states in the loss's
+          forward pass (TRL's fused LM head returns only the sampled tokens' log-probs, so the
+          final norm's output is captured and projected onto the vocabulary once, without a
+          graph), logged under the trainer's names (`attribution/<token>/self|other`) and, at the
+          call-open context ``<tool_call>\\n``, under experiments/mechanism.py's
+          (`mech/p_end@open`, `mech/end@open`, `mech/sumA@open`, `mech/self@open`, `mech/other@open`);
+        * ``sft_weight`` > 0: + sft_weight x the SFT loss of gold trajectories in the same step
+          (synchronous supervision), logged as `sft/loss`.
+        """
 
         def __init__(self, *args: Any, gold: list[dict], sft_weight: float, sft_batch: int = 2, **kw: Any):
             super().__init__(*args, **kw)
+            from diagnose.control_tokens import ControlTokenRegistry
+
             self._gold = itertools.cycle(gold)
             self.sft_weight, self.sft_batch = sft_weight, sft_batch
+            reg = ControlTokenRegistry.from_tokenizer(self.processing_class)
+            single = [t for t in reg if not t.multi]
+            self._ctrl_names = [t.name for t in single]
+            self._ctrl_ids = __import__("torch").tensor([t.token_id for t in single])
+            self._im_end = self.processing_class.convert_tokens_to_ids("<|im_end|>")
+            self._open_seq = self.processing_class("<tool_call>\n", add_special_tokens=False)["input_ids"]
 
         def _sft_loss(self, model: Any) -> Any:
             import torch
@@ -154,15 +172,59 @@ def _supervised_trainer_class():
             dev = self.accelerator.device
             return model(input_ids=ids.to(dev), attention_mask=att.to(dev), labels=lab.to(dev)).loss
 
+        def _final_norm(self, model: Any) -> Any:
+            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+            return inner.model.norm
+
+        @__import__("torch").no_grad()
+        def _attribution(self, hidden: Any, inputs: dict) -> None:
+            import torch
+
+            from diagnose.model.attribution import after_sequence, logit_push
+
+            prompt, comp = inputs["prompt_ids"], inputs["completion_ids"]
+            mask = inputs["completion_mask"] * inputs.get("tool_mask", torch.ones_like(inputs["completion_mask"]))
+            adv = inputs["advantages"].float().view(-1)
+            p_len, c_len = prompt.size(1), comp.size(1)
+            h = hidden[:, p_len - 1: p_len - 1 + c_len].float()  # the states that predict the completion tokens
+            w = self.model.get_output_embeddings().weight.float()
+            ctrl = torch.empty(h.shape[0], c_len, len(self._ctrl_ids))
+            for i in range(h.shape[0]):  # one row at a time: [C, V] logits, never [B, C, V]
+                logits = h[i] @ w.T
+                ctrl[i] = logits[:, self._ctrl_ids] - torch.logsumexp(logits, -1, keepdim=True)
+            s, o = logit_push(comp, ctrl, mask, adv, self._ctrl_ids)
+            m = self._metrics["train"]
+            for k, name in enumerate(self._ctrl_names):
+                m[f"attribution/{name}/self"].append(float(s[k]) / len(adv))
+                m[f"attribution/{name}/other"].append(float(o[k]) / len(adv))
+            at_open = after_sequence(torch.cat([prompt, comp], 1), self._open_seq)[:, p_len:] & (mask > 0)
+            k = self._ctrl_names.index("im_end")
+            s_open, o_open = logit_push(comp, ctrl[..., k: k + 1], at_open, adv, self._ctrl_ids[k: k + 1],
+                                        per_token=False)
+            p_end = ctrl[..., k].exp()[at_open]
+            m["mech/p_end@open"].append(float(p_end.mean()) if p_end.numel() else float("nan"))
+            m["mech/end@open"].append(float((comp[at_open] == self._im_end).sum()))
+            m["mech/n_open"].append(float(at_open.sum()))
+            m["mech/sumA@open"].append(float((adv.view(-1, 1) * at_open).sum()))
+            m["mech/self@open"].append(float(s_open[0]))
+            m["mech/other@open"].append(float(o_open[0]))
+
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            captured: list = []
+            hook = self._final_norm(model).register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+            try:
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                hook.remove()
+            if model.training and captured:
+                self._attribution(__import__("torch").cat(captured, 0), inputs)
             if self.sft_weight > 0 and model.training:
                 sft = self._sft_loss(model)
                 self._metrics["train"]["sft/loss"].append(float(sft.detach()))
                 loss = loss + self.sft_weight * sft
             return loss
 
-    return SupervisedGRPOTrainer
+    return ExperimentGRPOTrainer
 
 
 @app.command()
@@ -207,7 +269,7 @@ def grpo(warm: Path = typer.Option(..., help="The warm-start adapter folder (war
     kw: dict[str, Any] = dict(model=model, processing_class=tok, reward_funcs=[make_reward(tasks)], args=args,
                               train_dataset=Dataset.from_list(rows), environment_factory=environment_classes(tasks),
                               callbacks=[callback])
-    cls = _supervised_trainer_class()
+    cls = _trainer_class()
     trainer = cls(**kw, gold=gold_rows(tok, task_pool("train", 64, seed=seed + 700)), sft_weight=sft_weight)
     t0 = time.perf_counter()
     trainer.train()
