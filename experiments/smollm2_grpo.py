@@ -273,9 +273,58 @@ def grpo(warm: Path = typer.Option(..., help="The warm-start adapter folder (war
     trainer = cls(**kw, gold=gold_rows(tok, task_pool("train", 64, seed=seed + 700)), sft_weight=sft_weight)
     t0 = time.perf_counter()
     trainer.train()
+    trainer.save_state()  # OUTPUT_DIR/trainer_state.json: the whole log history, beside the last checkpoint's
     _timing(out, "grpo", time.perf_counter() - t0, steps)
     (out / "probe_seconds.json").write_text(json.dumps({"probe_seconds": round(callback.probe_seconds, 1)}))
     typer.echo(f"done: {out}   next: diagnose scan {out}")
+
+
+@app.command()
+def probe(run: Path = typer.Argument(..., help="The TRL output_dir (results go to RUN/capability/)."),
+          checkpoints: str = typer.Option(..., help="Comma-separated checkpoint folders of RUN (adapter folders), "
+                                                     "or paths; e.g. checkpoint-2,checkpoint-12"),
+          tasks: int = typer.Option(16, help="Held-out compact test tasks (the same for every checkpoint)."),
+          measures: str = typer.Option("native,alt_json,likelihood",
+                                       help="Probe measures (the repairs need single-token <tool_call>: "
+                                            "not available on SmolLM2).")) -> None:
+    """`diagnose probe` on adapter checkpoints, with the compact held-out tasks the run was trained
+    on (a task file would add the full JSON tool schemas to the system prompt)."""
+    import hashlib
+
+    from diagnose.capability.config import ProbeConfig
+    from diagnose.capability.results import merge_and_write
+    from diagnose.capability.runner import auto_max_new_tokens, load_checkpoint, probe_model
+    from diagnose.capability.verdict import summarize
+    from diagnose.versions import versions
+
+    taskset = task_pool("test", tasks, seed=3000)
+    results, summary, per = [], [], {}
+    cfg = None
+    for name in [c.strip() for c in checkpoints.split(",") if c.strip()]:
+        path = run / name if (run / name).is_dir() else Path(name)
+        t0 = time.perf_counter()
+        model, tok = load_checkpoint(path)
+        cfg = ProbeConfig(n_tasks=len(taskset), split="test (compact prompts)", max_turns=4,
+                          max_new_tokens=auto_max_new_tokens(tok, taskset), measures=tuple(measures.split(",")))
+        res = probe_model(model, tok, taskset, cfg)
+        step = int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[-1].isdigit() else None
+        rows = [{"checkpoint": path.name, "step": step, **r} for r in res.rows]
+        results += rows
+        summary.append(summarize(path.name, step, rows, chance=res.likelihood_chance, cfg=cfg))
+        per[path.name] = {"path": str(path), "step": step, "roles": [], "likelihood_chance": res.likelihood_chance,
+                          "likelihood_by_kind": res.likelihood_by_kind, "notes": res.notes,
+                          "seconds": round(time.perf_counter() - t0, 2)}
+        typer.echo(json.dumps({"checkpoint": path.name, "rows": rows, "summary": summary[-1]}))
+    ids = [t.id for t in taskset]
+    meta = {"kind": "run", "target": str(run.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tasks": {"source": "experiments/smollm2_grpo.py task_pool('test', n, seed=3000), compact prompts",
+                      "n": len(taskset), "fingerprint": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16],
+                      "ids": ids, "skipped_lines": 0},
+            "config": cfg.to_json() if cfg else {}, "thresholds": cfg.thresholds() if cfg else {}, "device": "cpu",
+            "checkpoints": per, "skipped": [], "seconds": round(sum(v["seconds"] for v in per.values()), 1),
+            "versions": versions()}
+    written, note = merge_and_write(run, results, summary, meta)
+    typer.echo(f"written: {written}" + (f" ({note})" if note else ""))
 
 
 if __name__ == "__main__":
