@@ -202,7 +202,8 @@ def _trainer_class():
             s_open, o_open = logit_push(comp, ctrl[..., k: k + 1], at_open, adv, self._ctrl_ids[k: k + 1],
                                         per_token=False)
             p_end = ctrl[..., k].exp()[at_open]
-            m["mech/p_end@open"].append(float(p_end.mean()) if p_end.numel() else float("nan"))
+            if p_end.numel():  # no call opened this step: no value (TRL would log a NaN as null)
+                m["mech/p_end@open"].append(float(p_end.mean()))
             m["mech/end@open"].append(float((comp[at_open] == self._im_end).sum()))
             m["mech/n_open"].append(float(at_open.sum()))
             m["mech/sumA@open"].append(float((adv.view(-1, 1) * at_open).sum()))

@@ -1,0 +1,122 @@
+"""The real-model table (docs/experiments.md, section 7): one row per TRL run of
+experiments/smollm2_grpo.py, from the run's own files only (TRL's completions and trainer state,
+the DiagnoseCallback's probe tables, the mechanism metrics the experiment's trainer logged, and
+RUN/capability/ once probed).
+
+    python experiments/smollm2_table.py runs/sm2/rl-s0 runs/sm2/sync-s0 [--markdown]
+
+Columns: reward (first step, best, last), the scan's verdict and onset, the turn states at the
+trough (or at the last step when there is no collapse), the first mover and its lead, the
+fixed probe's p(<|im_end|> | <tool_call>\\n) and p(<tool_call> | turn start) (first step -> max
+and where), the rollouts' own p(<|im_end|>) at the call-open positions, bare calls sampled
+(<|im_end|> right after <tool_call>\\n), the push on <|im_end|> at the call-open positions (self
+/ other, summed over steps) and everywhere (``attribution/im_end/*``, summed), and the probe
+verdict per probed checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from diagnose.capability import read_capability
+from diagnose.scan import scan_run
+
+P_END_OPEN = "probe/after_call_open/im_end"
+P_CALL_START = "probe/turn_start/tool_call_open"
+
+
+def _g(v: float | None) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
+
+
+def _col(df: pl.DataFrame, name: str) -> pl.DataFrame:
+    return df.select("step", name).drop_nulls() if name in df.columns else pl.DataFrame({"step": [], name: []})
+
+
+def _move(df: pl.DataFrame, name: str) -> str:
+    """first value -> max (at step)."""
+    s = _col(df, name)
+    if s.is_empty():
+        return "—"
+    top = s.sort(name, descending=True).row(0)
+    return f"{_g(s[name][0])} → {_g(top[1])} (step {top[0]})"
+
+
+def _sum(df: pl.DataFrame, name: str) -> float | None:
+    return float(df[name].drop_nulls().sum()) if name in df.columns else None
+
+
+def run_row(run: Path) -> dict[str, str]:
+    res = scan_run(run)
+    sig = res.signals
+    reward = _col(sig, "reward")
+    ep = res.episodes[0] if res.episodes else None
+    at = ep.trough_step if ep else int(sig["step"].max())
+    states = sig.filter(pl.col("step") == at)
+    turn = ", ".join(f"{c.split('/')[1]} {_g(states[c][0])}" for c in sig.columns
+                     if c.startswith("turn_state/") and not states.is_empty() and states[c][0])
+    mover = "—"
+    if ep and ep.moves:
+        first = min(ep.moves, key=lambda m: (m.step, -m.lead))
+        mover = f"{first.signal} ({first.direction}, lead {first.lead})"
+    implicated = ", ".join(f"{t.token}@{c.context}×{c.ratio:.3g}" for t in (ep.implicated if ep else [])
+                           for c in t.contexts[:1])
+    cap = read_capability(run)
+    probe = "not probed"
+    if cap is not None:
+        probe = "; ".join(f"{r['checkpoint']}: {r['verdict']} (native {_g(r['format_score'])})"
+                          for r in cap.summary.sort("step").iter_rows(named=True))
+    timing = json.loads((run / "timing_grpo.json").read_text()) if (run / "timing_grpo.json").is_file() else {}
+    bare = _sum(sig, "mech/end@open")
+    return {
+        "run": run.name,
+        "reward first / best / last": f"{_g(reward['reward'][0])} / {_g(reward['reward'].max())} / "
+                                      f"{_g(reward['reward'][-1])}" if not reward.is_empty() else "—",
+        "scan": f"{res.verdict}" + (f", onset {ep.onset_step}, trough {ep.trough_step}" if ep else ""),
+        f"turn states at step {at}": turn or "—",
+        "first mover (lead)": mover,
+        "implicated": implicated or "—",
+        "p(<|im_end|> | <tool_call>\\n), probe": _move(sig, P_END_OPEN),
+        "p(<tool_call> | turn start), probe": _move(sig, P_CALL_START),
+        "p(<|im_end|>) at call-open, rollouts": _move(sig, "mech/p_end@open"),
+        "bare calls sampled": _g(bare),
+        "push @open self / other": f"{_g(_sum(sig, 'mech/self@open'))} / {_g(_sum(sig, 'mech/other@open'))}",
+        "sumA@open > 0 / < 0 (steps)": (f"{int((sig['mech/sumA@open'] > 0).sum())} / "
+                                        f"{int((sig['mech/sumA@open'] < 0).sum())}") if "mech/sumA@open" in sig.columns else "—",
+        "push everywhere self / other": f"{_g(_sum(sig, 'attribution/im_end/self'))} / "
+                                        f"{_g(_sum(sig, 'attribution/im_end/other'))}",
+        "probe": probe,
+        "s/step": _g(timing.get("s_per_step")),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args()
+    rows = [run_row(r) for r in a.runs]
+    if a.markdown:
+        cols = list(rows[0])
+        print("| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |")
+        print("|" + "---|" * len(cols))
+        for r in rows:
+            print("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |")
+        return
+    table = Table(title="SmolLM2-135M-Instruct, TRL GRPO + LoRA")
+    for c in rows[0]:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*r.values())
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
