@@ -15,9 +15,9 @@ py() { nice -n 10 python "$@"; }
 [ -f "$OUT/warm/adapter/adapter_model.safetensors" ] || py experiments/smollm2_grpo.py warmstart --out "$OUT/warm"
 for s in $SEEDS; do
   py experiments/smollm2_grpo.py grpo --warm "$OUT/warm/adapter" --out "$OUT/rl-s$s" --seed "$s" --lr "$LR" \
-     --steps "$STEPS" --prompts-per-step 1 --group 4 &
+     --steps "$STEPS" &
   py experiments/smollm2_grpo.py grpo --warm "$OUT/warm/adapter" --out "$OUT/sync-s$s" --seed "$s" --lr "$LR" \
-     --steps "$STEPS" --prompts-per-step 1 --group 4 --sft-weight 1 &
+     --steps "$STEPS" --sft-weight 1 &
   wait
 done
 # the probe before the onset and at the trough (checkpoint names from `diagnose scan`; here the first and the last)
