@@ -153,10 +153,12 @@ def _trainer_class():
             self._gold = itertools.cycle(gold)
             self.sft_weight, self.sft_batch = sft_weight, sft_batch
             reg = ControlTokenRegistry.from_tokenizer(self.processing_class)
-            single = [t for t in reg if not t.multi]
-            self._ctrl_names = [t.name for t in single]
-            self._ctrl_ids = __import__("torch").tensor([t.token_id for t in single])
-            self._im_end = self.processing_class.convert_tokens_to_ids("<|im_end|>")
+            # single tokens, and the first token of multi-token markers (``<`` of <tool_call>, once)
+            first: dict[int, str] = {}
+            for t in reg:
+                first.setdefault(t.token_id, t.name)
+            self._ctrl_names = list(first.values())
+            self._ctrl_ids = __import__("torch").tensor(list(first))
             self._open_seq = self.processing_class("<tool_call>\n", add_special_tokens=False)["input_ids"]
 
         def _sft_loss(self, model: Any) -> Any:
@@ -198,17 +200,20 @@ def _trainer_class():
                 m[f"attribution/{name}/self"].append(float(s[k]) / len(adv))
                 m[f"attribution/{name}/other"].append(float(o[k]) / len(adv))
             at_open = after_sequence(torch.cat([prompt, comp], 1), self._open_seq)[:, p_len:] & (mask > 0)
-            k = self._ctrl_names.index("im_end")
-            s_open, o_open = logit_push(comp, ctrl[..., k: k + 1], at_open, adv, self._ctrl_ids[k: k + 1],
-                                        per_token=False)
-            p_end = ctrl[..., k].exp()[at_open]
-            if p_end.numel():  # no call opened this step: no value (TRL would log a NaN as null)
-                m["mech/p_end@open"].append(float(p_end.mean()))
-            m["mech/end@open"].append(float((comp[at_open] == self._im_end).sum()))
             m["mech/n_open"].append(float(at_open.sum()))
             m["mech/sumA@open"].append(float((adv.view(-1, 1) * at_open).sum()))
-            m["mech/self@open"].append(float(s_open[0]))
-            m["mech/other@open"].append(float(o_open[0]))
+            # <|im_end|> (the paper's token) and <tool_call>'s first token (a nested call) at the call-open context
+            for tag, name in (("end", "im_end"), ("call", "tool_call_open")):
+                k = self._ctrl_names.index(name)
+                s_open, o_open = logit_push(comp, ctrl[..., k: k + 1], at_open, adv, self._ctrl_ids[k: k + 1],
+                                            per_token=False)
+                p_k = ctrl[..., k].exp()[at_open]
+                if p_k.numel():  # no call opened this step: no value (TRL would log a NaN as null)
+                    m[f"mech/p_{tag}@open"].append(float(p_k.mean()))
+                m[f"mech/{tag}@open"].append(float((comp[at_open] == self._ctrl_ids[k]).sum()))
+                suffix = "" if tag == "end" else "_call"
+                m[f"mech/self{suffix}@open"].append(float(s_open[0]))
+                m[f"mech/other{suffix}@open"].append(float(o_open[0]))
 
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None):
             captured: list = []
