@@ -29,6 +29,8 @@ from diagnose.capability import read_capability
 from diagnose.scan import scan_run
 
 P_END_OPEN = "probe/after_call_open/im_end"
+P_NESTED_OPEN = "probe/after_call_open/tool_call_open"
+P_OPEN_AFTER_BODY = "probe/after_call_body/tool_call_open"
 P_CALL_START = "probe/turn_start/tool_call_open"
 
 
@@ -84,37 +86,46 @@ def run_row(run: Path) -> dict[str, str]:
         "first mover (lead)": mover,
         "implicated": implicated or "—",
         "p(<|im_end|> | <tool_call>\\n), probe": _move(sig, P_END_OPEN),
+        "p(<tool_call> | <tool_call>\\n), probe": _move(sig, P_NESTED_OPEN),
+        "p(<tool_call> | call body), probe": _move(sig, P_OPEN_AFTER_BODY),
         "p(<tool_call> | turn start), probe": _move(sig, P_CALL_START),
         "p(<|im_end|>) at call-open, rollouts": _move(sig, "mech/p_end@open"),
+        "p(<) at call-open, rollouts": _move(sig, "mech/p_call@open"),
         "bare calls sampled": _g(bare),
-        "push @open self / other": f"{_g(_sum(sig, 'mech/self@open'))} / {_g(_sum(sig, 'mech/other@open'))}",
+        "nested <tool_call> sampled at call-open": _g(_sum(sig, "mech/call@open")),
+        "<|im_end|> push @open self / other": f"{_g(_sum(sig, 'mech/self@open'))} / {_g(_sum(sig, 'mech/other@open'))}",
+        "< push @open self / other": f"{_g(_sum(sig, 'mech/self_call@open'))} / "
+                                     f"{_g(_sum(sig, 'mech/other_call@open'))}",
         "sumA@open > 0 / < 0 (steps)": (f"{int((sig['mech/sumA@open'] > 0).sum())} / "
                                         f"{int((sig['mech/sumA@open'] < 0).sum())}") if "mech/sumA@open" in sig.columns else "—",
-        "push everywhere self / other": f"{_g(_sum(sig, 'attribution/im_end/self'))} / "
-                                        f"{_g(_sum(sig, 'attribution/im_end/other'))}",
+        "<|im_end|> push everywhere self / other": f"{_g(_sum(sig, 'attribution/im_end/self'))} / "
+                                                   f"{_g(_sum(sig, 'attribution/im_end/other'))}",
         "probe": probe,
         "s/step": _g(timing.get("s_per_step")),
     }
 
 
 def main() -> None:
+    """One column per run, one row per measure (the measures do not fit side by side)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
     rows = [run_row(r) for r in a.runs]
+    fields = [f for f in rows[0] if f != "run"]
     if a.markdown:
-        cols = list(rows[0])
-        print("| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |")
-        print("|" + "---|" * len(cols))
-        for r in rows:
-            print("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |")
+        esc = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+        print("| | " + " | ".join(r["run"] for r in rows) + " |")
+        print("|---|" + "---|" * len(rows))
+        for f in fields:
+            print(f"| {esc(f)} | " + " | ".join(esc(r.get(f, "—")) for r in rows) + " |")
         return
     table = Table(title="SmolLM2-135M-Instruct, TRL GRPO + LoRA")
-    for c in rows[0]:
-        table.add_column(c)
+    table.add_column("")
     for r in rows:
-        table.add_row(*r.values())
+        table.add_column(r["run"])
+    for f in fields:
+        table.add_row(f, *(str(r.get(f, "—")) for r in rows))
     Console().print(table)
 
 
