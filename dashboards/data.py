@@ -29,6 +29,7 @@ import polars as pl
 import streamlit as st
 
 from diagnose.adapters import adapter, detect_format, load_run
+from diagnose.error_line import error_line
 from diagnose.source import RunSource
 
 ROOT_ENV = "DIAGNOSE_RUNS_ROOT"
@@ -230,12 +231,6 @@ class Loaded:
         return self.error is None
 
 
-def _error_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    head = text[0] if text else ""
-    return f"{type(e).__name__}: {head}" if head else type(e).__name__
-
-
 def scan(path: Path) -> Loaded:
     """`diagnose.scan.run.scan_run` with the dashboard's error policy."""
     from diagnose.scan.run import scan_run
@@ -243,14 +238,14 @@ def scan(path: Path) -> Loaded:
     try:
         return Loaded(scan_run(path))
     except Exception as e:  # noqa: BLE001 - any unreadable run is a message on the page
-        return Loaded(error=_error_line(e))
+        return Loaded(error=error_line(e, limit=None))
 
 
 def source(path: Path) -> Loaded:
     try:
         return Loaded(load_run(path))  # with rescored / live-probe tables attached
     except Exception as e:  # noqa: BLE001
-        return Loaded(error=_error_line(e))
+        return Loaded(error=error_line(e, limit=None))
 
 
 def capability(path: Path) -> Loaded:
@@ -260,7 +255,7 @@ def capability(path: Path) -> Loaded:
     try:
         return Loaded(read_capability(path))
     except Exception as e:  # noqa: BLE001 - CapabilityReadError and anything else: a message
-        return Loaded(error=_error_line(e))
+        return Loaded(error=error_line(e, limit=None))
 
 
 def _table(src: RunSource, kind: str, steps: Iterable[int] | None) -> pl.LazyFrame | None:

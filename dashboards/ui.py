@@ -18,9 +18,10 @@ import polars as pl
 import streamlit as st
 
 from dashboards import data
+from diagnose.error_line import error_line
 from diagnose.figures import ctrl_probs, token_values
 from diagnose.scan.html import highlight
-from diagnose.scan.report import token_label
+from diagnose.scan.formatting import token_label
 
 RUN_KEY = "run"  # the run picker's widget key (and its URL query parameter)
 TOKEN_TARGET_KEY = "token_target"  # (run rel, step, sample_id) set by "open in the token viewer"
@@ -75,25 +76,33 @@ def selected_run() -> data.RunEntry | None:
     return entries[rel]
 
 
-def require_scan(entry: data.RunEntry) -> Any | None:
-    """The run's scan result, or None after showing why it cannot be had."""
-    loaded = data.load_scan(entry.path)
+def selected_run_or_stop() -> data.RunEntry:
+    """The selected run; stops the page (after saying why) when there is none."""
+    entry = selected_run()
+    if entry is None:
+        st.stop()
+    return entry
+
+
+def value_or_stop(loaded: data.Loaded, what: str, then: str = "") -> Any:
+    """What a cached loader loaded; when it failed, stops the page after a warning: ``what``,
+    the error, ``then`` (what to do about it)."""
     if not loaded.ok:
-        st.warning(f"This run could not be scanned: {loaded.error}")
-        return None
+        st.warning(f"{what}: {loaded.error}{then}")
+        st.stop()
     return loaded.value
+
+
+def scan_or_stop(entry: data.RunEntry, what: str = "This run could not be scanned") -> Any:
+    """The run's scan result; stops the page after saying why it cannot be had."""
+    return value_or_stop(data.load_scan(entry.path), what)
 
 
 def run_and_scan_or_stop() -> tuple[data.RunEntry, Any]:
     """The selected run and its scan result; stops the page (after saying why) when either is
     missing -- the preamble of every page that plots scan signals."""
-    entry = selected_run()
-    if entry is None:
-        st.stop()
-    result = require_scan(entry)
-    if result is None:
-        st.stop()
-    return entry, result
+    entry = selected_run_or_stop()
+    return entry, scan_or_stop(entry)
 
 
 @contextlib.contextmanager
@@ -102,7 +111,7 @@ def section(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # noqa: BLE001 - streamlit's own control flow derives from BaseException
-        st.error(f"{what} could not be drawn: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        st.error(f"{what} could not be drawn: {error_line(e, limit=None)}")
 
 
 def plot(fig: go.Figure | None, missing: str, key: str | None = None) -> None:

@@ -3,7 +3,9 @@
 Exit codes are part of the interface: 2 = usage error, unreadable input or a missing extra,
 3 = internal error. Users never see a traceback (``DIAGNOSE_DEBUG=1`` shows it). A command that
 needs an optional extra (``[model]``: torch, transformers, ...) says so in one line naming the
-extra to install. Imports only typer and rich, so the light install can load it.
+extra to install. An exception shown inside a message is one line, `error_line` (written in the
+leaf module `diagnose.error_line`, so the analysis core uses it without typer; re-exported here).
+Imports only typer and rich, so the light install can load it.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from diagnose.error_line import error_line
+
 __all__ = [
     "EXIT_INTERNAL",
     "EXIT_USAGE",
     "EXTRA_OF",
     "MissingExtra",
     "command_errors",
+    "error_line",
     "extra_hint",
     "require",
 ]

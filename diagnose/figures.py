@@ -30,36 +30,34 @@ from plotly.subplots import make_subplots
 
 from diagnose.control_tokens import KEY_CONTEXTS
 from diagnose.rundir.schema import ctrl_column
-from diagnose.scan.report import finite_series, fmt_num, token_label
+from diagnose.scan.formatting import fmt_num, token_label
+from diagnose.scan.names import (
+    ALL_POSITIONS,
+    ATTRIBUTION_PARTS,
+    CTRL,
+    CTX,
+    PROBE,
+    TokenSignal,
+    attribution_signal,
+    rollout_twin,
+    signal_token,
+)
 from diagnose.scan.result import CollapseEpisode, ScanResult
+from diagnose.scan.series import finite_series
 
 if TYPE_CHECKING:
     from diagnose.scan.compare import Comparison
 
 __all__ = [
-    "EPISODE_COLOR",
-    "KEY_SIGNALS",
-    "RUN_COLORS",
-    "STATE_COLORS",
-    "add_episode_bands",
-    "attribution_figure",
-    "capability_figure",
-    "capability_measures_figure",
-    "compare_figure",
-    "control_token_figure",
-    "control_token_names",
-    "ctrl_probs",
-    "esc",
-    "key_signals_figure",
-    "last_step",
-    "onset_order_figure",
-    "overview_figure",
-    "plot_text",
-    "scan_figures",
-    "signals_overlay_figure",
-    "token_figure",
-    "token_strip_figure",
-    "token_values",
+    # shared pieces
+    "EPISODE_COLOR", "KEY_SIGNALS", "RUN_COLORS", "STATE_COLORS", "add_episode_bands", "esc", "last_step", "plot_text",
+    # a scan
+    "overview_figure", "token_figure", "onset_order_figure", "scan_figures",
+    # a comparison
+    "compare_figure", "signals_overlay_figure",
+    # dashboard pages
+    "key_signals_figure", "control_token_names", "control_token_figure", "attribution_figure", "token_values",
+    "ctrl_probs", "token_strip_figure", "capability_figure", "capability_measures_figure",
 ]
 
 STATE_COLORS = {
@@ -74,6 +72,9 @@ MAX_TOKEN_TRACES = 80
 MAX_ORDER_SIGNALS = 40
 #: Without an implicated token, the control-token chart shows this many series (largest spread).
 DEFAULT_TOKEN_SERIES = 6
+#: Line style of a control-token probability by where it is measured (fixed probe, rollout
+#: tokens at a key context, rollout tokens at every generated position).
+_FAMILY_DASH = {PROBE: "solid", CTX: "dot", CTRL: "dash"}
 KEY_SIGNALS: tuple[tuple[str, str], ...] = (
     ("entropy", "entropy (nats)"),
     ("kl", "KL to the reference"),
@@ -155,19 +156,10 @@ def overview_figure(result: ScanResult) -> go.Figure:
     return fig
 
 
-def _token_columns(result: ScanResult) -> list[str]:
-    out = []
-    for c in result.signals.columns:
-        parts = c.split("/")
-        if len(parts) == 3 and parts[0] in ("probe", "ctx") and parts[2] not in ("gold", "n"):
-            out.append(c)
-    return out
-
-
-def _token_trace_name(col: str, texts: dict[str, str]) -> str:
-    kind, ctx, tok = col.split("/")
-    label = token_label(tok, texts.get(tok))
-    return f"{'probe' if kind == 'probe' else 'rollouts'}: p({label} | {ctx})"
+def _context_signals(result: ScanResult) -> list[TokenSignal]:
+    """The control-token probabilities at key contexts (fixed probe and rollout tokens)."""
+    parsed = (TokenSignal.parse(c) for c in result.signals.columns)
+    return [sig for sig in parsed if sig is not None and sig.at_key_context]
 
 
 def token_figure(result: ScanResult) -> go.Figure | None:
@@ -176,21 +168,19 @@ def token_figure(result: ScanResult) -> go.Figure | None:
     implicated tokens at the contexts where they rose (the collapse signature first); without
     an implicated token, the `DEFAULT_TOKEN_SERIES` series that moved most. Every other series
     is in the legend's "more" group, hidden until clicked (``visible="legendonly"``)."""
-    cols = _token_columns(result)
-    if not cols:
+    signals = {sig.name: sig for sig in _context_signals(result)}
+    if not signals:
         return None
     texts = {t.token: t.text for e in result.episodes for t in e.implicated if t.text}
     rises = [c for e in result.episodes for t in e.implicated for c in t.contexts]
     implicated = [c.signal for c in sorted(rises, key=lambda c: not c.signature)]  # stable: signature first
     stats = []
-    for c in cols:
+    for c in signals:
         s, v = finite_series(result.signals, c)
         pos = v[v > 0]
         spread = float(pos.max() / max(pos.min(), 1e-12)) if pos.size else 0.0
         stats.append((c, s, v, spread))
-    rank: dict[str, int] = {}
-    for c in implicated:
-        rank.setdefault(c, len(rank))
+    rank = {c: i for i, c in enumerate(dict.fromkeys(implicated))}
     stats.sort(key=lambda x: (x[0] not in rank, rank.get(x[0], 0), -x[3]))
     shown = set(rank) if rank else {c for c, *_ in stats[:DEFAULT_TOKEN_SERIES]}
     fig = go.Figure()
@@ -198,8 +188,9 @@ def token_figure(result: ScanResult) -> go.Figure | None:
         y = [float(x) if x > 0 else None for x in v]
         more = c not in shown
         fig.add_trace(go.Scatter(
-            x=s, y=y, mode="lines+markers", marker={"size": 3}, name=plot_text(_token_trace_name(c, texts)),
-            line={"dash": "solid" if c.startswith("probe/") else "dot"},
+            x=s, y=y, mode="lines+markers", marker={"size": 3},
+            name=plot_text(signals[c].label(texts.get(signals[c].token))),
+            line={"dash": _FAMILY_DASH[signals[c].family]},
             visible="legendonly" if more else True,
             legendgroup="more" if more else "key",
             legendgrouptitle_text="more (click to show)" if more else None,
@@ -272,8 +263,9 @@ def compare_figure(cmp: Comparison) -> go.Figure:
         series = [cmp.primary, "turn_state/collapsed"] + ([tok_signal] if tok_signal else [])
         for r, name in enumerate(series, start=1):
             s, v = finite_series(res.signals, name)
-            if name == tok_signal and not v.size and tok_signal.startswith("probe/"):
-                s, v = finite_series(res.signals, "ctx/" + tok_signal.split("/", 1)[1])
+            twin = rollout_twin(name) if name == tok_signal and not v.size else None
+            if twin is not None:
+                s, v = finite_series(res.signals, twin)
             if not v.size:
                 continue
             y = [float(x) if (name != tok_signal or x > 0) else None for x in v]
@@ -296,8 +288,9 @@ def signals_overlay_figure(results: Mapping[str, ScanResult], signals: Sequence[
     for name, r in results.items():
         for row, sig in enumerate(signals, start=1):
             s, v = finite_series(r.signals, sig)
-            if not v.size and sig.startswith("probe/"):
-                s, v = finite_series(r.signals, "ctx/" + sig.split("/", 1)[1])
+            twin = rollout_twin(sig) if not v.size else None
+            if twin is not None:
+                s, v = finite_series(r.signals, twin)
             fig.add_trace(go.Scatter(x=s, y=v, mode="lines", name=plot_text(name), legendgroup=name,
                                      showlegend=row == 1), row=row, col=1)
     for row, sig in enumerate(signals, start=1):
@@ -338,53 +331,39 @@ def key_signals_figure(result: ScanResult, signals: Sequence[tuple[str, str]] = 
 def control_token_names(result: ScanResult) -> list[str]:
     """Control tokens with a probability or attribution signal in the run (probe, rollout
     contexts, all positions, logit attribution), implicated ones first."""
-    seen: dict[str, None] = {}
-    for e in result.episodes:
-        for t in e.implicated:
-            seen.setdefault(t.token)
-    for c in result.signals.columns:
-        parts = c.split("/")
-        if len(parts) == 3 and parts[0] in ("probe", "ctx") and parts[2] not in ("gold", "n"):
-            seen.setdefault(parts[2])
-        elif len(parts) == 3 and parts[0] in ("ctrl", "attribution") and parts[2] in ("p", "self", "other", "total"):
-            seen.setdefault(parts[1])
-    return list(seen)
+    implicated = [t.token for e in result.episodes for t in e.implicated]
+    measured = [signal_token(c) for c in result.signals.columns]
+    return list(dict.fromkeys(t for t in implicated + measured if t is not None))
 
 
 def control_token_figure(result: ScanResult, token: str, text: str | None = None) -> go.Figure | None:
     """One control token's probability over steps at each key context: the fixed probe (solid),
     the rollouts' tokens at that context (dotted) and over all generated positions (grey); log y."""
-    label = token_label(token, text)
-    traces = []
-    for ctx in KEY_CONTEXTS:
-        for kind, dash in (("probe", "solid"), ("ctx", "dot")):
-            name = f"{kind}/{ctx}/{token}"
-            s, v = finite_series(result.signals, name)
-            if v.size:
-                traces.append((name, f"{'probe' if kind == 'probe' else 'rollouts'}: p({label} | {ctx})", s, v, dash))
-    s, v = finite_series(result.signals, f"ctrl/{token}/p")
-    if v.size:
-        traces.append((f"ctrl/{token}/p", f"rollouts: p({label}), all generated positions", s, v, "dash"))
+    wanted = [TokenSignal(family, ctx, token) for ctx in KEY_CONTEXTS for family in (PROBE, CTX)]
+    wanted.append(TokenSignal(CTRL, ALL_POSITIONS, token))
+    traces = [(sig, *finite_series(result.signals, sig.name)) for sig in wanted]
+    traces = [(sig, s, v) for sig, s, v in traces if v.size]
     if not traces:
         return None
     fig = go.Figure()
-    for name, title, s, v, dash in traces:
+    for sig, s, v in traces:
         fig.add_trace(go.Scatter(x=s, y=[float(x) if x > 0 else None for x in v], mode="lines+markers",
-                                 marker={"size": 3}, name=plot_text(title),
-                                 line={"dash": dash, **({"color": "#999"} if name.startswith("ctrl/") else {})},
-                                 hovertemplate=plot_text(name) + "<br>step %{x}: %{y:.3g}<extra></extra>"))
+                                 marker={"size": 3}, name=plot_text(sig.label(text)),
+                                 line={"dash": _FAMILY_DASH[sig.family], **({"color": "#999"} if sig.family == CTRL else {})},
+                                 hovertemplate=plot_text(sig.name) + "<br>step %{x}: %{y:.3g}<extra></extra>"))
     add_episode_bands(fig, result.episodes, last_step(result))
     fig.update_yaxes(type="log", title_text="probability (log)")
     fig.update_xaxes(title_text="step")
     fig.update_layout(height=460, margin={"t": 40, "l": 60, "r": 20, "b": 40}, legend={"font": {"size": 10}},
-                      title=plot_text(f"p({label}) at its key contexts (solid: fixed probe, dotted: rollout tokens)"))
+                      title=plot_text(f"p({token_label(token, text)}) at its key contexts "
+                                      "(solid: fixed probe, dotted: rollout tokens)"))
     return fig
 
 
 def attribution_figure(result: ScanResult, token: str, text: str | None = None) -> go.Figure | None:
     """Logit-gradient attribution of one control token over steps: the push from samples where
     it was sampled (self), from the others (other) and the total; None when not logged."""
-    parts = [(k, f"attribution/{token}/{k}") for k in ("self", "other", "total")]
+    parts = [(k, attribution_signal(token, k)) for k in ATTRIBUTION_PARTS]
     series = [(k, *finite_series(result.signals, n)) for k, n in parts]
     if not any(v.size for _, _, v in series):
         return None
@@ -404,26 +383,24 @@ def attribution_figure(result: ScanResult, token: str, text: str | None = None) 
     return fig
 
 
+def _finite_values(rows: pl.DataFrame, column: str, exp: bool) -> list[float | None]:
+    """A column's values as floats (``exp``: of log-probs, probabilities); None where it is
+    missing, null or not finite."""
+    if column not in rows.columns:
+        return [None] * rows.height
+    return [(math.exp(x) if exp else float(x)) if x is not None and math.isfinite(x) else None
+            for x in rows.get_column(column).to_list()]
+
+
 def token_values(rows: pl.DataFrame, color_by: str) -> list[float | None]:
     """Per-row value a token is coloured by: ``probability`` (exp of ``logprob``) or ``entropy``."""
-    if rows.height == 0:
-        return []
-    if color_by == "entropy":
-        col = rows.get_column("entropy") if "entropy" in rows.columns else pl.Series([None] * rows.height)
-        return [float(x) if x is not None and math.isfinite(x) else None for x in col.to_list()]
-    col = rows.get_column("logprob") if "logprob" in rows.columns else pl.Series([None] * rows.height)
-    return [math.exp(x) if x is not None and math.isfinite(x) else None for x in col.to_list()]
+    return _finite_values(rows, "entropy", exp=False) if color_by == "entropy" else _finite_values(rows, "logprob", exp=True)
 
 
 def ctrl_probs(rows: pl.DataFrame, control_tokens: Sequence[Mapping[str, Any]]) -> dict[str, list[float | None]]:
     """name -> probability of that control token at each row (from ``lp_ctrl_<name>``)."""
-    out = {}
-    for t in control_tokens:
-        col = ctrl_column(t["name"])
-        if col in rows.columns:
-            out[t["name"]] = [math.exp(x) if x is not None and math.isfinite(x) else None
-                              for x in rows.get_column(col).to_list()]
-    return out
+    return {t["name"]: _finite_values(rows, ctrl_column(t["name"]), exp=True) for t in control_tokens
+            if ctrl_column(t["name"]) in rows.columns}
 
 
 def token_strip_figure(rows: pl.DataFrame, texts: Mapping[int, str], control_tokens: Sequence[Mapping[str, Any]],

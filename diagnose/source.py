@@ -22,7 +22,7 @@ Column contracts (a table may carry more columns; absent optional tables are Non
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.jsonl import LineError
+from diagnose.transcripts import Dialect
 
 
 @dataclass
@@ -61,6 +62,22 @@ def step_mismatch_message(what: str, steps: Any, file_step: int, authority: str)
     return f"{what} have step(s) {steps} but the file name says {file_step}; {authority} is authoritative"
 
 
+#: Flags of rollouts that are not the policy's own samples (a hinted prompt, an off-policy
+#: demonstration): analyses of the policy leave them out, as the trainer's own metrics do.
+OFF_POLICY_FLAGS: tuple[str, ...] = ("is_hint", "is_off_policy")
+
+
+def on_policy(columns: Iterable[str]) -> pl.Expr:
+    """True on the rollouts that are the policy's own samples: none of the `OFF_POLICY_FLAGS`
+    the table has is set (a null flag counts as unset)."""
+    have = set(columns)
+    keep = pl.lit(True)
+    for flag in OFF_POLICY_FLAGS:
+        if flag in have:
+            keep = keep & ~pl.col(flag).fill_null(False)
+    return keep
+
+
 @dataclass
 class RunSource:
     path: Path
@@ -72,6 +89,9 @@ class RunSource:
     control_tokens: list[dict[str, Any]] = field(default_factory=list)  # run.json["control_tokens"] form
     issues: list[SourceIssue] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what this format cannot provide, for the report
+    #: how the ``completion`` texts are written: `diagnose.transcripts.split_turns(completion,
+    #: dialect)` gives the turns their ``turn_states`` are of (`diagnose rescore` re-renders so)
+    dialect: Dialect = Dialect.CHATML
 
     @property
     def has_token_probabilities(self) -> bool:

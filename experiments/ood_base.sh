@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The OOD-capable bases of docs/experiments.md section 0.6 (issue 13, goal d), from the shipped
+# The OOD-capable bases of docs/experiments.md section 0.6 (bases that score above 0 out of
+# distribution before RL), from the shipped
 # tiny-base v2: two more mid-training stages of the base-mix recipe with more OOD examples
 # (content_ood families and the format_ood call syntax) and 3 % of examples cut to a bare
 # `<tool_call>\n` turn. ~14 + ~11 min on one free CPU core. Writes runs/s5/v3_400 and runs/s5/v4_300.

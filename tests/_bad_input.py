@@ -159,6 +159,16 @@ def record_row(case: Case, command: str, outcome: Outcome, data: dict | None, tm
 # ------------------------------------------------------------------ inputs
 
 
+def write_base_run(root: Path) -> Path:
+    """``root/base``: the native run the cases copy and spoil (synthetic, ``SMALL_RUN``, a collapse
+    at step 6)."""
+    from diagnose.synth import write_synthetic_run
+
+    d = root / "base"
+    write_synthetic_run(d, collapse_at=6, seed=1, **SMALL_RUN)
+    return d
+
+
 def copy_run(base: Path, tmp: Path, name: str = "run") -> Path:
     d = tmp / name
     shutil.copytree(base, d, symlinks=True)

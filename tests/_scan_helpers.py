@@ -2,6 +2,15 @@
 
 import pytest
 
+from diagnose.rundir import RunReader
+from diagnose.source import RunSource
+
+
+def source(path) -> RunSource:
+    """A native run's source, read directly with the run reader (no adapter)."""
+    r = RunReader(path)
+    return RunSource(r.run_dir, "native", r.metrics().lazy(), r.rollouts(), r.tokens(), r.probe(), r.control_tokens)
+
 
 def json_close(a, b, path="") -> None:
     """Recursive equality of two scan JSONs, floats to 1e-9 relative (polars' parallel sums

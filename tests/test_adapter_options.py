@@ -22,9 +22,7 @@ runner = CliRunner()
 SMALL = {"steps": 12, "samples_per_step": 4, "tokens_per_sample": 48}
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +41,9 @@ def multi(monkeypatch):
     mod.detect = lambda p: True
     mod.has_candidates = lambda p: True
     mod.runs = lambda p: ["a", "b"]
+    mod.run_alias = lambda p, name: name
     mod.step_of_file = lambda rel, single_file: "global"
+    mod.OPTIONS = ("run", "metrics")
 
     def load(p, run=None, metrics=None):
         calls.append({"run": run, "metrics": metrics})
@@ -58,8 +58,14 @@ def multi(monkeypatch):
 
 
 def test_every_format_module_is_an_adapter():
+    from diagnose.adapters._common import hooks
+
     for fmt in FORMATS:
-        assert isinstance(adapters.adapter(fmt), Adapter), fmt
+        mod = adapters.adapter(fmt)
+        assert isinstance(mod, Adapter), fmt
+        assert set(mod.OPTIONS) <= {*adapters.LOAD_OPTIONS, "file_checks"}, fmt
+        # a format that lists runs takes run=, and only such a format
+        assert ("run" in mod.OPTIONS) == (mod.runs is not hooks.runs), fmt
 
 
 @pytest.mark.parametrize(("fmt", "rel", "single", "want"), [
@@ -101,6 +107,25 @@ def test_several_runs_need_a_name(run_dir, multi):
     assert any("tokenizer=t" in n for n in src.notes)
 
 
+def test_load_run_is_the_one_place_a_run_is_chosen(run_dir, multi):
+    """The adapter's ``load`` gets the name of the run to read: an alias resolved (the
+    adapter's ``run_alias``), the only run of a folder named, a name of no run refused."""
+    mod = sys.modules["fake_multi_adapter"]
+    mod.run_alias = lambda p, name: {"A": "a"}.get(name, name)
+    load_run(run_dir, format="conversations", run="A")
+    assert multi[-1]["run"] == "a"
+    with pytest.raises(AmbiguousRun, match="no conversations run named 'zz'"):
+        load_run(run_dir, format="conversations", run="zz")
+    mod.runs = lambda p: ["only"]
+    load_run(run_dir, format="conversations")
+    assert multi[-1]["run"] == "only"
+
+
+def test_run_of_a_folder_that_is_one_run_is_noted(run_dir):
+    src = load_run(run_dir, run="x")
+    assert any("option run=x is not used" in n and "one native run" in n for n in src.notes)
+
+
 def test_cli_scan_lists_the_runs_and_takes_run(run_dir, multi):
     res = runner.invoke(app, ["scan", str(run_dir), "--format", "conversations", "--no-cache"])
     assert res.exit_code == 2 and "Traceback" not in res.output
@@ -134,7 +159,7 @@ def test_a_step_mismatch_is_one_kind_of_issue(run_dir, tmp_path):
     cache must recognise), and the cache then recomputes every step."""
     import shutil
 
-    from diagnose.adapters._issues import IssueLog
+    from diagnose.adapters._common.issues import IssueLog
     from diagnose.source import STEP_MISMATCH
 
     log = IssueLog()

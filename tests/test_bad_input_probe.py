@@ -27,9 +27,7 @@ TINY_TRAIN = ["sft.steps=3", "grpo.steps=0", "sft.batch_size=2", "log.eval_every
 PROBE = ["--tasks", "1", "--max-new-tokens", "4", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import polars as pl
 import pytest
 from _bad_input import (
     HTML_PAYLOAD,
-    SMALL_RUN,
     Case,
     append,
     as_nobody_cmd,
@@ -30,6 +29,7 @@ from _bad_input import (
     tree_hashes,
     remove_world_dir,
     world_dir,
+    write_base_run,
 )
 
 from diagnose.cli import app
@@ -38,18 +38,12 @@ M = "metrics.jsonl"
 SCANNED = (0, 1)  # the scan ran: 0 no collapse, 1 collapse (the base run collapses at step 6)
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
-    from diagnose.synth import write_synthetic_run
-
-    d = tmp_path_factory.mktemp("bad_scan") / "base"
-    write_synthetic_run(d, collapse_at=6, seed=1, **SMALL_RUN)
-    return d
+    return write_base_run(tmp_path_factory.mktemp("bad_scan"))
 
 
 def native(edit, name: str = "run"):

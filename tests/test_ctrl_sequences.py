@@ -205,7 +205,7 @@ def test_token_signals_find_multi_token_tags(smol_probe) -> None:
     """On SmolLM2's ids, after_call_open is after the whole '<tool_call>' + '\\n' (never after
     any '<'), after_call_close after the whole '</tool_call>', and a tag counts as sampled once
     per occurrence."""
-    from diagnose.scan.signals import token_signals
+    from diagnose.scan.token_signals import token_signals
 
     tok, reg, _, _, _ = smol_probe
     call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call><|im_end|>'

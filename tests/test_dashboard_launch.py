@@ -1,5 +1,5 @@
 """`diagnose dashboard` on a fresh or headless machine: never Streamlit's first-run email prompt,
-a browser only where one can be opened, the URL and the `ssh -L` line printed (issue 14)."""
+a browser only where one can be opened, the URL and the `ssh -L` line printed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Small things a new user sees on the first run (issue 14): one consistent cache line on the
+"""Small things a new user sees on the first run: one consistent cache line on the
 overview, no transformers progress bars between the trainer's own lines."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def test_cache_line_says_one_thing_when_touched_files_did_not_change() -> None:
     text = info.describe()
     assert text.startswith("nothing recomputed: 3 file(s) with a new size or modification time")
     assert "but no file's content changed" in text
-    assert "none of them changed" not in text  # the old line contradicted its own reason
+    assert "none of them changed" not in text  # would contradict the reason it gives
 
 
 def test_checkpoint_saves_without_transformers_progress_bars(tmp_path: Path, capfd) -> None:

@@ -1,4 +1,4 @@
-"""Kill -9 loses nothing and duplicates nothing (issue 14): a real `train-minimal run` process,
+"""Kill -9 loses nothing and duplicates nothing: a real `train-minimal run` process,
 SIGKILLed at seeded random moments and resumed with `--resume` each time; after the last resume
 every step is logged exactly once (metrics lines and step files), every checkpoint loads, the
 result equals an uninterrupted run, and `diagnose scan` reports no issue.

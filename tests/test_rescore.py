@@ -322,6 +322,30 @@ def test_real_qwen25_stripped_transcript_renders_to_the_sampled_ids():
     assert r.turn[-1] == 2 and sum(r.generated) < len(r.generated)
 
 
+def test_verl_transcript_renders_in_its_dialect():
+    """verl appends a tool round right after the turn's ``<|im_end|>``, without the template's
+    newline (``ToolAgentLoop``), and dumps it with special tokens skipped: split and rendered in
+    the run's dialect (``RunSource.dialect``) the ids are those verl assembled; read as ChatML
+    the tool output sticks to the call and the rollout does not render."""
+    from transformers import AutoTokenizer
+
+    from diagnose.model.resolve import resolve_model_path
+    from diagnose.rescore.render import Renderer
+    from diagnose.transcripts import Dialect
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-base"), local_files_only=True)
+    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    ids = [i for text in (call + "<|im_end|>", "<|im_start|>user\n<tool_response>\nok\n</tool_response><|im_end|>\n"
+                          "<|im_start|>assistant\n", "Done.<|im_end|>")
+           for i in tok(text, add_special_tokens=False)["input_ids"]]
+    completion = tok.decode(ids, skip_special_tokens=True)
+    assert completion.startswith(call + "user\n<tool_response>")
+    r = Renderer(tok, Dialect.VERL).render(1, 0, prompt, completion)
+    assert r is not None and r.ids[r.prompt_len:] == ids and r.turn[-1] == 1
+    assert Renderer(tok, Dialect.CHATML).render(1, 0, prompt, completion) is None
+
+
 def test_tokenizer_not_of_the_run_is_named_per_checkpoint(runs, tmp_path):
     _, trl = runs
     from transformers import AutoTokenizer

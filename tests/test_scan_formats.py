@@ -27,9 +27,7 @@ STEPS = 36
 K = 20
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIAGNOSE_HOME", str(tmp_path / "diagnose_home"))
+pytestmark = pytest.mark.usefixtures("diagnose_home")  # tests/conftest.py
 
 
 WRITERS = {

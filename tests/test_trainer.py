@@ -223,7 +223,7 @@ def test_lr_schedule_warms_up_then_decays_but_never_to_zero():
 
 
 def test_truncated_call_example_ends_the_turn_after_the_call_opener(tiny_model_dir):
-    """The base-mix lever: a conversation cut at a call turn trains `<tool_call>` `\\n` `<|im_end|>`
+    """The base-mix recipe's truncated calls: a conversation cut at a call turn trains `<tool_call>` `\\n` `<|im_end|>`
     as that turn's assistant tokens, and nothing after it."""
     from train_minimal.trainer import truncated_at_call
 

@@ -70,7 +70,7 @@ class SFTConfig:
     #   (half each; other instances than the eval sets'; format_ood always keeps its system prompt,
     #   the only cue to its call syntax)
     truncated_call_rate: float = 0.0  # share of examples cut at one call turn: the assistant writes
-    #   `<tool_call>\n` and ends the turn (the base's prior of a bare call, an issue-13 lever)
+    #   `<tool_call>\n` and ends the turn (gives the base a prior of a bare call, as Qwen2.5 has)
 
 
 @dataclass

@@ -30,9 +30,9 @@ BASE: dict[str, Any] = {
 
 # Mid-training of the base (v2 = v1 + these steps, docs/models.md): the same pretraining-style
 # examples, 30 % of them from the content_ood families and the format_ood call syntax (so that
-# the base scores above 0 out of distribution before RL, issue 13 goal d), and 0.5 % of them cut
-# at a call turn to a bare `<tool_call>\n` that ends the turn (the base's prior of a bare call,
-# an issue-13 lever: Qwen2.5 has such a prior; the v1 base has p(<|im_end|> | <tool_call>\n) ~ 1e-5).
+# the base scores above 0 out of distribution before RL), and 0.5 % of them cut at a call turn
+# to a bare `<tool_call>\n` that ends the turn (a prior of a bare call, as Qwen2.5 has; the v1
+# base has p(<|im_end|> | <tool_call>\n) ~ 1e-5).
 BASE_MIX: dict[str, Any] = {
     **BASE,
     "name": "tiny-base-mix",

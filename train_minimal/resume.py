@@ -16,12 +16,8 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from diagnose.error_line import error_line
 from diagnose.model.resolve import load_model_and_tokenizer
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def load_latest_usable(ckpts: list[tuple[int, Path]], *, dtype: Any, device: str,
@@ -37,7 +33,7 @@ def load_latest_usable(ckpts: list[tuple[int, Path]], *, dtype: Any, device: str
             torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
             model, tokenizer = load_model_and_tokenizer(str(path), dtype=dtype, device=device)
         except Exception as e:  # noqa: BLE001 - any unreadable part makes the checkpoint unusable
-            failures.append(f"{path}: {_first_line(e)}")
+            failures.append(f"{path}: {error_line(e)}")
             console.print(f"[yellow]warning:[/] {escape(failures[-1])}; checkpoint unusable"
                           + ("; trying the previous one" if len(failures) < len(ckpts) else ""),
                           highlight=False, soft_wrap=True)

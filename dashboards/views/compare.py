@@ -6,12 +6,10 @@ import streamlit as st
 from dashboards import data, ui
 from diagnose.scan.compare import compare_results
 from diagnose.figures import compare_figure
-from diagnose.scan.report import fmt_num, verdict_line
+from diagnose.scan.formatting import fmt_num, verdict_line
 
 st.title("Compare two runs")
-entry = ui.selected_run()
-if entry is None:
-    st.stop()
+entry = ui.selected_run_or_stop()
 others = [r for r in ui.runs() if r.rel != entry.rel]
 if not others:
     st.info("This is the only run under the runs root: nothing to compare it with.")
@@ -25,14 +23,8 @@ except data.OutsideRoot as e:
     st.error(f"refused: {e}")
     st.stop()
 
-a = ui.require_scan(entry)
-if a is None:
-    st.stop()
-lb = data.load_scan(other.path)
-if not lb.ok:
-    st.warning(f"{other.rel} could not be scanned: {lb.error}")
-    st.stop()
-b = lb.value
+a = ui.scan_or_stop(entry)
+b = ui.scan_or_stop(other, f"{other.rel} could not be scanned")
 la, lb_ = entry.rel, other.rel
 cmp = compare_results(a, b, (la, lb_))
 

@@ -5,7 +5,8 @@ import streamlit as st
 
 from dashboards import data, ui
 from diagnose.figures import attribution_figure, control_token_figure, control_token_names, token_figure
-from diagnose.scan.report import fmt_prob, fmt_rise, has_token_probabilities, token_label
+from diagnose.scan.formatting import fmt_prob, fmt_rise, token_label
+from diagnose.scan.names import has_token_probabilities
 
 st.title("Control tokens")
 entry, result = ui.run_and_scan_or_stop()
@@ -16,7 +17,7 @@ for e in result.episodes:
     for t in e.implicated:
         texts.setdefault(t.token, t.text)
 
-if not has_token_probabilities(result):
+if not has_token_probabilities(result.signals.columns):
     st.info(f"This run ({result.source_format}) has no token probabilities: no control-token signals. "
             + " ".join(n for n in result.notes if "token" in n.lower())[:600])
 else:

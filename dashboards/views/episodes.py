@@ -7,7 +7,7 @@ import streamlit as st
 
 from dashboards import data, ui
 from diagnose.figures import onset_order_figure
-from diagnose.scan.report import fmt_num, fmt_pct, fmt_prob, implicated_texts, token_label
+from diagnose.scan.formatting import fmt_num, fmt_pct, fmt_prob, implicated_texts, token_label
 
 st.title("Episode explorer")
 entry, result = ui.run_and_scan_or_stop()

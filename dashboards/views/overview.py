@@ -5,14 +5,16 @@ import streamlit as st
 
 from dashboards import data, ui
 from diagnose.figures import key_signals_figure, overview_figure
-from diagnose.scan.report import fmt_num, fmt_pct, level, smoothed_peak, table_presence, token_label, verdict_line
+from diagnose.scan.formatting import fmt_num, fmt_pct, token_label, verdict_line
+from diagnose.scan.names import table_presence
+from diagnose.scan.series import level, smoothed_peak
 from diagnose.scan.result import issues_summary
 
 st.title("Overview")
 entry, result = ui.run_and_scan_or_stop()
 
 st.caption(f"`{entry.path}` · format **{result.source_format}** · tables: "
-           f"{', '.join(k for k, ok in table_presence(result).items() if ok) or 'none'} · {result.cache.describe()}")
+           f"{', '.join(k for k, ok in table_presence(result.signals.columns).items() if ok) or 'none'} · {result.cache.describe()}")
 hint = None
 if result.verdict == "collapse":
     cap = data.load_capability(entry.path)

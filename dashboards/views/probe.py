@@ -6,19 +6,12 @@ import streamlit as st
 
 from dashboards import data, ui
 from diagnose.figures import capability_figure, capability_measures_figure
-from diagnose.scan.report import fmt_num
+from diagnose.scan.formatting import fmt_num
 
 st.title("Probe: format vs capability")
-entry = ui.selected_run()
-if entry is None:
-    st.stop()
-
-loaded = data.load_capability(entry.path)
-if not loaded.ok:
-    st.warning(f"The capability results of this run cannot be read: {loaded.error}. "
-               f"Re-run `diagnose probe {entry.path}` to rewrite them.")
-    st.stop()
-cap = loaded.value
+entry = ui.selected_run_or_stop()
+cap = ui.value_or_stop(data.load_capability(entry.path), "The capability results of this run cannot be read",
+                       f". Re-run `diagnose probe {entry.path}` to rewrite them.")
 if cap is None:
     st.info(f"This run has not been probed yet. Run `diagnose probe {entry.path}` to measure, "
             "per checkpoint, whether the tool-use skill is still there when the format breaks; the results "

@@ -7,17 +7,11 @@ import streamlit as st
 from dashboards import data, ui
 from diagnose.figures import token_strip_figure
 from diagnose.scan.html import highlight
-from diagnose.scan.report import implicated_texts
+from diagnose.scan.formatting import implicated_texts
 
 st.title("Token viewer")
-entry = ui.selected_run()
-if entry is None:
-    st.stop()
-loaded = data.load_source(entry.path)
-if not loaded.ok:
-    st.warning(f"This run cannot be read: {loaded.error}")
-    st.stop()
-src = loaded.value
+entry = ui.selected_run_or_stop()
+src = ui.value_or_stop(data.load_source(entry.path), "This run cannot be read")
 if src.tokens is None:
     why = " ".join(n for n in src.notes if "token" in n.lower())
     st.info(f"This run ({src.format}) has no token traces, so there is nothing to show here. {why}".strip())

@@ -12,33 +12,35 @@ Formats (``FORMATS``, detection order): ``native`` (our run directory, ``run.jso
 ``conversations`` (conversation JSONL). What each reads, the metric-name mapping and what each
 format cannot give are in docs/adapters.md.
 
-Each format is a module satisfying `Adapter` (``detect``, ``has_candidates``, ``load``,
-``step_of_file``; optionally ``runs``), listed once in ``ADAPTERS``. ``load_run`` passes the
-options an adapter's ``load`` takes (``metrics``, ``run``, ``tokenizer``, ``file_checks``) and
-notes the ones it does not use.
+Each format is a module satisfying `Adapter` (``OPTIONS``, ``detect``, ``has_candidates``,
+``runs``, ``run_alias``, ``load``, ``step_of_file``; a format whose path is always one run takes
+``runs`` and ``run_alias`` from ``_common.hooks``), listed once in ``ADAPTERS``. ``load_run``
+chooses the run (`choose_run`), passes the options the adapter declares in ``OPTIONS`` and
+notes the ones it does not take.
 
 Bad input never raises: every unreadable file, line or value becomes a `SourceIssue` naming the
 file (and line) and the rest is read. `UnknownRunLayout` is raised only when no layout matches
 (or the path does not exist); `AmbiguousRun` (a subclass) when a folder holds several runs and
 none was chosen.
 
-What the adapters share lives in private modules: ``_issues`` (IssueLog, NonFinite),
-``_values`` (number/step coercion), ``_io`` (file listing, first JSONL object, parquet checks),
-``_turns`` (split_assistant_turns, TurnClassifier), ``_rollouts`` (rollouts frames),
-``_metrics`` (metrics frames, derived metrics) and ``_source`` (make_source, fingerprint).
+Each format is a package, ``diagnose/adapters/<format>/`` (its ``__init__`` is the adapter
+module, its other modules the format's own helpers); what the formats share (issues, values,
+file reading, rollouts and metrics frames, turn classification, the source and its sidecar)
+is in ``diagnose/adapters/_common/``; how a completion splits into turns is
+`diagnose.transcripts`. Trackers (W&B, TensorBoard, console logs: metrics, no rollouts) belong
+in ``diagnose/adapters/trackers/``, their frames built with ``_common.metrics`` like a trainer's.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
-from diagnose.adapters._turns import TurnClassifier, split_assistant_turns
-from diagnose.adapters._sidecar import attach_sidecar
+from diagnose.adapters._common.sidecar import attach_sidecar
+from diagnose.adapters._common.turns import TurnClassifier
 from diagnose.source import RunSource
 
 __all__ = [
@@ -49,11 +51,11 @@ __all__ = [
     "AmbiguousRun",
     "UnknownRunLayout",
     "adapter",
+    "choose_run",
     "detect_format",
     "load_run",
     "require_path",
     "step_of_file",
-    "split_assistant_turns",
     "TurnClassifier",
 ]
 
@@ -75,9 +77,12 @@ LOAD_OPTIONS: tuple[str, ...] = ("metrics", "run", "tokenizer")
 
 @runtime_checkable
 class Adapter(Protocol):
-    """What each format module provides. ``load(path, **options)`` takes the `LOAD_OPTIONS` it
-    uses as keyword arguments (see `load_run`). An adapter whose folders may hold several runs
-    also defines ``runs(path) -> list[str]`` (their names, for ``run=``)."""
+    """What each format module provides (every hook; ``_common.hooks`` has the defaults of
+    ``runs`` and ``run_alias`` for a format whose path is always one run)."""
+
+    #: The keyword arguments its ``load`` takes: some of `LOAD_OPTIONS`, and ``file_checks``
+    #: if it validates files up front. ``load_run`` passes only these and notes the others.
+    OPTIONS: tuple[str, ...]
 
     def detect(self, path: Path) -> bool:
         """Whether ``path`` is a run in this format (cheap: file names and a first line)."""
@@ -87,14 +92,26 @@ class Adapter(Protocol):
         """Whether ``path`` holds files this format would read (for a forced ``format``)."""
         ...
 
+    def runs(self, path: Path) -> list[str]:
+        """The names of the runs the folder ``path`` holds, for ``run=``; [] when ``path`` is
+        one run itself."""
+        ...
+
+    def run_alias(self, path: Path, name: str) -> str:
+        """The run (one of `runs`) that ``name`` names, where a run has other names; else
+        ``name`` unchanged."""
+        ...
+
     def load(self, path: Path, **options: Any) -> RunSource:
-        """The run as a `RunSource`; bad input becomes issues, never an exception."""
+        """The run as a `RunSource`; bad input becomes issues, never an exception. ``options``:
+        those in ``OPTIONS`` that were given; ``run`` is the name `load_run` chose."""
         ...
 
     def step_of_file(self, rel: str, single_file: bool) -> int | str:
         """What a fingerprint file (``/``-separated, relative to the run) holds, for the scan
         cache: its step, ``"metrics"`` (only the metrics layer depends on it) or ``"global"``."""
         ...
+
 
 #: What detection looks for, per format (quoted in `UnknownRunLayout`).
 LOOKED_FOR: dict[str, str] = {
@@ -141,12 +158,10 @@ def adapter(fmt: str) -> Adapter:
     return cast(Adapter, importlib.import_module(ADAPTERS[fmt]))
 
 
-
 def step_of_file(fmt: str, rel: str, single_file: bool) -> int | str:
     """What a fingerprint file of a ``fmt`` run holds (the adapter's ``step_of_file``): a step,
-    ``"metrics"`` or ``"global"``. An adapter without one: ``"global"`` (always safe)."""
-    fn = getattr(adapter(fmt), "step_of_file", None)
-    return fn(rel.replace(os.sep, "/"), single_file) if fn is not None else "global"
+    ``"metrics"`` or ``"global"``."""
+    return adapter(fmt).step_of_file(rel.replace(os.sep, "/"), single_file)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str | None:
@@ -177,16 +192,40 @@ def require_path(p: Path, format: str | None = None) -> None:  # noqa: A002
         raise UnknownRunLayout(p, "no such file or directory", [format] if format else FORMATS)
 
 
+def choose_run(path: Path, fmt: str, asked: str | None) -> str | None:
+    """The run of the ``fmt`` folder ``path`` to read (the one place a run is chosen): ``asked``
+    (``run=``, ``--run NAME``), resolved through the adapter's ``run_alias`` (verl: the
+    experiment name alone; open-instruct: the run name of a resumed start) to one of its
+    ``runs(path)``; without it the only run. None when ``path`` is one run itself (``runs`` is
+    empty). Raises `AmbiguousRun` when the folder holds several runs and none was asked for, or
+    the name is none of them: runs are never merged, and never picked by a guess (newest,
+    first)."""
+    mod = adapter(fmt)
+    names = list(mod.runs(path))
+    if not names:
+        return None
+    if asked is None:
+        if len(names) > 1:
+            raise AmbiguousRun(path, fmt, names)
+        return names[0]
+    name = mod.run_alias(path, str(asked))
+    if name not in names:
+        raise AmbiguousRun(path, fmt, names, str(asked))
+    return name
+
+
 def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa: A002
-             file_checks: Any = None, **options: Any) -> RunSource:
+             metrics: str | os.PathLike[str] | None = None, run: str | None = None, tokenizer: Any = None,
+             file_checks: Any = None) -> RunSource:
     """Load the run at ``path`` as a `RunSource`, auto-detecting its format unless ``format``
     (one of `FORMATS`) is given. Raises `UnknownRunLayout` when nothing matches, `AmbiguousRun`
     when the folder holds several runs of the format and ``run`` does not name one of them.
 
-    ``options`` (`LOAD_OPTIONS`; None = not given): ``metrics`` (a trainer metrics file, verl),
-    ``run`` (which run of several in one folder), ``tokenizer`` (decode token-id traces,
-    open-instruct). Each goes to the adapter's ``load`` if it takes it; one it does not take is
-    named in the source's notes as unused.
+    Options (`LOAD_OPTIONS`; None = not given): ``metrics`` (a trainer metrics file, verl),
+    ``run`` (which run of several in one folder, chosen here by `choose_run`: the adapter's
+    ``load`` gets the name of the run it reads), ``tokenizer`` (decode token-id traces,
+    open-instruct). Each goes to the adapter's ``load`` if its ``OPTIONS`` name it; one it does
+    not take is named in the source's notes as unused.
 
     ``file_checks``: ``RunSource.file_checks`` of an earlier load of the same run (the scan
     cache keeps it): files it lists as validated, unchanged since, are not validated again.
@@ -201,39 +240,24 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     mod = adapter(fmt)
     if format is not None and not mod.detect(p) and not mod.has_candidates(p):
         raise UnknownRunLayout(p, f"nothing in the {fmt} layout found", [fmt])
-    given = {k: v for k, v in options.items() if v is not None}
-    runs = getattr(mod, "runs", None)
-    if runs is not None:
-        names = list(runs(p))
-        asked = given.get("run")
-        alias = getattr(mod, "run_alias", None)  # another name of a run (open-instruct: a resumed start)
-        if asked is not None and alias is not None:
-            asked = given["run"] = alias(p, str(asked))
-        if (asked is None and len(names) > 1) or (asked is not None and names and asked not in names):
-            raise AmbiguousRun(p, fmt, names, asked)
-    takes = _keywords(mod.load)
-    kwargs = {k: v for k, v in given.items() if takes is None or k in takes}
-    if file_checks and (takes is None or "file_checks" in takes):
-        kwargs["file_checks"] = file_checks
-    src = mod.load(p, **kwargs)
+    notes: list[str] = []
+    chosen = choose_run(p, fmt, run)
+    if run is not None and chosen is None:
+        notes.append(f"option run={run!s} is not used: {p} is one {fmt} run, not a folder of runs; ignored")
+    given = {k: v for k, v in (("metrics", metrics), ("run", chosen), ("tokenizer", tokenizer),
+                               ("file_checks", file_checks or None)) if v is not None}
+    src = mod.load(p, **{k: v for k, v in given.items() if k in mod.OPTIONS})
     if fmt != "native" and p.is_dir():  # the native reader names its own
-        from diagnose.adapters._io import unreachable
+        from diagnose.adapters._common.io import unreachable
         from diagnose.source import SourceIssue
 
         named = {i.path for i in src.issues}
         src.issues += [SourceIssue(str(f), None, why) for f, why in unreachable(p) if str(f) not in named]
-    for k in sorted(set(given) - set(kwargs)):
-        src.notes.append(f"option {k}={given[k]!s} is not used by the {fmt} adapter; ignored")
+    src.notes += notes + [f"option {k}={v!s} is not used by the {fmt} adapter; ignored"
+                          for k, v in given.items() if k not in mod.OPTIONS and k != "file_checks"]
     from diagnose.rescore.tables import attach_rescored  # torch-free; lazy: it imports the scan cache
 
     # control-token signals from outside the trainer: the live probe's tables beside a foreign
     # trainer's output (DiagnoseCallback), then `diagnose rescore`'s tables where still missing
     return attach_rescored(attach_sidecar(src))
 
-
-def _keywords(fn: Any) -> set[str] | None:
-    """The keyword parameters ``fn`` takes; None if it takes any (``**kwargs``)."""
-    params = inspect.signature(fn).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}

@@ -52,6 +52,15 @@ class _RowState:
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long)
         self.done: torch.Tensor | None = None
         self.fired: torch.Tensor | None = None
+        self._calls = 0
+
+    def _begin_step(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Start one generation step: the row state sized to the batch; returns each row's last
+        token and whether this is the first call (which sees the prompt's last token)."""
+        self._init(input_ids.shape[0], input_ids.device)
+        first = self._calls == 0
+        self._calls += 1
+        return input_ids[:, -1], first
 
     def _init(self, batch: int, device: torch.device) -> None:
         if self.done is None or self.done.shape[0] != batch:
@@ -83,7 +92,6 @@ class ForbidPrematureControl(_RowState):
         self.in_call = torch.tensor(_ids(registry, FORBIDDEN_IN_CALL), dtype=torch.long)
         self.open: torch.Tensor | None = None
         self.body: torch.Tensor | None = None
-        self._calls = 0
 
     def _reset(self, batch: int, device: torch.device) -> None:
         self.open = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -91,10 +99,7 @@ class ForbidPrematureControl(_RowState):
         self.in_call = self.in_call.to(device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._init(input_ids.shape[0], input_ids.device)
-        first = self._calls == 0
-        self._calls += 1
-        last = input_ids[:, -1]
+        last, first = self._begin_step(input_ids)
         if not first:
             opened = last == self.open_id
             self.body = torch.where(opened, torch.zeros_like(self.body), self.body | (self.open & (last != self.newline_id)))
@@ -143,17 +148,13 @@ class PrefillCallPrefix(_RowState):
         self.open_id = open_id
         self.prefix = torch.tensor(prefix_ids, dtype=torch.long)
         self.pos: torch.Tensor | None = None
-        self._calls = 0
 
     def _reset(self, batch: int, device: torch.device) -> None:
         self.pos = torch.full((batch,), -1, dtype=torch.long, device=device)
         self.prefix = self.prefix.to(device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._init(input_ids.shape[0], input_ids.device)
-        first = self._calls == 0
-        self._calls += 1
-        last = input_ids[:, -1]
+        last, first = self._begin_step(input_ids)
         self._step_done(last, first)
         if not first:
             self.pos = torch.where(self.pos >= 0, self.pos + 1, self.pos)

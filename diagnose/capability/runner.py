@@ -22,6 +22,7 @@ from diagnose.capability.likelihood import build_steps, score_steps
 from diagnose.capability.tasksets import resyntax
 from diagnose.chat import IM_END
 from diagnose.control_tokens import ControlTokenRegistry
+from diagnose.error_line import error_line
 from diagnose.model.generation import Sampling, generate_batch, stop_token_ids
 from diagnose.model.sequences import encode, observation_text, prompt_text
 from diagnose.tasks import Rollout, Task
@@ -106,7 +107,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.Pa
         try:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any failure is reported with the file
-            raise ProbeInputError(f"{tok_dir}: tokenizer does not load ({type(e).__name__}: {_first_line(e)})") from None
+            raise ProbeInputError(f"{tok_dir}: tokenizer does not load ({error_line(e)})") from None
         try:
             check_tokenizer(tokenizer)
         except ProbeInputError as e:
@@ -123,7 +124,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.Pa
             model.to(device)
         except Exception as e:  # noqa: BLE001
             where = weights[0] if len(weights) == 1 else p
-            raise ProbeInputError(f"{where}: model does not load ({type(e).__name__}: {_first_line(e)})") from None
+            raise ProbeInputError(f"{where}: model does not load ({error_line(e)})") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -134,11 +135,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.Pa
                               "not probed")
     model.eval()
     return model, tokenizer
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 def check_tokenizer(tokenizer: Any) -> ControlTokenRegistry:

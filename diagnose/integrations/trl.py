@@ -6,7 +6,7 @@ collapse, is invisible in its output. Every ``probe_every`` steps this callback 
 the live policy on a fixed set of gold tool-use trajectories (`diagnose.model.ctrl_probe`) and
 writes our run format's probe tables and ``probe/<context>/<token>`` metrics into
 ``<output_dir>/diagnose/`` (a run directory of format v1). `diagnose scan output_dir` reads TRL's
-own files and attaches these (`diagnose.adapters._sidecar`), while training runs.
+own files and attaches these (`diagnose.adapters._common.sidecar`), while training runs.
 
 With ``stop_on_collapse=True`` it also runs the incremental scan after each probe; when a
 collapse onset is detected it asks the trainer to save a checkpoint and stop, and logs why.
@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from diagnose.adapters._sidecar import SIDECAR_DIR
+from diagnose.adapters._common.sidecar import SIDECAR_DIR
 from diagnose.atomic import atomic_write_json
 from diagnose.control_tokens import ControlTokenRegistry
 from diagnose.model.ctrl_probe import build_probe_set, probe_summary, run_probe
@@ -201,10 +201,11 @@ class DiagnoseCallback(TrainerCallback):
         if not (self._output_dir / "completions").is_dir():
             return None
         try:
-            cands = probe_candidates(logged_rollouts(load_run(self._output_dir, format="trl")))
+            src = load_run(self._output_dir, format="trl")
+            cands = probe_candidates(logged_rollouts(src))
         except RescoreError:
             return None
-        renderer = Renderer(self._tokenizer)
+        renderer = Renderer(self._tokenizer, src.dialect)
         rendered, _ = render_first(renderer, cands, self.config.probe_tasks)
         if not rendered:
             return None

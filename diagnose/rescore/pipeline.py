@@ -28,6 +28,7 @@ import polars as pl
 from diagnose.model.lora import ADAPTER_CONFIG, AdapterError, adapter_base, is_adapter_dir
 from diagnose.rescore.checkpoints import Checkpoint, discover_checkpoints, weight_files
 from diagnose.rescore.tables import RESCORE_VERSION, RescoreStore, digest, file_stat
+from diagnose.source import OFF_POLICY_FLAGS, on_policy
 
 __all__ = ["RescoreConfig", "RescoreError", "RescoreReport", "rescore_run"]
 
@@ -128,7 +129,7 @@ def logged_rollouts(src: Any) -> pl.DataFrame:
         raise RescoreError(f"{src.path}: the run logs no rollouts (prompt/completion text), nothing to rescore")
     cols = src.rollouts.collect_schema().names()
     keep = [c for c in ("step", "sample_id", "group_id", "prompt", "completion", "turn_states",
-                        "is_hint", "is_off_policy") if c in cols]
+                        *OFF_POLICY_FLAGS) if c in cols]
     df = src.rollouts.select(keep).collect()
     if "prompt" not in df.columns or df.height == 0:
         raise RescoreError(f"{src.path}: the run's rollouts have no prompt text, so they cannot be re-rendered")
@@ -138,14 +139,10 @@ def logged_rollouts(src: Any) -> pl.DataFrame:
 def probe_candidates(df: pl.DataFrame) -> pl.DataFrame:
     """Early healthy on-policy rollouts, at most ``PER_GROUP`` per group, in step order: what the
     fixed probe on a run's own data is built from (here and in the TRL callback)."""
-    on_policy = pl.lit(True)
-    for c in ("is_hint", "is_off_policy"):
-        if c in df.columns:
-            on_policy = on_policy & ~pl.col(c).fill_null(False)
     healthy = (pl.col("turn_states").list.eval(pl.element().is_in(list(HEALTHY))).list.all()
                & pl.col("turn_states").list.contains("healthy_call"))
     group = pl.col("group_id") if "group_id" in df.columns else pl.col("sample_id")
-    return (df.filter(on_policy & healthy & pl.col("prompt").is_not_null())
+    return (df.filter(on_policy(df.columns) & healthy & pl.col("prompt").is_not_null())
             .with_columns(pl.int_range(pl.len()).over("step", group).alias("_k"))
             .filter(pl.col("_k") < PER_GROUP).drop("_k"))
 
@@ -223,7 +220,7 @@ def rescore_run(run: str | os.PathLike[str], cfg: RescoreConfig | None = None, *
     tok_dir = _tokenizer_dir(cfg, ckpts)
     tok = _load_tokenizer(tok_dir)
     try:
-        renderer = Renderer(tok)
+        renderer = Renderer(tok, src.dialect)
     except RenderError as e:
         raise RescoreError(f"{tok_dir}: {e}") from None
     registry = ControlTokenRegistry.from_tokenizer(tok)

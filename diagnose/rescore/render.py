@@ -3,10 +3,11 @@
 Why: TRL and verl decode completions with ``skip_special_tokens=True``, so ``<|im_end|>`` and
 ``<|im_start|>`` are gone from the dump, and re-tokenising the text would teacher-force a model
 on sequences it never produced (no turn ends, tool outputs glued to calls). The completion is
-split into assistant turns by the adapter's own splitter (`diagnose.adapters.split_assistant_turns`,
-the same split the turn states come from); each turn is encoded and closed with the turn-end
-token; the text between turns (tool outputs) is rendered again through the run's chat template
-(``tokenizer.apply_chat_template``), which restores the headers and turn markers the dump lost.
+split into assistant turns with `diagnose.transcripts.split_turns` in the run's dialect
+(``RunSource.dialect``: the split the turn states come from); each turn is encoded and closed
+with the turn-end token; the text between turns (tool outputs) is rendered again through the
+run's chat template (``tokenizer.apply_chat_template``), which restores the headers and turn
+markers the dump lost.
 
 Every rendering is checked: decoded the way the dump was written (special tokens skipped when
 the logged text has none), it must give back the logged completion exactly. Rollouts that do
@@ -20,10 +21,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from diagnose.adapters import split_assistant_turns
 from diagnose.chat import IM_END, IM_START, TOOL_CALL_CLOSE
 from diagnose.model.ctrl_probe import context_patterns, label_contexts
 from diagnose.model.sequences import encode
+from diagnose.transcripts import Dialect, split_turns
 
 __all__ = ["Rendered", "RenderError", "Renderer"]
 
@@ -68,14 +69,16 @@ def _observation_messages(gap: str, stripped: bool) -> list[dict[str, str]]:
 
 
 class Renderer:
-    """Renders rollouts with one tokenizer (the run's). Raises `RenderError` when the tokenizer
-    has no chat template or no turn-end token."""
+    """Renders rollouts with one tokenizer (the run's), their completions split in ``dialect``
+    (the run's, ``RunSource.dialect``). Raises `RenderError` when the tokenizer has no chat
+    template or no turn-end token."""
 
-    def __init__(self, tokenizer: Any, turn_end: str = IM_END):
+    def __init__(self, tokenizer: Any, dialect: Dialect = Dialect.CHATML, turn_end: str = IM_END):
         if not getattr(tokenizer, "chat_template", None):
             raise RenderError("the tokenizer has no chat template, so the turns the dump stripped cannot be "
                               "restored; pass --tokenizer DIR with the run's tokenizer_config.json")
         self.tok = tokenizer
+        self.dialect = Dialect(dialect)
         self.turn_end = turn_end
         self.turn_end_id = tokenizer.convert_tokens_to_ids(turn_end)
         if self.turn_end_id is None or self.turn_end_id == tokenizer.unk_token_id:
@@ -86,7 +89,10 @@ class Renderer:
 
     def _observation_ids(self, msgs: list[dict[str, str]]) -> list[int]:
         """Template text from the end of an assistant turn (after its turn-end token) to the start
-        of the next assistant turn's content, as `diagnose.model.sequences.observation_text` cuts it."""
+        of the next assistant turn's content, as `diagnose.model.sequences.observation_text` cuts it;
+        verl's agent loop appends the messages' own rendering (``apply_chat_template(...,
+        remove_system_prompt=True)``), which starts at their header, without the newline the
+        template puts after a turn end."""
         key = tuple(f"{m['role']}\0{m['content']}" for m in msgs)
         hit = self._obs.get(key)
         if hit is None:
@@ -97,13 +103,14 @@ class Renderer:
             if after[:cut] != before[:cut]:
                 raise RenderError("the chat template renders a conversation's history differently once tool "
                                   "outputs follow; cannot cut the observation text")
-            hit = self._obs[key] = encode(self.tok, after[cut:])
+            text = after[cut:].removeprefix("\n") if self.dialect is Dialect.VERL else after[cut:]
+            hit = self._obs[key] = encode(self.tok, text)
         return hit
 
     def render(self, step: int, sample_id: int, prompt: str, completion: str) -> Rendered | None:
         """The rollout as ids, or None when its rendering does not decode back to the logged text."""
         stripped = IM_START not in completion and IM_END not in completion
-        turns = split_assistant_turns(completion)
+        turns = split_turns(completion, self.dialect)
         r = Rendered(step, sample_id, list(encode(self.tok, prompt)), 0)
         r.prompt_len = len(r.ids)
         pos = 0
@@ -135,7 +142,7 @@ class Renderer:
         if stripped:
             return text.strip() == completion.strip()
         return text.replace(self.turn_end, "").strip() == completion.replace(self.turn_end, "").strip() or \
-            all(t in text for t in split_assistant_turns(completion))
+            all(t in text for t in split_turns(completion, self.dialect))
 
     def contexts(self, r: Rendered) -> list[str]:
         """Key-context label of each predicting position from the last prompt token on (the probe's

@@ -23,6 +23,7 @@ import polars as pl
 import torch
 
 from diagnose.control_tokens import ControlTokenRegistry
+from diagnose.error_line import error_line
 from diagnose.model.ctrl_probe import ProbeSet, _keep_kwargs, run_probe
 from diagnose.model.logits import token_stats
 from diagnose.model.lora import AdapterError, is_adapter_dir, load_adapter_model
@@ -93,8 +94,7 @@ def load_checkpoint(ckpt: Checkpoint, cfg: ScoreConfig, vocab_size: int) -> Any:
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - whatever a broken checkpoint raises, one line
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise CheckpointError(f"does not load ({type(e).__name__}: {msg})") from None
+        raise CheckpointError(f"does not load ({error_line(e)})") from None
     return _checked(model, cfg, vocab_size)
 
 

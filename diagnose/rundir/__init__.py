@@ -16,58 +16,10 @@ The spec is ``docs/run-format.md``.  Typical use::
     r.issues                              # [ReadIssue(path, line, message)]
 """
 
+from diagnose.rundir import schema as _schema
+from diagnose.rundir.metrics import metrics_record
 from diagnose.rundir.reader import ReadIssue, RunReader
-from diagnose.rundir.schema import (
-    CTRL_PREFIX,
-    KINDS,
-    PROBE_COLUMNS,
-    PROBE_SCHEMA,
-    ROLLOUTS_COLUMNS,
-    ROLLOUTS_SCHEMA,
-    RUN_FORMAT,
-    RUN_FORMAT_VERSION,
-    TOKENS_COLUMNS,
-    TOKENS_SCHEMA,
-    Column,
-    RunFormatError,
-    columns_for,
-    conform,
-    ctrl_column,
-    probe_schema,
-    rollouts_schema,
-    schema_for,
-    step_dirname,
-    step_filename,
-    tokens_schema,
-    validate_schema,
-)
-from diagnose.rundir.writer import RunWriter, metrics_record
+from diagnose.rundir.schema import *  # noqa: F403 - the format's constants, schemas and column names
+from diagnose.rundir.writer import RunWriter
 
-__all__ = [
-    "CTRL_PREFIX",
-    "KINDS",
-    "PROBE_COLUMNS",
-    "PROBE_SCHEMA",
-    "ROLLOUTS_COLUMNS",
-    "ROLLOUTS_SCHEMA",
-    "RUN_FORMAT",
-    "RUN_FORMAT_VERSION",
-    "TOKENS_COLUMNS",
-    "TOKENS_SCHEMA",
-    "Column",
-    "ReadIssue",
-    "RunFormatError",
-    "RunReader",
-    "RunWriter",
-    "columns_for",
-    "conform",
-    "ctrl_column",
-    "metrics_record",
-    "probe_schema",
-    "rollouts_schema",
-    "schema_for",
-    "step_dirname",
-    "step_filename",
-    "tokens_schema",
-    "validate_schema",
-]
+__all__ = ["ReadIssue", "RunReader", "RunWriter", "metrics_record", *_schema.__all__]

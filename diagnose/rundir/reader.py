@@ -19,7 +19,6 @@ per-file validation is cached by (mtime, size).
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from typing import Any
 import polars as pl
 
 from diagnose.atomic import is_temp_name
+from diagnose.parquet_check import check_parquet
+from diagnose.rundir.metrics import read_metrics
 from diagnose.rundir.schema import (
     CHECKPOINTS_DIR,
     KINDS,
@@ -42,7 +43,6 @@ from diagnose.rundir.schema import (
     ctrl_names_from_columns,
     parse_step_dirname,
     parse_step_filename,
-    step_value,
     validate_schema,
 )
 from diagnose.source import STEP_MISMATCH, step_mismatch_message
@@ -70,10 +70,6 @@ class _StepFile:
     path: Path
     schema: pl.Schema
     num_rows: int
-
-
-_NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
-              "infinity": math.inf, "-infinity": -math.inf}
 
 
 # Flat dtypes a file check may be stored as (by name) and restored from; any other dtype is
@@ -215,130 +211,9 @@ class RunReader:
     # ---- metrics ---------------------------------------------------------------------
 
     def metrics(self) -> pl.DataFrame:
-        """``metrics.jsonl`` as a DataFrame: one row per step (sorted), ``step`` (Int64) first.
-
-        Bad lines (truncated, not JSON, not an object, no integer ``step``) are reported in
-        :attr:`issues` with their line number and skipped.  Values listed in ``nonfinite``
-        are restored to NaN / ±inf.  Several lines for the same step (e.g. train and eval
-        metrics, or steps re-logged after a resume) are merged; later values win.
-        """
-        path = self.run_dir / METRICS_JSONL
-        empty = pl.DataFrame(schema={"step": pl.Int64})
-        if not path.exists():
-            self._issue(path, None, "broken symlink or symlink loop; not read" if path.is_symlink() else "missing")
-            return empty
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            self._issue(path, None, f"unreadable: {e}")
-            return empty
-        if not data.strip():
-            self._issue(path, None, "empty: no metrics line")
-            return empty
-        lines = data.split(b"\n")
-        last_unterminated = lines[-1] != b""
-        if not last_unterminated:
-            lines = lines[:-1]
-        merged: dict[int, dict[str, Any]] = {}
-        first_line: dict[int, int] = {}
-        relogged: list[tuple[int, int, int]] = []  # (step, first line, line logging a key again)
-        keys: dict[str, None] = {"step": None}
-        n_lines = len(lines)
-        for i, raw in enumerate(lines, start=1):
-            rec = self._parse_metrics_line(path, i, raw, unterminated=last_unterminated and i == n_lines)
-            if rec is None:
-                continue
-            step = rec.pop("step")
-            for k in rec:
-                keys.setdefault(k, None)
-            into = merged.setdefault(step, {})
-            if step in first_line and not into.keys().isdisjoint(rec):
-                relogged.append((step, first_line[step], i))
-            first_line.setdefault(step, i)
-            into.update(rec)
-        if relogged:  # a step logged twice (re-run after a resume?): named, merged
-            s, a, b = relogged[0]
-            self._issue(path, b, f"step {s} logged again (first on line {a}); {len(relogged)} re-logged line(s) in "
-                                 "all, merged with later values winning")
-        if not merged:
-            return empty
-        steps = sorted(merged)
-        columns = [pl.Series("step", steps, dtype=pl.Int64)]
-        for key in list(keys)[1:]:
-            columns.append(self._metric_series(path, key, [merged[s].get(key) for s in steps]))
-        return pl.DataFrame(columns)
-
-    def _parse_metrics_line(self, path: Path, lineno: int, raw: bytes, *, unterminated: bool) -> dict | None:
-        text_bytes = raw.strip()
-        if not text_bytes:
-            return None
-        try:
-            text = text_bytes.decode("utf-8")
-        except UnicodeDecodeError as e:
-            self._issue(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start}); line skipped")
-            return None
-        try:
-            obj = json.loads(text)
-        except ValueError as e:
-            if unterminated:
-                self._issue(path, lineno, f"incomplete last line (truncated write?): {e}; line skipped")
-            else:
-                self._issue(path, lineno, f"invalid JSON ({e}); line skipped")
-            return None
-        if not isinstance(obj, dict):
-            self._issue(path, lineno, f"expected a JSON object, got {type(obj).__name__}; line skipped")
-            return None
-        raw_step = obj.get("step")
-        step = step_value(raw_step)
-        if step is None:
-            self._issue(path, lineno, f"missing or invalid 'step' ({raw_step!r}; expected an integer 0..2^63-1); "
-                                      "line skipped")
-            return None
-        nonfinite = obj.pop("nonfinite", None)
-        rec: dict[str, Any] = {}
-        self._flatten("", obj, rec)
-        rec["step"] = step
-        if nonfinite is not None:
-            if isinstance(nonfinite, list):
-                nonfinite = {k: "nan" for k in nonfinite if isinstance(k, str)}
-            if not isinstance(nonfinite, dict):
-                self._issue(path, lineno, f"'nonfinite' must be an object or list, got {type(nonfinite).__name__}; ignored")
-            else:
-                for k, kind in nonfinite.items():
-                    value = _NONFINITE.get(str(kind).lower(), math.nan)
-                    if rec.get(k) is None and k != "step":
-                        rec[k] = value
-        return rec
-
-    @staticmethod
-    def _flatten(prefix: str, d: dict, out: dict[str, Any]) -> None:
-        for k, v in d.items():
-            key = f"{prefix}/{k}" if prefix else str(k)
-            if isinstance(v, dict):
-                RunReader._flatten(key, v, out)
-            else:
-                out[key] = v
-
-    def _metric_series(self, path: Path, key: str, values: list[Any]) -> pl.Series:
-        kinds = {type(v) for v in values if v is not None}
-        if not kinds or kinds <= {float, int, bool}:
-            if kinds <= {bool} and kinds:
-                return pl.Series(key, values, dtype=pl.Boolean)
-            if kinds <= {int}:
-                try:
-                    return pl.Series(key, values, dtype=pl.Int64)
-                except (OverflowError, pl.exceptions.PolarsError):
-                    pass
-            return pl.Series(key, [None if v is None else float(v) for v in values], dtype=pl.Float64)
-        if kinds <= {str}:
-            return pl.Series(key, values, dtype=pl.String)
-        names = sorted(t.__name__ for t in kinds)
-        self._issue(path, None, f"metric {key!r} has mixed/non-scalar value types {names}; stored as JSON strings")
-        return pl.Series(
-            key,
-            [None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in values],
-            dtype=pl.String,
-        )
+        """``metrics.jsonl`` as a DataFrame (`diagnose.rundir.metrics.read_metrics`): one row per
+        step, ``step`` (Int64) first; bad lines are reported in :attr:`issues` and skipped."""
+        return read_metrics(self.run_dir / METRICS_JSONL, self._issue)
 
     # ---- file checks kept between readers -----------------------------------------------
 
@@ -433,53 +308,24 @@ class RunReader:
         return out
 
     def _check_file(self, kind: str, step: int, path: Path, size: int) -> _StepFile | None:
-        """Cheap up-front validation: parquet footer, column-chunk bounds, schema, step stats."""
-        import pyarrow.parquet as pq
-
-        try:
-            md = pq.read_metadata(path)
-            # the schema from the footer already read (a second read of every footer doubled
-            # the cost of opening a run of many step files)
-            schema = pl.from_arrow(md.schema.to_arrow_schema().empty_table()).schema
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - any footer error (incl. a Rust panic) means unreadable
-            self._issue(path, None, f"unreadable parquet file (truncated or corrupt): {e}; file skipped")
+        """Cheap up-front validation: parquet footer and column-chunk bounds
+        (`diagnose.parquet_check`), schema, step stats."""
+        footer, why = check_parquet(path, size=size, ranges=("step",))
+        if footer is None:
+            self._issue(path, None, f"{why}; file skipped")
             return None
-        try:
-            step_idx = None
-            for j in range(md.num_columns):
-                if md.schema.column(j).path == "step":
-                    step_idx = j
-            lo = hi = None
-            for r in range(md.num_row_groups):
-                rg = md.row_group(r)
-                for j in range(rg.num_columns):
-                    cc = rg.column(j)
-                    start = cc.dictionary_page_offset if cc.has_dictionary_page else cc.data_page_offset
-                    if start is not None and start + cc.total_compressed_size > size:
-                        self._issue(path, None, "column data extends past the end of the file (corrupt); file skipped")
-                        return None
-                if step_idx is not None and rg.num_rows:
-                    stats = rg.column(step_idx).statistics
-                    if stats is not None and stats.has_min_max:
-                        lo = stats.min if lo is None else min(lo, stats.min)
-                        hi = stats.max if hi is None else max(hi, stats.max)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001
-            self._issue(path, None, f"corrupt parquet metadata: {e}; file skipped")
-            return None
+        schema = footer.schema
         problems = validate_schema(schema, columns_for(kind, ctrl_names_from_columns(schema.names())), table=kind)
         if any("has dtype" in p for p in problems):
             self._issue(path, None, "; ".join(problems) + "; file skipped")
             return None
         for p in problems:
             self._issue(path, None, p + " (filled with nulls)")
+        lo, hi = footer.ranges.get("step", (None, None))
         if lo is not None and (lo != step or hi != step):
             self._issue(path, None, step_mismatch_message("rows", f"{lo}..{hi}", step, "the step column"),
                         kind=STEP_MISMATCH)
-        return _StepFile(step=step, path=path, schema=schema, num_rows=md.num_rows)
+        return _StepFile(step=step, path=path, schema=schema, num_rows=footer.num_rows)
 
     def steps(self, kind: str) -> list[int]:
         """Sorted steps present for ``kind``: 'rollouts' | 'tokens' | 'probe' (valid files only),

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import enum
 import json
-import math
 import os
 import shutil
 import sys
@@ -31,7 +29,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from diagnose.atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_json, is_temp_name
+from diagnose.atomic import atomic_dir, atomic_path, atomic_write_json, is_temp_name
+from diagnose.rundir.metrics import complete_trailing_line, drop_metrics_after, metrics_record
 from diagnose.rundir.schema import (
     CHECKPOINTS_DIR,
     METRICS_JSONL,
@@ -56,7 +55,6 @@ __all__ = ["RunWriter", "RunFormatError"]
 
 
 _CTRL_KEYS = ("name", "text", "token_id", "role")
-_RESERVED_METRIC_KEYS = ("step", "nonfinite")
 
 
 def _now() -> str:
@@ -88,140 +86,6 @@ def normalize_control_tokens(control_tokens: Any) -> list[dict]:
     if dup:
         raise ValueError(f"control_tokens: duplicate name(s) {dup}")
     return out
-
-
-# --------------------------------------------------------------------------------------
-# metrics helpers
-# --------------------------------------------------------------------------------------
-
-
-def _scalar(key: str, v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, enum.Enum):
-        return _scalar(key, v.value)
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray) and v.size == 1:
-        return v.reshape(()).item()
-    if hasattr(v, "numel") and hasattr(v, "item"):  # torch tensor
-        if v.numel() == 1:
-            return v.item()
-    raise TypeError(
-        f"metric {key!r}: unsupported value {type(v).__name__}; "
-        "metrics must be scalars (int, float, bool, str, None, numpy/torch scalars)"
-    )
-
-
-def flatten_metrics(prefix: str, d: Mapping, out: dict[str, Any]) -> None:
-    """Flatten nested mappings into ``out`` with ``/``-joined keys under ``prefix``
-    (``{"a": {"b": 1}}`` -> ``{"a/b": 1}``)."""
-    for k, v in d.items():
-        key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            flatten_metrics(key, v, out)
-        else:
-            out[key] = v
-
-
-def metrics_record(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON object ``log_metrics`` writes: ``{"step", <flat keys>..., "nonfinite"?}``.
-
-    Nested dicts are flattened with ``/`` (``{"completions": {"mean_length": 3}}`` ->
-    ``"completions/mean_length"``).  Non-finite floats are written as ``null`` and
-    listed in ``"nonfinite": {key: "nan" | "inf" | "-inf"}``.
-    """
-    step = _check_step(step)
-    flat: dict[str, Any] = {}
-    flatten_metrics("", metrics, flat)
-    rec: dict[str, Any] = {"step": step}
-    nonfinite: dict[str, str] = {}
-    for key, raw in flat.items():
-        if key in _RESERVED_METRIC_KEYS:
-            if key == "step" and _scalar(key, raw) == step:
-                continue
-            raise ValueError(f"metric key {key!r} is reserved by the run format")
-        v = _scalar(key, raw)
-        if isinstance(v, float) and not math.isfinite(v):
-            nonfinite[key] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-            v = None
-        rec[key] = v
-    if nonfinite:
-        rec["nonfinite"] = nonfinite
-    return rec
-
-
-def _complete_trailing_line(path: Path) -> int:
-    """Make ``path`` end at a line boundary.
-
-    An incomplete trailing line (no newline) is removed, unless it is a complete JSON
-    object, in which case the missing newline is appended.  Returns the number of bytes
-    removed.
-    """
-    if not path.exists():
-        return 0
-    with open(path, "r+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return 0
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return 0
-        keep = 0
-        pos = size
-        while pos > 0:
-            start = max(0, pos - 65536)
-            f.seek(start)
-            buf = f.read(pos - start)
-            i = buf.rfind(b"\n")
-            if i >= 0:
-                keep = start + i + 1
-                break
-            pos = start
-        f.seek(keep)
-        tail = f.read()
-        try:
-            complete = isinstance(json.loads(tail.decode("utf-8")), dict)
-        except (UnicodeDecodeError, ValueError):
-            complete = False
-        if complete:
-            f.seek(0, os.SEEK_END)
-            f.write(b"\n")
-            removed = 0
-        else:
-            f.truncate(keep)
-            removed = size - keep
-        f.flush()
-        os.fsync(f.fileno())
-    return removed
-
-
-def _line_step(line: bytes) -> int | None:
-    """The ``step`` of one metrics line, None when the line is no JSON object with an int step."""
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    step = obj.get("step") if isinstance(obj, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
-
-
-def _drop_metrics_after(path: Path, step: int, fsync: bool) -> int:
-    """Rewrite ``path`` atomically without the lines of steps > ``step``; returns how many."""
-    if not path.exists():
-        return 0
-    kept: list[bytes] = []
-    dropped = 0
-    with open(path, "rb") as f:
-        for line in f:
-            s = _line_step(line)
-            if s is not None and s > step:
-                dropped += 1
-            else:
-                kept.append(line if line.endswith(b"\n") else line + b"\n")
-    if dropped:
-        atomic_write_bytes(path, b"".join(kept), fsync=fsync)
-    return dropped
 
 
 # --------------------------------------------------------------------------------------
@@ -391,7 +255,7 @@ class RunWriter:
             info.setdefault("resumes", []).append({"time": _now(), "versions": versions()})
             self.info = info
             atomic_write_json(run_json, info, fsync=fsync)
-            self.truncated_bytes = _complete_trailing_line(self.run_dir / METRICS_JSONL)
+            self.truncated_bytes = complete_trailing_line(self.run_dir / METRICS_JSONL)
         else:
             if self.run_dir.exists() and not resume:
                 leftovers = [p.name for p in self.run_dir.iterdir() if not is_temp_name(p.name)]
@@ -413,7 +277,7 @@ class RunWriter:
             }
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume:
-                self.truncated_bytes = _complete_trailing_line(self.run_dir / METRICS_JSONL)
+                self.truncated_bytes = complete_trailing_line(self.run_dir / METRICS_JSONL)
             atomic_write_json(run_json, self.info, fsync=fsync)
 
         self.control_tokens: list[dict] = list(self.info.get("control_tokens", ctrl))
@@ -560,7 +424,7 @@ class RunWriter:
         reopen = self._fd is not None
         self.close()
         try:
-            dropped["metrics_lines"] = _drop_metrics_after(self._metrics_path, step, self.fsync)
+            dropped["metrics_lines"] = drop_metrics_after(self._metrics_path, step, self.fsync)
             for entry in sorted(self.run_dir.iterdir()):
                 if entry.name.startswith(".") or not entry.is_dir() or entry.is_symlink():
                     continue

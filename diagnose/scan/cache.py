@@ -81,10 +81,14 @@ FILE_CHECKS = "file_checks.json"  # the adapter's validated step files (RunSourc
 #: The quick check walks at most this many files; a larger tree always loads the run.
 MAX_TREE_FILES = 200_000
 
-_SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.adapters", "diagnose.rundir.reader", "diagnose.turns",
-                "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl", "diagnose.source",
+_SIGNAL_CODE = ("diagnose.scan.signals", "diagnose.scan.token_signals", "diagnose.scan.frames",
+                "diagnose.scan.names", "diagnose.adapters", "diagnose.rundir", "diagnose.turns",
+                "diagnose.transcripts", "diagnose.toolcall", "diagnose.conversations", "diagnose.jsonl",
+                "diagnose.source", "diagnose.parquet_check",
                 "diagnose.rescore.tables")  # the rescored tables attached to a source
-_EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.episodes", "diagnose.scan.result")
+_EPISODE_CODE = ("diagnose.scan.detect", "diagnose.scan.verdict", "diagnose.scan.episodes", "diagnose.scan.drops",
+                 "diagnose.scan.moves", "diagnose.scan.implicated", "diagnose.scan.examples",
+                 "diagnose.scan.pathologies", "diagnose.scan.series", "diagnose.scan.names", "diagnose.scan.result")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +192,8 @@ _CODE_HASHES: dict[tuple[str, ...], str] = {}
 
 
 def _code_hash(modules: tuple[str, ...]) -> str:
-    """sha256 (first 16 hex) of the source files of ``modules`` (packages: all their .py)."""
+    """sha256 (first 16 hex) of the source files of ``modules`` (packages: all their .py, sub-packages
+    included: an adapter is a package of its own under ``diagnose.adapters``)."""
     if modules in _CODE_HASHES:
         return _CODE_HASHES[modules]
     h = hashlib.sha256()
@@ -201,12 +206,13 @@ def _code_hash(modules: tuple[str, ...]) -> str:
             h.update(f"{name}:missing".encode())
             continue
         origin = Path(spec.origin)
-        files = sorted(origin.parent.glob("*.py")) if spec.submodule_search_locations else [origin]
+        files = sorted(origin.parent.rglob("*.py")) if spec.submodule_search_locations else [origin]
         for f in files:
+            rel = f.relative_to(origin.parent).as_posix()
             try:
-                h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+                h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
             except OSError:
-                h.update(f"{f.name}:unreadable".encode())
+                h.update(f"{rel}:unreadable".encode())
     _CODE_HASHES[modules] = h.hexdigest()[:16]
     return _CODE_HASHES[modules]
 

@@ -24,17 +24,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from diagnose.scan.formatting import fmt_num, fmt_pct, fmt_prob, token_label, verdict_line
+from diagnose.scan.names import TokenSignal, token_signal_names
 from diagnose.scan.result import ScanResult
-from diagnose.scan.report import (
-    finite_series,
-    fmt_num,
-    fmt_pct,
-    fmt_prob,
-    level,
-    smoothed_peak,
-    token_label,
-    verdict_line,
-)
+from diagnose.scan.series import finite_series, level, smoothed_peak
 
 __all__ = ["COMPARE_SCHEMA_VERSION", "Comparison", "compare_results", "render_compare"]
 
@@ -71,8 +64,7 @@ class Comparison:
         """The collapse token's probability column (probe preferred; see `_token_max`)."""
         if self.token is None:
             return None
-        tok, ctx = self.token["token"], self.token["context"]
-        return f"ctrl/{tok}/p" if ctx == "all" else f"probe/{ctx}/{tok}"
+        return token_signal_names(self.token["token"], self.token["context"])[0]
 
     @property
     def token_title(self) -> str:
@@ -122,7 +114,8 @@ def _onset(k: dict[str, Any]) -> str:
 def _maxp(k: dict[str, Any]) -> str:
     if k["max_token_prob"] is None:
         return "—"
-    src = "probe" if str(k["max_token_prob_signal"]).startswith("probe/") else "rollout tokens"
+    sig = TokenSignal.parse(str(k["max_token_prob_signal"]))
+    src = "probe" if sig is not None and sig.source == "probe" else "rollout tokens"
     at = f" at step {k['max_token_prob_step']}" if k["max_token_prob_step"] is not None else ""
     return f"{fmt_prob(k['max_token_prob'])}{at} ({src})"
 
@@ -139,9 +132,7 @@ def _collapse_token(a: ScanResult, b: ScanResult, labels: Sequence[str]) -> dict
 def _token_max(res: ScanResult, token: dict[str, Any] | None) -> tuple[float | None, str | None, int | None]:
     if token is None:
         return None, None, None
-    tok, ctx = token["token"], token["context"]
-    names = [f"ctrl/{tok}/p"] if ctx == "all" else [f"probe/{ctx}/{tok}", f"ctx/{ctx}/{tok}"]
-    for name in names:
+    for name in token_signal_names(token["token"], token["context"]):
         s, v = finite_series(res.signals, name)
         if v.size:
             i = int(np.argmax(v))
@@ -179,8 +170,7 @@ def compare_results(a: ScanResult, b: ScanResult, labels: tuple[str, str] = ("A"
     cmp.key_numbers = {"a": _key_numbers(a, primary, token), "b": _key_numbers(b, primary, token)}
     names = [primary] + [s for s in SIDE_BY_SIDE if s != primary]
     if token is not None:
-        tok, ctx = token["token"], token["context"]
-        names += [f"ctrl/{tok}/p"] if ctx == "all" else [f"probe/{ctx}/{tok}", f"ctx/{ctx}/{tok}"]
+        names += token_signal_names(token["token"], token["context"])
     for name in names:
         sa, sb = _stats(a, name), _stats(b, name)
         if sa is None and sb is None:

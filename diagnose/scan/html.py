@@ -32,20 +32,18 @@ from diagnose import __version__
 from diagnose.atomic import atomic_write_text
 from diagnose.figures import compare_figure, esc, scan_figures
 from diagnose.scan.result import CollapseEpisode, RolloutExample, ScanResult, issues_summary
-from diagnose.scan.report import (
+from diagnose.scan.formatting import (
     fmt_num,
     fmt_pct,
     fmt_prob,
     fmt_rise,
-    has_token_probabilities,
     highlight_strings,
     implicated_texts,
-    level,
-    smoothed_peak,
-    table_presence,
     token_label,
     verdict_line,
 )
+from diagnose.scan.names import has_token_probabilities, table_presence
+from diagnose.scan.series import level, smoothed_peak
 
 if TYPE_CHECKING:
     from diagnose.scan.compare import Comparison
@@ -131,7 +129,7 @@ def _key_numbers(result: ScanResult) -> str:
         ("steps", f"{result.signals.height}" + (f" ({result.signals.get_column('step').min()}.."
                                                 f"{result.signals.get_column('step').max()})"
                                                 if result.signals.height else "")),
-        ("tables", ", ".join(k for k, ok in table_presence(result).items() if ok) or "none"),
+        ("tables", ", ".join(k for k, ok in table_presence(result.signals.columns).items() if ok) or "none"),
         ("verdict", result.verdict),
         (f"{name}: start / peak / end", f"{fmt_num(level(result.signals, name, 'start'))} / "
                                         f"{fmt_num(smoothed_peak(result.signals, name))} / "
@@ -166,7 +164,7 @@ def _moves_html(e: CollapseEpisode) -> str:
 
 def _tokens_html(e: CollapseEpisode, result: ScanResult) -> str:
     if not e.implicated:
-        if not has_token_probabilities(result):
+        if not has_token_probabilities(result.signals.columns):
             return ('<p class="dim">No token probabilities in this run (text-only format, or no tokens/ or probe/ '
                     'tables): control tokens cannot be implicated from probabilities; see the rollouts.</p>')
         return '<p class="dim">No control-token probability rose notably around the onset.</p>'

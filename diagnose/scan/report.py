@@ -1,9 +1,9 @@
-"""The terminal report of `diagnose scan` (rich), and the text helpers the HTML report shares.
+"""The terminal report of `diagnose scan` (rich). Its numbers, labels and verdict line are
+written as every other output writes them (`diagnose.scan.formatting`).
 
     from rich.console import Console
-    from diagnose.scan.report import render_scan, verdict_line
+    from diagnose.scan.report import render_scan
     render_scan(result, Console())        # verdict first, then episodes, pathologies, notes, issues
-    verdict_line(result)                  # "COLLAPSE at step 34 (reward 0.61 -> 0.08, 87% turns ...)"
 
 All text from the run (rollouts, signal and file names, notes) goes into `rich.text.Text`
 objects, never through console markup, so a completion holding ``[bold]`` prints as is.
@@ -11,34 +11,28 @@ objects, never through console markup, so a completion holding ``[bold]`` prints
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-import polars as pl
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from diagnose.chat import CONTROL_STRINGS
-from diagnose.control_tokens import STRUCTURAL_TOKENS
+from diagnose.scan.formatting import (
+    control_pattern,
+    fmt_num,
+    fmt_pct,
+    fmt_prob,
+    fmt_rise,
+    implicated_texts,
+    token_label,
+    verdict_line,
+)
+from diagnose.scan.names import has_token_probabilities, table_presence
 from diagnose.scan.result import CollapseEpisode, ImplicatedToken, RolloutExample, ScanResult, issues_summary
 
-__all__ = [
-    "control_pattern",
-    "highlight_strings",
-    "fmt_num",
-    "fmt_prob",
-    "fmt_rise",
-    "has_token_probabilities",
-    "render_scan",
-    "token_label",
-    "verdict_line",
-]
-
-_TEXT_OF = {name: text for name, text, _ in STRUCTURAL_TOKENS}
+__all__ = ["excerpt_text", "header_text", "render_scan"]
 
 MAX_MOVES = 15  # rows of the "what moved" table in the terminal
 MAX_TOKENS = 5
@@ -48,170 +42,6 @@ EXCERPT_CHARS = 240
 MAX_ISSUES = 20
 
 _STYLE = {"collapse": "bold red", "pathology": "bold yellow", "healthy": "bold green", "insufficient_data": "bold blue"}
-
-
-# ---------------------------------------------------------------------------------------------
-# formatting helpers (shared with html.py / compare.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def fmt_num(v: Any, digits: int = 2) -> str:
-    """A number for people: ``—`` for missing / non-finite, 2 decimals, compact when large or tiny."""
-    if not _finite(v):
-        return "—"
-    a = abs(float(v))
-    if a == 0:
-        return "0"
-    if a >= 1000:
-        return f"{v:,.0f}"
-    if a < 10 ** -digits:
-        return f"{v:.2g}"
-    return f"{v:.{digits}f}"
-
-
-def fmt_prob(p: Any) -> str:
-    """A probability: 0.83, 0.012, 0.001, 2.0e-05."""
-    if not _finite(p):
-        return "—"
-    p = float(p)
-    if p >= 0.095:
-        return f"{p:.2f}"
-    if p >= 0.00095:
-        return f"{p:.3f}"
-    return f"{p:.1e}" if p > 0 else "0"
-
-
-def fmt_rise(before: Any, after: Any) -> str:
-    """How much a probability rose: ``×830``, or ``from 0, +0.66`` when it was 0 before (a
-    token never sampled before the onset): a ratio to 0 has no meaning, the absolute change has."""
-    if not (_finite(before) and _finite(after)):
-        return "—"
-    if before <= 0:
-        return f"from 0, +{fmt_prob(after - before)}"
-    ratio = after / before
-    return f"×{ratio:.1f}" if ratio < 10 else f"×{ratio:,.0f}" if ratio < 1e6 else f"×{ratio:.1e}"
-
-
-def fmt_pct(v: Any) -> str:
-    return f"{float(v):.0%}" if _finite(v) else "—"
-
-
-def token_label(name: str, text: str | None = None) -> str:
-    """How a control token is shown: its text (``<|im_end|>``, ``{"``), escaped when it is
-    whitespace (``\\n``), else its registry name."""
-    text = text if text is not None else _TEXT_OF.get(name)
-    if not text:
-        return name
-    if not text.strip():
-        return text.encode("unicode_escape").decode("ascii")
-    return text
-
-
-def highlight_strings(extra: Iterable[str] = ()) -> list[str]:
-    """The strings highlighted in rollout excerpts: the format's control strings plus ``extra``
-    (texts of implicated tokens), longest first so that a regex prefers the longest match."""
-    strings = {s for s in (*CONTROL_STRINGS, *extra) if s and s.strip() and len(s) >= 2}
-    return sorted(strings, key=len, reverse=True)
-
-
-def control_pattern(extra: Iterable[str] = ()) -> re.Pattern[str]:
-    """Regex of the control strings to highlight (longest first)."""
-    return re.compile("|".join(re.escape(s) for s in highlight_strings(extra)))
-
-
-def implicated_texts(result: ScanResult) -> list[str]:
-    return [t.text for e in result.episodes for t in e.implicated if t.text]
-
-
-def has_token_probabilities(result: ScanResult) -> bool:
-    return any(c.startswith(("ctrl/", "ctx/", "probe/")) for c in result.signals.columns)
-
-
-def table_presence(result: ScanResult) -> dict[str, bool]:
-    cols = set(result.signals.columns)
-    return {
-        "rollouts": "n_rollouts" in cols,
-        "tokens": "n_tokens" in cols,
-        "probe": any(c.startswith("probe/") for c in cols),
-        "metrics": bool(cols - {"step"}),
-    }
-
-
-def finite_series(signals: pl.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of a signal's finite values, sorted by step."""
-    if name not in signals.columns or "step" not in signals.columns:
-        return np.empty(0, np.int64), np.empty(0)
-    df = signals.select("step", name).sort("step")
-    v = df.get_column(name).cast(pl.Float64).to_numpy()
-    s = df.get_column("step").to_numpy()
-    ok = np.isfinite(v)
-    return s[ok], v[ok]
-
-
-def level(signals: pl.DataFrame, name: str, where: str, n: int = 5) -> float | None:
-    """Median of the first / last ``n`` finite values (``where``: ``start`` | ``end``)."""
-    _, v = finite_series(signals, name)
-    if v.size == 0:
-        return None
-    part = v[:n] if where == "start" else v[-n:]
-    return float(np.median(part))
-
-
-def smoothed_peak(signals: pl.DataFrame, name: str, n: int = 5) -> float | None:
-    """Max of the trailing ``n``-step medians (a peak that one lucky step cannot make)."""
-    _, v = finite_series(signals, name)
-    if v.size == 0:
-        return None
-    w = min(n, v.size)
-    return float(max(np.median(v[max(0, i - w + 1): i + 1]) for i in range(w - 1, v.size)))
-
-
-# ---------------------------------------------------------------------------------------------
-# verdict
-# ---------------------------------------------------------------------------------------------
-
-
-def _episode_summary(e: CollapseEpisode) -> str:
-    parts = [f"{e.signal} {fmt_num(e.pre_level)} -> {fmt_num(e.trough_value)}"]
-    if e.collapsed_share_at_trough is not None and _finite(e.collapsed_share_at_trough):
-        parts.append(f"{e.collapsed_share_at_trough:.0%} turns collapsed at trough")
-    if e.recovery_step is not None:
-        parts.append(f"recovered at step {e.recovery_step}")
-    return ", ".join(parts)
-
-
-def verdict_line(result: ScanResult, capability_hint: str | None = None) -> str:
-    """One line: what happened to the run, the first thing a user reads."""
-    v = result.verdict
-    if v == "collapse" and result.episodes:
-        e = result.episodes[0]
-        n = len(result.episodes)
-        head = f"COLLAPSE at step {e.onset_step}" if n == 1 else f"COLLAPSE ({n} episodes), first at step {e.onset_step}"
-        line = f"{head} ({_episode_summary(e)})"
-        if result.pathologies:
-            kinds = sorted({p.kind for p in result.pathologies})
-            line += f"; also {', '.join(k.replace('_', ' ') for k in kinds)}"
-        if capability_hint:
-            line += f"; capability check: {capability_hint}"
-        return line
-    if v == "pathology":
-        first = {}
-        for p in result.pathologies:
-            first.setdefault(p.kind, p.first_step)
-        what = ", ".join(f"{k.replace('_', ' ')} from step {s}" for k, s in first.items())
-        return f"PATHOLOGY, no collapse: {what}"
-    if v == "insufficient_data":
-        return (f"INSUFFICIENT DATA: no reward or accuracy with {result.config.min_steps} finite, varying values "
-                f"({result.signals.height} step(s) read); no collapse detection")
-    name = result.primary_signal or "reward"
-    start, end = level(result.signals, name, "start"), level(result.signals, name, "end")
-    peak = smoothed_peak(result.signals, name)
-    return (f"HEALTHY: no collapse in {result.signals.height} steps "
-            f"({name} {fmt_num(start)} -> {fmt_num(end)}, peak {fmt_num(peak)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +110,7 @@ def _rise_line(tok: ImplicatedToken, c: Any) -> Text:
 def _tokens_block(e: CollapseEpisode, result: ScanResult) -> list[Any]:
     out: list[Any] = [Text("control tokens implicated", style="bold")]
     if not e.implicated:
-        if not has_token_probabilities(result):
+        if not has_token_probabilities(result.signals.columns):
             out.append(Text("  none measurable: this run has no token probabilities (text-only format, or no "
                             "tokens/ or probe/ tables); control tokens can only be seen in the rollouts below",
                             style="dim"))
@@ -353,7 +183,7 @@ def _pathology_table(result: ScanResult) -> Table:
 def header_text(result: ScanResult) -> Text:
     steps = result.signals.get_column("step") if "step" in result.signals.columns else None
     span = f"steps {steps.min()}..{steps.max()}" if steps is not None and len(steps) else "no steps"
-    pres = table_presence(result)
+    pres = table_presence(result.signals.columns)
     have = ", ".join(k for k, ok in pres.items() if ok) or "nothing"
     t = Text("diagnose scan ", style="bold")
     t.append(str(result.source_path or "?"))

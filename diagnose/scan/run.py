@@ -36,9 +36,11 @@ from diagnose import __version__
 from diagnose.scan import cache
 from diagnose.scan.cache import Cached
 from diagnose.scan.detect import DetectConfig
-from diagnose.scan.episodes import PriorScan, scan_source
+from diagnose.scan.episodes import PriorScan
+from diagnose.scan.names import is_context_count
 from diagnose.scan.result import CacheInfo, RunScanResult, wrap_result
 from diagnose.scan.signals import combine_signals, merge_signals, metric_signals, step_signals
+from diagnose.scan.verdict import scan_source
 from diagnose.source import RunSource
 
 __all__ = ["CHUNK_BYTES", "MAX_CHUNKS", "Progress", "scan_run"]
@@ -302,7 +304,7 @@ def _fill_counts(df: pl.DataFrame) -> pl.DataFrame:
     if "n_tokens" in df.columns:
         has = pl.col("n_tokens").is_not_null()
         fills += [pl.when(has & pl.col(c).is_null()).then(pl.lit(0.0)).otherwise(pl.col(c)).alias(c)
-                  for c in df.columns if c.startswith("ctx/") and c.endswith("/n")]
+                  for c in df.columns if is_context_count(c)]
     return df.with_columns(fills) if fills else df
 
 

@@ -19,7 +19,7 @@ path to hand to `diagnose.adapters.load_run` and the ground truth of what it wro
   another name pattern) or one file with a ``step`` field per line.
 
 The rollouts are gold trajectories of the tool-use environment (`diagnose.tasks`), GRPO groups
-of ``group_size`` samples per prompt. Healthy samples succeed with probability 0.7 (else the
+of ``group_size`` samples per prompt (`Sampling`). Healthy samples succeed with probability 0.7 (else the
 final answer is wrong, reward 0); 10% have text after the first call (a polluted turn, reward
 0). From ``collapse_at`` on, a ``collapse_rate`` share of samples (0.8) is one collapsed turn --
 a bare ``<tool_call>`` (60%) or an empty turn (40%) -- with reward 0. Before ``collapse_at``
@@ -47,6 +47,7 @@ from diagnose.chat import ENDOFTEXT, IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CAL
 
 __all__ = [
     "ForeignRun",
+    "Sampling",
     "write_conversation_run",
     "write_open_instruct_run",
     "write_trl_run",
@@ -138,8 +139,20 @@ def _trajectories(n: int, seed: int) -> list[tuple[Any, list[str], list[list[str
     return out
 
 
-def _plan(steps: list[int], collapse_at: int | None, seed: int, group_size: int, prompts_per_step: int,
-          collapse_rate: float, multi_turn: bool) -> dict[int, list[list[_Sample]]]:
+@dataclass(frozen=True)
+class Sampling:
+    """What a writer samples per step: ``prompts_per_step`` prompts, ``group_size`` samples each
+    (a GRPO group); from ``collapse_at`` on, a ``collapse_rate`` share of samples is one
+    collapsed turn."""
+
+    group_size: int = 4
+    prompts_per_step: int = 4
+    collapse_rate: float = 0.8
+
+
+def _plan(steps: list[int], collapse_at: int | None, seed: int, sampling: Sampling,
+          multi_turn: bool) -> dict[int, list[list[_Sample]]]:
+    group_size, prompts_per_step = sampling.group_size, sampling.prompts_per_step
     if group_size < 1 or prompts_per_step < 1:
         raise ValueError("group_size and prompts_per_step must be >= 1")
     rng = random.Random(seed)
@@ -151,7 +164,7 @@ def _plan(steps: list[int], collapse_at: int | None, seed: int, group_size: int,
             task, gold, obs = pool[t]
             group = []
             for _ in range(group_size):
-                collapsed = collapse_at is not None and step >= collapse_at and rng.random() < collapse_rate
+                collapsed = collapse_at is not None and step >= collapse_at and rng.random() < sampling.collapse_rate
                 if collapsed:
                     text = COLLAPSED_TURNS[0] if rng.random() < 0.6 else COLLAPSED_TURNS[1]
                     s = _Sample(t, task.messages, task.tools, [text], [[]], ["collapsed"], False, False, True,
@@ -185,17 +198,13 @@ def _truth(run: ForeignRun, plan: dict[int, list[list[_Sample]]], rewards: dict[
     return run
 
 
-def _transcript(s: _Sample) -> str:
-    """The completion after the prompt, in ChatML (tool outputs as Qwen2.5 user turns)."""
-    parts = []
-    for i, (turn, obs) in enumerate(zip(s.turns, s.observations)):
-        if i:
-            parts.append(f"{IM_START}assistant\n")
-        parts.append(turn + IM_END + "\n")
-        if obs:
-            body = "\n".join(f"<tool_response>\n{o}\n</tool_response>" for o in obs)
-            parts.append(f"{IM_START}user\n{body}{IM_END}\n")
-    return "".join(parts)
+
+
+def _start(path: Path, fmt: str, steps: list[int], collapse_at: int | None, seed: int,
+           sampling: Sampling) -> tuple[ForeignRun, dict[int, list[list[_Sample]]]]:
+    """The run to fill in and what each of its steps samples (multi-turn episodes)."""
+    plan = _plan(steps, collapse_at, seed, sampling, multi_turn=True)
+    return ForeignRun(path, fmt, steps, collapse_at, sampling.group_size, sampling.prompts_per_step), plan
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -205,9 +214,6 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _advantages(rewards: Sequence[float]) -> list[float]:
-    a = np.asarray(rewards, dtype=float)
-    return ((a - a.mean()) / (a.std() + 1e-4)).tolist()
 
 
 def _health(plan_step: list[list[_Sample]]) -> float:
@@ -238,9 +244,7 @@ def write_verl_run(
     collapse_at: int | None = None,
     seed: int = 0,
     *,
-    group_size: int = 4,
-    prompts_per_step: int = 4,
-    collapse_rate: float = 0.8,
+    sampling: Sampling = Sampling(),
     metrics: bool = True,
     rollouts: bool = True,
     validation: bool = True,
@@ -261,8 +265,7 @@ def write_verl_run(
     step_list = list(range(1, steps + 1)) if isinstance(steps, int) else _steps(steps)
     if any(s < 1 for s in step_list):
         raise ValueError("verl training steps start at 1")
-    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=True)
-    run = ForeignRun(root, "verl", step_list, collapse_at, group_size, prompts_per_step)
+    run, plan = _start(root, "verl", step_list, collapse_at, seed, sampling)
     rewards: dict[int, list[float]] = {}
     nrng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -361,9 +364,7 @@ def write_open_instruct_run(
     collapse_at: int | None = None,
     seed: int = 0,
     *,
-    group_size: int = 4,
-    prompts_per_step: int = 4,
-    collapse_rate: float = 0.8,
+    sampling: Sampling = Sampling(),
     run_name: str = "grpo_tooluse__1__1767225600",
     tokenizer: Any = None,
     model_name: str | None = "Qwen/Qwen2.5-7B-Instruct",
@@ -388,8 +389,7 @@ def write_open_instruct_run(
             return [int(i) for i in getattr(out, "ids", out)]
     root = Path(dir)
     step_list = _steps(steps)
-    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=True)
-    run = ForeignRun(root, "open_instruct", step_list, collapse_at, group_size, prompts_per_step)
+    run, plan = _start(root, "open_instruct", step_list, collapse_at, seed, sampling)
     writer = oi.TraceWriter(root, run_name, model_name=model_name, shard_size=shard_size)
     rng = np.random.default_rng(seed)
     rewards: dict[int, list[float]] = {}
@@ -397,7 +397,7 @@ def write_open_instruct_run(
     for step in step_list:
         samples = [s for g in plan[step] for s in g]
         scores = [s.reward for s in samples]
-        advs = oi.advantages(scores, group_size)
+        advs = oi.advantages(scores, sampling.group_size)
         records = []
         run.sample_generated[step] = []
         for i, s in enumerate(samples):
@@ -416,7 +416,7 @@ def write_open_instruct_run(
             resp.finish(QWEN_IDS[IM_END])
             run.sample_generated[step].append(sum(resp.masks))
             records.append(oi.rollout_record(
-                step=step, sample_idx=i, num_samples_per_prompt=group_size, prompt_tokens=prompts[s.task],
+                step=step, sample_idx=i, num_samples_per_prompt=sampling.group_size, prompt_tokens=prompts[s.task],
                 response=resp, reward=s.reward, advantage=advs[i], dataset="tool_use",
                 ground_truth=s.gold_answer, info=oi.request_info(outputs, runtimes=[0.01] * len(outputs)),
             ))
@@ -444,9 +444,7 @@ def write_conversation_run(
     collapse_at: int | None = None,
     seed: int = 0,
     *,
-    group_size: int = 4,
-    prompts_per_step: int = 4,
-    collapse_rate: float = 0.8,
+    sampling: Sampling = Sampling(),
     layout: str = "dir",
     naming: str = "step-{step:06d}.jsonl",
 ) -> ForeignRun:
@@ -459,11 +457,10 @@ def write_conversation_run(
     if layout not in ("dir", "file"):
         raise ValueError("layout must be 'dir' or 'file'")
     step_list = _steps(steps)
-    plan = _plan(step_list, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=True)
     target = Path(path)
     if layout == "file" and target.is_dir():
         target = target / "conversations.jsonl"
-    run = ForeignRun(target, "conversations", step_list, collapse_at, group_size, prompts_per_step)
+    run, plan = _start(target, "conversations", step_list, collapse_at, seed, sampling)
     rewards: dict[int, list[float]] = {}
     all_lines = []
     for step in step_list:

@@ -27,14 +27,14 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diagnose.chat import IM_END, render_chat, skip_special
-from diagnose.synth.foreign import ForeignRun, _plan, _Sample
+from diagnose.synth.foreign import ForeignRun, Sampling, _plan, _Sample
 from diagnose.synth.trl import GrpoLog, episode, save_trainer_state
 
 REWARD_FUNCS = ("accuracy_reward", "format_reward")
@@ -156,9 +156,7 @@ def write_trl_run(
     collapse_at: int | None = None,
     seed: int = 0,
     *,
-    group_size: int = 4,
-    prompts_per_step: int = 4,
-    collapse_rate: float = 0.8,
+    sampling: Sampling = Sampling(),
     completions: str = "messages",
     tools: bool = True,
     logging_steps: int = 1,
@@ -184,12 +182,13 @@ def write_trl_run(
     root = Path(dir)
     max_steps = int(steps)
     gen_steps = [g for g in range(1, max_steps + 1) if (g - 1) % num_iterations == 0]
-    plan = _plan(gen_steps, collapse_at, seed, group_size, prompts_per_step, collapse_rate, multi_turn=tools)
-    eval_plan = (_plan(list(range(1, max_steps + 1)), collapse_at, seed + 1000, group_size, 2, collapse_rate,
+    group_size = sampling.group_size
+    plan = _plan(gen_steps, collapse_at, seed, sampling, multi_turn=tools)
+    eval_plan = (_plan(list(range(1, max_steps + 1)), collapse_at, seed + 1000, replace(sampling, prompts_per_step=2),
                        multi_turn=tools) if eval_steps else {})
-    gbs = group_size * prompts_per_step
+    gbs = group_size * sampling.prompts_per_step
     log = GrpoLog(root, gbs, REWARD_FUNCS)
-    run = TrlRun(root, "trl", [], collapse_at, group_size, prompts_per_step, logging_steps=logging_steps,
+    run = TrlRun(root, "trl", [], collapse_at, group_size, sampling.prompts_per_step, logging_steps=logging_steps,
                  num_iterations=num_iterations, eval_steps=eval_steps, completions=completions,
                  extra_columns=("judge_score", "judge_reason") if extra_columns else (), max_steps=max_steps)
     rng = np.random.default_rng(seed)

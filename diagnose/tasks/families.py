@@ -60,25 +60,48 @@ def _ids(rng: random.Random, prefix: str, k: int) -> list[str]:
     return [f"{prefix}-{n}" for n in rng.sample(range(1000, 10000), k)]
 
 
-def _find(table: dict[str, Any], key: str, value: Any) -> str | None:
-    return next((i for i, row in table.items() if row.get(key) == value), None)
+def _find(table: dict[str, Any], key: str, value: Any, missing: str) -> str:
+    """The id of the row whose ``key`` is ``value``; a tool error saying ``missing`` if none is."""
+    found = next((i for i, row in table.items() if row.get(key) == value), None)
+    if found is None:
+        raise ToolError(missing)
+    return found
+
+
+def _row(table: dict[str, Any], row_id: str, what: str) -> dict[str, Any]:
+    """The row ``row_id``; a tool error ``no <what> <row_id>`` if there is none."""
+    row = table.get(row_id)
+    if row is None:
+        raise ToolError(f"no {what} {row_id}")
+    return row
+
+
+def _new_id(state: dict[str, Any], prefix: str, counter: str) -> str:
+    """The next id of a created record (``<prefix>-<n>``), counting up ``state[counter]``."""
+    new = f"{prefix}-{state[counter]}"
+    state[counter] += 1
+    return new
+
+
+def _quote(turn: int, key: str, text: str) -> Callable[[list[list[dict[str, Any]]]], tuple[str, str]]:
+    """An instance's answer: the value ``key`` of the first output of turn ``turn``, said in
+    ``text`` (``{}`` stands for the value), and that value as the one the answer must contain."""
+    def answer(outs: list[list[dict[str, Any]]]) -> tuple[str, str]:
+        value = outs[turn][0][key]
+        return text.format(value), str(value)
+
+    return answer
 
 
 # ----------------------------------------------------------------------------------- bank
 
 
 def _find_account(state, name):
-    acc = _find(state["accounts"], "name", name)
-    if acc is None:
-        raise ToolError(f"no account for {name}")
-    return {"account_id": acc}
+    return {"account_id": _find(state["accounts"], "name", name, f"no account for {name}")}
 
 
 def _get_balance(state, account_id):
-    acc = state["accounts"].get(account_id)
-    if acc is None:
-        raise ToolError(f"no account {account_id}")
-    return {"account_id": account_id, "balance": acc["balance"]}
+    return {"account_id": account_id, "balance": _row(state["accounts"], account_id, "account")["balance"]}
 
 
 def _transfer(state, from_id, to_id, amount):
@@ -94,8 +117,7 @@ def _transfer(state, from_id, to_id, amount):
         raise ToolError("insufficient funds")
     accounts[from_id]["balance"] -= amount
     accounts[to_id]["balance"] += amount
-    tid = f"tr-{state['next_transfer']}"
-    state["next_transfer"] += 1
+    tid = _new_id(state, "tr", "next_transfer")
     state["transfers"].append({"id": tid, "from": from_id, "to": to_id, "amount": amount})
     return {"ok": True, "transfer_id": tid}
 
@@ -125,50 +147,32 @@ def _gen_bank(rng: random.Random) -> Instance:
             "Move {amt} dollars from {a} to {b}, then tell me {who}'s balance.",
             "Send {amt} dollars from {a} to {b} and tell me the new balance of {who}.",
         )).format(amt=amt, a=a, b=b, who=who)
-
-        def answer(outs, who=who):
-            bal = outs[2][0]["balance"]
-            return f"{who} now has {bal} dollars.", str(bal)
-
-        return Instance("transfer_balance", user, state, [finds, move, [_c("get_balance", account_id=who_id)]], answer)
+        return Instance("transfer_balance", user, state, [finds, move, [_c("get_balance", account_id=who_id)]],
+                        _quote(2, "balance", f"{who} now has {{}} dollars."))
     user = rng.choice((
         "Move {amt} dollars from {a} to {b} and give me the transfer id.",
         "Send {amt} dollars from {a} to {b}, then tell me the transfer id.",
     )).format(amt=amt, a=a, b=b)
-
-    def answer(outs):
-        tid = outs[1][0]["transfer_id"]
-        return f"Done. The transfer id is {tid}.", tid
-
-    return Instance("transfer_id", user, state, [finds, move], answer)
+    return Instance("transfer_id", user, state, [finds, move], _quote(1, "transfer_id", "Done. The transfer id is {}."))
 
 
 # ------------------------------------------------------------------------------ inventory
 
 
 def _find_item(state, name):
-    sku = _find(state["items"], "name", name)
-    if sku is None:
-        raise ToolError(f"no item named {name}")
-    return {"sku": sku}
+    return {"sku": _find(state["items"], "name", name, f"no item named {name}")}
 
 
 def _check_stock(state, sku):
-    item = state["items"].get(sku)
-    if item is None:
-        raise ToolError(f"no item {sku}")
-    return {"sku": sku, "quantity": item["quantity"]}
+    return {"sku": sku, "quantity": _row(state["items"], sku, "item")["quantity"]}
 
 
 def _restock(state, sku, quantity):
-    item = state["items"].get(sku)
-    if item is None:
-        raise ToolError(f"no item {sku}")
+    item = _row(state["items"], sku, "item")
     if not 0 < quantity <= 1000:
         raise ToolError("quantity must be between 1 and 1000")
     item["quantity"] += quantity
-    oid = f"ord-{state['next_order']}"
-    state["next_order"] += 1
+    oid = _new_id(state, "ord", "next_order")
     state["orders"].append({"id": oid, "sku": sku, "quantity": quantity})
     return {"ok": True, "order_id": oid}
 
@@ -195,22 +199,13 @@ def _gen_inventory(rng: random.Random) -> Instance:
             "Restock {item} with {qty} units, then tell me how many we have.",
             "Add {qty} units of {item} to stock and tell me the new count.",
         )).format(item=item, qty=qty)
-
-        def answer(outs, item=item):
-            n = outs[2][0]["quantity"]
-            return f"We now have {n} units of {item}.", str(n)
-
-        return Instance("restock_count", user, state, first + [[_c("check_stock", sku=sku)]], answer)
+        return Instance("restock_count", user, state, first + [[_c("check_stock", sku=sku)]],
+                        _quote(2, "quantity", f"We now have {{}} units of {item}."))
     user = rng.choice((
         "Restock {item} with {qty} units and give me the order id.",
         "Add {qty} units of {item} to stock, then tell me the order id.",
     )).format(item=item, qty=qty)
-
-    def answer(outs):
-        oid = outs[1][0]["order_id"]
-        return f"Done. The order id is {oid}.", oid
-
-    return Instance("restock_id", user, state, first, answer)
+    return Instance("restock_id", user, state, first, _quote(1, "order_id", "Done. The order id is {}."))
 
 
 # ------------------------------------------------------------------------------- calendar
@@ -230,8 +225,7 @@ def _create_event(state, title, day, attendee_email):
         raise ToolError(f"unknown attendee: {attendee_email}")
     if not title.strip():
         raise ToolError("title is empty")
-    eid = f"ev-{state['next_event']}"
-    state["next_event"] += 1
+    eid = _new_id(state, "ev", "next_event")
     state["events"].append({"id": eid, "title": title, "day": day, "attendee": attendee_email})
     return {"ok": True, "event_id": eid}
 
@@ -270,61 +264,39 @@ def _gen_calendar(rng: random.Random) -> Instance:
             "Book a {title} with {name} on {day}, then tell me how many events I have with {name}.",
             "Schedule a {title} with {name} on {day} and tell me how many events {name} is in.",
         )).format(title=title, name=name, day=day)
-
-        def answer(outs, name=name):
-            n = outs[2][0]["count"]
-            return f"Events with {name}: {n}.", str(n)
-
-        return Instance("event_count", user, state, first + [[_c("list_events", attendee_email=contacts[name])]], answer)
+        return Instance("event_count", user, state, first + [[_c("list_events", attendee_email=contacts[name])]],
+                        _quote(2, "count", f"Events with {name}: {{}}."))
     user = rng.choice((
         "Book a {title} with {name} on {day} and give me the event id.",
         "Schedule a {title} with {name} on {day}, then tell me the event id.",
     )).format(title=title, name=name, day=day)
-
-    def answer(outs):
-        eid = outs[1][0]["event_id"]
-        return f"Booked. The event id is {eid}.", eid
-
-    return Instance("event_id", user, state, first, answer)
+    return Instance("event_id", user, state, first, _quote(1, "event_id", "Booked. The event id is {}."))
 
 
 # ------------------------------------------------------------------- library (content OOD)
 
 
 def _find_book(state, title):
-    bid = _find(state["books"], "title", title)
-    if bid is None:
-        raise ToolError(f"no book titled {title}")
-    return {"book_id": bid}
+    return {"book_id": _find(state["books"], "title", title, f"no book titled {title}")}
 
 
 def _find_member(state, name):
-    mid = _find(state["members"], "name", name)
-    if mid is None:
-        raise ToolError(f"no member named {name}")
-    return {"member_id": mid}
+    return {"member_id": _find(state["members"], "name", name, f"no member named {name}")}
 
 
 def _borrow_book(state, book_id, member_id):
-    book = state["books"].get(book_id)
-    if book is None:
-        raise ToolError(f"no book {book_id}")
-    if member_id not in state["members"]:
-        raise ToolError(f"no member {member_id}")
+    book = _row(state["books"], book_id, "book")
+    _row(state["members"], member_id, "member")
     if not book["available"]:
         raise ToolError("book is already on loan")
     book["available"] = False
-    lid = f"ln-{state['next_loan']}"
-    state["next_loan"] += 1
+    lid = _new_id(state, "ln", "next_loan")
     state["loans"][lid] = {"book_id": book_id, "member_id": member_id, "due": state["due"]}
     return {"ok": True, "loan_id": lid}
 
 
 def _check_due_date(state, loan_id):
-    loan = state["loans"].get(loan_id)
-    if loan is None:
-        raise ToolError(f"no loan {loan_id}")
-    return {"loan_id": loan_id, "due": loan["due"]}
+    return {"loan_id": loan_id, "due": _row(state["loans"], loan_id, "loan")["due"]}
 
 
 LIBRARY_TOOLS = [
@@ -352,22 +324,13 @@ def _gen_library(rng: random.Random) -> Instance:
             "Lend {book} to {name}, then tell me the due date.",
             "Check out {book} for {name} and tell me when it is due.",
         )).format(book=book, name=name)
-
-        def answer(outs, book=book):
-            due = outs[2][0]["due"]
-            return f"{book} is due on {due}.", due
-
-        return Instance("loan_due", user, state, first + [[_c("check_due_date", loan_id=f"ln-{state['next_loan']}")]], answer)
+        return Instance("loan_due", user, state, first + [[_c("check_due_date", loan_id=f"ln-{state['next_loan']}")]],
+                        _quote(2, "due", f"{book} is due on {{}}."))
     user = rng.choice((
         "Lend {book} to {name} and give me the loan id.",
         "Check out {book} for {name}, then tell me the loan id.",
     )).format(book=book, name=name)
-
-    def answer(outs):
-        lid = outs[1][0]["loan_id"]
-        return f"Done. The loan id is {lid}.", lid
-
-    return Instance("loan_id", user, state, first, answer)
+    return Instance("loan_id", user, state, first, _quote(1, "loan_id", "Done. The loan id is {}."))
 
 
 # -------------------------------------------------------------------- travel (content OOD)
@@ -381,21 +344,16 @@ def _find_flight(state, origin, destination):
 
 
 def _book_flight(state, flight_id, passenger):
-    if flight_id not in state["flights"]:
-        raise ToolError(f"no flight {flight_id}")
+    _row(state["flights"], flight_id, "flight")
     if not passenger.strip():
         raise ToolError("passenger is empty")
-    rid = f"res-{state['next_booking']}"
-    state["next_booking"] += 1
+    rid = _new_id(state, "res", "next_booking")
     state["bookings"][rid] = {"flight_id": flight_id, "passenger": passenger, "seat": state["seat"]}
     return {"ok": True, "booking_id": rid}
 
 
 def _get_booking(state, booking_id):
-    b = state["bookings"].get(booking_id)
-    if b is None:
-        raise ToolError(f"no booking {booking_id}")
-    return {"booking_id": booking_id, **b}
+    return {"booking_id": booking_id, **_row(state["bookings"], booking_id, "booking")}
 
 
 TRAVEL_TOOLS = [
@@ -422,23 +380,14 @@ def _gen_travel(rng: random.Random) -> Instance:
             "Book a flight from {o} to {d} for {name}, then tell me the seat.",
             "Get {name} a flight from {o} to {d} and tell me the seat number.",
         )).format(o=origin, d=dest, name=name)
-
-        def answer(outs, name=name):
-            seat = outs[2][0]["seat"]
-            return f"{name} has seat {seat}.", seat
-
         rid = f"res-{state['next_booking']}"
-        return Instance("booking_seat", user, state, first + [[_c("get_booking", booking_id=rid)]], answer)
+        return Instance("booking_seat", user, state, first + [[_c("get_booking", booking_id=rid)]],
+                        _quote(2, "seat", f"{name} has seat {{}}."))
     user = rng.choice((
         "Book a flight from {o} to {d} for {name} and give me the booking id.",
         "Get {name} a flight from {o} to {d}, then tell me the booking id.",
     )).format(o=origin, d=dest, name=name)
-
-    def answer(outs):
-        rid = outs[1][0]["booking_id"]
-        return f"Booked. The booking id is {rid}.", rid
-
-    return Instance("booking_id", user, state, first, answer)
+    return Instance("booking_id", user, state, first, _quote(1, "booking_id", "Booked. The booking id is {}."))
 
 
 # ------------------------------------------------------------------------------- registry
