@@ -27,6 +27,7 @@ from rich.table import Table
 
 from diagnose.capability import read_capability
 from diagnose.scan import scan_run
+from diagnose.scan.names import signal_kind
 
 P_END_OPEN = "probe/after_call_open/im_end"
 P_NESTED_OPEN = "probe/after_call_open/tool_call_open"
@@ -55,12 +56,34 @@ def _sum(df: pl.DataFrame, name: str) -> float | None:
     return float(df[name].drop_nulls().sum()) if name in df.columns else None
 
 
+def first_probe_move(sig: pl.DataFrame, before: int) -> str:
+    """The fixed probe's first large move before step ``before``: the first step where a
+    ``probe/*`` probability is 10x and 0.05 above (or below) its step-1 value. The scan's own
+    mover search needs more than ``min_periods`` (10) steps of baseline; these runs have 8."""
+    moves: list[tuple[int, str, float, float]] = []
+    for c in (c for c in sig.columns if c.startswith("probe/") and signal_kind(c) == "probability"):
+        s = sig.select("step", c).drop_nulls().sort("step")
+        if s.height < 2:
+            continue
+        v0 = s[c][0]
+        moved = s.filter(((pl.col(c) > 10 * v0) & (pl.col(c) > v0 + 0.05))
+                         | ((pl.col(c) < v0 / 10) & (pl.col(c) < v0 - 0.05)))
+        if moved.height and moved["step"][0] < before:
+            moves.append((int(moved["step"][0]), c, v0, float(moved[c][0])))
+    if not moves:
+        return "—"
+    step = min(m[0] for m in moves)
+    return "; ".join(f"{c.removeprefix('probe/')} {_g(v0)} → {_g(v)}" for st, c, v0, v in sorted(moves)
+                     if st == step) + f" at step {step} (lead {before - step})"
+
+
 def run_row(run: Path) -> dict[str, str]:
     res = scan_run(run)
     sig = res.signals
     reward = _col(sig, "reward")
     ep = res.episodes[0] if res.episodes else None
-    at = ep.trough_step if ep else int(sig["step"].max())
+    fmt = next((p for p in res.pathologies if p.kind == "format_collapse"), None)
+    at = ep.trough_step if ep else (fmt.first_step if fmt else int(sig["step"].max()))
     states = sig.filter(pl.col("step") == at)
     turn = ", ".join(f"{c.split('/')[1]} {_g(states[c][0])}" for c in sig.columns
                      if c.startswith("turn_state/") and not states.is_empty() and states[c][0])
@@ -68,6 +91,8 @@ def run_row(run: Path) -> dict[str, str]:
     if ep and ep.moves:
         first = min(ep.moves, key=lambda m: (m.step, -m.lead))
         mover = f"{first.signal} ({first.direction}, lead {first.lead})"
+    elif fmt:
+        mover = first_probe_move(sig, fmt.first_step)
     implicated = ", ".join(f"{t.token}@{c.context}×{c.ratio:.3g}" for t in (ep.implicated if ep else [])
                            for c in t.contexts[:1])
     cap = read_capability(run)
@@ -81,7 +106,8 @@ def run_row(run: Path) -> dict[str, str]:
         "run": run.name,
         "reward first / best / last": f"{_g(reward['reward'][0])} / {_g(reward['reward'].max())} / "
                                       f"{_g(reward['reward'][-1])}" if not reward.is_empty() else "—",
-        "scan": f"{res.verdict}" + (f", onset {ep.onset_step}, trough {ep.trough_step}" if ep else ""),
+        "scan": f"{res.verdict}" + (f", onset {ep.onset_step}, trough {ep.trough_step}" if ep else "")
+                + (f", format_collapse steps {fmt.first_step}-{fmt.last_step}" if fmt else ""),
         f"turn states at step {at}": turn or "—",
         "first mover (lead)": mover,
         "implicated": implicated or "—",
@@ -101,7 +127,9 @@ def run_row(run: Path) -> dict[str, str]:
         "<|im_end|> push everywhere self / other": f"{_g(_sum(sig, 'attribution/im_end/self'))} / "
                                                    f"{_g(_sum(sig, 'attribution/im_end/other'))}",
         "probe": probe,
-        "s/step": _g(timing.get("s_per_step")),
+        "s/step (TRL step_time: median, min-max)": (
+            f"{_g(sig['step_time'].median())}, {_g(sig['step_time'].min())}-{_g(sig['step_time'].max())}"
+            if "step_time" in sig.columns else _g(timing.get("s_per_step"))),
     }
 
 
