@@ -24,6 +24,10 @@ done
 for r in "$OUT"/rl-s* "$OUT"/sync-s*; do
   first=$(ls -d "$r"/checkpoint-* | sort -t- -k2 -n | head -1)
   last=$(ls -d "$r"/checkpoint-* | sort -t- -k2 -n | tail -1)
-  py experiments/smollm2_grpo.py probe "$r" --checkpoints "$(basename "$first"),$(basename "$last")"
+  py experiments/smollm2_grpo.py probe "$r" --checkpoints "$(basename "$first"),$(basename "$last")" --tasks 8
+done
+# where the push on <|im_end|> and < came from (rescore of the first checkpoints; docs/experiments.md 7.4)
+for r in "$OUT"/rl-s*; do
+  py experiments/smollm2_push.py "$r" --checkpoints checkpoint-1,checkpoint-2,checkpoint-3,checkpoint-4 --markdown
 done
 python experiments/smollm2_table.py "$OUT"/rl-s* "$OUT"/sync-s* --markdown

@@ -122,4 +122,4 @@ def test_rescore_one_adapter_checkpoint_matches_the_live_policy(tmp_path):
     rescored = sum(math.exp(v) for v in rows) / len(rows)
     logged = json.loads((run / "trainer_state.json").read_text())["log_history"]
     live = next(h["mech/p_end@open"] for h in logged if h.get("step") == step and "mech/p_end@open" in h)
-    assert math.isclose(rescored, live, rel_tol=0.05), (rescored, live)
+    assert math.isclose(rescored, live, rel_tol=0.01), (rescored, live)  # measured: 1e-5 relative
