@@ -108,7 +108,7 @@ def run_row(run: Path) -> dict[str, str]:
                                       f"{_g(reward['reward'][-1])}" if not reward.is_empty() else "—",
         "scan": f"{res.verdict}" + (f", onset {ep.onset_step}, trough {ep.trough_step}" if ep else "")
                 + (f", format_collapse steps {fmt.first_step}-{fmt.last_step}" if fmt else ""),
-        f"turn states at step {at}": turn or "—",
+        "turn states (at the onset, else the last step)": f"step {at}: {turn}" if turn else "—",
         "first mover (lead)": mover,
         "implicated": implicated or "—",
         "p(<|im_end|> | <tool_call>\\n), probe": _move(sig, P_END_OPEN),
