@@ -155,8 +155,10 @@ class LoadOptions:
         return {"metrics": self.metrics, "run": self.run, "tokenizer": self.tokenizer}
 
 
-METRICS_HELP = "A trainer metrics file to read with the run (verl: the file logger's JSONL)."
-RUN_HELP = "Which run, when the folder holds several (the error lists their names)."
+METRICS_HELP = ("Where the run's metrics are, when not found with it: verl's file-logger JSONL, or an experiment "
+                "tracker (a W&B run folder or wandb/ folder, a TensorBoard events folder, a console log).")
+RUN_HELP = ("Which run, when the folder holds several: the trainer's, or a W&B run id, an events folder, "
+            "a log file (the error or the issues list their names; runs are never merged).")
 TOKENIZER_HELP = "Tokenizer (a local directory or a cached hub id) to decode token-id traces (open-instruct)."
 
 
@@ -268,7 +270,9 @@ def synth(
 @app.command(epilog=SCAN_EPILOG)
 def scan(
     run: Path = typer.Argument(..., help="The run: a directory (ours, TRL, verl, open-instruct, conversation "
-                                         "dumps) or a conversation JSONL file.", show_default=False),
+                                         "dumps), the launch folder holding one beside wandb/, runs/ or "
+                                         "tensorboard_log/, a tracker's own folder (wandb/, a W&B run, TensorBoard "
+                                         "events), a console log, or a conversation JSONL file.", show_default=False),
     format: RunFormat = typer.Option(RunFormat.auto, "--format", "-f", help="Run layout; auto-detected by default.",
                                      case_sensitive=False),
     as_json: bool = typer.Option(False, "--json", help="Print the scan result as JSON on stdout (nothing else "
@@ -279,7 +283,7 @@ def scan(
                                                             "(<run>/.diagnose/scan/)."),
     fail_on: FailOn = typer.Option(FailOn.collapse, "--fail-on", help="What makes the exit code 1.",
                                    case_sensitive=False),
-    metrics: Path = typer.Option(None, "--metrics", help=METRICS_HELP, dir_okay=False, show_default=False),
+    metrics: Path = typer.Option(None, "--metrics", help=METRICS_HELP, show_default=False),
     run_name: str = typer.Option(None, "--run", help=RUN_HELP, show_default=False),
     tokenizer: str = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP, show_default=False),
 ) -> None:
@@ -321,9 +325,9 @@ def compare(
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the scan caches."),
     format: RunFormat = typer.Option(RunFormat.auto, "--format", "-f", help="Layout of both runs; auto-detected by "
                                      "default.", case_sensitive=False),
-    metrics_a: Path = typer.Option(None, "--metrics-a", help="As scan --metrics, for the first run.", dir_okay=False,
+    metrics_a: Path = typer.Option(None, "--metrics-a", help="As scan --metrics, for the first run.",
                                    show_default=False),
-    metrics_b: Path = typer.Option(None, "--metrics-b", help="As scan --metrics, for the second run.", dir_okay=False,
+    metrics_b: Path = typer.Option(None, "--metrics-b", help="As scan --metrics, for the second run.",
                                    show_default=False),
     run_a_name: str = typer.Option(None, "--run-a", help="As scan --run, for the first run.", show_default=False),
     run_b_name: str = typer.Option(None, "--run-b", help="As scan --run, for the second run.", show_default=False),

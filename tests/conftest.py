@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,37 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory, tok) -> Path:
     from diagnose.model.qwen_tokenizer import save_qwen_tokenizer
 
     return save_qwen_tokenizer(tmp_path_factory.mktemp("tok") / "qwen2.5")
+
+
+#: the launch folders of `tracker_runs`: name -> (case of tests/fixtures/tracker_runs.py, collapse step)
+TRACKER_CASES: dict[str, tuple[str, int | None]] = {
+    "trl_collapse": ("trl", 15), "trl_stable": ("trl", None),
+    "trl_default": ("trl_default", 15),
+    "verl_collapse": ("verl", 15), "verl_stable": ("verl", None),
+    "oi_collapse": ("open_instruct", 15), "oi_stable": ("open_instruct", None),
+    "trl_tools_crash": ("trl_tools_crash", 15),
+}
+
+
+@pytest.fixture(scope="session")
+def tracker_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Launch folders written offline by the trackers' own code (wandb's SDK driven by transformers'
+    callbacks, verl's ``Tracking`` and open-instruct's calls; torch's ``SummaryWriter``; the console
+    tee'd to ``train.log``), 30 steps each, built once per session (tests/fixtures/tracker_runs.py).
+    Read-only for tests: copy one before changing it. ``DIAGNOSE_TRACKER_RUNS=DIR`` keeps them in DIR
+    and reuses them in later sessions (delete DIR after changing the writers)."""
+    import importlib.util
+
+    from fixtures.tracker_runs import write_cases
+
+    for module in ("wandb", "tensorboard", "verl", "orjson"):  # verl: only found (its __init__ imports Ray)
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (the [trackers] extra; verl: pip install --no-deps verl)")
+
+    keep = os.environ.get("DIAGNOSE_TRACKER_RUNS")
+    if keep and all((Path(keep) / name / "train.log").is_file() for name in TRACKER_CASES):
+        return {name: Path(keep) / name for name in TRACKER_CASES}
+    root = Path(keep) if keep else tmp_path_factory.mktemp("tracker_runs")
+    if keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return write_cases(root, {name: {"case": case, "collapse_at": at} for name, (case, at) in TRACKER_CASES.items()})

@@ -63,7 +63,9 @@ def test_every_format_module_is_an_adapter():
     for fmt in FORMATS:
         mod = adapters.adapter(fmt)
         assert isinstance(mod, Adapter), fmt
-        assert set(mod.OPTIONS) <= {*adapters.LOAD_OPTIONS, "file_checks"}, fmt
+        assert set(mod.OPTIONS) <= {*adapters.LOAD_OPTIONS, "file_checks", "trackers"}, fmt
+        # the trackers' data goes to the formats whose metrics may live in a tracker, and only those
+        assert ("trackers" in mod.OPTIONS) == (fmt in adapters.TRACKED_FORMATS), fmt
         # a format that lists runs takes run=, and only such a format
         assert ("run" in mod.OPTIONS) == (mod.runs is not hooks.runs), fmt
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "tokenizers", "safetensors", "streamlit", "trl", "vllm", "accelerate")
+HEAVY = ("torch", "transformers", "tokenizers", "safetensors", "streamlit", "trl", "vllm", "accelerate", "wandb",
+         "tensorboard")
 
 BLOCK = textwrap.dedent(f"""
     import sys
@@ -40,7 +41,8 @@ def _py(code: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> s
 
 def test_importing_the_core_loads_no_model_stack():
     code = ("import sys\n"
-            "import diagnose.cli, diagnose.scan, diagnose.adapters, diagnose.figures, diagnose.scan.html, "
+            "import diagnose.cli, diagnose.scan, diagnose.adapters, diagnose.adapters.trackers.discover, "
+            "diagnose.adapters.trackers.merge, diagnose.figures, diagnose.scan.html, "
             "diagnose.synth, diagnose.scan.run\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     res = _py(code)

@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
+import polars as pl
+
 from diagnose.adapters._common.sidecar import attach_sidecar
 from diagnose.adapters._common.turns import TurnClassifier
 from diagnose.source import RunSource
@@ -80,8 +82,9 @@ class Adapter(Protocol):
     """What each format module provides (every hook; ``_common.hooks`` has the defaults of
     ``runs`` and ``run_alias`` for a format whose path is always one run)."""
 
-    #: The keyword arguments its ``load`` takes: some of `LOAD_OPTIONS`, and ``file_checks``
-    #: if it validates files up front. ``load_run`` passes only these and notes the others.
+    #: The keyword arguments its ``load`` takes: some of `LOAD_OPTIONS`, ``file_checks`` if it
+    #: validates files up front, ``trackers`` if its metrics may live in an experiment tracker
+    #: (`TRACKED_FORMATS`). ``load_run`` passes only these and notes the others.
     OPTIONS: tuple[str, ...]
 
     def detect(self, path: Path) -> bool:
@@ -126,12 +129,23 @@ LOOKED_FOR: dict[str, str] = {
             "<project>/<experiment>.jsonl (verl file logger), or latest_checkpointed_iteration.txt (a checkpoint folder)",
     "conversations": "conversation JSONL with 'messages' (one file, or <step>.jsonl / step_<step>.jsonl / "
                      "step-NNNNNN.jsonl files in a folder)",
+    # experiment trackers (diagnose/adapters/trackers/): a run's metrics when the trainer's files lack them
+    "trackers": "experiment trackers: wandb/{run,offline-run}-<date>-<id>/run-<id>.wandb (W&B), "
+                "events.out.tfevents.* (TensorBoard: runs/, tensorboard_log/<project>/<experiment>/), console logs "
+                "(*.log, *.txt, *.out) with verl 'step:N - k:v' lines or transformers' printed log dicts",
+    "wandb": "W&B run folders (wandb/{run,offline-run}-<date>-<id>/)",
+    "tensorboard": "TensorBoard event folders",
+    "console": "console logs with metrics lines",
 }
+#: The formats whose metrics may live in an experiment tracker (their ``load`` takes ``trackers``).
+TRACKED_FORMATS: tuple[str, ...] = ("trl", "open_instruct", "verl")
+#: What `UnknownRunLayout` lists by default: every format, then the trackers.
+LOOKED: tuple[str, ...] = (*FORMATS, "trackers")
 
 class UnknownRunLayout(ValueError):
     """No known run layout at ``path``; the message lists what was looked for."""
 
-    def __init__(self, path: str | os.PathLike[str], detail: str = "", formats: Sequence[str] = FORMATS) -> None:
+    def __init__(self, path: str | os.PathLike[str], detail: str = "", formats: Sequence[str] = LOOKED) -> None:
         self.path = Path(path)
         self.looked_for = [f"{f}: {LOOKED_FOR[f]}" for f in formats]
         head = f"{self.path}: {detail or 'no known run layout found'}."
@@ -160,8 +174,13 @@ def adapter(fmt: str) -> Adapter:
 
 def step_of_file(fmt: str, rel: str, single_file: bool) -> int | str:
     """What a fingerprint file of a ``fmt`` run holds (the adapter's ``step_of_file``): a step,
-    ``"metrics"`` or ``"global"``."""
-    return adapter(fmt).step_of_file(rel.replace(os.sep, "/"), single_file)
+    ``"metrics"`` or ``"global"``. A tracker's file: a W&B ``.wandb`` log or an events file holds
+    metrics only (``"metrics"``); a W&B table may hold any step's rollouts (``"global"``)."""
+    from diagnose.adapters.trackers.discover import tracker_file_kind
+
+    rel = rel.replace(os.sep, "/")
+    kind = tracker_file_kind(rel) if fmt != "native" else None
+    return kind if kind is not None else adapter(fmt).step_of_file(rel, single_file)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str | None:
@@ -221,43 +240,137 @@ def load_run(path: str | os.PathLike[str], format: str | None = None, *,  # noqa
     (one of `FORMATS`) is given. Raises `UnknownRunLayout` when nothing matches, `AmbiguousRun`
     when the folder holds several runs of the format and ``run`` does not name one of them.
 
-    Options (`LOAD_OPTIONS`; None = not given): ``metrics`` (a trainer metrics file, verl),
-    ``run`` (which run of several in one folder, chosen here by `choose_run`: the adapter's
-    ``load`` gets the name of the run it reads), ``tokenizer`` (decode token-id traces,
+    ``path``: a trainer layout (a folder, or a single file of a known layout), a launch folder
+    holding one beside its experiment trackers (``wandb/``, ``runs/``, ``tensorboard_log/``,
+    console logs; the trainer's output up to three folders down), or a tracker's own output (a
+    ``wandb/`` or W&B run folder, an events folder, a console log). The trackers' metrics and
+    logged tables are merged with the trainer layout on the trainer's step
+    (`diagnose.adapters.trackers`); ``RunSource.sources`` names each source and what it lacks.
+
+    Options (`LOAD_OPTIONS`; None = not given): ``metrics`` (a trainer metrics file, verl; or a
+    tracker: a W&B run folder or ``wandb/`` folder, an events folder, a console log), ``run``
+    (which run of several in one folder: the trainer's, chosen here by `choose_run`, the adapter's
+    ``load`` gets the name of the run it reads; or a tracker's: a W&B run id or run folder, an
+    events folder, a log file; runs are never merged), ``tokenizer`` (decode token-id traces,
     open-instruct). Each goes to the adapter's ``load`` if its ``OPTIONS`` name it; one it does
     not take is named in the source's notes as unused.
 
     ``file_checks``: ``RunSource.file_checks`` of an earlier load of the same run (the scan
     cache keeps it): files it lists as validated, unchanged since, are not validated again.
     Formats that validate nothing up front ignore it."""
+    from diagnose.adapters.trackers import attach
+
     p = Path(path)
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown run format {format!r}; expected one of {', '.join(FORMATS)}")
     require_path(p, format)
-    fmt = format or detect_format(p)
-    if fmt is None:
-        raise UnknownRunLayout(p)
+    given = {k: v for k, v in (("metrics", metrics), ("run", run), ("tokenizer", tokenizer)) if v is not None}
+    if format is not None and (adapter(format).detect(p) or adapter(format).has_candidates(p)):
+        from diagnose.adapters.trackers.discover import find_trackers
+
+        launch = attach.Launch(p, format, find_trackers(p))
+    else:
+        launch = attach.launch_layout(p, lambda d: detect_format(d) if format is None else
+                                      (format if adapter(format).detect(d) else None))
+    refs, tracker_issues = _tracker_refs(p, launch, given)
+    chosen, issues, skipped = attach.choose_trackers(refs, given.get("run"), p)
+    tracker_issues += issues
+    if launch.trainer is None and not chosen:
+        several = [r for r in refs if sum(x.kind == r.kind for x in refs) > 1]
+        if several:
+            raise AmbiguousRun(p, several[0].kind, [r.name for r in several if r.kind == several[0].kind],
+                               given.get("run"))
+        if format is None:
+            raise UnknownRunLayout(p)
+        raise UnknownRunLayout(p, f"nothing in the {format} layout found", [format])
+    target = launch.trainer if launch.trainer is not None else p
+    known = launch.format or format
+    if known in TRACKED_FORMATS or known is None:
+        data = attach.read_trackers(chosen, known)
+    else:  # our own runs and conversation dumps hold their metrics themselves
+        data = None
+        if chosen:
+            skipped.append(f"{len(chosen)} experiment tracker run(s) here ({', '.join(r.title for r in chosen)}) not "
+                           f"read: a {known} run's metrics are its own")
+    fmt = format or launch.format or (data.trainer if data is not None else None) or "trl"
     mod = adapter(fmt)
-    if format is not None and not mod.detect(p) and not mod.has_candidates(p):
-        raise UnknownRunLayout(p, f"nothing in the {fmt} layout found", [fmt])
-    notes: list[str] = []
-    chosen = choose_run(p, fmt, run)
-    if run is not None and chosen is None:
-        notes.append(f"option run={run!s} is not used: {p} is one {fmt} run, not a folder of runs; ignored")
-    given = {k: v for k, v in (("metrics", metrics), ("run", chosen), ("tokenizer", tokenizer),
-                               ("file_checks", file_checks or None)) if v is not None}
-    src = mod.load(p, **{k: v for k, v in given.items() if k in mod.OPTIONS})
-    if fmt != "native" and p.is_dir():  # the native reader names its own
+    asked = given.pop("run", None)
+    names_tracker = asked is not None and any(r.answers_to(str(asked)) for r in refs)
+    trainer_run = _trainer_run(target, fmt, asked, names_tracker)
+    notes = list(skipped)
+    if asked is not None and trainer_run is None and not names_tracker:
+        notes.append(f"option run={asked!s} is not used: {target} is one {fmt} run, not a folder of runs; ignored")
+    call = {**given, "run": trainer_run, "trackers": data, "file_checks": file_checks or None}
+    call = {k: v for k, v in call.items() if v is not None}
+    src = mod.load(target, **{k: v for k, v in call.items() if k in mod.OPTIONS})
+    if fmt != "native" and target.is_dir():  # the native reader names its own
         from diagnose.adapters._common.io import unreachable
         from diagnose.source import SourceIssue
 
         named = {i.path for i in src.issues}
-        src.issues += [SourceIssue(str(f), None, why) for f, why in unreachable(p) if str(f) not in named]
-    src.notes += notes + [f"option {k}={v!s} is not used by the {fmt} adapter; ignored"
-                          for k, v in given.items() if k not in mod.OPTIONS and k != "file_checks"]
+        src.issues += [SourceIssue(str(f), None, why) for f, why in unreachable(target) if str(f) not in named]
+    src.notes += [f"option {k}={v!s} is not used by the {fmt} adapter; ignored"
+                  for k, v in call.items() if k not in mod.OPTIONS and k not in ("file_checks", "trackers")]
+    _add_trackers(src, data, tracker_issues)
+    src.notes += notes
     from diagnose.rescore.tables import attach_rescored  # torch-free; lazy: it imports the scan cache
 
     # control-token signals from outside the trainer: the live probe's tables beside a foreign
     # trainer's output (DiagnoseCallback), then `diagnose rescore`'s tables where still missing
     return attach_rescored(attach_sidecar(src))
 
+def _tracker_refs(p: Path, launch: Any, given: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """The tracker runs to choose from: those at ``p``, and a tracker given as ``metrics`` (it
+    replaces the ones of its kind found at ``p``; a verl metrics file stays the adapter's)."""
+    from diagnose.adapters.trackers.discover import find_trackers
+    from diagnose.source import SourceIssue
+
+    refs = list(launch.trackers)
+    m = given.get("metrics")
+    if m is None:
+        return refs, []
+    mp = Path(m)
+    try:
+        found = find_trackers(mp) if mp.exists() else []
+    except OSError:
+        found = []
+    if not found:
+        if not mp.exists():
+            return refs, [SourceIssue(str(mp), None, "--metrics: no such file or folder")]
+        return refs, []
+    given.pop("metrics")
+    kinds = {r.kind for r in found}
+    return [r for r in refs if r.kind not in kinds] + found, []
+
+
+def _trainer_run(target: Path, fmt: str, asked: str | None, names_tracker: bool) -> str | None:
+    """The trainer layout's run (`choose_run`); when ``asked`` names a tracker run rather than
+    one of the layout's, the layout's only run (`AmbiguousRun` if it holds several)."""
+    if names_tracker:
+        runs = list(adapter(fmt).runs(target))
+        if str(asked) not in runs and adapter(fmt).run_alias(target, str(asked)) not in runs:
+            return choose_run(target, fmt, None)
+    return choose_run(target, fmt, asked)
+
+
+def _add_trackers(src: RunSource, data: Any, issues: list[Any]) -> None:
+    """The trackers' issues, notes, files (for the scan cache), config and the sources' lines (none
+    when no tracker was read: the trainer layout is then the only source)."""
+    from diagnose.adapters._common.source import fingerprint
+    from diagnose.adapters.trackers.attach import describe_sources
+    from diagnose.adapters.trackers.tables import validation_note, validation_rollouts, validation_states_note
+
+    src.issues += issues
+    if data is None:
+        return
+    has_rollouts = src.rollouts is not None and src.rollouts.select(pl.len()).collect().item() > 0
+    src.issues += data.issues
+    src.notes += data.notes
+    src.info = data.info()
+    src._fingerprint.setdefault("files", {}).update(fingerprint(src.format, src.path, data.files)["files"])
+    val = validation_rollouts(data.tables)
+    if val is not None:
+        src.validation = val.lazy()
+        src.notes += [n for n in (validation_note(data.tables), validation_states_note(val)) if n]
+    layout = f"{src.format} layout {src.path}: " + ("rollouts" if has_rollouts else "no rollouts")
+    src.sources = describe_sources(data, layout, "the trainer layout" if has_rollouts else None, has_rollouts)

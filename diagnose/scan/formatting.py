@@ -19,6 +19,7 @@ from diagnose.scan.result import CollapseEpisode, ScanResult
 from diagnose.scan.series import level, smoothed_peak
 
 __all__ = [
+    "run_info_text",
     "control_pattern",
     "fmt_num",
     "fmt_pct",
@@ -148,3 +149,8 @@ def verdict_line(result: ScanResult, capability_hint: str | None = None) -> str:
     peak = smoothed_peak(result.signals, name)
     return (f"HEALTHY: no collapse in {result.signals.height} steps "
             f"({name} {fmt_num(start)} -> {fmt_num(end)}, peak {fmt_num(peak)})")
+
+
+def run_info_text(info: dict[str, Any]) -> str:
+    """``model Qwen/Qwen2.5-1.5B-Instruct, lr 1e-06, seed 3`` (what the run's config says)."""
+    return ", ".join(f"{k} {info[k]}" for k in ("model", "lr", "seed") if k in info)

@@ -39,6 +39,7 @@ from diagnose.scan.formatting import (
     fmt_rise,
     highlight_strings,
     implicated_texts,
+    run_info_text,
     token_label,
     verdict_line,
 )
@@ -209,6 +210,9 @@ def _notes_issues(result: ScanResult) -> str:
         out.append("<h2>Pathologies</h2>" + _table(
             ("kind", "signal", "steps", "message"),
             [(p.kind, p.signal, f"{p.first_step}..{p.last_step} ({p.n_steps})", p.message) for p in result.pathologies]))
+    sources = list(getattr(result, "sources", []) or [])
+    if sources:
+        out.append("<h2>Sources</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in sources) + "</ul>")
     if result.notes:
         out.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in result.notes) + "</ul>")
     issues = list(getattr(result, "issues", []) or [])
@@ -223,9 +227,10 @@ def scan_html(result: ScanResult, *, capability_hint: str | None = None) -> str:
     fig_html = _FigureWriter()
     extra = implicated_texts(result)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info = run_info_text(getattr(result, "run_info", {}) or {})
     body = [f"<h1>diagnose scan: {esc(result.source_path or '?')}</h1>",
-            f'<p class="meta">{esc(result.source_format or "?")} run; report generated {now} by '
-            f"collapse-diagnostics {esc(__version__)}</p>",
+            f'<p class="meta">{esc(result.source_format or "?")} run{esc("; " + info) if info else ""}; report '
+            f"generated {now} by collapse-diagnostics {esc(__version__)}</p>",
             f'<div class="verdict v-{esc(result.verdict)}">{esc(verdict_line(result, capability_hint))}</div>',
             "<h2>Key numbers</h2>", _key_numbers(result)]
     figures = scan_figures(result)

@@ -26,6 +26,7 @@ from diagnose.scan.formatting import (
     fmt_prob,
     fmt_rise,
     implicated_texts,
+    run_info_text,
     token_label,
     verdict_line,
 )
@@ -188,6 +189,9 @@ def header_text(result: ScanResult) -> Text:
     t = Text("diagnose scan ", style="bold")
     t.append(str(result.source_path or "?"))
     t.append(f"  ({result.source_format or '?'}, {result.signals.height} {span}; signals from: {have})", style="dim")
+    info = run_info_text(result.run_info)
+    if info:
+        t.append("\n  " + info, style="dim")
     return t
 
 
@@ -223,6 +227,12 @@ def render_scan(result: ScanResult, console: Console, *, capability_hint: str | 
     if result.pathologies:
         console.print()
         console.print(_pathology_table(result))
+    sources = list(getattr(result, "sources", []) or [])
+    if sources:
+        console.print()
+        console.print(Text("sources", style="bold"))
+        for line in sources:
+            console.print(Text(f"  - {line}"), soft_wrap=True)
     if result.notes:
         console.print()
         console.print(Text("notes", style="bold"))

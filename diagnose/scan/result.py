@@ -304,6 +304,10 @@ class ScanResult:
     source_path: str | None = None
     source_format: str | None = None
     config: DetectConfig = field(default_factory=DetectConfig)
+    #: where the evidence came from, one line per source with what it lacks (`RunSource.sources`)
+    sources: list[str] = field(default_factory=list)
+    #: the run's config for the header: ``model``, ``lr``, ``seed`` (`RunSource.info`)
+    run_info: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, include_signals: bool = False) -> dict[str, Any]:
         """JSON-serialisable summary (``schema_version`` 1). ``include_signals``: also the
@@ -313,7 +317,8 @@ class ScanResult:
         out: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "verdict": self.verdict,
-            "source": {"path": self.source_path, "format": self.source_format},
+            "source": {"path": self.source_path, "format": self.source_format, "info": dict(self.run_info)},
+            "sources": list(self.sources),
             "primary_signal": self.primary_signal,
             "n_steps": int(self.signals.height),
             "first_step": int(steps.min()) if len(steps) else None,
@@ -435,6 +440,7 @@ def result_from_json(data: Mapping[str, Any], signals: pl.DataFrame | None = Non
         pathologies=[Pathology.from_dict(p) for p in data.get("pathologies", [])], verdict=data["verdict"],
         notes=list(data.get("notes", [])), primary_signal=data.get("primary_signal"), source_path=src.get("path"),
         source_format=src.get("format"), config=_config(data.get("config")),
+        sources=[str(x) for x in data.get("sources", [])], run_info=dict(src.get("info") or {}),
         issues=[SourceIssue(str(i["path"]), i.get("line"), str(i["message"])) for i in data.get("issues", [])],
     )
 

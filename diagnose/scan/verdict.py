@@ -45,7 +45,8 @@ def scan_source(src: RunSource, cfg: DetectConfig | None = None, signals: pl.Dat
     return ScanResult(signals=signals, episodes=episodes, pathologies=pathologies,
                       verdict=verdict(episodes, pathologies, primary), notes=notes, primary_signal=primary,
                       source_path=str(path) if isinstance(path, (str, Path)) else None,
-                      source_format=getattr(src, "format", None), config=cfg)
+                      source_format=getattr(src, "format", None), config=cfg,
+                      sources=list(getattr(src, "sources", []) or []), run_info=dict(getattr(src, "info", {}) or {}))
 
 
 def verdict(episodes: list[CollapseEpisode], pathologies: list[Pathology], primary: str | None) -> str:

@@ -42,7 +42,7 @@ __all__ = ["FORMAT", "OPTIONS", "detect", "has_candidates", "load", "run_alias",
 
 FORMAT = "open_instruct"
 #: `load_run` options `load` takes
-OPTIONS = ("run", "tokenizer")
+OPTIONS = ("run", "tokenizer", "trackers")
 
 
 # ---- layout ---------------------------------------------------------------------------------
@@ -119,12 +119,20 @@ def _resolve_tokenizer(option: Any, model: str | None, issues: IssueLog, where: 
 # ---- load -----------------------------------------------------------------------------------
 
 
-def load(p: Path, *, run: str | None = None, tokenizer: Any = None) -> RunSource:
+def load(p: Path, *, run: str | None = None, tokenizer: Any = None, trackers: Any = None) -> RunSource:
     """``run``: the run to read, one of `runs` (`load_run` chooses it; None when the folder
-    holds one); ``tokenizer``: a path or tokenizer object to decode the token ids with."""
+    holds one); ``tokenizer``: a path or tokenizer object to decode the token ids with;
+    ``trackers`` (`diagnose.adapters.trackers.attach.TrackerData`): the W&B run of
+    ``--with_tracking``, whose trainer metrics are merged on the traces' step."""
     issues = IssueLog()
     notes: list[str] = []
     chosen = the_run(layout(p), run)
+    tracked = trackers is not None and trackers.metrics.height > 0
+    if chosen is None and tracked:
+        notes.append("no <run_name>_rollouts_<shard>.jsonl traces (--save_traces off): trainer metrics from the "
+                     "experiment trackers only, on wandb's training_step")
+        return make_source(p, FORMAT, metrics=_tracker_metrics(trackers, 0), rollouts=empty_rollouts(),
+                           issues=issues, notes=notes, files=[])
     if chosen is None:
         notes.append("no <run_name>_rollouts_<shard>.jsonl files")
         return _empty(p, issues, notes, [])
@@ -136,8 +144,13 @@ def load(p: Path, *, run: str | None = None, tokenizer: Any = None) -> RunSource
     records = _read(chosen, issues)
     built = TableBuilder(tok, issues, notes).build(records)
     files = [*shards, *meta, *(tok.files if tok else [])]
-    _standard_notes(notes, tok)
-    return make_source(p, FORMAT, metrics=built["metrics"], rollouts=built["rollouts"], tokens=built["tokens"],
+    _standard_notes(notes, tok, tracked)
+    metrics = built["metrics"]
+    if tracked:
+        from diagnose.adapters.trackers.merge import fill_metrics
+
+        metrics = fill_metrics(_tracker_metrics(trackers, 1), metrics)
+    return make_source(p, FORMAT, metrics=metrics, rollouts=built["rollouts"], tokens=built["tokens"],
                        control_tokens=built["control_tokens"], issues=issues, notes=notes, files=files)
 
 
@@ -148,14 +161,27 @@ def _resume_notes(run: RunFiles, notes: list[str]) -> None:
                      "from the later one (the one trained on)")
 
 
+def _tracker_metrics(trackers: Any, shift: int) -> pl.DataFrame:
+    """The trackers' metrics in our names, on the traces' step (``training_step - shift``)."""
+    from diagnose.adapters.trackers.names import signal_names
+
+    config = next((r.config for r in trackers.runs if r.config), {})
+    df = signal_names(trackers.metrics, "open_instruct", config)
+    return df.with_columns((pl.col("step") - shift).alias("step")).filter(pl.col("step") >= 0) if shift else df
+
+
 def _empty(p: Path, issues: IssueLog, notes: list[str], files: list[Path]) -> RunSource:
     return make_source(p, FORMAT, metrics=pl.DataFrame(schema={"step": pl.Int64}), rollouts=empty_rollouts(),
                        issues=issues, notes=notes, files=files)
 
 
-def _standard_notes(notes: list[str], tok: LoadedTokenizer | None) -> None:
-    notes.append("open-instruct logs trainer metrics (loss, KL, entropy, clipfrac) to wandb only: metrics are "
-                 "derived from the traces (reward, turn states, tool use from request_info, generated length)")
+def _standard_notes(notes: list[str], tok: LoadedTokenizer | None, tracked: bool = False) -> None:
+    if tracked:
+        notes.append("trainer metrics (scores, KL, entropy, clipfrac, grad norm) from the W&B run, moved from wandb's "
+                     "training_step to the traces' step (training_step - 1); turn states and tool use from the traces")
+    else:
+        notes.append("open-instruct logs trainer metrics (loss, KL, entropy, clipfrac) to wandb only: metrics are "
+                     "derived from the traces (reward, turn states, tool use from request_info, generated length)")
     notes.append("log-probs are vLLM's sampling log-probs (processed: after temperature and top-p/top-k): logprob "
                  "is that, no trainer-side log-probs (no train/inference mismatch), no entropy")
     if tok is not None:

@@ -50,7 +50,7 @@ __all__ = ["CHECKPOINT_RE", "FILE_RE", "FORMAT", "NAME_MAP", "OPTIONS", "complet
 
 FORMAT = "trl"
 #: `load_run` options `load` takes
-OPTIONS = ("run",)
+OPTIONS = ("run", "trackers")
 FILE_RE = re.compile(r"^completions_(\d+)\.parquet$")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -291,9 +291,19 @@ def _reward_gap(metrics: pl.DataFrame | None, rollouts: pl.DataFrame) -> tuple[f
     return (float((j["_r"] - j["_m"]).abs().mean()), j.height) if j.height else None
 
 
-def load(p: Path, *, run: str | None = None) -> RunSource:
+def _tracker_entries(metrics: pl.DataFrame) -> dict[int, list[dict[str, Any]]]:
+    """A tracker's rows as ``log_history`` entries (one per step: a W&B step merges the train and
+    eval logs of that step), for telling eval and re-logged completions apart."""
+    return {row["step"]: [{k: v for k, v in row.items() if k != "step" and v is not None}]
+            for row in metrics.iter_rows(named=True)}
+
+
+def load(p: Path, *, run: str | None = None, trackers: Any = None) -> RunSource:
     """The TRL run at ``p`` (``run``: the output directory under ``p`` to read, one of `runs`,
-    as `load_run` chose it; None when ``p`` is the output directory)."""
+    as `load_run` chose it; None when ``p`` is the output directory). ``trackers``
+    (`diagnose.adapters.trackers.attach.TrackerData`): the run's tracker data, whose metrics fill
+    what ``trainer_state.json`` lacks and whose W&B ``completions`` tables give the rollouts of
+    steps no parquet file holds."""
     if run is not None:
         p = p / run
     issues = IssueLog()
@@ -315,10 +325,22 @@ def load(p: Path, *, run: str | None = None) -> RunSource:
             continue
         if r is not None:
             read.append(r)
+    if trackers is not None:
+        from diagnose.adapters.trackers.tables import trl_table_rows
+
+        read = sorted(read + trl_table_rows(trackers.tables, {s for s, _ in files}, issues, classifier),
+                      key=lambda r: min(r.steps, default=0))
     found = newest_state(p, issues)
     state = found[1] if found else None
     entries = history_by_step(found[0], state["log_history"], issues) if found else None
     metrics = metrics_table(found[0], entries, issues) if found else None
+    tracked = trackers is not None and trackers.metrics.height > 0
+    if tracked:
+        from diagnose.adapters.trackers.merge import fill_metrics
+
+        tm = map_names(trackers.metrics, NAME_MAP)
+        metrics = tm if metrics is None else fill_metrics(metrics, tm)
+        entries = entries if entries is not None else _tracker_entries(trackers.metrics)
     metric_names = {m.group(1) for c in (metrics.columns if metrics is not None else []) if (m := REWARD_METRIC.match(c))}
     kept = _keep_files(read, entries, notes)
     rewards, _extras = _reward_columns(kept, metric_names, notes)
@@ -345,8 +367,10 @@ def load(p: Path, *, run: str | None = None) -> RunSource:
     rollouts = concat_frames(frames, empty_rollouts(accuracy=acc is not None)).sort(["step", "sample_id"])
     if files and not read:
         issues.add(p, None, "no readable completions rows in any completions file")
-    if not files:
+    if not files and not read:
         notes.append("no completions/completions_<step>.parquet files (log_completions off?): no rollouts, no turn states")
+    elif not files:
+        notes.append("rollouts from the W&B 'completions' tables (no completions/completions_<step>.parquet here)")
     if any(r.messages for r in kept):
         both = sum(r.both for r in kept)
         notes.append("completions are message lists (TRL >= 1.11 conversational): a well-formed call is TRL's parsed "
@@ -361,6 +385,10 @@ def load(p: Path, *, run: str | None = None) -> RunSource:
         notes.append("no trainer_state.json with log_history (TRL saves it in checkpoint-*/): metrics derived from the "
                      "logged completions; no entropy, KL, clip ratio or grad norm")
         metrics = derived
+    elif found is None:
+        notes.append("trainer metrics from the experiment trackers (no trainer_state.json); turn_state/* and "
+                     "format_error/* derived from the logged completions")
+        metrics = merge_metrics(metrics, derived)
     else:
         notes.append(f"metrics from {found[0]} (newest trainer_state.json); turn_state/* and format_error/* derived "
                      "from the logged completions")

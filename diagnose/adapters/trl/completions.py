@@ -212,18 +212,30 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) 
     if df.height == 0:
         issues.add(f, None, "no rows; file skipped")
         return None
-    steps = _steps(df, step, f, issues)
     _check_shapes(df, f, issues)
-    raw = df.get_column("completion").to_list()
-    cells = [cell_turns(v) for v in raw]
-    if any(c is None for c in cells):
-        issues.add(f, None, f"{sum(c is None for c in cells)} row(s) with a null 'completion' (read as empty)")
-    prompts = [prompt_text(v) for v in df.get_column("prompt").to_list()] if "prompt" in df.columns else [None] * df.height
-    if "prompt" not in df.columns:
+    return frame_rows(step, df, f, issues, classifier)
+
+
+def frame_rows(step: int, df: pl.DataFrame, f: Path, issues: IssueLog, classifier: TurnClassifier,
+               cells: dict[str, list[Any]] | None = None) -> FileRows:
+    """The rows of one logged completions table: ``df`` as TRL's ``pd.DataFrame(table)`` was
+    stored (a parquet file, or a W&B ``completions`` table), ``step`` its log's step. ``cells``:
+    the ``prompt`` / ``completion`` values as Python objects where ``df`` cannot hold them
+    (message lists of a W&B table); else they are ``df``'s columns."""
+    cells = cells or {}
+    steps = _steps(df, step, f, issues)
+    raw = cells["completion"] if "completion" in cells else df.get_column("completion").to_list()
+    turns = [cell_turns(v) for v in raw]
+    if any(c is None for c in turns):
+        issues.add(f, None, f"{sum(c is None for c in turns)} row(s) with a null 'completion' (read as empty)")
+    prompt_cells = cells["prompt"] if "prompt" in cells else (df.get_column("prompt").to_list() if "prompt" in df.columns
+                                                               else None)
+    prompts = [prompt_text(v) for v in prompt_cells] if prompt_cells is not None else [None] * len(raw)
+    if prompt_cells is None:
         issues.add(f, None, "no 'prompt' column: each row is its own group")
     states, errors = ListColumn(), ListColumn()
     n_turns = []
-    for c in cells:
+    for c in turns:
         s, e = classifier.turns(c.texts if c is not None else [""])
         states.append(s)
         errors.append(e)
@@ -231,8 +243,8 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) 
     groups = groups_consecutive(prompts)
     floats = [c for c, dt in df.schema.items() if dt in _FLOAT and c not in CORE]
     cols: dict[str, Any] = {
-        "step": steps, "sample_id": list(range(df.height)), "group_id": groups, "prompt": prompts,
-        "completion": [c.chatml if c is not None else "" for c in cells],
+        "step": steps, "sample_id": list(range(len(raw))), "group_id": groups, "prompt": prompts,
+        "completion": [c.chatml if c is not None else "" for c in turns],
         "turn_states": states.series("turn_states"), "error_types": errors.series("error_types"), "n_turns": n_turns,
     }
     extras: dict[str, pl.Series] = {}
@@ -246,7 +258,7 @@ def read_file(step: int, f: Path, issues: IssueLog, classifier: TurnClassifier) 
     adv = df.get_column("advantage").cast(pl.Float64, strict=False).to_list() if "advantage" in df.columns else []
     key = hash((tuple(map(str, raw)), tuple(prompts), tuple(_round(a) for a in adv)))
     return FileRows(rollouts_frame(cols, extras), floats, key, any(isinstance(v, list) for v in raw),
-                    sum(c.both for c in cells if c), sum(c.nulls for c in cells if c), set(steps))
+                    sum(c.both for c in turns if c), sum(c.nulls for c in turns if c), set(steps))
 
 
 def _round(v: Any) -> Any:

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from diagnose.adapters._common.hooks import the_run
 from diagnose.adapters._common.io import first_object, subdirs
@@ -43,7 +44,7 @@ from diagnose.adapters.verl.layout import (
     metrics_files_in,
     step_files,
 )
-from diagnose.adapters.verl.metrics import NAME_MAP, map_lengths, merge_derived, read_metrics, resume_check
+from diagnose.adapters.verl.metrics import NAME_MAP, map_lengths, merge_derived, read_metrics, resume_check, verl_names
 from diagnose.source import RunSource
 from diagnose.transcripts import Dialect
 
@@ -52,7 +53,7 @@ __all__ = ["FORMAT", "NAME_MAP", "OPTIONS", "detect", "has_candidates", "load", 
 
 FORMAT = "verl"
 #: `load_run` options `load` takes
-OPTIONS = ("metrics", "run")
+OPTIONS = ("metrics", "run", "trackers")
 
 
 # ---- detection ----------------------------------------------------------------------
@@ -96,10 +97,12 @@ def run_alias(p: Path, name: str) -> str:
 # ---- load ---------------------------------------------------------------------------
 
 
-def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None) -> RunSource:
+def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None, trackers: Any = None) -> RunSource:
     """The verl run at ``p`` (a launch/run folder, a dump folder, a dump file or a metrics file).
     ``metrics``: the file logger's JSONL when it is not where verl puts it. ``run``: the run to
-    read, one of `runs` (`load_run` chooses it); None when ``p`` holds one."""
+    read, one of `runs` (`load_run` chooses it); None when ``p`` holds one. ``trackers``
+    (`diagnose.adapters.trackers.attach.TrackerData`): the run's tracker data (``Tracking`` logs
+    the same keys to every backend), whose metrics fill what the file logger's lack."""
     issues = IssueLog()
     notes: list[str] = []
     classifier = TurnClassifier(dialect=Dialect.VERL)
@@ -142,7 +145,12 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None) 
         notes.append(f"{chosen.dumps} holds validation dumps (trainer.validation_data_dir: step 0, 'reward' key), "
                      "the only dumps here: read as the rollouts")
     mdf = read_metrics(mfiles, issues)
-    if mdf is not None and len(files) > 1:
+    if trackers is not None and trackers.metrics.height > 0:
+        from diagnose.adapters.trackers.merge import fill_metrics
+
+        tm = verl_names(trackers.metrics)
+        mdf = tm if mdf is None else fill_metrics(mdf, tm)
+    if mdf is not None and mfiles and len(files) > 1:
         files = own_dumps(files, mdf, mfiles[0], issues)
     rollouts = read_dumps(files, issues, classifier)
     if not files:
@@ -157,16 +165,19 @@ def load(p: Path, *, metrics: str | Path | None = None, run: str | None = None) 
         mdf = map_lengths(mdf, rollouts, notes)
         rollouts = with_overlong_penalty(rollouts, mdf, notes)
     derived = derived_metrics(rollouts)
-    if mdf is None:
+    if mdf is None and trackers is None:
         notes.append("no verl file-logger metrics found (verl writes them, with trainer.logger including 'file', to "
                      "$VERL_FILE_LOGGER_ROOT, default the launch folder, /<project_name>/<experiment_name>.jsonl): "
                      "metrics derived from the dumps, no entropy/KL/clip/grad norm; pass --metrics PATH")
         out = derived
+    elif mdf is None:
+        out = derived
     else:
         out = merge_derived(mdf, derived)
-        notes.append(f"verl opens its metrics file {mfiles[0].name} with 'wb': every start, a resume included, "
-                     "truncates it, so it holds only the steps since the last start")
-        resume_check(mdf, sorted({s for s, _ in files}), mfiles[0], issues)
+        if mfiles:
+            notes.append(f"verl opens its metrics file {mfiles[0].name} with 'wb': every start, a resume included, "
+                         "truncates it, so it holds only the steps since the last start")
+            resume_check(mdf, sorted({s for s, _ in files}), mfiles[0], issues)
         if "actor/kl_loss" in out.columns:
             notes.append("'kl' is verl's actor/kl_loss (KL to the reference policy); actor/ppo_kl (rollout vs "
                          "updated policy) keeps its own name")

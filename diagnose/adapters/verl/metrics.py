@@ -69,6 +69,13 @@ def read_metrics(files: list[Path], issues: IssueLog) -> pl.DataFrame | None:
     # NaN/inf written as such (not by orjson): one issue per metric; nulls were reported above
     nonfinite_metric_issues(df.select([c for c in df.columns if c not in from_null]),
                             ", ".join(str(f) for f in files), issues)
+    return verl_names(df)
+
+
+def verl_names(df: pl.DataFrame) -> pl.DataFrame:
+    """verl's metric names with the names the detectors know added (`NAME_MAP`; not the
+    response lengths, which `map_lengths` maps once the dumps say whether they count tool rounds):
+    the file logger's and the trackers' (``Tracking`` logs the same keys to every backend)."""
     return map_names(df, {k: v for k, v in NAME_MAP.items() if k not in _GENERATED_LENGTH})
 
 
