@@ -503,12 +503,14 @@ def rescore(
     dtype: str = typer.Option("auto", help="auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32."),
     batch_tokens: int = typer.Option(8192, help="Padded tokens per forward pass."),
     format: str = typer.Option(None, "--format", help="Force the run layout (as diagnose scan)."),  # noqa: A002
+    base: str = typer.Option(None, "--base", help="Base model of LoRA adapter checkpoints (default: the one their "
+                                                  "adapter_config.json names, when it is on this machine)."),
 ) -> None:
     """Recover the control-token signals of any trainer's run from its checkpoints: the fixed probe on
     the run's early healthy rollouts, and the rollouts re-scored (docs/rescore.md)."""
     from diagnose.rescore.cli import rescore_command
 
-    rescore_command(run, checkpoints, tokenizer, samples, device, dtype, batch_tokens, format)
+    rescore_command(run, checkpoints, tokenizer, samples, device, dtype, batch_tokens, format, base)
 
 
 @app.command(cls=PlainUsageCommand, short_help="Write a real Qwen tokenizer, built offline.")

@@ -120,8 +120,9 @@ def make_reward(tasks: list[Task]):
 
 
 def build_trainer(out: Path, max_steps: int, *, n_tasks: int = 32, probe_every: int = 2, seed: int = 0,
-                  callbacks: list | None = None, lr: float = 2e-4):
-    """The GRPOTrainer of this example (also used by the test and the callback benchmark)."""
+                  callbacks: list | None = None, lr: float = 2e-4, peft_config: Any = None):
+    """The GRPOTrainer of this example (also used by the tests and the callback benchmark);
+    ``peft_config`` (a `peft.LoraConfig`): train a LoRA adapter, so checkpoints are adapter folders."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     from trl.chat_template_utils import qwen3_template
@@ -150,7 +151,7 @@ def build_trainer(out: Path, max_steps: int, *, n_tasks: int = 32, probe_every: 
     cbs = [DiagnoseCallback(probe_every=probe_every)] if callbacks is None else callbacks
     return GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[make_reward(tasks)], args=args,
                        train_dataset=Dataset.from_list(rows), environment_factory=environment_classes(tasks),
-                       callbacks=cbs)
+                       callbacks=cbs, peft_config=peft_config)
 
 
 def step_lines():

@@ -72,3 +72,27 @@ def test_probe_scores_equal_a_full_forward_pass(tiny_model_dir):
     name = reg.names[0]
     want_ctrl = full[rows, pos, reg.ids[0]].numpy()
     assert abs(frame[f"lp_ctrl_{name}"].to_numpy() - want_ctrl).max() < 1e-4
+
+
+def test_push_at_a_context_is_the_raw_policy_gradient_there():
+    """`logit_push(per_token=False)` at a context mask (the call-open positions, found by
+    `after_sequence` for a multi-token marker) is minus the gradient of -Σ A log p(y) restricted
+    to those positions, with respect to the control token's logit."""
+    from diagnose.model.attribution import after_sequence, logit_push
+
+    torch.manual_seed(1)
+    V, end = 10, 2
+    ids = torch.tensor([[5, 6, 7, 2, 5, 6, 7, 8, 1], [4, 5, 6, 7, 8, 5, 6, 7, 2]])
+    ctx = after_sequence(ids, [5, 6, 7])
+    assert ctx.nonzero().tolist() == [[0, 3], [0, 7], [1, 4], [1, 8]]  # the token chosen right after 5 6 7
+    adv = torch.tensor([0.5, -1.5])
+    logits = torch.randn(2, ids.shape[1], V, requires_grad=True)
+    st = token_stats(logits, ids, torch.tensor([end]))
+    loss = -(adv[:, None] * ctx * st.logprob).sum()
+    loss.backward()
+    s, o = logit_push(ids, st.ctrl_logprob, ctx, adv, torch.tensor([end]), per_token=False)
+    assert abs(float(s[0] + o[0]) + float(logits.grad[..., end].sum())) < 1e-5
+    # token 2 was sampled at [0, 3] (A = +0.5) and [1, 8] (A = -1.5): the self part; elsewhere the other part
+    p = st.ctrl_logprob[..., 0].detach().exp()
+    assert abs(float(s[0]) - (0.5 * (1 - p[0, 3]) - 1.5 * (1 - p[1, 8]))) < 1e-6
+    assert abs(float(o[0]) - (-0.5 * p[0, 7] + 1.5 * p[1, 4])) < 1e-6

@@ -139,6 +139,17 @@ def test_pathologies_on_hand_made_signals():
     assert find_pathologies(pl.DataFrame({"step": steps, "entropy": [0.5] * 40})) == []
 
 
+def test_format_collapse_pathology_needs_a_lower_baseline_and_a_sustained_share():
+    def kinds(collapsed):
+        sig = pl.DataFrame({"step": list(range(1, len(collapsed) + 1)), "turn_state/collapsed": [float(x) for x in collapsed]})
+        return [(p.kind, p.first_step, p.last_step) for p in find_pathologies(sig)]
+
+    assert kinds([0, 0.1, 0.2, 1, 1, 1, 1, 0.5]) == [("format_collapse", 4, 8)]
+    assert kinds([0, 0.1, 0.2, 1, 1, 0.2, 1]) == []  # never 3 steps in a row
+    assert kinds([0, 0.1, 1, 1, 1, 1]) == []  # 2 steps of baseline: too few to say it broke
+    assert kinds([1, 1, 0, 1, 1, 1, 1]) == []  # collapsed from the start (baseline median 1)
+
+
 def test_find_episodes_on_hand_made_signals():
     import numpy as np
 

@@ -14,6 +14,7 @@ import torch
 
 from diagnose.chat import render_chat
 from diagnose.control_tokens import ControlTokenRegistry
+from diagnose.model.attribution import logit_push
 from diagnose.model.logits import TokenStats
 from diagnose.rundir.schema import ctrl_column
 from diagnose.turns import TurnState
@@ -74,13 +75,9 @@ class Attribution:
 
     @torch.no_grad()
     def add(self, mb: Batch, st: TokenStats, advantages: torch.Tensor) -> None:
-        p = st.ctrl_logprob.detach().float().exp().cpu()  # [b, t, K]
-        targets = mb.ids[:, 1:]
-        onehot = targets.unsqueeze(-1) == self.ctrl_ids  # [b, t, K]
-        n_resp = mb.loss_mask.sum(1).clamp(min=1)
-        w = (advantages.view(-1, 1) * mb.loss_mask / n_resp.view(-1, 1)).unsqueeze(-1)
-        self.self_ += (w * onehot * (1 - p)).sum((0, 1))
-        self.other += -(w * ~onehot * p).sum((0, 1))
+        s, o = logit_push(mb.ids[:, 1:], st.ctrl_logprob.cpu(), mb.loss_mask, advantages.cpu(), self.ctrl_ids)
+        self.self_ += s
+        self.other += o
         self.n_samples += len(mb)
 
     def metrics(self) -> dict[str, float]:

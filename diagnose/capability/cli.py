@@ -202,7 +202,7 @@ def _fit_task_file(out: _Outcome, tok: Any, cfg: Any, task_file: Path) -> None:
 
 
 def _probe_targets(targets: list[Target], tasks: list, cfg: Any, device: str, tokenizer_fallback: Path | None, *,
-                   auto_tokens: bool, task_file: Path | None = None) -> _Outcome:
+                   auto_tokens: bool, task_file: Path | None = None, base: Path | None = None) -> _Outcome:
     """Load and probe every target in turn; one that cannot be loaded (or hits a bug) is named on
     stderr and skipped, the others are still probed. A task file's tasks: the first
     ``cfg.n_tasks`` that fit the context of the first tokenizer that loads (every checkpoint
@@ -225,7 +225,7 @@ def _probe_targets(targets: list[Target], tasks: list, cfg: Any, device: str, to
             progress.checkpoint(tgt.name)
             t1 = time.perf_counter()
             try:
-                model, tok = load_checkpoint(tgt.path, tokenizer_path=tokenizer_fallback, device=device)
+                model, tok = load_checkpoint(tgt.path, tokenizer_path=tokenizer_fallback, device=device, base=base)
             except ProbeInputError as e:
                 _note(f"{e}; skipped", "yellow", "skipped")
                 skip(tgt, str(e))
@@ -274,8 +274,11 @@ def _probe_targets(targets: list[Target], tasks: list, cfg: Any, device: str, to
 def probe(
     run: Path = typer.Argument(None, metavar="RUN", show_default=False,
                                help="A run directory written by train-minimal (its checkpoints/ are probed)."),
-    model: Path = typer.Option(None, "--model", help="Probe one Hugging Face model directory instead of a run.",
-                               show_default=False),
+    model: Path = typer.Option(None, "--model", help="Probe one Hugging Face model directory (or PEFT adapter "
+                                                     "folder) instead of a run.", show_default=False),
+    base: Path = typer.Option(None, "--base", help="Base model of a LoRA adapter (default: the one its "
+                                                   "adapter_config.json names, when it is on this machine).",
+                              show_default=False),
     task_file: Path = typer.Option(None, "--task-file", help="Tasks from a JSONL task file (docs/environment.md) "
                                                              "instead of generated held-out tasks.", show_default=False),
     checkpoints: str = typer.Option(None, "--checkpoints", help="Comma-separated checkpoints: step-000120,240,...",
@@ -303,12 +306,12 @@ def probe(
     with command_errors("probing", err_console, command="diagnose probe"):
         require("model", "diagnose probe")
         _probe(run, model, task_file, checkpoints, around_episodes, all_, tasks, split, seed, max_new_tokens,
-               device, out, as_json)
+               device, out, as_json, base)
 
 
 def _probe(run: Path | None, model: Path | None, task_file: Path | None, checkpoints: str | None,
            around_episodes: bool, all_: bool, n_tasks: int, split: str, seed: int, max_new_tokens: int | None,
-           device: str, out: Path | None, as_json: bool) -> None:
+           device: str, out: Path | None, as_json: bool, base: Path | None = None) -> None:
     # ---- usage
     if (run is None) == (model is None):
         _err("give a run directory or --model PATH (not both)")
@@ -367,7 +370,7 @@ def _probe(run: Path | None, model: Path | None, task_file: Path | None, checkpo
     # ---- probe
     t0 = time.perf_counter()
     outcome = _probe_targets(targets, taskset.tasks, cfg, device, tokenizer_fallback, auto_tokens=max_new_tokens is None,
-                             task_file=task_file)
+                             task_file=task_file, base=base)
     if not outcome.tasks:
         _err(f"{task_file}: no usable task ({len(taskset.errors)} bad lines, {len(outcome.task_errors)} task(s) over "
              f"the limit of {cfg.max_context} tokens (max_context))")

@@ -69,27 +69,45 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.PathLike[str] | None = None,
-                    device: str = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of a HF model directory, safetensors weights only (nothing is ever
-    unpickled). The tokenizer comes from the directory, or from ``tokenizer_path`` when the
-    directory has none (checkpoints saved without one). Raises ProbeInputError with a message
-    naming the file for anything that is not loadable."""
+                    device: str = "cpu", base: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a HF model directory or a PEFT adapter folder (merged into its
+    base: ``base``, else the one its ``adapter_config.json`` names; `diagnose.model.lora`),
+    safetensors weights only (nothing is ever unpickled). The tokenizer comes from the directory,
+    or from ``tokenizer_path`` (else an adapter's base) when the directory has none (checkpoints
+    saved without one). Raises ProbeInputError with a message naming the file for anything that
+    is not loadable."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from diagnose.model.resolve import quiet_loading
 
+    from diagnose.model.lora import AdapterError, adapter_base, adapter_problem, is_adapter_dir, load_adapter_model
+
     p = Path(path)
     if not p.is_dir():
         raise ProbeInputError(f"{p}: not a directory")
-    if not os.path.lexists(p / "config.json"):
-        raise ProbeInputError(f"{p / 'config.json'}: missing (not a Hugging Face model directory)")
-    weights = sorted(p.glob("*.safetensors"))
-    if not weights:
-        raise ProbeInputError(f"{p}: no *.safetensors weights (the probe never unpickles .bin / .pt files)")
-    tok_dir = p if _has_tokenizer(p) or tokenizer_path is None else Path(tokenizer_path)
+    adapter = is_adapter_dir(p)
+    base_dir = None
+    if adapter:
+        why = adapter_problem(p)
+        if why:
+            raise ProbeInputError(f"{p}: {why}")
+        try:
+            base_dir = adapter_base(p, base)
+        except AdapterError as e:
+            raise ProbeInputError(str(e)) from None
+        weights = [p / "adapter_model.safetensors"]
+    else:
+        if not os.path.lexists(p / "config.json"):
+            raise ProbeInputError(f"{p / 'config.json'}: missing (not a Hugging Face model directory)")
+        weights = sorted(p.glob("*.safetensors"))
+        if not weights:
+            raise ProbeInputError(f"{p}: no *.safetensors weights (the probe never unpickles .bin / .pt files)")
+    fallback = tokenizer_path if tokenizer_path is not None else base_dir
+    tok_dir = p if _has_tokenizer(p) or fallback is None else Path(fallback)
     try:  # each file transformers reads, named when broken (its own errors do not say which)
-        check_model_files(p, tokenizer=tok_dir == p)
-        if tok_dir != p:
+        if not adapter:
+            check_model_files(p, tokenizer=tok_dir == p)
+        if tok_dir != p or adapter:
             check_model_files(tok_dir, model=False)
     except ModelFileError as e:
         raise ProbeInputError(str(e)) from None
@@ -107,7 +125,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, tokenizer_path: str | os.Pa
         if device != "cpu":
             kw["dtype"] = "auto"
         try:
-            model = AutoModelForCausalLM.from_pretrained(p, **kw)
+            if adapter:
+                model = load_adapter_model(p, base=base_dir, dtype=kw.get("dtype"))
+            else:
+                model = AutoModelForCausalLM.from_pretrained(p, **kw)
             model.to(device)
         except Exception as e:  # noqa: BLE001
             where = weights[0] if len(weights) == 1 else p

@@ -194,7 +194,7 @@ class DiagnoseCallback(TrainerCallback):
     def _completions_probe_set(self) -> tuple[list, list] | None:
         """The run's earliest healthy logged completions, re-rendered to ids through the tokenizer's
         chat template (`diagnose.rescore.render`, as `diagnose rescore` does), or None if none yet."""
-        from diagnose.adapters import load_run
+        from diagnose.adapters import UnknownRunLayout, load_run
         from diagnose.rescore.pipeline import RescoreError, logged_rollouts, probe_candidates, render_first
         from diagnose.rescore.render import Renderer
 
@@ -203,7 +203,7 @@ class DiagnoseCallback(TrainerCallback):
         try:
             src = load_run(self._output_dir, format="trl")
             cands = probe_candidates(logged_rollouts(src))
-        except RescoreError:
+        except (RescoreError, UnknownRunLayout):  # nothing readable logged yet (the first file still being written)
             return None
         renderer = Renderer(self._tokenizer, src.dialect)
         rendered, _ = render_first(renderer, cands, self.config.probe_tasks)

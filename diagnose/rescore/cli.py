@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from diagnose.cli_errors import EXIT_USAGE, command_errors, require
 
 def rescore_command(run: Path, checkpoints: str | None, tokenizer: str | None, samples: int, device: str,
-                    dtype: str, batch_tokens: int, fmt: str | None) -> None:
+                    dtype: str, batch_tokens: int, fmt: str | None, base: str | None = None) -> None:
     err = Console(stderr=True, soft_wrap=True)
     out = Console()
     with command_errors(f"rescoring {run}", err, "diagnose rescore"):
@@ -28,7 +28,7 @@ def rescore_command(run: Path, checkpoints: str | None, tokenizer: str | None, s
         from diagnose.rundir import RunFormatError
 
         cfg = RescoreConfig(checkpoints=checkpoints, tokenizer=tokenizer, samples=samples, device=device,
-                            dtype=dtype, batch_tokens=batch_tokens, format=fmt)
+                            dtype=dtype, batch_tokens=batch_tokens, format=fmt, base=base)
         if samples < 1:
             err.print("[red]error:[/] --samples must be >= 1", highlight=False)
             raise typer.Exit(EXIT_USAGE)

@@ -26,6 +26,7 @@ from typing import Any
 import polars as pl
 
 from diagnose.model.files import ModelFileError, check_model_files
+from diagnose.model.lora import ADAPTER_CONFIG, AdapterError, adapter_base, is_adapter_dir
 from diagnose.rescore.checkpoints import Checkpoint, discover_checkpoints, weight_files
 from diagnose.rescore.tables import RESCORE_VERSION, RescoreStore, digest, file_stat
 from diagnose.source import OFF_POLICY_FLAGS, on_policy
@@ -53,6 +54,7 @@ class RescoreConfig:
     dtype: str = "auto"
     batch_tokens: int = 8192
     format: str | None = None  # force the adapter
+    base: str | None = None  # base model of LoRA adapter checkpoints; None: their adapter_config.json's
 
 
 @dataclass
@@ -82,6 +84,12 @@ def _tokenizer_dir(cfg: RescoreConfig, ckpts: list[Checkpoint]) -> Path:
     for c in ckpts:
         if c.path.is_dir() and any(os.path.lexists(c.path / f) for f in ("tokenizer.json", "tokenizer_config.json")):
             return c.path
+    adapters = [c for c in ckpts if is_adapter_dir(c.path)]
+    if adapters:  # adapters saved without a tokenizer: their base model's
+        try:
+            return adapter_base(adapters[0].path, cfg.base)
+        except AdapterError as e:
+            raise RescoreError(f"no checkpoint holds tokenizer files, and {e}") from None
     raise RescoreError("no checkpoint holds tokenizer files; pass --tokenizer DIR (the run's tokenizer)")
 
 
@@ -248,6 +256,8 @@ def rescore_run(run: str | os.PathLike[str], cfg: RescoreConfig | None = None, *
         key = {"path": str(c.path.resolve()), "weights": {p.name: file_stat(p) for p in weight_files(c.path)},
                "config": file_stat(c.path / "config.json"), "rollout_step": assign[c.name],
                "global": digest(global_key)}
+        if is_adapter_dir(c.path):  # the same adapter over another base is another model
+            key |= {"adapter_config": file_stat(c.path / ADAPTER_CONFIG), "base": cfg.base}
         if store.entry(c.name, key) is not None:
             report.cached.append(c.name)
         else:
@@ -285,7 +295,7 @@ def _score_all(todo: list[tuple[Checkpoint, dict[str, Any]]], renderer: Any, tok
                say: Callable[[str], None]) -> None:
     from diagnose.rescore.score import CheckpointError, ScoreConfig, load_checkpoint, probe_table, tokens_table
 
-    scfg = ScoreConfig(device=cfg.device, dtype=cfg.dtype, batch_tokens=cfg.batch_tokens)
+    scfg = ScoreConfig(device=cfg.device, dtype=cfg.dtype, batch_tokens=cfg.batch_tokens, base=cfg.base)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rendered_steps: dict[int, list[Any]] = {}
     for c, _ in todo:

@@ -8,7 +8,8 @@ from the first scored one on get logits (``logits_to_keep``, as the fixed probe 
 Weights are read from ``*.safetensors`` (``from_pretrained(use_safetensors=True)``) or, where a
 checkpoint has only PyTorch ``.bin`` state dicts, with ``torch.load(weights_only=True)``; the
 pickles TRL saves beside them (``training_args.bin``, ``rng_state.pth``, ``optimizer.pt``,
-``scheduler.pt``) are never opened.
+``scheduler.pt``) are never opened. A PEFT adapter checkpoint is merged into its base
+(`diagnose.model.lora`; ``ScoreConfig.base`` when the recorded base is not on this machine).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from diagnose.error_line import error_line
 from diagnose.model.files import ModelFileError, check_model_files
 from diagnose.model.ctrl_probe import ProbeSet, _keep_kwargs, run_probe
 from diagnose.model.logits import token_stats
+from diagnose.model.lora import AdapterError, is_adapter_dir, load_adapter_model
 from diagnose.rescore.checkpoints import Checkpoint, weight_files
 from diagnose.rescore.render import Rendered
 from diagnose.rundir.writer import quiet_transformers
@@ -43,11 +45,13 @@ class CheckpointError(Exception):
 @dataclass
 class ScoreConfig:
     """``device``: torch device; ``dtype``: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16``,
-    ``fp16`` or ``fp32``; ``batch_tokens``: padded tokens per forward pass (length-sorted buckets)."""
+    ``fp16`` or ``fp32``; ``batch_tokens``: padded tokens per forward pass (length-sorted buckets);
+    ``base``: the base model of adapter checkpoints (None: each adapter's ``base_model_name_or_path``)."""
 
     device: str = "cpu"
     dtype: str = "auto"
     batch_tokens: int = 8192
+    base: str | None = None
 
     def torch_dtype(self) -> torch.dtype:
         names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -89,7 +93,7 @@ def load_checkpoint(ckpt: Checkpoint, cfg: ScoreConfig, vocab_size: int) -> Any:
     dtype = cfg.torch_dtype()
     try:
         with quiet_transformers():
-            model = _load(ckpt, files, dtype)
+            model = _load(ckpt, files, dtype, cfg.base)
     except CheckpointError:
         raise
     except (KeyboardInterrupt, MemoryError):
@@ -99,7 +103,12 @@ def load_checkpoint(ckpt: Checkpoint, cfg: ScoreConfig, vocab_size: int) -> Any:
     return _checked(model, cfg, vocab_size)
 
 
-def _load(ckpt: Checkpoint, files: list[Any], dtype: torch.dtype) -> Any:
+def _load(ckpt: Checkpoint, files: list[Any], dtype: torch.dtype, base: str | None) -> Any:
+    if is_adapter_dir(ckpt.path):
+        try:
+            return load_adapter_model(ckpt.path, base=base, dtype=dtype)
+        except AdapterError as e:
+            raise CheckpointError(str(e)) from None
     if files and files[0].suffix == ".safetensors":
         from transformers import AutoModelForCausalLM
 

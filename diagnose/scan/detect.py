@@ -83,6 +83,8 @@ class DetectConfig:
     entropy_blowup_factor: float = 3.0  #: entropy above this multiple of its early level
     mismatch_growth_factor: float = 3.0  #: train/inference mismatch above this multiple of its early level ...
     mismatch_min: float = 0.05  #: ... and above this many nats
+    format_collapse_share: float = 0.5  #: turn_state/collapsed at or above this share, sustained, after
+    #:   min_drop_baseline steps below it: a format collapse (caught when the reward is too sparse to drop)
     low_prob: float = 0.01  #: threshold of the low_prob_share signal
 
     def __post_init__(self) -> None:

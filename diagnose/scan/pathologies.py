@@ -1,5 +1,6 @@
 """Training pathologies besides a collapse: non-finite log-probs and metrics, entropy collapse
-or blow-up, and growing train/inference mismatch (`Pathology`; thresholds in `DetectConfig`).
+or blow-up, growing train/inference mismatch, and a format collapse of the turns (`Pathology`;
+thresholds in `DetectConfig`).
 
 A departure (entropy, mismatch) is a run of ``min_episode_len`` or more steps past a bar set
 from the series' early level (`_early_level`)."""
@@ -19,7 +20,8 @@ __all__ = ["find_pathologies"]
 def find_pathologies(signals: pl.DataFrame, cfg: DetectConfig | None = None) -> list[Pathology]:
     """Every pathology of the run, by first step (then kind)."""
     cfg = cfg or DetectConfig()
-    out = _nan_logprobs(signals) + _nonfinite_metrics(signals) + _entropy(signals, cfg) + _mismatch(signals, cfg)
+    out = (_nan_logprobs(signals) + _nonfinite_metrics(signals) + _entropy(signals, cfg) + _mismatch(signals, cfg)
+           + _format_collapse(signals, cfg))
     out.sort(key=lambda p: (p.first_step, p.kind))
     return out
 
@@ -124,3 +126,25 @@ def _mismatch(signals: pl.DataFrame, cfg: DetectConfig) -> list[Pathology]:
                 f"train/inference mismatch {what} grew above {limit:.3g}{unit} (early level "
                 f"{early:.3g}) from step {int(s[run[0]])}"))
     return out
+
+
+def _format_collapse(signals: pl.DataFrame, cfg: DetectConfig) -> list[Pathology]:
+    """``turn_state/collapsed`` (turns with nothing usable) sustained at or above
+    ``format_collapse_share`` after ``min_drop_baseline`` or more steps whose median is below it. The reward detector
+    needs a reward that was there to lose: a small group on a weak policy (a real model after a
+    short warm start: most steps' reward is 0) has no peak to fall from, while its turns visibly
+    break (tests/test_real_model_run.py)."""
+    s, v = finite_series(signals, "turn_state/collapsed")
+    if v.size < cfg.min_drop_baseline + cfg.min_episode_len:
+        return []
+    run = _sustained(v >= cfg.format_collapse_share, cfg.min_episode_len, cfg.min_drop_baseline)
+    if run is None:
+        return []
+    early = float(np.median(v[: run[0]]))
+    if early >= cfg.format_collapse_share:  # collapsed from the start: nothing broke here
+        return []
+    peak = float(v[run[0]: run[1]].max())
+    return [Pathology(
+        "format_collapse", "turn_state/collapsed", int(s[run[0]]), int(s[run[1] - 1]), run[1] - run[0], early, peak,
+        f"format collapse: {peak:.0%} of the turns hold nothing usable (early level {early:.0%}) from step "
+        f"{int(s[run[0]])} for {run[1] - run[0]} steps")]

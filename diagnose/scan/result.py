@@ -309,7 +309,7 @@ class CollapseEpisode(_Record):
 @dataclass
 class Pathology(_Record):
     """A training pathology: ``kind`` in ``entropy_collapse``, ``entropy_blowup``,
-    ``nan_logprobs``, ``nonfinite_metrics``, ``mismatch_growth``."""
+    ``nan_logprobs``, ``nonfinite_metrics``, ``mismatch_growth``, ``format_collapse``."""
 
     kind: str
     signal: str
