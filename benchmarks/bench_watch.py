@@ -86,7 +86,7 @@ def measure(fmt: str, n: int, repeats: int, idle: int, workdir: Path, verl_sampl
         v = _Verl(run, n, repeats, verl_samples)
         last, add = n, v.add
     watcher = Watcher(WatchTarget(run))
-    clock = Clock()
+    clock = Clock(children=True)  # the scan's reader pool too (as --max-cpu counts it)
     clock.start()
     watcher.poll()
     first = clock.lap()[1]

@@ -120,6 +120,17 @@ def _same_episode(a: CollapseEpisode, b: CollapseEpisode, cfg: DetectConfig) -> 
     return a.onset_step - cfg.refine_window <= b.end_step and b.onset_step - cfg.refine_window <= a.end_step
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of the child processes it has waited for: a scan's readers
+    run on a process pool (`diagnose.adapters._common.stream`) whose workers end with the load, so
+    their CPU counts against ``max_cpu`` too."""
+    try:
+        import resource
+    except ImportError:  # not Unix: this process only
+        return time.process_time()
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
 class Watcher:
     """Follows one run; `poll` returns what changed since the last poll (see the module
     docstring). ``settle``: seconds a file must stay unchanged before an issue in it is
@@ -154,12 +165,12 @@ class Watcher:
         tree = cache.run_tree(self.root, self.extra)
         if (tree is not None and tree == self.tree and not self.retry) or time.monotonic() < self.next_scan:
             return self._settled_issues()
-        cpu = time.process_time()
+        cpu = cpu_seconds()
         before = (self.waiting, self.error)
         result = self._scan()
         if self.max_cpu is not None and (self.scans or self.error):  # the next scan waits until this one's
             # CPU fits the budget (not after the first: building the cache is paid once)
-            self.next_scan = time.monotonic() + (time.process_time() - cpu) / self.max_cpu
+            self.next_scan = time.monotonic() + (cpu_seconds() - cpu) / self.max_cpu
         if result is None:  # waiting: rescan when the folder changes; an error: retry at the next poll
             self.retry = self.waiting is None
             if self.waiting:
