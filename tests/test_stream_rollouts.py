@@ -180,3 +180,31 @@ def test_sampled_scan_reports_intervals(run):
         rows.select("step", pl.col("turn_state/collapsed").alias("e"), ci.alias("ci")), on="step")
     inside = both.select(((pl.col("turn_state/collapsed") - pl.col("e")).abs() <= pl.col("ci") + 1e-12).mean()).item()
     assert inside >= 0.75  # 95% intervals; 8 steps
+
+
+def test_memo_kept_in_process_reads_no_entry_twice(run, tmp_path, monkeypatch):
+    """With `keep_in_process` (diagnose watch), a re-scan reads from disk only the memo entries of
+    files it has not seen: none for an unchanged run, and the signals are those of a fresh scan;
+    a changed file is read again, not taken from the kept copy."""
+    import shutil
+
+    from diagnose.scan.run import scan_run
+
+    monkeypatch.setattr(_stream, "_KEPT", None)
+    _stream.keep_in_process()
+    copy = tmp_path / "launch"
+    shutil.copytree(run.path, copy)
+    scan_run(copy)  # builds the memo (and keeps its entries)
+    read = []
+    real = pl.read_parquet
+    monkeypatch.setattr(_stream.pl, "read_parquet", lambda f, *a, **k: read.append(str(f)) or real(f, *a, **k))
+    (copy / "rollout_data" / "0.jsonl").touch()  # any change makes the scan load the run again
+    again = scan_run(copy)
+    assert not [f for f in read if "-steps" in f]
+    fresh = scan_run(copy, use_cache=False)
+    assert_frame_equal(again.signals, fresh.signals, check_exact=False)
+    dump = copy / "rollout_data" / "1.jsonl"
+    rows = [json.loads(x) for x in dump.read_text().splitlines()]
+    dump.write_text("".join(json.dumps({**o, "score": -1.0}) + "\n" for o in rows))
+    changed = scan_run(copy)
+    assert changed.signals.filter(pl.col("step") == 1).get_column("reward").item() == -1.0

@@ -140,6 +140,9 @@ class Watcher:
 
     def __init__(self, target: WatchTarget, settle: float = 30.0, max_cpu: float | None = None) -> None:
         self.target = target
+        from diagnose.adapters._common.stream import keep_in_process
+
+        keep_in_process()  # a re-scan reads from disk only the memo entries of step files it has not seen
         self.settle = settle
         self.max_cpu = max_cpu or None
         self.next_scan = 0.0  # monotonic time before which a change waits (the CPU budget)

@@ -156,6 +156,8 @@ class RecordedIssues:
 # ---------------------------------------------------------------------------------------------
 
 _MEMO: ContextVar["FileMemo | None"] = ContextVar("diagnose_file_memo", default=None)
+#: `keep_in_process`: per memo folder and salt, the entries this process has read or written
+_KEPT: dict[tuple[str, str], dict[str, tuple[pl.DataFrame | None, str]]] | None = None
 
 
 @dataclass
@@ -169,6 +171,10 @@ class FileMemo:
     dir: Path
     salt: str
     used: set[str] = field(default_factory=set)
+    #: entries already read or written in this process, ``key -> (frame, meta JSON)``, for a
+    #: long-lived scanner (`keep_in_process`: ``diagnose watch`` re-scans the run at every new
+    #: step and would otherwise re-read every entry's files each time); None: read from disk
+    kept: dict[str, tuple[pl.DataFrame | None, str]] | None = None
 
     def key(self, path: Path, extra: Any = None) -> str | None:
         try:
@@ -181,18 +187,28 @@ class FileMemo:
     def get(self, key: str | None) -> tuple[pl.DataFrame | None, dict[str, Any]] | None:
         if key is None:
             return None
+        if self.kept is not None and key in self.kept:  # the key names the step file's content: still valid
+            frame, raw = self.kept[key]
+            self.used.add(key)
+            return frame, json.loads(raw)
         try:
-            meta = json.loads((self.dir / f"{key}.json").read_text(encoding="utf-8"))
+            raw = (self.dir / f"{key}.json").read_text(encoding="utf-8")
+            meta = json.loads(raw)
             frame = pl.read_parquet(self.dir / f"{key}.parquet") if meta.get("frame") else None
         except Exception:  # noqa: BLE001 - missing or damaged entry: read the file again
             return None
         self.used.add(key)
+        if self.kept is not None:
+            self.kept[key] = (frame, raw)
         return frame, meta
 
     def put(self, key: str | None, frame: pl.DataFrame | None, meta: dict[str, Any]) -> None:
         if key is None:
             return
         from diagnose.atomic import atomic_path, atomic_write_json
+
+        if self.kept is not None:
+            self.kept[key] = (frame, json.dumps({**meta, "frame": frame is not None}))
 
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +221,9 @@ class FileMemo:
             pass
 
     def prune(self) -> None:
+        if self.kept is not None:
+            for k in [k for k in self.kept if k not in self.used]:
+                del self.kept[k]
         try:
             for f in self.dir.iterdir():
                 if f.suffix in (".json", ".parquet") and f.stem not in self.used:
@@ -217,7 +236,8 @@ class FileMemo:
 def step_memo(directory: Path | None, salt: str) -> Iterator[None]:
     """Within the block, adapters that read step files one by one keep what each gave in
     ``directory`` (`FileMemo`) and reuse it while the file is unchanged; None: no memo."""
-    memo = None if directory is None else FileMemo(Path(directory), salt)
+    kept = None if directory is None or _KEPT is None else _KEPT.setdefault((str(directory), salt), {})
+    memo = None if directory is None else FileMemo(Path(directory), salt, kept=kept)
     token = _MEMO.set(memo)
     try:
         yield
@@ -225,6 +245,13 @@ def step_memo(directory: Path | None, salt: str) -> Iterator[None]:
         _MEMO.reset(token)
         if memo is not None and memo.used:
             memo.prune()
+
+
+def keep_in_process(on: bool = True) -> None:
+    """Keep the memo's entries in this process too (``diagnose watch``): a re-scan then reads
+    from disk only the entries of files it has not seen, instead of every entry each time."""
+    global _KEPT
+    _KEPT = (_KEPT if _KEPT is not None else {}) if on else None
 
 
 def file_memo() -> FileMemo | None:
