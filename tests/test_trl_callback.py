@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 
-pytest.importorskip("trl")
-pytest.importorskip("datasets")
+pytest.importorskip("trl", reason="the callback runs inside a real trl.GRPOTrainer: needs the trl extra")
+pytest.importorskip("datasets", reason="trl's datasets dependency")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # examples/ is not installed with the package
