@@ -32,14 +32,9 @@ class Clock:
 
 
 def _cpu(children: bool = False) -> float:
-    import resource
+    from diagnose.watch.watcher import cpu_seconds
 
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    out = ru.ru_utime + ru.ru_stime
-    if children:
-        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
-        out += ch.ru_utime + ch.ru_stime
-    return out
+    return cpu_seconds() if children else time.process_time()
 
 
 def add_step_copy(run: Path, new_step: int) -> None:

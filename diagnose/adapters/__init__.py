@@ -386,11 +386,12 @@ def _tracker_refs(p: Path, launch: Any, given: dict[str, Any]) -> tuple[list[Any
 def _trainer_run(target: Path, fmt: str, asked: str | None, names_tracker: bool) -> str | None:
     """The trainer layout's run (`choose_run`); when ``asked`` names a tracker run rather than
     one of the layout's, the layout's only run (`AmbiguousRun` if it holds several)."""
-    if names_tracker:
-        runs = list(adapter(fmt).runs(target))
-        if str(asked) not in runs and adapter(fmt).run_alias(target, str(asked)) not in runs:
-            return choose_run(target, fmt, None)
-    return choose_run(target, fmt, asked)
+    try:
+        return choose_run(target, fmt, asked)
+    except AmbiguousRun:
+        if not names_tracker:
+            raise
+        return choose_run(target, fmt, None)
 
 
 def _add_trackers(src: RunSource, data: Any, issues: list[Any]) -> None:
